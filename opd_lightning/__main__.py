@@ -1,0 +1,3 @@
+from opd_lightning.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""The `opd` command: LightningCLI over DistillationModule and PromptDataModule.
+
+`opd fit|validate|test --config configs/....yaml`. Losses and aligners are chosen by registry name
+(`model.loss: reverse_kl`) or by `class_path`/`init_args`; optimizers and schedulers by `class_path`. Unless
+a config names a logger, metrics go to CSV under the run's `trainer.default_root_dir`.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from opd_lightning.data import PromptDataModule
+from opd_lightning.module import DistillationModule
+
+__all__ = ["OPDCLI", "main"]
+
+
+class OPDCLI(LightningCLI):
+    """LightningCLI with a CSV logger under the run directory by default."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None:
+            return
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                 "init_args": {"save_dir": trainer.get("default_root_dir") or "runs/default",
+                                               "name": "logs"}}
+
+
+def main(args: list[str] | None = None) -> OPDCLI:
+    """Entry point of the `opd` console script."""
+    return OPDCLI(DistillationModule, PromptDataModule, args=args, auto_configure_optimizers=False,
+                  save_config_kwargs={"overwrite": True}, trainer_defaults={"default_root_dir": "runs/default"})

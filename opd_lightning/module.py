@@ -1,0 +1,362 @@
+"""DistillationModule: the LightningModule that runs on-policy distillation.
+
+One optimizer step: encode the prompts, roll out (on-policy from the student with probability λ, else the
+dataset's or the teacher's completions), count the valid completion tokens of the whole step (all micro-batches,
+all ranks) for the loss normaliser, then per micro-batch score with the frozen references, run the student and
+back-propagate the weighted loss terms. Optimization is manual because the normaliser must be known before the
+first backward of the step; gradient accumulation is therefore `micro_batch_size`, not the Trainer's flag.
+
+The teacher and the initial-student reference are kept out of the module's children: they never reach the
+optimizer, the state dict or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from opd_lightning.aligners import Aligner
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, DistillationLoss, LossInputs
+from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
+from opd_lightning.objective import LossTerm, resolve_aligner
+from opd_lightning.rollout import Rollout, SamplingConfig, generate_rollout, rollout_from_token_lists
+
+__all__ = ["DistillationModule"]
+
+
+def _completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                       completion_length: int) -> Tensor:
+    """Logits predicting the last `completion_length` tokens: `[B, N, V]`."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=completion_length + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+class DistillationModule(LightningModule):
+    """Student, frozen teacher, aligner and loss terms, wired for on-policy distillation."""
+
+    def __init__(
+        self,
+        student: HFModel,
+        teacher: HFModel | None = None,
+        loss: DistillationLoss | str = "reverse_kl",
+        aligner: Aligner | str = "identity",
+        extra_terms: list[LossTerm] | None = None,
+        lora: LoraOptions | None = None,
+        sampling: SamplingConfig | None = None,
+        on_policy_fraction: float = 1.0,
+        off_policy_source: Literal["dataset", "teacher"] = "dataset",
+        micro_batch_size: int | None = None,
+        grad_clip_norm: float | None = 1.0,
+        max_length: int | None = None,
+        use_chat_template: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            student: the model to train (`path` or `config`, see `HFModel`).
+            teacher: the frozen model to distil from; None for losses that need no teacher (SFT with
+                `cross_entropy`).
+            loss: the main term, against the teacher on the rollouts: a registry name or a loss instance.
+            aligner: how the teacher sees student rollouts: a registry name or an aligner instance.
+            extra_terms: further weighted terms (e.g. SFT on gold completions, KL to the initial student).
+            lora: train LoRA adapters instead of all student weights.
+            sampling: rollout sampling settings (temperature, top-p, top-k, max new tokens, stop at EOS).
+            on_policy_fraction: λ, the probability that a training batch is rolled out by the student; otherwise
+                its completions come from `off_policy_source`. Validation and test are always on-policy.
+            off_policy_source: "dataset" (the batch's `completion` texts) or "teacher" (sequence-level KD: the
+                teacher samples the completions with `sampling`).
+            micro_batch_size: rows per forward/backward; the batch is one optimizer step (gradient
+                accumulation). None: the whole batch at once.
+            grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
+            max_length: context limit for prompt + completion; defaults to the student's
+                `max_position_embeddings`. Longer prompts are refused with an error.
+            use_chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+            optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
+            scheduler: learning-rate scheduler factory, stepped once per optimizer step.
+            seed: seed of the rollouts' random draws (on/off-policy choice, sampling); each step's draws derive
+                from (seed, step, rank), so a resumed run continues exactly as an uninterrupted one.
+        """
+        super().__init__()
+        if not 0.0 <= on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        self.automatic_optimization = False
+        self.sampling = sampling or SamplingConfig()
+        self.on_policy_fraction, self.off_policy_source = on_policy_fraction, off_policy_source
+        self.micro_batch_size, self.grad_clip_norm = micro_batch_size, grad_clip_norm
+        self.use_chat_template = use_chat_template
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.seed = seed
+        self._draws = 0  # draws within the current step; reset by `_run_step`
+
+        self.student_tokenizer = student.load_tokenizer()
+        base = student.load_model(self.student_tokenizer)
+        self.max_length = max_length or getattr(base.config, "max_position_embeddings", None)
+        self._frozen: dict[str, nn.Module] = {}  # not children: no optimizer, no state dict, no checkpoint
+        self.terms = nn.ModuleList([LossTerm(loss), *(extra_terms or [])])
+        if any(t.reference == "initial_student" for t in self.terms) and lora is None:
+            self._frozen["initial_student"] = freeze(copy.deepcopy(base))
+        self.student = apply_lora(base, lora) if lora is not None else base
+        self.lora = lora
+
+        self.aligner = resolve_aligner(aligner)
+        self.teacher_tokenizer = None
+        needs_teacher = any(t.reference == "teacher" and t.needs_reference for t in self.terms)
+        if teacher is None and (needs_teacher or (on_policy_fraction < 1 and off_policy_source == "teacher")):
+            raise ValueError("this configuration needs a teacher (a loss term reads teacher outputs, or "
+                             "off_policy_source is 'teacher'): set model.teacher")
+        if teacher is not None:
+            self.teacher_tokenizer = teacher.load_tokenizer()
+            self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
+            self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, self._vocab_size(self.student),
+                              self._vocab_size(self._frozen["teacher"]))
+
+    # ----------------------------------------------------------------------------------------------- models
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._frozen.get("teacher")
+
+    @staticmethod
+    def _vocab_size(model: nn.Module) -> int:
+        return model.get_output_embeddings().weight.shape[0]
+
+    def _place_frozen(self) -> None:
+        for model in self._frozen.values():
+            if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+                continue  # bitsandbytes weights stay where they were loaded
+            model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen()
+        if self.logger is not None:
+            self.logger.log_hyperparams({"sampling": vars(self.sampling), "on_policy_fraction": self.on_policy_fraction,
+                                         "off_policy_source": self.off_policy_source})
+
+    def on_validation_start(self) -> None:
+        self._place_frozen()
+
+    def on_test_start(self) -> None:
+        self._place_frozen()
+
+    def _reference_logits(self, reference: str, rollout: Rollout) -> Tensor:
+        """Reference logits at the completion positions, in the student's vocabulary: `[B, N, V]`."""
+        with torch.no_grad():
+            if reference == "teacher":
+                inputs = self.aligner.teacher_inputs(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+                logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
+                                            inputs.position_ids, inputs.completion_length)
+                target = self.aligner.project(logits, rollout.completion_mask)
+                self._coverage.append(target.coverage)
+                return target.teacher_logits
+            args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
+            if self.lora is not None:
+                with self.student.disable_adapter():
+                    return _completion_logits(self.student, *args)
+            return _completion_logits(self._frozen["initial_student"], *args)
+
+    # --------------------------------------------------------------------------------------------- rollouts
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tok = self.student_tokenizer
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} of the batch is empty: remove empty prompts from the data")
+        if self.use_chat_template:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=not self.use_chat_template)
+        longest = int(enc["attention_mask"].sum(1).max())
+        if self.max_length is not None and longest + self.sampling.max_new_tokens > self.max_length:
+            raise ValueError(f"a prompt of {longest} tokens plus sampling.max_new_tokens={self.sampling.max_new_tokens}"
+                             f" exceeds the context of {self.max_length} tokens: shorten or drop long prompts, lower "
+                             "max_new_tokens, or raise model.max_length if the model supports it")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str]) -> Rollout:
+        tok = self.student_tokenizer
+        for i, text in enumerate(texts):
+            if not text:
+                raise ValueError(f"completion {i} of the batch is empty: drop rows without a completion, or set "
+                                 "on_policy_fraction: 1.0")
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        return rollout_from_token_lists(prompt_ids, prompt_mask, [t + [tok.eos_token_id] for t in ids],
+                                        max_new_tokens=self.sampling.max_new_tokens, pad_token_id=tok.pad_token_id)
+
+    def _generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        tok = self.student_tokenizer
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+        with self._seeded():
+            return generate_rollout(model, prompt_ids, prompt_mask, self.sampling, eos_token_ids=[tok.eos_token_id],
+                                    pad_token_id=tok.pad_token_id, synced_gpus=sharded)
+
+    @contextmanager
+    def _seeded(self):
+        """Sample with a seed derived from (seed, step, rank, batch): a resumed run draws what the original would."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._draw_seed())
+            yield
+
+    def _draw_seed(self) -> int:
+        step = self.global_step if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
+        self._draws += 1
+        return hash((self.seed, step, rank, self._draws)) % (2**63)
+
+    def _teacher_rollout(self, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
+        if self.aligner.same_tokenizer:
+            rollout = self._generate(self.teacher, prompt_ids, prompt_mask)
+            rollout.on_policy = False
+            return rollout
+        t_tok = self.teacher_tokenizer
+        enc = t_tok(prompts, padding=True, return_tensors="pt").to(self.device)
+        out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
+                               eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id)
+        texts = t_tok.batch_decode(out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id),
+                                   skip_special_tokens=True)
+        return self._text_rollout(prompt_ids, prompt_mask, texts)
+
+    def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
+        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
+        rollouts: dict[str, Rollout] = {}
+        if not train or random.Random(self._draw_seed()).random() < self.on_policy_fraction:
+            rollouts["rollout"] = self._generate(self.student, prompt_ids, prompt_mask)
+        elif self.off_policy_source == "teacher":
+            rollouts["rollout"] = self._teacher_rollout(batch["prompt"], prompt_ids, prompt_mask)
+        else:
+            rollouts["rollout"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
+        if any(t.completions == "gold" for t in self.terms):
+            rollouts["gold"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
+        return rollouts
+
+    @staticmethod
+    def _completions(batch: dict) -> list[str]:
+        if batch.get("completion") is None:
+            raise ValueError("off-policy or gold terms need a `completion` field in the data; add it, or use "
+                             "on_policy_fraction: 1.0 without gold terms")
+        return batch["completion"]
+
+    # ------------------------------------------------------------------------------------------- objective
+    def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count."""
+        student_logits, reference_logits = {}, {}
+        total, metrics = torch.zeros((), device=self.device), {}
+        for term in self.terms:
+            rollout = rollouts[term.completions]
+            if term.completions not in student_logits:
+                student_logits[term.completions] = _completion_logits(
+                    self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                    rollout.completion_mask.shape[1])
+            inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
+                                num_items=counts[term.completions])
+            if term.needs_reference:
+                key = (term.reference, term.completions)
+                if key not in reference_logits:
+                    reference_logits[key] = self._reference_logits(term.reference, rollout)
+                inputs.teacher_logits = reference_logits[key]
+                if TEACHER_TOKEN_LOGPROBS in term.loss.requires or TEACHER_LOGITS in term.loss.requires:
+                    inputs.teacher_token_logprobs = torch.log_softmax(inputs.teacher_logits.float(), -1).gather(
+                        -1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+            out = term.loss(inputs)
+            total = total + term.weight * out.loss
+            metrics[f"loss/{term.name}"] = out.loss.detach()
+            metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items() if k != term.loss.registry_name})
+        return total, metrics
+
+    def _step_counts(self, rollouts: dict[str, Rollout]) -> dict[str, Tensor]:
+        counts = {}
+        for name, rollout in rollouts.items():
+            local = rollout.completion_mask.sum().float()
+            counts[name] = self.trainer.strategy.reduce(local, reduce_op="sum") if self._trainer else local
+            if counts[name] == 0:
+                raise ValueError(f"every completion token of this step's {name} batch is masked: nothing to learn "
+                                 "from. Check sampling.max_new_tokens and the data's completions")
+        return counts
+
+    def _run_step(self, batch: dict, train: bool) -> tuple[Tensor, dict]:
+        self._coverage: list[float] = []
+        self._draws = 0
+        rollouts = self._rollouts(batch, train)
+        counts = self._step_counts(rollouts)
+        size = len(rollouts["rollout"])
+        micro = self.micro_batch_size or size
+        scale = self.trainer.world_size if self._trainer else 1  # data-parallel averaging undone: sum / global count
+        total, sums = torch.zeros((), device=self.device), defaultdict(float)
+        for start in range(0, size, micro):
+            part = {k: r.select(slice(start, start + micro)) for k, r in rollouts.items()}
+            with torch.set_grad_enabled(train):
+                loss, metrics = self._objective(part, counts)
+            if train:
+                self.manual_backward(loss * scale)
+            total = total + loss.detach()
+            share = part["rollout"].completion_mask.sum() / rollouts["rollout"].completion_mask.sum().clamp_min(1)
+            for key, value in metrics.items():
+                sums[key] += value * (1 if key.startswith("loss/") else share)
+        return total * scale, {**sums, **self._rollout_metrics(rollouts["rollout"])}
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict:
+        lengths = rollout.completion_mask.sum(1).float()
+        metrics = {"rollout/completion_len": lengths.mean(), "rollout/truncation_rate": rollout.truncated.float().mean(),
+                   "rollout/on_policy": float(rollout.on_policy), "tokens": rollout.completion_mask.sum().float()}
+        if self._coverage:
+            metrics["align/coverage"] = sum(self._coverage) / len(self._coverage)
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- lightning
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss, metrics = self._run_step(batch, train=True)
+        if self.grad_clip_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=len(batch["prompt"]))
+        self.log("train/lr", opt.param_groups[0]["lr"])
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> Tensor:
+        loss, metrics = self._run_step(batch, train=False)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=len(batch["prompt"]), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "step"}}
+
+    def save_student(self, path: str, merge_lora: bool = True) -> None:
+        """Write the student in Hugging Face format with its tokenizer.
+
+        With LoRA, `merge_lora` writes a plain model with the adapters merged in (a copy is merged; training
+        state is untouched); otherwise only the adapter is written, loadable with `peft.PeftModel.from_pretrained`.
+        """
+        model = self.student
+        if self.lora is not None and merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.student_tokenizer.save_pretrained(path)

@@ -1,0 +1,148 @@
+"""Rollouts: prompts in, completions with a completion mask out.
+
+A rollout is the unit every later stage reads: the teacher scores it, the aligner maps it, the loss masks it.
+Prompts are left-padded to a common length P so that every completion starts at column P; the completion mask
+covers generated tokens up to and including the first EOS, never the prompt or the padding after EOS.
+Completions come from the student (on-policy), or from text (a dataset's or the teacher's: off-policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Rollout", "SamplingConfig", "completion_mask", "generate_rollout", "rollout_from_token_lists"]
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled; the same settings are logged with the run.
+
+    Args:
+        temperature: sampling temperature (ignored when `do_sample` is false).
+        top_p: nucleus sampling mass; 1.0 keeps the whole distribution.
+        top_k: keep only the k most likely tokens; 0 disables.
+        max_new_tokens: the most tokens a completion may have.
+        stop_at_eos: end a completion at its first EOS (included in the mask); if false, always generate
+            `max_new_tokens` tokens.
+        do_sample: sample (true) or decode greedily (false).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop_at_eos: bool = True
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be positive, got {self.temperature}; use do_sample: false "
+                             "for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """Prompt plus completion tokens, in the student's vocabulary."""
+
+    sequences: Tensor  # [B, P + N] left-padded prompt, then completion, then right padding
+    attention_mask: Tensor  # [B, P + N] 1 on prompt and completion tokens
+    completion_mask: Tensor  # [B, N] bool: completion tokens up to and including the first EOS
+    prompt_length: int  # P
+    truncated: Tensor  # [B] bool: stopped by the length limit rather than EOS
+    on_policy: bool
+
+    @property
+    def completion_ids(self) -> Tensor:
+        return self.sequences[:, self.prompt_length :]  # [B, N]
+
+    @property
+    def position_ids(self) -> Tensor:
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, P + N]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, index: slice) -> Rollout:
+        """Rows `index` of this rollout (micro-batching)."""
+        return Rollout(self.sequences[index], self.attention_mask[index], self.completion_mask[index],
+                       self.prompt_length, self.truncated[index], self.on_policy)
+
+
+def completion_mask(completion_ids: Tensor, eos_token_ids: list[int], stop_at_eos: bool = True) -> tuple[Tensor, Tensor]:
+    """Mask of the completion tokens up to and including the first EOS, and which rows never reached EOS.
+
+    Args:
+        completion_ids: generated tokens, `[B, N]`.
+        eos_token_ids: the ids that end a completion.
+        stop_at_eos: if false every position is valid and nothing counts as truncated.
+
+    Returns:
+        `(mask [B, N] bool, truncated [B] bool)`.
+    """
+    if not stop_at_eos:
+        return torch.ones_like(completion_ids, dtype=torch.bool), torch.zeros(len(completion_ids), dtype=torch.bool,
+                                                                               device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # [B, N]
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before each position
+    return eos_before == 0, ~is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate_rollout(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, *, eos_token_ids: list[int],
+                     pad_token_id: int, synced_gpus: bool = False) -> Rollout:
+    """Sample completions from `model` (a Hugging Face causal LM) for left-padded prompts.
+
+    The model is put in eval mode while sampling and restored afterwards. Set `synced_gpus` under sharded
+    strategies (FSDP), where every rank must keep calling forward until all ranks finish.
+    """
+    from transformers import GenerationConfig
+
+    if (prompt_mask[:, -1] == 0).any():
+        raise ValueError("prompts must be left-padded (the last column is padding for some rows); set the "
+                         "tokenizer's padding_side='left'")
+    config = GenerationConfig(
+        do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
+        eos_token_id=list(eos_token_ids) if sampling.stop_at_eos else None,
+        **({"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+           if sampling.do_sample else {}),
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             synced_gpus=synced_gpus)
+    finally:
+        model.train(was_training)
+    prompt_length = prompt_ids.shape[1]
+    completion = out[:, prompt_length:]  # [B, N]
+    mask, truncated = completion_mask(completion, eos_token_ids, sampling.stop_at_eos)
+    completion = completion.masked_fill(~mask, pad_token_id)
+    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    return Rollout(torch.cat([prompt_ids, completion], 1), attention, mask, prompt_length, truncated, True)
+
+
+def rollout_from_token_lists(prompt_ids: Tensor, prompt_mask: Tensor, completions: list[list[int]], *,
+                             max_new_tokens: int, pad_token_id: int) -> Rollout:
+    """Build an off-policy rollout from given completion tokens (a dataset's or the teacher's).
+
+    Each completion should already end with EOS; those longer than `max_new_tokens` are cut and marked truncated.
+    """
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("a completion is empty (not even an EOS token): drop empty completions from the data")
+    width = min(max(len(c) for c in completions), max_new_tokens)
+    completion = torch.full((len(completions), width), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    mask = torch.zeros(len(completions), width, dtype=torch.bool, device=prompt_ids.device)
+    for row, tokens in enumerate(completions):
+        tokens = tokens[:width]
+        completion[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
+        mask[row, : len(tokens)] = True
+    truncated = torch.tensor([len(c) > width for c in completions], device=prompt_ids.device)
+    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    return Rollout(torch.cat([prompt_ids, completion], 1), attention, mask, prompt_ids.shape[1], truncated, False)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models and two genuinely different tokenizers, all built in-process (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
+CORPUS = ["12+34=46", "the quick brown fox jumps over the lazy dog", "99-17=82", "hello world, hello again",
+          "distillation moves knowledge from a teacher to a student"] * 20
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    from opd_lightning.tasks.arithmetic import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def bpe_tok_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained in-process: a different vocabulary from the character tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+    path = tmp_path_factory.mktemp("bpe_tok")
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, char_tok):
+    """A tiny teacher saved in Hugging Face format with the character tokenizer."""
+    from opd_lightning.models import HFModel
+
+    model = HFModel(config=dict(TINY, hidden_size=48), tokenizer="builtin:char", seed=1).load_model(char_tok)
+    path = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpe_teacher_dir(tmp_path_factory, bpe_tok_dir):
+    """A tiny teacher whose tokenizer differs from the student's."""
+    from opd_lightning.models import HFModel
+
+    source = HFModel(config=TINY, tokenizer=bpe_tok_dir, seed=2)
+    tok = source.load_tokenizer()
+    path = tmp_path_factory.mktemp("bpe_teacher")
+    source.load_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

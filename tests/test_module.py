@@ -1,0 +1,211 @@
+"""End-to-end behaviour of DistillationModule with tiny in-code models (no network)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from conftest import TINY
+from opd_lightning.data import PromptDataModule
+from opd_lightning.models import HFModel, LoraOptions
+from opd_lightning.module import DistillationModule
+from opd_lightning.objective import LossTerm
+from opd_lightning.rollout import SamplingConfig
+
+BATCH = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46", "4", "10", "72"],
+         "answer": ["46", "4", "10", "72"]}
+
+
+def make_module(teacher_dir, **overrides):
+    args = dict(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0),
+                teacher=HFModel(path=teacher_dir), loss="reverse_kl",
+                sampling=SamplingConfig(max_new_tokens=4),
+                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    args.update(overrides)
+    return DistillationModule(**args)
+
+
+def fit(module, tmp_path, max_steps=2, **trainer_args):
+    data = PromptDataModule(batch_size=4, limit_train=16, limit_eval=4, val=None, test=None)
+    trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **trainer_args)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_fast_dev_run_trains_the_student_only(teacher_dir, tmp_path):
+    module = make_module(teacher_dir)
+    teacher_before = copy.deepcopy(module.teacher.state_dict())
+    student_before = copy.deepcopy(module.student.state_dict())
+    data = PromptDataModule(batch_size=4, limit_train=8, limit_eval=4)
+    Trainer(fast_dev_run=True, accelerator="cpu", enable_progress_bar=False).fit(module, datamodule=data)
+    assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in student_before.items())
+    assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_teacher_is_never_in_the_checkpoint_or_optimizer(teacher_dir):
+    module = make_module(teacher_dir)
+    keys = module.state_dict().keys()
+    assert keys and all(k.startswith("student.") for k in keys)
+    optimized = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert optimized == {id(p) for p in module.student.parameters()}
+
+
+def test_on_policy_fraction_mixes_rollouts(teacher_dir):
+    module = make_module(teacher_dir, on_policy_fraction=0.5, seed=3)
+    flags = [module._rollouts(BATCH, train=True)["rollout"].on_policy for _ in range(40)]
+    assert 8 <= sum(flags) <= 32
+    off = make_module(teacher_dir, on_policy_fraction=0.0)._rollouts(BATCH, train=True)["rollout"]
+    tok = off_tok = module.student_tokenizer
+    expected = [off_tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in BATCH["completion"]]
+    got = [row[mask].tolist() for row, mask in zip(off.completion_ids, off.completion_mask, strict=True)]
+    assert not off.on_policy and got == expected
+    assert all(make_module(teacher_dir)._rollouts(BATCH, train=True)["rollout"].on_policy for _ in range(5))
+
+
+def test_sequence_kd_uses_teacher_completions(teacher_dir):
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=4)
+    module = make_module(teacher_dir, on_policy_fraction=0.0, off_policy_source="teacher", sampling=greedy)
+    rollout = module._rollouts(BATCH, train=True)["rollout"]
+    ids, mask = module._encode_prompts(BATCH["prompt"])
+    direct = module.teacher.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
+                                     pad_token_id=0, eos_token_id=module.student_tokenizer.eos_token_id)
+    n = rollout.completion_ids.shape[1]
+    assert not rollout.on_policy
+    assert torch.equal(rollout.completion_ids[rollout.completion_mask], direct[:, ids.shape[1]:][:, :n][rollout.completion_mask])
+
+
+def test_micro_batches_match_one_batch_gradient(teacher_dir, tmp_path):
+    """The normaliser is the step's token count, so accumulation over micro-batches gives the same gradient."""
+    grads = []
+    for micro in (None, 1):
+        module = make_module(teacher_dir, on_policy_fraction=0.0, micro_batch_size=micro)
+        module.manual_backward = lambda loss: loss.backward()
+        module._run_step(BATCH, train=True)
+        grads.append(torch.cat([p.grad.flatten() for p in module.student.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_extra_terms_sft_and_kl_to_initial_student(teacher_dir, tmp_path):
+    terms = [LossTerm("cross_entropy", weight=0.5, completions="gold"),
+             LossTerm("reverse_kl", weight=0.1, reference="initial_student")]
+    module = make_module(teacher_dir, extra_terms=terms)
+    module.manual_backward = lambda loss: loss.backward()
+    loss, metrics = module._run_step(BATCH, train=True)
+    assert metrics["loss/reverse_kl@initial_student"].abs() < 1e-6  # the student still is its initial self
+    assert metrics["loss/cross_entropy@gold"] > 0
+    expected = metrics["loss/reverse_kl"] + 0.5 * metrics["loss/cross_entropy@gold"]
+    torch.testing.assert_close(loss, expected + 0.1 * metrics["loss/reverse_kl@initial_student"])
+
+
+def test_lora_trains_adapters_and_exports(teacher_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    module = make_module(teacher_dir, lora=LoraOptions(r=4, alpha=8))
+    trainable = [n for n, p in module.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    fit(module, tmp_path, max_steps=2)
+    ids = torch.tensor([[5, 6, 7]])
+    module.student.eval()
+    expected = module.student(ids).logits
+    module.save_student(str(tmp_path / "merged"), merge_lora=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    module.save_student(str(tmp_path / "adapter"), merge_lora=False)
+    base = HFModel(config=TINY, tokenizer="builtin:char", seed=0).load_model(module.student_tokenizer)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(adapted(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_kl_to_initial_student_uses_the_base_model(teacher_dir):
+    module = make_module(teacher_dir, lora=LoraOptions(r=4), extra_terms=[LossTerm("reverse_kl",
+                                                                                    reference="initial_student")])
+    assert "initial_student" not in module._frozen  # no copy: the adapter is disabled instead
+    module.manual_backward = lambda loss: loss.backward()
+    _, metrics = module._run_step(BATCH, train=True)
+    assert metrics["loss/reverse_kl@initial_student"].abs() < 1e-6  # LoRA B starts at zero
+
+
+def test_8bit_teacher_on_cpu(teacher_dir, tmp_path):
+    module = make_module(teacher_dir, teacher=HFModel(path=teacher_dir, quantization="8bit"))
+    assert module.teacher.is_quantized
+    trainer = fit(module, tmp_path, max_steps=1)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("rows", [8, 12], ids=["epoch_boundary", "mid_epoch"])
+def test_save_then_resume_continues_the_same_run(teacher_dir, tmp_path, rows):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps, root, ckpt=None):
+        seed_everything(0)
+        module = make_module(teacher_dir, seed=0)
+        data = PromptDataModule(batch_size=4, limit_train=rows, val=None, test=None)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=root, callbacks=[saver])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        return trainer, module
+
+    straight = run(4, tmp_path / "straight")[1]
+    run(2, tmp_path / "first")
+    ckpt = tmp_path / "first" / "step=2.ckpt"
+    assert not any("teacher" in k for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    resumed_trainer, resumed = run(4, tmp_path / "resumed", ckpt=str(ckpt))
+    assert resumed_trainer.global_step == 4
+    for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_identity_aligner_refuses_a_different_tokenizer(bpe_teacher_dir):
+    with pytest.raises(ValueError, match="identity aligner needs the teacher to use the student's tokenizer"):
+        make_module(bpe_teacher_dir, teacher=HFModel(path=bpe_teacher_dir))
+
+
+def test_unknown_loss_name_suggests_the_closest():
+    from opd_lightning.objective import resolve_loss
+
+    with pytest.raises(KeyError, match="Did you mean 'reverse_kl'"):
+        resolve_loss("revers_kl")
+
+
+def test_bad_inputs_get_clear_errors(teacher_dir):
+    module = make_module(teacher_dir, on_policy_fraction=0.0)
+    with pytest.raises(ValueError, match="completion 1 of the batch is empty"):
+        module._rollouts(dict(BATCH, completion=["4", "", "1", "2"]), train=True)
+    with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
+        module._rollouts(dict(BATCH, prompt=["1+1=" * 20] * 4), train=True)
+    with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
+        module._rollouts(dict(BATCH, prompt=[""] * 4), train=True)
+    with pytest.raises(ValueError, match="need a `completion` field"):
+        module._rollouts(dict(BATCH, completion=None), train=True)
+    rollout = module._rollouts(BATCH, train=True)["rollout"]
+    rollout.completion_mask[:] = False
+    with pytest.raises(ValueError, match="every completion token of this step's rollout batch is masked"):
+        module._step_counts({"rollout": rollout})
+    with pytest.raises(ValueError, match="needs a teacher"):
+        make_module(teacher_dir, teacher=None)
+
+
+def test_nan_teacher_logits_are_refused(teacher_dir):
+    module = make_module(teacher_dir)
+    with torch.no_grad():
+        module.teacher.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        module._run_step(BATCH, train=False)
+
+
+def test_sft_without_teacher(tmp_path):
+    module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char"), teacher=None,
+                                loss="cross_entropy", on_policy_fraction=0.0, sampling=SamplingConfig(max_new_tokens=4),
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    module.manual_backward = lambda loss: loss.backward()
+    first, _ = module._run_step(BATCH, train=False)
+    fit(module, tmp_path, max_steps=5)
+    last, _ = module._run_step(BATCH, train=False)
+    assert last < first

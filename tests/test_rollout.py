@@ -1,0 +1,94 @@
+"""Rollout masking: EOS mid-batch, padding, left-padded prompts, off-policy completions."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from opd_lightning.rollout import SamplingConfig, completion_mask, generate_rollout, rollout_from_token_lists
+
+EOS, PAD = 1, 0
+
+
+def test_mask_covers_tokens_up_to_and_including_first_eos():
+    ids = torch.tensor([[5, 6, EOS, PAD, PAD], [5, EOS, 7, EOS, PAD], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]])
+    mask, truncated = completion_mask(ids, [EOS])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+
+
+def test_mask_with_several_eos_ids_and_without_stopping():
+    ids = torch.tensor([[5, 9, 6, EOS]])
+    assert completion_mask(ids, [EOS, 9])[0].tolist() == [[1, 1, 0, 0]]
+    mask, truncated = completion_mask(ids, [EOS], stop_at_eos=False)
+    assert mask.all() and not truncated.any()
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_left_padded_prompts_generate_as_if_alone():
+    model = _tiny_model()
+    sampling = SamplingConfig(do_sample=False, max_new_tokens=6)
+    short, long = [7, 8, 9], [4, 5, 6, 7, 8, 9]
+    batch = torch.tensor([[PAD] * 3 + short, long])
+    attn = torch.tensor([[0] * 3 + [1] * 3, [1] * 6])
+    out = generate_rollout(model, batch, attn, sampling, eos_token_ids=[EOS], pad_token_id=PAD)
+    alone = generate_rollout(model, torch.tensor([short]), torch.ones(1, 3, dtype=torch.long), sampling,
+                             eos_token_ids=[EOS], pad_token_id=PAD)
+    n = alone.completion_mask[0].sum()
+    assert out.prompt_length == 6 and torch.equal(out.sequences[:, :6], batch)
+    assert torch.equal(out.completion_ids[0, :n], alone.completion_ids[0, :n])
+    assert out.attention_mask[:, :6].tolist() == attn.tolist()
+    assert torch.equal(out.attention_mask[:, 6:].bool(), out.completion_mask)
+
+
+def test_generated_padding_after_eos_is_masked():
+    model = _tiny_model()
+    sampling = SamplingConfig(do_sample=False, max_new_tokens=4)
+    prompts = torch.tensor([[3, 9], [3, 4]])
+
+    def fake_generate(input_ids, attention_mask, generation_config, synced_gpus):  # HF pads finished rows
+        completion = torch.tensor([[EOS, PAD, PAD, PAD], [5, 6, 7, 8]])
+        return torch.cat([input_ids, completion], 1)
+
+    model.generate = fake_generate
+    out = generate_rollout(model, prompts, torch.ones_like(prompts), sampling, eos_token_ids=[EOS], pad_token_id=PAD)
+    assert out.completion_mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
+    assert out.truncated.tolist() == [False, True]
+    assert out.on_policy
+
+
+def test_sampling_respects_settings_and_restores_train_mode():
+    model = _tiny_model().train()
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=5)
+    prompts = torch.tensor([[3, 4, 5]] * 4)
+    torch.manual_seed(0)
+    out = generate_rollout(model, prompts, torch.ones_like(prompts), sampling, eos_token_ids=[EOS], pad_token_id=PAD)
+    assert model.training
+    assert out.completion_ids.shape[1] <= 5
+    assert ((out.completion_ids == PAD) | out.completion_mask).all()
+
+
+def test_right_padded_prompts_are_refused():
+    model = _tiny_model()
+    prompts = torch.tensor([[3, 4, PAD]])
+    try:
+        generate_rollout(model, prompts, torch.tensor([[1, 1, 0]]), SamplingConfig(), eos_token_ids=[EOS],
+                         pad_token_id=PAD)
+    except ValueError as err:
+        assert "left-padded" in str(err)
+    else:
+        raise AssertionError("right padding was accepted")
+
+
+def test_off_policy_completions_are_padded_and_truncated():
+    prompts = torch.tensor([[PAD, 3], [4, 5]])
+    out = rollout_from_token_lists(prompts, torch.tensor([[0, 1], [1, 1]]), [[7, EOS], [7, 8, 9, 10, EOS]],
+                                   max_new_tokens=3, pad_token_id=PAD)
+    assert out.completion_ids.tolist() == [[7, EOS, PAD], [7, 8, 9]]
+    assert out.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert out.truncated.tolist() == [False, True] and not out.on_policy
