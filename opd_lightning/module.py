@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, DistillationLoss, LossInputs
+from opd_lightning.losses import DistillationLoss, LossInputs
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, resolve_aligner
 from opd_lightning.rollout import Rollout, SamplingConfig, generate_rollout, rollout_from_token_lists
@@ -264,10 +264,9 @@ class DistillationModule(LightningModule):
                 key = (term.reference, term.completions)
                 if key not in reference_logits:
                     reference_logits[key] = self._reference_logits(term.reference, rollout)
+                # Dense logits in the student's vocabulary: losses that read token log-probs gather them at their
+                # own temperature.
                 inputs.teacher_logits = reference_logits[key]
-                if TEACHER_TOKEN_LOGPROBS in term.loss.requires or TEACHER_LOGITS in term.loss.requires:
-                    inputs.teacher_token_logprobs = torch.log_softmax(inputs.teacher_logits.float(), -1).gather(
-                        -1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
             out = term.loss(inputs)
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()

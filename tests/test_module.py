@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY
 from lightning.pytorch import Trainer, seed_everything
 
-from conftest import TINY
 from opd_lightning.data import PromptDataModule
 from opd_lightning.models import HFModel, LoraOptions
 from opd_lightning.module import DistillationModule
@@ -20,10 +20,10 @@ BATCH = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46", "4"
 
 
 def make_module(teacher_dir, **overrides):
-    args = dict(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0),
-                teacher=HFModel(path=teacher_dir), loss="reverse_kl",
-                sampling=SamplingConfig(max_new_tokens=4),
-                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    args = {"student": HFModel(config=TINY, tokenizer="builtin:char", seed=0),
+                "teacher": HFModel(path=teacher_dir), "loss": "reverse_kl",
+                "sampling": SamplingConfig(max_new_tokens=4),
+                "optimizer": lambda params: torch.optim.AdamW(params, lr=1e-3)}
     args.update(overrides)
     return DistillationModule(**args)
 

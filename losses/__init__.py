@@ -1,0 +1,95 @@
+"""Distillation losses: pure tensor functions plus thin registered modules, free of Lightning and tokenizers.
+
+`LOSSES` maps names to classes; build one by name with `LOSSES.build(name, **kwargs)`. Importing this package
+registers every loss below.
+"""
+
+from .base import (
+    LOSSES,
+    TEACHER_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    DenseDivergence,
+    DistillationLoss,
+    LossInputs,
+    LossOutput,
+    check_teacher,
+    dense_divergence,
+    dense_sum,
+    normalise,
+)
+from .credit import CREDITS, assign_credit, discounted_returns
+from .cross_entropy import CrossEntropy, cross_entropy
+from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
+from .kl import (
+    ForwardKL,
+    ReverseKL,
+    TotalVariation,
+    forward_kl,
+    forward_kl_per_token,
+    reverse_kl,
+    reverse_kl_per_token,
+    tvd,
+    tvd_per_token,
+)
+from .mixture import (
+    GeneralizedJSD,
+    SkewKL,
+    SkewReverseKL,
+    generalized_jsd,
+    generalized_jsd_per_token,
+    skew_kl,
+    skew_kl_per_token,
+    skew_reverse_kl,
+    skew_reverse_kl_per_token,
+)
+from .sampled_token import SampledToken, clipped_policy_loss, sampled_token, token_logprobs
+from .topk import TopKReverseKL, restrict_to_teacher_topk, topk_reverse_kl, topk_reverse_kl_per_token
+
+__all__ = [
+    "CREDITS",
+    "LOSSES",
+    "TEACHER_LOGITS",
+    "TEACHER_TOKEN_LOGPROBS",
+    "CrossEntropy",
+    "DenseDivergence",
+    "DistillationLoss",
+    "EntropyAware",
+    "ForwardKL",
+    "GeneralizedJSD",
+    "LossInputs",
+    "LossOutput",
+    "ReverseKL",
+    "SampledToken",
+    "SkewKL",
+    "SkewReverseKL",
+    "TopKReverseKL",
+    "TotalVariation",
+    "assign_credit",
+    "check_teacher",
+    "clipped_policy_loss",
+    "cross_entropy",
+    "dense_divergence",
+    "dense_sum",
+    "discounted_returns",
+    "entropy_aware",
+    "forward_kl",
+    "forward_kl_per_token",
+    "generalized_jsd",
+    "generalized_jsd_per_token",
+    "normalise",
+    "restrict_to_teacher_topk",
+    "reverse_kl",
+    "reverse_kl_per_token",
+    "sampled_token",
+    "skew_kl",
+    "skew_kl_per_token",
+    "skew_reverse_kl",
+    "skew_reverse_kl_per_token",
+    "teacher_entropy",
+    "token_logprobs",
+    "topk_forward_kl_per_token",
+    "topk_reverse_kl",
+    "topk_reverse_kl_per_token",
+    "tvd",
+    "tvd_per_token",
+]

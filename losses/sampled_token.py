@@ -1,0 +1,177 @@
+"""Sampled-token distillation: the teacher-student log-ratio on the student's own tokens, as a policy gradient.
+
+On-policy distillation can skip the dense divergence: the log-ratio a_t = log p_T(y_t) − log p_S(y_t) on the
+token the student sampled is a one-sample estimate of −KL(p_S ‖ p_T), and, used as a detached advantage in a
+policy gradient, it needs only the teacher's log-prob of each sampled token (one number per position, which an
+aligner can compute exactly across tokenizers). Credit assignment is `credit.assign_credit`; the PPO-clipped
+importance ratio makes stale rollouts (sampled by an older student) usable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .base import (
+    LOSSES,
+    TEACHER_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    DistillationLoss,
+    LossInputs,
+    LossOutput,
+    check_teacher,
+    normalise,
+)
+from .credit import assign_credit, check_credit
+from .kl import reverse_kl_per_token
+
+__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "teacher_logprobs_at", "token_logprobs"]
+
+Credit = Literal["immediate", "return_to_go", "discounted", "baseline"]
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T) at `ids`: rows `[n, V]`, ids `[n]` -> `[n]` fp32 (no `[n, V]` log-softmax kept)."""
+    z = logits.float() / temperature  # [n, V]
+    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+
+
+def teacher_logprobs_at(ids: Tensor, mask: Tensor, teacher_token_logprobs: Tensor | None,
+                        teacher_rows: Tensor | None, temperature: float) -> Tensor:
+    """Teacher log-probs of the valid target tokens `ids` (`[n]`), fp32 and detached.
+
+    Supplied `teacher_token_logprobs` (`[B, N]`) are preferred and used as given: they may come from exact
+    cross-tokenizer scoring, and are not re-tempered. Otherwise they are gathered from `teacher_rows / temperature`
+    (the valid rows `[n, V]` of the dense teacher logits, already checked by the caller).
+    """
+    if teacher_token_logprobs is not None:
+        t_tok = teacher_token_logprobs[mask].detach().float()  # [n]
+        check_teacher(t_tok, "teacher token log-probs")
+        return t_tok
+    if teacher_rows is None:
+        raise ValueError("the sampled-token loss needs teacher_token_logprobs [B, N] or teacher_logits [B, N, V]")
+    return token_logprobs(teacher_rows.detach(), ids, temperature)
+
+
+def clipped_policy_loss(logp: Tensor, advantages: Tensor, old_logp: Tensor | None,
+                        clip_eps: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate per token: −min(r·A, clip(r, 1 − ε, 1 + ε)·A) with r = exp(log p − log p_old).
+
+    Without `old_logp` the ratio is exp(log p − stopgrad(log p)) = 1, whose gradient is REINFORCE's A·∇log p.
+    Returns the per-token loss `[n]` and where the clipped branch is taken (`[n]` bool).
+    """
+    old = logp.detach() if old_logp is None else old_logp.detach().float()
+    ratio = torch.exp(logp - old)  # [n]
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    was_clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+    return -torch.minimum(unclipped, clipped), was_clipped
+
+
+def _scatter(values: Tensor, mask: Tensor) -> Tensor:
+    """Valid-row values `[n]` back to `[B, N]`, zeros elsewhere."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+@torch.no_grad()
+def _step_reverse_kl(rows: Tensor, t_rows: Tensor | None, mask: Tensor, temperature: float) -> Tensor:
+    """Exact KL(p_S ‖ p_T) at each valid position, `[B, N]`, detached: the baseline of "baseline" credit."""
+    if t_rows is None:
+        raise ValueError("credit 'baseline' needs dense teacher_logits [B, N, V] for the exact per-step KL")
+    s_logp = torch.log_softmax(rows.float() / temperature, -1)  # [n, V]
+    t_logp = torch.log_softmax(t_rows.float() / temperature, -1)  # [n, V]
+    return _scatter(reverse_kl_per_token(s_logp, t_logp), mask)
+
+
+def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
+                  teacher_token_logprobs: Tensor | None = None, teacher_logits: Tensor | None = None,
+                  old_logprobs: Tensor | None = None, credit: Credit = "immediate", gamma: float = 0.99,
+                  clip_eps: float = 0.2, temperature: float = 1.0,
+                  num_items: Tensor | float | None = None) -> LossOutput:
+    """Clipped policy gradient with the teacher-student log-ratio as reward; see `SampledToken` for the maths.
+
+    Args:
+        student_logits: `[B, N, V]`, carries the gradient; divided by `temperature`.
+        target_ids: `[B, N]` the sampled completion tokens y_t.
+        mask: `[B, N]` True on valid completion tokens.
+        teacher_token_logprobs: `[B, N]` log p_T(y_t); if None, gathered from `teacher_logits`.
+        teacher_logits: `[B, N, V]`; needed for credit "baseline" or when token log-probs are absent.
+        old_logprobs: `[B, N]` log p_S(y_t) under the student that sampled the rollout; None = this student.
+        credit, gamma: temporal credit scheme and its discount (`credit.assign_credit`).
+        clip_eps: PPO clip range ε of the importance ratio.
+        temperature: softmax temperature of the student (and of dense teacher logits).
+        num_items: normaliser of the optimizer step; None = `mask.sum()`.
+
+    Returns:
+        `LossOutput` with metrics "advantage" (mean A_t), "log_ratio" (mean a_t) and "clip_frac".
+    """
+    check_credit(credit, gamma)
+    mask = mask.bool()
+    rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
+    t_rows = None  # [n, V] valid dense teacher rows, selected only when read
+    if teacher_logits is not None and (teacher_token_logprobs is None or credit == "baseline"):
+        t_rows = teacher_logits[mask].detach()
+        check_teacher(t_rows)
+    logp = token_logprobs(rows, ids, temperature)  # [n] carries the gradient
+    log_ratio = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, temperature) - logp.detach()
+    rkl = _step_reverse_kl(rows.detach(), t_rows, mask, temperature) if credit == "baseline" else None
+    advantages = assign_credit(_scatter(log_ratio, mask), mask, credit, gamma=gamma, reverse_kl=rkl)[mask]  # [n]
+    old = None if old_logprobs is None else old_logprobs[mask]
+    per_token, was_clipped = clipped_policy_loss(logp, advantages, old, clip_eps)
+    loss = normalise(per_token.sum(), mask, num_items)
+    n = max(int(mask.sum()), 1)
+    metrics = {"advantage": advantages.sum() / n, "log_ratio": log_ratio.sum() / n,
+               "clip_frac": was_clipped.float().sum() / n}
+    return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
+
+@LOSSES.register("sampled_token")
+class SampledToken(DistillationLoss):
+    """On-policy distillation by sampled-token log-ratio (Thinking Machines, "On-Policy Distillation", 2025;
+    the per-token reward of Gu et al. 2024, "MiniLLM"), with PPO clipping (Schulman et al. 2017).
+
+    With y_t ~ p_S the student's own tokens, a_t = log p_T(y_t) − log p_S(y_t) (detached), A_t = credit(a)_t,
+    r_t = exp(log p_S(y_t) − log p_old(y_t)):
+
+        L = Σ_t valid −min(r_t A_t, clip(r_t, 1 − ε, 1 + ε) A_t) / num_items.
+
+    With immediate credit and fresh rollouts its gradient is an unbiased estimate of ∇ Σ_t KL_t(p_S ‖ p_T) at
+    fixed prefixes. The loss value is a surrogate, not a divergence: its sign follows the advantages.
+    """
+
+    # `requires` is set per instance in __init__: "baseline" credit also reads dense teacher logits.
+
+    def __init__(self, credit: Credit = "immediate", gamma: float = 0.99, clip_eps: float = 0.2,
+                 temperature: float = 1.0) -> None:
+        """
+        Args:
+            credit: temporal credit of each token: "immediate" (its own log-ratio), "return_to_go" (the sum of
+                this and later log-ratios), "discounted" (that sum discounted by `gamma` per position), or
+                "baseline" (its log-ratio plus the exact per-step reverse KL, a zero-mean advantage; reads dense
+                teacher logits).
+            gamma: discount per position of "discounted" credit, in (0, 1]; unused by the other schemes.
+            clip_eps: PPO clip range of the importance ratio between this student and the one that sampled.
+            temperature: softmax temperature of the student's logits (and of dense teacher logits when used);
+                supplied teacher token log-probs are taken as they are.
+        """
+        super().__init__()
+        check_credit(credit, gamma)
+        if clip_eps <= 0:
+            raise ValueError(f"clip_eps must be positive, got {clip_eps}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.credit, self.gamma, self.clip_eps, self.temperature = credit, gamma, clip_eps, temperature
+        self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if credit == "baseline" else set()))
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        if inputs.teacher_token_logprobs is None and inputs.teacher_logits is None:
+            inputs.require(TEACHER_TOKEN_LOGPROBS, self.registry_name)
+        if self.credit == "baseline":
+            inputs.require(TEACHER_LOGITS, self.registry_name)
+        out = sampled_token(inputs.student_logits, inputs.target_ids, inputs.mask,
+                            teacher_token_logprobs=inputs.teacher_token_logprobs, teacher_logits=inputs.teacher_logits,
+                            old_logprobs=inputs.old_logprobs, credit=self.credit, gamma=self.gamma,
+                            clip_eps=self.clip_eps, temperature=self.temperature, num_items=inputs.num_items)
+        out.metrics[self.registry_name] = out.loss.detach()
+        return out

@@ -1,0 +1,77 @@
+"""Reverse KL restricted to the teacher's top-k tokens, renormalised on both sides.
+
+The full reverse KL spends most of its signal on the vocabulary's long tail, where a teacher's probabilities
+are least reliable (and, after a cross-tokenizer projection, least exact). Restricting both distributions to
+the teacher's k most likely tokens and renormalising there matches the student on the teacher's local
+support only. The restriction helper is public: the entropy-aware loss uses it for its top-k forward KL.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor
+
+from .base import LOSSES, DenseDivergence, dense_divergence
+from .kl import reverse_kl_per_token
+
+__all__ = ["TopKReverseKL", "check_k", "restrict_to_teacher_topk", "topk_reverse_kl", "topk_reverse_kl_per_token"]
+
+
+def check_k(k: int) -> None:
+    """Raise unless `k` is a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def restrict_to_teacher_topk(s_logp: Tensor, t_logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Both log-prob rows `[n, V]` gathered at the teacher's top-k ids and renormalised there: `[n, k]` each.
+
+    Ties in the teacher's k-th value are broken by `torch.topk`; with k ≥ V the rows come back unchanged.
+    """
+    if k >= t_logp.shape[-1]:
+        return s_logp, t_logp
+    ids = t_logp.topk(k, dim=-1).indices  # [n, k]
+    s_k = s_logp.gather(-1, ids).log_softmax(-1)  # [n, k]
+    t_k = t_logp.gather(-1, ids).log_softmax(-1)  # [n, k]
+    return s_k, t_k
+
+
+def topk_reverse_kl_per_token(s_logp: Tensor, t_logp: Tensor, k: int) -> Tensor:
+    """KL(p̃_S ‖ p̃_T) over the teacher's top-k ids, both renormalised there; `[n, V]` -> `[n]`."""
+    return reverse_kl_per_token(*restrict_to_teacher_topk(s_logp, t_logp, k))
+
+
+def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, k: int = 16,
+                    temperature: float = 1.0, num_items: Tensor | float | None = None,
+                    chunk_size: int | None = None) -> Tensor:
+    """Mean over valid positions of the teacher-top-k reverse KL; logits `[B, N, V]`, mask `[B, N]`."""
+    check_k(k)
+    return dense_divergence(partial(topk_reverse_kl_per_token, k=k), student_logits, teacher_logits, mask,
+                            temperature=temperature, num_items=num_items, chunk_size=chunk_size)
+
+
+@LOSSES.register("topk_reverse_kl")
+class TopKReverseKL(DenseDivergence):
+    """Reverse KL on the teacher's top-k support (Fu et al. 2026, "Revisiting On-Policy Distillation: Empirical
+    Failure Modes and Simple Fixes", teacher top-k local support matching). With S_k the k ids of largest
+    teacher probability at a position, p̃(v) = p(v) / Σ_{u∈S_k} p(u) for both models, and
+
+        L = Σ_{v∈S_k} p̃_S(v) (log p̃_S(v) − log p̃_T(v)).
+
+    The top-k set is the teacher's, never the student's; k ≥ V is exactly the full reverse KL.
+    """
+
+    def __init__(self, k: int = 16, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+        """
+        Args:
+            k: number of the teacher's most likely tokens kept at each position (≥ 1).
+            temperature: softmax temperature applied to both models' logits before the top-k and the divergence.
+            chunk_size: valid positions computed at a time (memory bound for large vocabularies); None = all at once.
+        """
+        super().__init__(temperature, chunk_size)
+        check_k(k)
+        self.k = k
+
+    def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return topk_reverse_kl_per_token(s_logp, t_logp, self.k)

@@ -1,0 +1,166 @@
+"""The embedded gold task: integer arithmetic written as text, with a character-level tokenizer.
+
+Distillation needs a task whose answers can be checked exactly, that runs on a CPU in seconds, and that needs no
+download. Problems look like ``"23+58="`` with completion ``"81"``; a model is right when its greedy completion,
+cut at the first newline or EOS, equals the answer. The tokenizer is built in code (one token per character, no
+training, no BOS) so that tests and tiny models share a fixed vocabulary of 49 ids.
+
+The shipped splits (``data/arithmetic/{train,validation,test}.jsonl``) are written by
+``python -m opd_lightning.tasks.arithmetic``. Test and validation prompts are unique and disjoint from each other
+and from train. Train is drawn with replacement from the prompts left over: with the default ``max_value=99`` and
+``+``/``-`` there are only 15,050 distinct prompts, fewer than the 20,000 training rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import; only char_tokenizer needs it.
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "CHARACTERS",
+    "DATA_DIR",
+    "SPECIAL_TOKENS",
+    "SPLITS",
+    "char_tokenizer",
+    "load_problems",
+    "main",
+    "make_problems",
+    "task_data_path",
+]
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2
+CHARACTERS = "0123456789+-*= \n" + "abcdefghijklmnopqrstuvwxyz" + "?,.:"
+SPLITS = ("train", "validation", "test")
+DATA_DIR = Path(__file__).parent / "data" / "arithmetic"
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Build the character-level tokenizer of the arithmetic task.
+
+    Every character of ``CHARACTERS`` is one token (ids 3..48 in that order); any other character becomes
+    ``<unk>``. Nothing is added around the text (no BOS, no EOS), padding is on the left, and decoding
+    concatenates tokens, so ``decode(encode(text)) == text`` for text made of known characters.
+
+    Returns:
+        A fast tokenizer with offsets, ``save_pretrained`` and ``AutoTokenizer.from_pretrained`` support.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Each character (newline included, hence [\s\S] rather than ".") is its own pre-token, keeping its offsets.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join tokens with no separator (WordLevel would insert spaces)
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def make_problems(
+    n: int,
+    seed: int,
+    max_value: int = 99,
+    ops: Sequence[str] = ("+", "-"),
+    *,
+    exclude: Collection[str] = (),
+    unique: bool = False,
+) -> list[dict[str, str]]:
+    """Draw arithmetic problems with operands in ``[0, max_value]``.
+
+    Subtraction orders its operands so that results are never negative.
+
+    Args:
+        n: number of problems.
+        seed: seed of the private random generator (same arguments, same list).
+        max_value: largest operand.
+        ops: operators to draw from, among ``+``, ``-`` and ``*``.
+        exclude: prompts never to return (e.g. held-out splits).
+        unique: return no prompt twice.
+
+    Returns:
+        ``n`` dicts ``{"prompt": "23+58=", "completion": "81", "answer": "81"}``.
+
+    Raises:
+        ValueError: for an unknown operator, or when ``unique`` asks for more prompts than exist.
+    """
+    if unknown := set(ops) - set(_OPS):
+        raise ValueError(f"unknown operators {sorted(unknown)}; known: {sorted(_OPS)}")
+    space = sum((max_value + 1) * (max_value + 2) // 2 if op == "-" else (max_value + 1) ** 2 for op in set(ops))
+    available = space - len(set(exclude))
+    if n > 0 and (available <= 0 or (unique and n > available)):
+        raise ValueError(f"asked for {n} problems; {space} prompts exist and {len(set(exclude))} are excluded")
+    rng = random.Random(seed)
+    seen, problems = set(exclude), []
+    while len(problems) < n:
+        op, a, b = rng.choice(tuple(ops)), rng.randint(0, max_value), rng.randint(0, max_value)
+        if op == "-" and a < b:
+            a, b = b, a
+        prompt = f"{a}{op}{b}="
+        if prompt in seen:
+            continue
+        if unique:
+            seen.add(prompt)
+        answer = str(_OPS[op](a, b))
+        problems.append({"prompt": prompt, "completion": answer, "answer": answer})
+    return problems
+
+
+def task_data_path(split: str) -> Path:
+    """Path of a shipped split: ``train``, ``validation`` or ``test``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return DATA_DIR / f"{split}.jsonl"
+
+
+def load_problems(split: str) -> list[dict[str, str]]:
+    """Read a shipped split as a list of problem dicts."""
+    with task_data_path(split).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Regenerate the shipped splits (``python -m opd_lightning.tasks.arithmetic --help``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the three jsonl files go")
+    parser.add_argument("--seed", type=int, default=0, help="test uses seed, validation seed+1, train seed+2")
+    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument("--validation-size", type=int, default=200)
+    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--max-value", type=int, default=99)
+    parser.add_argument("--ops", default="+-", help="operators to use, e.g. '+-' or '+-*'")
+    args = parser.parse_args(argv)
+    common = {"max_value": args.max_value, "ops": tuple(args.ops)}
+    # Held-out splits first, so that adding training rows never changes them.
+    test = make_problems(args.test_size, args.seed, unique=True, **common)
+    held_out = {p["prompt"] for p in test}
+    validation = make_problems(args.validation_size, args.seed + 1, exclude=held_out, unique=True, **common)
+    held_out |= {p["prompt"] for p in validation}
+    train = make_problems(args.train_size, args.seed + 2, exclude=held_out, **common)
+    for name, rows in (("train", train), ("validation", validation), ("test", test)):
+        _write_jsonl(args.out_dir / f"{name}.jsonl", rows)
+        print(f"wrote {len(rows)} problems to {args.out_dir / f'{name}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

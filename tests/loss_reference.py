@@ -1,0 +1,140 @@
+"""Naive float64 references for the losses, written independently of `opd_lightning.losses`.
+
+Each reference loops over valid positions and spells the formula out with probabilities (not log-softmax
+tricks), so a shared mistake between library and reference is unlikely. Parity tests compare values and
+gradients against these; benchmarks may import them too. Also holds the random-input builder the loss tests
+share (this is a plain module, imported as `loss_reference`, not a conftest).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["DENSE_REFERENCES", "make_batch", "probs", "ref_cross_entropy", "ref_dense", "ref_entropy_aware",
+           "ref_sampled_token"]
+
+
+def make_batch(b: int, n: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 2.0):
+    """Random student/teacher logits `[b, n, v]`, target ids `[b, n]` and a mask with valid and masked positions.
+
+    Every row keeps its first position valid and at least one row ends in masked padding.
+    """
+    g = torch.Generator().manual_seed(seed)
+    student = (scale * torch.randn(b, n, v, generator=g)).to(dtype)
+    teacher = (scale * torch.randn(b, n, v, generator=g)).to(dtype)
+    target = torch.randint(0, v, (b, n), generator=g)
+    mask = torch.rand(b, n, generator=g) < 0.7
+    mask[:, 0] = True
+    mask[0, -1] = False
+    return student, teacher, target, mask
+
+
+def probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Softmax in float64 written out: exp(z − max) / Σ exp(z − max)."""
+    z = logits.double() / temperature
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    return (p * (torch.log(p) - torch.log(q))).sum()
+
+
+def _topk_renorm(p_s: Tensor, p_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    ids = torch.argsort(p_t, descending=True)[:k]
+    return p_s[ids] / p_s[ids].sum(), p_t[ids] / p_t[ids].sum()
+
+
+DENSE_REFERENCES = {
+    "forward_kl": lambda ps, pt: _kl(pt, ps),
+    "reverse_kl": lambda ps, pt: _kl(ps, pt),
+    "tvd": lambda ps, pt: 0.5 * (pt - ps).abs().sum(),
+    "generalized_jsd": lambda ps, pt, beta=0.5: (
+        beta * _kl(pt, beta * pt + (1 - beta) * ps) + (1 - beta) * _kl(ps, beta * pt + (1 - beta) * ps)),
+    "skew_kl": lambda ps, pt, alpha=0.1: _kl(pt, alpha * pt + (1 - alpha) * ps),
+    "skew_reverse_kl": lambda ps, pt, alpha=0.1: _kl(ps, alpha * ps + (1 - alpha) * pt),
+    "topk_reverse_kl": lambda ps, pt, k=16: _kl(*_topk_renorm(ps, pt, k)),
+}
+
+
+def _valid(mask: Tensor) -> list[tuple[int, int]]:
+    return [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+
+
+def _count(mask: Tensor, num_items) -> float:
+    return max(float(mask.sum() if num_items is None else num_items), 1.0)
+
+
+def ref_dense(name: str, student: Tensor, teacher: Tensor, mask: Tensor, *, temperature: float = 1.0,
+              num_items=None, **params) -> Tensor:
+    """Σ over valid positions of the named divergence, divided by the count; float64."""
+    fn = DENSE_REFERENCES[name]
+    total = sum(fn(probs(student[b, t], temperature), probs(teacher[b, t], temperature), **params)
+                for b, t in _valid(mask))
+    return total / _count(mask, num_items)
+
+
+def ref_cross_entropy(student: Tensor, target: Tensor, mask: Tensor, num_items=None) -> Tensor:
+    total = sum(-torch.log(probs(student[b, t])[target[b, t]]) for b, t in _valid(mask))
+    return total / _count(mask, num_items)
+
+
+def _advantages(a: list[list[float]], mask: Tensor, credit: str, gamma: float, rkl) -> list[list[float]]:
+    """Advantages by explicit loops over time, from plain Python floats."""
+    out = [[0.0] * len(row) for row in a]
+    for b, row in enumerate(a):
+        for t in range(len(row)):
+            if not mask[b, t]:
+                continue
+            if credit == "immediate":
+                out[b][t] = row[t]
+            elif credit == "baseline":
+                out[b][t] = row[t] + rkl[b][t]
+            else:
+                g = 1.0 if credit == "return_to_go" else gamma
+                out[b][t] = sum(g ** (s - t) * row[s] for s in range(t, len(row)) if mask[b, s])
+    return out
+
+
+def ref_sampled_token(student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor, *, credit: str = "immediate",
+                      gamma: float = 0.99, clip_eps: float = 0.2, old_logprobs: Tensor | None = None,
+                      temperature: float = 1.0, num_items=None) -> Tensor:
+    """PPO-clipped policy gradient with the log-ratio reward, by loops; teacher token log-probs from `teacher`."""
+    b_size, n = mask.shape
+    logp = [[None] * n for _ in range(b_size)]
+    a = [[0.0] * n for _ in range(b_size)]
+    rkl = [[0.0] * n for _ in range(b_size)]
+    for b, t in _valid(mask):
+        p_s, p_t = probs(student[b, t], temperature), probs(teacher[b, t], temperature)
+        y = target[b, t]
+        logp[b][t] = torch.log(p_s[y])
+        a[b][t] = math.log(p_t[y].item()) - math.log(p_s[y].item())
+        rkl[b][t] = _kl(p_s, p_t).item()
+    adv = _advantages(a, mask, credit, gamma, rkl)
+    total = 0.0
+    for b, t in _valid(mask):
+        old = logp[b][t].detach() if old_logprobs is None else old_logprobs[b, t].double()
+        r = torch.exp(logp[b][t] - old)
+        A = adv[b][t]
+        total = total - torch.minimum(r * A, torch.clamp(r, 1 - clip_eps, 1 + clip_eps) * A)
+    return total / _count(mask, num_items)
+
+
+def ref_entropy_aware(student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor, *, entropy_threshold: float,
+                      k: int, forward_weight: float = 1.0, temperature: float = 1.0) -> Tensor:
+    """Fresh-rollout entropy-aware loss by loops: −a_t·(log p_S ratio trick) plus gated top-k forward KL."""
+    total = 0.0
+    for b, t in _valid(mask):
+        p_s, p_t = probs(student[b, t], temperature), probs(teacher[b, t], temperature)
+        y = target[b, t]
+        logp = torch.log(p_s[y])
+        a = math.log(p_t[y].item()) - math.log(p_s[y].item())
+        total = total - torch.exp(logp - logp.detach()) * a
+        entropy = -(p_t * torch.log(p_t)).sum()
+        if entropy > entropy_threshold:
+            q_s, q_t = _topk_renorm(p_s, p_t, k)
+            total = total + forward_weight * _kl(q_t, q_s)
+    return total / _count(mask, None)

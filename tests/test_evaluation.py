@@ -1,0 +1,240 @@
+"""Tests of the embedded arithmetic task and of lm-eval evaluation, offline, with tiny in-code models.
+
+A model that is provably right (or wrong) is built by hand: a Llama whose layers write nothing to the residual
+stream (zeroed ``o_proj``/``down_proj``), whose embeddings are one-hot and whose ``lm_head`` holds a bigram table,
+so greedy decoding follows the table exactly. On a task whose answers are all "7", the table "= -> 7 -> <eos>"
+must score 1.0 and "= -> 8 -> <eos>" 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from opd_lightning.evaluation import LmEvalCallback, evaluate_model, flatten_results, materialise_tasks
+from opd_lightning.tasks.arithmetic import SPLITS, char_tokenizer, load_problems, make_problems, task_data_path
+
+
+@pytest.fixture(autouse=True)
+def offline_single_thread(monkeypatch):
+    """No network at all; one thread (two threads on a shared two-core machine are 5-30x slower here)."""
+
+    attempts = []
+
+    def refuse(*args, **kwargs):  # recorded as well as refused: libraries may swallow the error
+        attempts.append(args[1:2] or kwargs)
+        raise OSError("network access refused by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)  # name lookup comes first
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    assert not attempts, f"network access attempted: {attempts}"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def tiny_llama(tok, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def bigram_llama(tok, table: dict[str, str]) -> LlamaForCausalLM:
+    """A Llama whose greedy next token is ``table[current token]`` (``<pad>`` for tokens not in the table)."""
+    model = tiny_llama(tok)
+    ids = tok.convert_tokens_to_ids
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(len(tok), 64))  # one-hot; RMSNorm scales it by 8
+        model.lm_head.weight.zero_()
+        for current, following in table.items():
+            model.lm_head.weight[ids(following), ids(current)] = 1.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def const_task(tmp_path_factory):
+    """The shipped arithmetic task's settings on four problems whose answer is 7 (task name ``const7``)."""
+    root = tmp_path_factory.mktemp("const7")
+    rendered = yaml.safe_load((materialise_tasks(root / "shipped") / "arithmetic.yaml").read_text())
+    data = root / "const7.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in ["3+4=", "0+7=", "9-2=", "14-7="]))
+    rendered["task"] = "const7"
+    rendered["dataset_kwargs"]["data_files"] = {"validation": str(data), "test": str(data)}
+    (root / "tasks").mkdir()
+    (root / "tasks" / "const7.yaml").write_text(yaml.safe_dump(rendered))
+    return str(root / "tasks")
+
+
+def test_tokenizer_round_trip_offsets_and_save_load(tok, tmp_path):
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token) == (0, 1, 2, None)
+    for text in ["12+34=", "12+34=46", "what is 3 * 4?\nanswer: 12.", "  a  b "]:
+        ids = tok(text)["input_ids"]
+        assert len(ids) == len(text) and tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.decode(tok("7")["input_ids"] + [tok.eos_token_id], skip_special_tokens=True) == "7"
+    assert tok("A")["input_ids"] == [tok.unk_token_id]
+    assert tok("a b\nc", return_offsets_mapping=True)["offset_mapping"] == [(i, i + 1) for i in range(5)]
+    batch = tok(["1+1=", "12+34="], padding=True)["input_ids"]
+    assert batch[0][:2] == [0, 0]  # left padding
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "97-53=44\n ok"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"] and loaded.decode(loaded(text)["input_ids"]) == text
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (0, 1, "left")
+
+
+def test_shipped_splits_are_disjoint_correct_and_reproducible():
+    splits = {split: load_problems(split) for split in SPLITS}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 20000, "validation": 200, "test": 500}
+    prompts = {k: {p["prompt"] for p in v} for k, v in splits.items()}
+    assert len(prompts["validation"]) == 200 and len(prompts["test"]) == 500
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+    for problem in splits["validation"] + splits["test"] + splits["train"][:2000]:
+        value = eval(problem["prompt"][:-1])
+        assert value >= 0 and problem["answer"] == problem["completion"] == str(value)
+    # The shipped test split is exactly what the generator's defaults produce.
+    assert make_problems(500, 0, unique=True) == splits["test"]
+    assert task_data_path("test").name == "test.jsonl"
+    with pytest.raises(ValueError, match="known: train"):
+        task_data_path("dev")
+
+
+def test_make_problems_options():
+    problems = make_problems(50, 1, max_value=9, ops=("*",), exclude={"3*3="})
+    assert all(p["prompt"] != "3*3=" and p["answer"] == str(eval(p["prompt"][:-1])) for p in problems)
+    with pytest.raises(ValueError, match="prompts exist"):
+        make_problems(101, 0, max_value=9, ops=("+",), unique=True)
+
+
+def test_flatten_results():
+    raw = {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": "N/A", "acc,strict": 1}}
+    assert flatten_results(raw) == {"t": {"exact_match": 0.5, "acc/strict": 1.0}}
+
+
+def test_evaluate_random_model_without_context_length_in_config(tok):
+    model = tiny_llama(tok).train()
+    model.model.layers[0].eval()  # per-module flags must come back as they were
+    del model.config.max_position_embeddings
+    results = evaluate_model(model, tok, ["arithmetic"], limit=8, max_length=64)
+    assert list(results) == ["arithmetic"] and list(results["arithmetic"]) == ["exact_match"]
+    assert 0.0 <= results["arithmetic"]["exact_match"] <= 1.0
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"=": "7", "7": "<eos>"}, 1.0),
+        ({"=": "7", "7": "\n"}, 1.0),  # the task's stop sequence
+        ({"=": "8", "8": "<eos>"}, 0.0),
+        ({"=": "7", "7": "7"}, 0.0),  # never stops: "77777777"
+    ],
+)
+def test_evaluate_scores_a_known_model_exactly(tok, const_task, table, expected):
+    results = evaluate_model(bigram_llama(tok, table), tok, ["const7"], include_path=const_task)
+    assert results == {"const7": {"exact_match": expected}}
+
+
+def test_evaluate_peft_model_keeps_adapter_active(tok, const_task):
+    from peft import LoraConfig, get_peft_model
+
+    base = bigram_llama(tok, {"=": "8", "8": "<eos>", "7": "<eos>"})  # wrong on its own
+    peft_model = get_peft_model(base, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["lm_head"]))
+    ids = tok.convert_tokens_to_ids
+    lora = peft_model.base_model.model.lm_head
+    with torch.no_grad():  # the adapter adds 16 to the logit of "7" after "=" (the base gives "8" 8)
+        lora.lora_A["default"].weight.copy_(torch.nn.functional.one_hot(torch.tensor([ids("=")]), 64).float())
+        lora.lora_B["default"].weight.zero_()[ids("7"), 0] = 2.0
+    peft_model.train()
+    assert evaluate_model(peft_model, tok, ["const7"], include_path=const_task) == {"const7": {"exact_match": 1.0}}
+    assert peft_model.training
+    with peft_model.disable_adapter():
+        assert evaluate_model(peft_model, tok, ["const7"], include_path=const_task)["const7"]["exact_match"] == 0.0
+
+
+class StubModule(pl.LightningModule):
+    """The attributes LmEvalCallback reads, and one trivial training step."""
+
+    def __init__(self, student, tokenizer, teacher):
+        super().__init__()
+        self.student, self.student_tokenizer = student, tokenizer
+        self.teacher, self.teacher_tokenizer = teacher, tokenizer
+
+    def training_step(self, batch, batch_idx):
+        return self.student(input_ids=batch[0]).logits.float().mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def test_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.parameters(), lr=0.0)
+
+    def _loader(self):
+        return DataLoader(TensorDataset(torch.full((1, 4), 4, dtype=torch.long)), batch_size=1)
+
+    train_dataloader = val_dataloader = test_dataloader = _loader
+
+
+def test_callback_in_a_real_fit(tok, tmp_path):
+    module = StubModule(tiny_llama(tok, seed=1), tok, tiny_llama(tok, seed=2))
+    callback = LmEvalCallback(limit=4, on_fit_start=True, evaluate_teacher=True)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        num_sanity_val_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    assert 0.0 <= float(trainer.callback_metrics["eval/arithmetic/exact_match"]) <= 1.0
+    trainer.test(module)
+    assert "eval/arithmetic/exact_match" in trainer.callback_metrics
+    history = [json.loads(line) for line in (callback.history_path).read_text().splitlines()]
+    assert callback.history_path.parent == tmp_path / "lightning_logs" / "version_0"
+    assert [(h["stage"], h["model"], h["step"]) for h in history] == [
+        ("fit_start", "student", 0),
+        ("fit_start", "teacher", 0),
+        ("validation", "student", 1),
+        ("test", "student", 1),
+    ]  # no entry for the sanity check; the teacher once
+    assert all(set(h["results"]) == {"arithmetic"} for h in history)
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"eval/arithmetic/exact_match", "eval_teacher/arithmetic/exact_match"} <= set(logged)
