@@ -29,7 +29,7 @@ class OPDCLI(LightningCLI):
                                                "name": "logs"}}
 
 
-def main(args: list[str] | None = None) -> OPDCLI:
-    """Entry point of the `opd` console script."""
-    return OPDCLI(DistillationModule, PromptDataModule, args=args, auto_configure_optimizers=False,
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `opd` console script (`args` default to the command line)."""
+    OPDCLI(DistillationModule, PromptDataModule, args=args, auto_configure_optimizers=False,
                   save_config_kwargs={"overwrite": True}, trainer_defaults={"default_root_dir": "runs/default"})

@@ -1,0 +1,74 @@
+"""The `opd` command: shipped configs parse, help answers, a short run writes CSV metrics in its run directory."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+DISTILL = REPO / "configs" / "quickstart" / "distill.yaml"
+
+
+def config_stack(path: Path) -> list[str]:
+    """Overlay configs (those that say to run after another) are parsed on top of the quickstart distillation."""
+    header = path.read_text().split("\n", 10)
+    base = [] if path.parent.name == "quickstart" or not any("--config" in h and "quickstart" in h for h in header) \
+        else ["--config", str(DISTILL)]
+    return [*base, "--config", str(path)]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_every_shipped_config_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_stack(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["student"] and printed["trainer"]["default_root_dir"]
+
+
+def test_help_answers():
+    for args in (["--help"], ["fit", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "opd_lightning", *args], capture_output=True, text=True, check=True)
+        assert "usage" in out.stdout.lower()
+    assert "--model.loss" in out.stdout and "--model.aligner" in out.stdout
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "{class_path: opd_lightning.losses.GeneralizedJSD, init_args: {beta: 0.3}}"])
+def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path, loss):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run"),
+                    "log_every_n_steps": 1, "enable_checkpointing": False, "limit_val_batches": 0},
+        "model": {"student": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                         "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "num_key_value_heads": 2, "max_position_embeddings": 32},
+                              "tokenizer": "builtin:char"},
+                  "teacher": {"path": teacher_dir}, "sampling": {"max_new_tokens": 4}},
+        "data": {"batch_size": 4, "limit_train": 16},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--model.loss", loss])
+    metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
+    rows = list(csv.DictReader(metrics.open()))
+    assert len([r for r in rows if r.get("train/loss")]) == 2
+    saved = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text())
+    if "class_path" in loss:
+        assert saved["model"]["loss"]["class_path"] == "opd_lightning.losses.GeneralizedJSD"
+        assert saved["model"]["loss"]["init_args"]["beta"] == 0.3
+    else:
+        assert saved["model"]["loss"] == loss
+
+
+def test_unknown_loss_name_is_an_error_naming_the_fix(teacher_dir, tmp_path):
+    with pytest.raises(KeyError, match="Did you mean 'forward_kl'"):
+        main(["fit", "--config", str(DISTILL), "--model.teacher.path", teacher_dir, "--model.loss", "forwrd_kl",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"])
