@@ -1,0 +1,43 @@
+"""One optimizer step on 4 rows of unequal completion length, single-process or DDP over 2 CPU processes (gloo).
+
+Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES`. Writes the student's
+weights after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY  # noqa: E402
+
+from opd_lightning.data import PromptDataModule  # noqa: E402
+from opd_lightning.models import HFModel  # noqa: E402
+from opd_lightning.module import DistillationModule  # noqa: E402
+from opd_lightning.rollout import SamplingConfig  # noqa: E402
+
+ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion": "46 and more text"},
+        {"prompt": "99-9=", "completion": "90"}, {"prompt": "5+5=", "completion": "10 then some"}]
+
+
+def main(teacher_dir: str, out: str, devices: int) -> None:
+    seed_everything(0)
+    data_file = Path(out).with_suffix(".jsonl")
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char"), teacher=HFModel(path=teacher_dir),
+                                loss="forward_kl", on_policy_fraction=0.0, grad_clip_norm=None,
+                                sampling=SamplingConfig(max_new_tokens=20),
+                                optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
+    trainer = Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    if trainer.is_global_zero:
+        torch.save(module.student.state_dict(), out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
