@@ -23,6 +23,12 @@ class OPDCLI(LightningCLI):
         if config is None:
             return
         trainer = config["trainer"]
+        # The module optimizes manually (the loss normaliser spans the whole step), so these live on the model.
+        if trainer.get("accumulate_grad_batches") not in (None, 1):
+            raise ValueError("trainer.accumulate_grad_batches is not used by opd-lightning: make data.batch_size the "
+                             "optimizer step's batch and set model.micro_batch_size to accumulate over micro-batches")
+        if trainer.get("gradient_clip_val") is not None:
+            raise ValueError("trainer.gradient_clip_val is not used by opd-lightning: set model.grad_clip_norm")
         if trainer.get("logger") in (None, True):
             trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                  "init_args": {"save_dir": trainer.get("default_root_dir") or "runs/default",

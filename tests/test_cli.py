@@ -51,7 +51,8 @@ def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path
                                          "num_hidden_layers": 1, "num_attention_heads": 2,
                                          "num_key_value_heads": 2, "max_position_embeddings": 32},
                               "tokenizer": "builtin:char"},
-                  "teacher": {"path": teacher_dir}, "sampling": {"max_new_tokens": 4}},
+                  "teacher": {"path": teacher_dir}, "sampling": {"max_new_tokens": 4},
+                  "extra_terms": [{"loss": "cross_entropy", "weight": 0.5, "completions": "gold"}]},
         "data": {"batch_size": 4, "limit_train": 16},
     }
     path = tmp_path / "run.yaml"
@@ -60,6 +61,7 @@ def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path
     metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
     rows = list(csv.DictReader(metrics.open()))
     assert len([r for r in rows if r.get("train/loss")]) == 2
+    assert all(float(r["train/loss/cross_entropy@gold"]) > 0 for r in rows if r.get("train/loss"))
     saved = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text())
     if "class_path" in loss:
         assert saved["model"]["loss"]["class_path"] == "opd_lightning.losses.GeneralizedJSD"
@@ -72,3 +74,23 @@ def test_unknown_loss_name_is_an_error_naming_the_fix(teacher_dir, tmp_path):
     with pytest.raises(KeyError, match="Did you mean 'forward_kl'"):
         main(["fit", "--config", str(DISTILL), "--model.teacher.path", teacher_dir, "--model.loss", "forwrd_kl",
               "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"])
+
+
+@pytest.mark.parametrize(("flag", "fix"), [("--trainer.accumulate_grad_batches=4", "model.micro_batch_size"),
+                                           ("--trainer.gradient_clip_val=1.0", "model.grad_clip_norm")])
+def test_trainer_accumulation_and_clipping_point_to_the_model_options(flag, fix, tmp_path):
+    with pytest.raises(ValueError, match=fix):
+        main(["fit", "--config", str(DISTILL), flag, "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_readme_yaml_example_parses(tmp_path, capsys):
+    import re
+
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    path = tmp_path / "readme.yaml"
+    path.write_text(block)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DISTILL), "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert printed["loss"]["init_args"]["credit"] == "discounted"
+    assert [t["init_args"]["weight"] if "init_args" in t else t["weight"] for t in printed["extra_terms"]] == [0.5, 0.1]

@@ -131,8 +131,9 @@ def test_lora_kl_to_initial_student_uses_the_base_model(teacher_dir):
     assert metrics["loss/reverse_kl@initial_student"].abs() < 1e-6  # LoRA B starts at zero
 
 
-def test_8bit_teacher_on_cpu(teacher_dir, tmp_path):
-    module = make_module(teacher_dir, teacher=HFModel(path=teacher_dir, quantization="8bit"))
+@pytest.mark.parametrize("quantization", ["8bit", "nf4"])
+def test_quantized_teacher_on_cpu(teacher_dir, tmp_path, quantization):
+    module = make_module(teacher_dir, teacher=HFModel(path=teacher_dir, quantization=quantization))
     assert module.teacher.is_quantized
     trainer = fit(module, tmp_path, max_steps=1)
     assert trainer.global_step == 1

@@ -1,0 +1,60 @@
+"""Run the embedded default (`make demo`) and record its table and stage timings in benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/quickstart.py
+
+Whole-stage wall time is the measure here (each stage is one `opd fit`, start-up included); the gold-task scores
+come from the lm-eval callback of the distillation stage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from opd_lightning.demo import main as demo
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+START, END = "<!-- quickstart:start -->", "<!-- quickstart:end -->"
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def record(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{START}\n{section}\n{END}"
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.S) if START in text \
+        else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    result = demo([])
+    timings = json.loads(Path("runs/quickstart/timings.json").read_text())
+    rows = "\n".join(f"| {k} | {result[k]:.3f} |" for k in ("teacher", "student_before", "student_after"))
+    record(f"""## Quickstart (`make demo`)
+
+Command: `.venv/bin/python benchmarks/quickstart.py` (runs what `make demo` runs). Date: {datetime.date.today()}.
+Machine: {machine()}, fp32.
+
+Task `{result['task']}`, metric `{result['metric']}` (lm-eval, 500 held-out problems, greedy):
+
+| model | score |
+|---|---|
+{rows}
+
+Gain: {result['student_after'] - result['student_before']:+.3f}. Stage wall times: teacher training
+{timings['teacher_stage_s']:.0f} s, on-policy distillation (including the three lm-eval runs)
+{timings['distill_stage_s']:.0f} s, total {timings['teacher_stage_s'] + timings['distill_stage_s']:.0f} s.""")
+
+
+if __name__ == "__main__":
+    main()
