@@ -31,7 +31,7 @@ def machine() -> str:
 def record(section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = f"{START}\n{section}\n{END}"
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.S) if START in text \
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.DOTALL) if START in text \
         else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 

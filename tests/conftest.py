@@ -47,7 +47,8 @@ def teacher_dir(tmp_path_factory, char_tok):
     """A tiny teacher saved in Hugging Face format with the character tokenizer."""
     from opd_lightning.models import HFModel
 
-    model = HFModel(config=dict(TINY, hidden_size=48), tokenizer="builtin:char", seed=1).load_model(char_tok)
+    model = HFModel(config=dict(TINY, hidden_size=64, intermediate_size=128), tokenizer="builtin:char",
+                    seed=1).load_model(char_tok)  # bitsandbytes 4-bit CPU kernels reject hidden size 48
     path = tmp_path_factory.mktemp("teacher")
     model.save_pretrained(path)
     char_tok.save_pretrained(path)

@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from conftest import TINY
 
-from opd_lightning.data import PromptDataModule  # noqa: E402
-from opd_lightning.models import HFModel  # noqa: E402
-from opd_lightning.module import DistillationModule  # noqa: E402
-from opd_lightning.rollout import SamplingConfig  # noqa: E402
+from opd_lightning.data import PromptDataModule
+from opd_lightning.models import HFModel
+from opd_lightning.module import DistillationModule
+from opd_lightning.rollout import SamplingConfig
 
 ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion": "46 and more text"},
         {"prompt": "99-9=", "completion": "90"}, {"prompt": "5+5=", "completion": "10 then some"}]

@@ -86,7 +86,7 @@ def test_trainer_accumulation_and_clipping_point_to_the_model_options(flag, fix,
 def test_readme_yaml_example_parses(tmp_path, capsys):
     import re
 
-    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL).group(1)
     path = tmp_path / "readme.yaml"
     path.write_text(block)
     with pytest.raises(SystemExit):
