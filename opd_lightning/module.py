@@ -58,6 +58,7 @@ class DistillationModule(LightningModule):
         grad_clip_norm: float | None = 1.0,
         max_length: int | None = None,
         use_chat_template: bool = False,
+        mask_special_tokens: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -82,6 +83,8 @@ class DistillationModule(LightningModule):
             max_length: context limit for prompt + completion; defaults to the student's
                 `max_position_embeddings`. Longer prompts are refused with an error.
             use_chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+            mask_special_tokens: leave completion positions holding special tokens other than EOS (pad, unk, BOS,
+                chat-template markers) out of every loss; they stay in the context the models read.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
             seed: seed of the rollouts' random draws (on/off-policy choice, sampling); each step's draws derive
@@ -95,6 +98,7 @@ class DistillationModule(LightningModule):
         self.on_policy_fraction, self.off_policy_source = on_policy_fraction, off_policy_source
         self.micro_batch_size, self.grad_clip_norm = micro_batch_size, grad_clip_norm
         self.use_chat_template = use_chat_template
+        self.mask_special_tokens = mask_special_tokens
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seed = seed
         self._draws = 0  # draws within the current step; reset by `_run_step`
@@ -238,6 +242,11 @@ class DistillationModule(LightningModule):
             rollouts["rollout"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
         if any(t.completions == "gold" for t in self.terms):
             rollouts["gold"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
+        if self.mask_special_tokens:
+            tok = self.student_tokenizer
+            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=self.device)
+            for rollout in rollouts.values():
+                rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
         return rollouts
 
     @staticmethod

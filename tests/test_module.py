@@ -210,3 +210,16 @@ def test_sft_without_teacher(tmp_path):
     fit(module, tmp_path, max_steps=5)
     last, _ = module._run_step(BATCH, train=False)
     assert last < first
+
+
+def test_special_token_masking_drops_special_tokens_but_not_eos(teacher_dir):
+    tok_batch = dict(BATCH, completion=["4<unk>6", "4", "1<pad>", "2"])
+    plain = make_module(teacher_dir, on_policy_fraction=0.0)._rollouts(tok_batch, train=True)["rollout"]
+    masked = make_module(teacher_dir, on_policy_fraction=0.0, mask_special_tokens=True)._rollouts(tok_batch,
+                                                                                                   train=True)["rollout"]
+    tok = make_module(teacher_dir).student_tokenizer
+    specials = torch.isin(plain.completion_ids, torch.tensor([tok.unk_token_id, tok.pad_token_id]))
+    assert (plain.completion_mask & specials).sum() == 2
+    assert torch.equal(masked.completion_mask, plain.completion_mask & ~specials)
+    eos = plain.completion_ids == tok.eos_token_id
+    assert masked.completion_mask[eos].all()

@@ -1,0 +1,54 @@
+"""Each stabiliser changes what it should: top-p rollouts, KL to the initial student, SFT on gold, the guard."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Trainer
+from test_module import BATCH, make_module
+
+from opd_lightning.data import PromptDataModule
+from opd_lightning.objective import LossTerm
+from opd_lightning.rollout import SamplingConfig
+
+
+def test_tiny_top_p_samples_the_argmax(teacher_dir):
+    greedy = make_module(teacher_dir, sampling=SamplingConfig(do_sample=False, max_new_tokens=4))
+    nucleus = make_module(teacher_dir, sampling=SamplingConfig(top_p=1e-6, max_new_tokens=4))
+    free = make_module(teacher_dir, sampling=SamplingConfig(max_new_tokens=4))
+    batch = dict(BATCH, prompt=BATCH["prompt"] * 8)
+    want = greedy._rollouts(batch, train=False)["rollout"].completion_ids
+    assert torch.equal(nucleus._rollouts(batch, train=False)["rollout"].completion_ids, want)
+    assert not torch.equal(free._rollouts(batch, train=False)["rollout"].completion_ids, want)
+
+
+def _train(module, steps, tmp_path):
+    data = PromptDataModule(batch_size=4, limit_train=16, val=None, test=None)
+    Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=data)
+    return module
+
+
+def _objective_value(module, term, teacher_dir):
+    """A term's value on the fixed batch, under the trained student."""
+    probe = make_module(teacher_dir, on_policy_fraction=0.0, extra_terms=[term])
+    probe.student.load_state_dict(module.student.state_dict())
+    with torch.no_grad():
+        return probe._run_step(BATCH, train=False)[1][f"loss/{term.name}"]
+
+
+def test_kl_to_initial_student_keeps_the_student_close(teacher_dir, tmp_path):
+    fast = lambda params: torch.optim.AdamW(params, lr=2e-2)
+    anchored_term = LossTerm("reverse_kl", weight=20.0, reference="initial_student")
+    free = _train(make_module(teacher_dir, optimizer=fast), 4, tmp_path / "free")
+    anchored = _train(make_module(teacher_dir, optimizer=fast, extra_terms=[anchored_term]), 4, tmp_path / "anchored")
+    probe = LossTerm("reverse_kl", reference="initial_student")
+    assert _objective_value(anchored, probe, teacher_dir) < 0.5 * _objective_value(free, probe, teacher_dir)
+
+
+def test_sft_on_gold_lowers_the_gold_loss(teacher_dir, tmp_path):
+    fast = lambda params: torch.optim.AdamW(params, lr=2e-2)
+    sft = LossTerm("cross_entropy", weight=5.0, completions="gold")
+    free = _train(make_module(teacher_dir, optimizer=fast), 4, tmp_path / "free")
+    with_sft = _train(make_module(teacher_dir, optimizer=fast, extra_terms=[sft]), 4, tmp_path / "sft")
+    probe = LossTerm("cross_entropy", completions="gold")
+    assert _objective_value(with_sft, probe, teacher_dir) < _objective_value(free, probe, teacher_dir)
