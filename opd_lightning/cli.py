@@ -7,6 +7,8 @@ a config names a logger, metrics go to CSV under the run's `trainer.default_root
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from opd_lightning.data import PromptDataModule
@@ -36,6 +38,15 @@ class OPDCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `opd` console script (`args` default to the command line)."""
+    """Entry point of the `opd` console script (`args` default to the command line).
+
+    `opd report RUN_DIR` is dispatched to `opd_lightning.report` before LightningCLI is built.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        from opd_lightning import report  # imported here: matplotlib stays out of training start-up
+
+        report.main(argv[1:])
+        return
     OPDCLI(DistillationModule, PromptDataModule, args=args, auto_configure_optimizers=False,
                   save_config_kwargs={"overwrite": True}, trainer_defaults={"default_root_dir": "runs/default"})
