@@ -1,6 +1,6 @@
 """Run the embedded default (`make demo`) and record its table and stage timings in benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/quickstart.py
+    .venv/bin/python -m benchmarks.quickstart
 
 Whole-stage wall time is the measure here (each stage is one `opd fit`, start-up included); the gold-task scores
 come from the lm-eval callback of the distillation stage.
@@ -20,7 +20,6 @@ import torch
 from opd_lightning.demo import main as demo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- quickstart:start -->", "<!-- quickstart:end -->"
 
 
 def machine() -> str:
@@ -28,10 +27,12 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def record(section: str) -> None:
+def record(section: str, name: str = "quickstart") -> None:
+    """Replace (or append) the block between `name`'s markers in RESULTS.md with `section`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{START}\n{section}\n{END}"
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.DOTALL) if START in text \
+    block = f"{start}\n{section}\n{end}"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), block, text, flags=re.DOTALL) if start in text \
         else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 
@@ -42,7 +43,7 @@ def main() -> None:
     rows = "\n".join(f"| {k} | {result[k]:.3f} |" for k in ("teacher", "student_before", "student_after"))
     record(f"""## Quickstart (`make demo`)
 
-Command: `.venv/bin/python benchmarks/quickstart.py` (runs what `make demo` runs). Date: {datetime.date.today()}.
+Command: `.venv/bin/python -m benchmarks.quickstart` (runs what `make demo` runs). Date: {datetime.date.today()}.
 Machine: {machine()}, fp32.
 
 Task `{result['task']}`, metric `{result['metric']}` (lm-eval, 500 held-out problems, greedy):

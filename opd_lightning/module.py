@@ -24,12 +24,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner
+from opd_lightning.diagnostics import Diagnostics, output_layer_grad_coherence
 from opd_lightning.losses import DistillationLoss, LossInputs
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, resolve_aligner
 from opd_lightning.rollout import Rollout, SamplingConfig, generate_rollout, rollout_from_token_lists
 
 __all__ = ["DistillationModule"]
+
+SAMPLED_DIAGNOSTICS = ("diag/grad_coherence",)
 
 
 def _completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
@@ -59,6 +62,11 @@ class DistillationModule(LightningModule):
         max_length: int | None = None,
         use_chat_template: bool = False,
         mask_special_tokens: bool = False,
+        diagnostics: bool = True,
+        diag_topk: int = 8,
+        diag_ngram: int = 3,
+        diag_max_positions: int | None = 64,
+        grad_coherence_every: int = 20,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -85,6 +93,12 @@ class DistillationModule(LightningModule):
             use_chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
             mask_special_tokens: leave completion positions holding special tokens other than EOS (pad, unk, BOS,
                 chat-template markers) out of every loss; they stay in the context the models read.
+            diagnostics: compute and log the `diag/*` health metrics each step (see `opd_lightning.diagnostics`).
+            diag_topk: k of the `diag/topk_overlap` diagnostic (mass on tokens in both models' top-k).
+            diag_ngram: n of the `diag/repetition_rate` diagnostic (tokens that repeat an earlier n-gram).
+            diag_max_positions: positions per micro-batch whose full distributions feed the entropy and top-k
+                diagnostics (evenly spaced; bounds their cost at large vocabularies); None: all.
+            grad_coherence_every: measure `diag/grad_coherence` every this many optimizer steps (0: never).
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
             seed: seed of the rollouts' random draws (on/off-policy choice, sampling); each step's draws derive
@@ -99,6 +113,10 @@ class DistillationModule(LightningModule):
         self.micro_batch_size, self.grad_clip_norm = micro_batch_size, grad_clip_norm
         self.use_chat_template = use_chat_template
         self.mask_special_tokens = mask_special_tokens
+        self.grad_coherence_every = grad_coherence_every
+        self.diagnostics = diagnostics
+        self.train_diag, self.val_diag = (Diagnostics(diag_topk, diag_ngram, diag_max_positions) for _ in range(2))
+        self._diag = self.val_diag  # the one `_run_step` feeds; set per step
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seed = seed
         self._draws = 0  # draws within the current step; reset by `_run_step`
@@ -160,7 +178,7 @@ class DistillationModule(LightningModule):
                 logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
                                             inputs.position_ids, inputs.completion_length)
                 target = self.aligner.project(logits, rollout.completion_mask)
-                self._coverage.append(target.coverage)
+                self._diag.update_coverage(target.coverage)
                 return target.teacher_logits
             args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
             if self.lora is not None:
@@ -257,16 +275,19 @@ class DistillationModule(LightningModule):
         return batch["completion"]
 
     # ------------------------------------------------------------------------------------------- objective
-    def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor],
+                   measure: bool = False) -> tuple[Tensor, dict]:
         """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count."""
         student_logits, reference_logits = {}, {}
         total, metrics = torch.zeros((), device=self.device), {}
+        hidden: list[Tensor] = []  # input of the output layer on the rollout, when gradient coherence is measured
         for term in self.terms:
             rollout = rollouts[term.completions]
             if term.completions not in student_logits:
-                student_logits[term.completions] = _completion_logits(
-                    self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
-                    rollout.completion_mask.shape[1])
+                with self._capture_output_input(hidden if term.completions == "rollout" and measure else None):
+                    student_logits[term.completions] = _completion_logits(
+                        self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                        rollout.completion_mask.shape[1])
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 num_items=counts[term.completions])
             if term.needs_reference:
@@ -280,7 +301,33 @@ class DistillationModule(LightningModule):
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
             metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items() if k != term.loss.registry_name})
+        self._diagnose(rollouts["rollout"], student_logits["rollout"], reference_logits.get(("teacher", "rollout")),
+                       total, hidden[0] if hidden else None)
         return total, metrics
+
+    @contextmanager
+    def _capture_output_input(self, store: list | None):
+        """Record the output layer's input (hidden states `[B, N + 1, H]`) into `store` during the block."""
+        if store is None:
+            yield
+            return
+        handle = self.student.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: store.append(args[0].detach()))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _diagnose(self, rollout: Rollout, student_logits: Tensor, teacher_logits: Tensor | None, total: Tensor,
+                  hidden: Tensor | None) -> None:
+        """Feed the step's diagnostics: token statistics, and gradient coherence when `hidden` was captured."""
+        if not self.diagnostics:
+            return
+        mask = rollout.completion_mask
+        self._diag.update_tokens(student_logits.detach(), teacher_logits, rollout.completion_ids, mask)
+        if hidden is not None and total.requires_grad:
+            (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
+            self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[:, :-1][mask]))
 
     def _step_counts(self, rollouts: dict[str, Rollout]) -> dict[str, Tensor]:
         counts = {}
@@ -293,9 +340,12 @@ class DistillationModule(LightningModule):
         return counts
 
     def _run_step(self, batch: dict, train: bool) -> tuple[Tensor, dict]:
-        self._coverage: list[float] = []
         self._draws = 0
+        self._diag = self.train_diag if train else self.val_diag
         rollouts = self._rollouts(batch, train)
+        self._diag.update_rollout(rollouts["rollout"].completion_mask, rollouts["rollout"].truncated)
+        every = self.grad_coherence_every
+        measure_step = self.diagnostics and train and every > 0 and (self.global_step if self._trainer else 0) % every == 0
         counts = self._step_counts(rollouts)
         size = len(rollouts["rollout"])
         micro = self.micro_batch_size or size
@@ -304,22 +354,16 @@ class DistillationModule(LightningModule):
         for start in range(0, size, micro):
             part = {k: r.select(slice(start, start + micro)) for k, r in rollouts.items()}
             with torch.set_grad_enabled(train):
-                loss, metrics = self._objective(part, counts)
+                loss, metrics = self._objective(part, counts, measure=measure_step and start == 0)
             if train:
                 self.manual_backward(loss * scale)
             total = total + loss.detach()
             share = part["rollout"].completion_mask.sum() / rollouts["rollout"].completion_mask.sum().clamp_min(1)
             for key, value in metrics.items():
                 sums[key] += value * (1 if key.startswith("loss/") else share)
-        return total * scale, {**sums, **self._rollout_metrics(rollouts["rollout"])}
-
-    def _rollout_metrics(self, rollout: Rollout) -> dict:
-        lengths = rollout.completion_mask.sum(1).float()
-        metrics = {"rollout/completion_len": lengths.mean(), "rollout/truncation_rate": rollout.truncated.float().mean(),
-                   "rollout/on_policy": float(rollout.on_policy), "tokens": rollout.completion_mask.sum().float()}
-        if self._coverage:
-            metrics["align/coverage"] = sum(self._coverage) / len(self._coverage)
-        return metrics
+        rollout = rollouts["rollout"]
+        return total * scale, {**sums, "rollout/on_policy": float(rollout.on_policy),
+                               "tokens": rollout.completion_mask.sum().float()}
 
     # ----------------------------------------------------------------------------------------- lightning
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -335,6 +379,14 @@ class DistillationModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=len(batch["prompt"]))
         self.log("train/lr", opt.param_groups[0]["lr"])
+        diagnostics = self.train_diag.compute()  # synced across ranks by the metric itself
+        self.train_diag.reset()
+        # Measured on a sample of steps only: written straight to the loggers, as Lightning would repeat a value
+        # logged with self.log on the steps that do not log it.
+        sampled = {k: float(diagnostics.pop(k)) for k in SAMPLED_DIAGNOSTICS if k in diagnostics}
+        self.log_dict(diagnostics)
+        for logger in self.loggers if sampled else []:
+            logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
@@ -348,6 +400,16 @@ class DistillationModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._eval_step(batch, "test")
+
+    def _log_eval_diagnostics(self, stage: str) -> None:
+        self.log_dict({f"{stage}/{k}": v for k, v in self.val_diag.compute().items()})
+        self.val_diag.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_diagnostics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_diagnostics("test")
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -28,6 +28,8 @@ __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Che
            "read_metrics", "resolve_metrics"]
 
 Series = list[tuple[int, float]]  # (step, value) in logging order
+# Metrics that are NaN by definition on some steps (no repeated token, nothing to divide by): not a fault.
+UNDEFINED_OK = ("diag/repeat_advantage_ratio",)
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "topk_overlap": 0.7,  # end-of-run floor; Li et al. 2026: successful runs rise from ~0.72 to >0.91
@@ -186,7 +188,7 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
             gain, limit = last - first, thresholds["eval_gain"]
             out.append(Check("eval_gain", gain > limit, f"`{key}` {first:.4g} (step {s0}) -> {last:.4g} (step {s1}), "
                                                         f"gain {gain:+.4g} (must be > {limit:g})"))
-    bad = {n: sum(not math.isfinite(v) for _, v in s) for n, s in metrics.items()}
+    bad = {n: sum(not math.isfinite(v) for _, v in s) for n, s in metrics.items() if not n.endswith(UNDEFINED_OK)}
     bad = {n: c for n, c in bad.items() if c}
     out.append(Check("nan", not bad, ", ".join(f"`{n}` has {c} NaN/inf" for n, c in bad.items()) or "all finite"))
     return out

@@ -62,6 +62,10 @@ def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path
     rows = list(csv.DictReader(metrics.open()))
     assert len([r for r in rows if r.get("train/loss")]) == 2
     assert all(float(r["train/loss/cross_entropy@gold"]) > 0 for r in rows if r.get("train/loss"))
+    diagnostics = {"diag/topk_overlap", "diag/logratio_mean", "diag/logratio_pos_frac", "diag/entropy_student",
+                   "diag/entropy_teacher", "diag/completion_len", "diag/truncation_rate", "diag/repetition_rate",
+                   "diag/repeat_advantage_ratio", "diag/align_coverage", "diag/grad_coherence"}
+    assert diagnostics <= {k for r in rows for k, v in r.items() if v}
     saved = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text())
     if "class_path" in loss:
         assert saved["model"]["loss"]["class_path"] == "opd_lightning.losses.GeneralizedJSD"

@@ -52,3 +52,24 @@ def test_sft_on_gold_lowers_the_gold_loss(teacher_dir, tmp_path):
     with_sft = _train(make_module(teacher_dir, optimizer=fast, extra_terms=[sft]), 4, tmp_path / "sft")
     probe = LossTerm("cross_entropy", completions="gold")
     assert _objective_value(with_sft, probe, teacher_dir) < _objective_value(free, probe, teacher_dir)
+
+
+def test_rollout_guard_warns_and_stops_on_truncation(teacher_dir, tmp_path):
+    import pytest
+
+    from opd_lightning.guards import RolloutGuard
+
+    def run(guard):
+        module = make_module(teacher_dir, sampling=SamplingConfig(max_new_tokens=1))  # nearly every row truncated
+        data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
+        trainer = Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          callbacks=[guard])
+        trainer.fit(module, datamodule=data)
+        return trainer
+
+    with pytest.warns(UserWarning, match="diag/truncation_rate"):
+        stopped = run(RolloutGuard(max_truncation_rate=0.2, patience=2, stop=True))
+    assert stopped.global_step == 2
+    relaxed = RolloutGuard(max_truncation_rate=1.0, max_repetition_rate=1.0)
+    assert run(relaxed).global_step == 6 and relaxed.tripped == []

@@ -1,0 +1,261 @@
+"""Training diagnostics: the numbers that tell a healthy distillation run from a degenerating one.
+
+The loss alone hides how on-policy distillation fails: student and teacher drifting apart, distributions
+collapsing, rollouts degenerating into repetition or running into the length limit, a poor cross-tokenizer
+alignment, gradients that cancel out. `Diagnostics` tracks one number for each (formulas in its docstring).
+
+Choices: every metric is kept as sums and counts in one float64 vector, a torchmetrics state reduced by sum, so
+values sync across data-parallel ranks in one collective and ratios are formed once at `compute()`; the state is
+non-persistent (never in a checkpoint). Token statistics read only the valid positions, in chunks of positions,
+in fp32 under no_grad: masked positions are inert (even holding inf or NaN) and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+__all__ = ["Diagnostics", "output_layer_grad_coherence", "repeated_token_mask"]
+
+# The sums and counts accumulated; each metric is a ratio of two of them, name: (numerator, denominator).
+_SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
+          "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
+          "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled")
+_INDEX = {name: i for i, name in enumerate(_SLOTS)}
+_MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
+          "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
+          "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
+          "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
+          "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n")}
+_CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
+
+
+def repeated_token_mask(completion_ids: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Tokens whose n-gram (the n tokens ending at them) already occurred earlier in the same completion.
+
+    An n-gram counts only if all of its n positions are valid, so padding and masked tokens never repeat nor are
+    repeated; rows with fewer than n valid consecutive tokens have no repeats. Exact comparison (no hashing):
+    memory is `B * N**2` booleans, fine for completions of a few hundred tokens.
+
+    Args:
+        completion_ids: `[B, N]` token ids.
+        mask: `[B, N]` valid completion positions.
+        n: n-gram length (1: a token repeats any earlier token).
+
+    Returns:
+        `[B, N]` bool, true on repeated tokens.
+    """
+    batch, length = completion_ids.shape
+    out = torch.zeros(batch, length, dtype=torch.bool, device=completion_ids.device)
+    if length < n:
+        return out
+    ids, valid = completion_ids.unfold(1, n, 1), mask.bool().unfold(1, n, 1)  # [B, M, n], M = N - n + 1
+    ends = valid.all(-1)  # [B, M] n-grams fully inside the valid tokens
+    same = ends[:, :, None] & ends[:, None, :]  # [B, M, M]
+    for k in range(n):
+        same &= ids[:, :, None, k] == ids[:, None, :, k]
+    earlier = torch.ones(length - n + 1, length - n + 1, dtype=torch.bool, device=out.device).tril(-1)  # j < i
+    out[:, n - 1 :] = (same & earlier).any(-1)
+    return out
+
+
+def output_layer_grad_coherence(dlogits: Tensor, hidden: Tensor) -> Tensor:
+    """Coherence `||sum_t g_t|| / sum_t ||g_t||` of the per-position gradients on the output layer's weight.
+
+    With `logits = h W^T`, position t contributes `g_t = delta_t h_t^T` (Frobenius norms), so the numerator is
+    `||D^T H||_F` and the denominator `sum_t ||delta_t|| ||h_t||`: exact, with no per-position backward. The
+    numerator takes the cheaper of two exact forms: the Gram form `sum((D D^T) * (H H^T))`, `n^2 (V + H)` flops,
+    when `n < V H / (V + H)` (few positions), else `D^T H` in chunks of the vocabulary, `n V H` flops and bounded
+    memory. 1 when all positions push the same way, about `1/sqrt(n)` for random directions; NaN (0/0) when every
+    g_t is zero.
+
+    Args:
+        dlogits: `[n, V]` gradient of the loss with respect to the logits at each valid position.
+        hidden: `[n, H]` input of the output layer at the same positions.
+
+    Returns:
+        Scalar fp32 tensor in [0, 1].
+    """
+    d, h = dlogits.detach().float(), hidden.detach().float()  # [n, V], [n, H]
+    (n, v), width = d.shape, h.shape[1]
+    if n * (v + width) < v * width:
+        squared = ((d @ d.T) * (h @ h.T)).sum()  # [n, n] Gram matrices
+    else:
+        step = max(1, _CHUNK_ELEMENTS // width)
+        squared = sum((part.T @ h).square().sum() for part in d.split(step, dim=1))  # [v_chunk, H] blocks
+    return squared.clamp_min(0).sqrt() / (d.norm(dim=-1) * h.norm(dim=-1)).sum()
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    # Clamping -inf makes 0 log 0 = 0 while NaN stays NaN; a batched dot is ~3x faster on CPU than `where`+`sum`.
+    return -torch.einsum("cv,cv->c", logp.exp(), logp.clamp_min(torch.finfo(logp.dtype).min))  # [c]
+
+
+def _distribution_stats(student: Tensor, teacher: Tensor | None, rows: Tensor, cols: Tensor,
+                        k: int) -> dict[str, Tensor]:
+    """Entropies and top-k overlap `[n]` at positions `(rows, cols)`, chunked over positions."""
+    parts: dict[str, list[Tensor]] = {}
+    size = max(1, _CHUNK_ELEMENTS // student.shape[-1])
+    for start in range(0, rows.numel(), size):
+        r, c = rows[start : start + size], cols[start : start + size]
+        ls = torch.log_softmax(student[r, c].float(), -1)  # [c, V]
+        stats = {"entropy_student": _entropy(ls)}
+        if teacher is not None:
+            lt = torch.log_softmax(teacher[r, c].float(), -1)  # [c, V]
+            ks, kt = ls.topk(k, -1).indices, lt.topk(k, -1).indices  # [c, k]
+            shared = (ks[:, :, None] == kt[:, None, :]).any(-1)  # [c, k] student top-k ids also in teacher's
+            mass = ls.gather(-1, ks).exp() + lt.gather(-1, ks).exp()  # [c, k]
+            stats |= {"entropy_teacher": _entropy(lt), "topk_overlap": 0.5 * (mass * shared).sum(-1)}
+        for key, value in stats.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _token_logprob(logits: Tensor, ids: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """log p(ids) `[n]` at positions `(rows, cols)`: one logsumexp pass, no `[n, V]` log-softmax kept."""
+    size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    out = []
+    for start in range(0, rows.numel(), size):
+        r, c = rows[start : start + size], cols[start : start + size]
+        chunk = logits[r, c].float()  # [c, V]
+        out.append(chunk.gather(-1, ids[r, c, None]).squeeze(-1) - chunk.logsumexp(-1))
+    return torch.cat(out) if out else logits.new_zeros(0)
+
+
+def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:
+    """Indices of at most `limit` evenly spaced items out of `count` (all of them when `limit` is None)."""
+    if limit is None or count <= limit:
+        return torch.arange(count, device=device)
+    return torch.linspace(0, count - 1, limit, device=device).round().long()
+
+
+class _Totals(Metric):
+    """A float64 vector of sums and counts, summed across ranks."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.add_state("totals", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum",
+                       persistent=False)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = "") -> nn.Module:
+        # Move with the parent, but stay float64: `.to(dtype)` (Lightning's "bf16-true") would round the counts.
+        return super()._apply(lambda t: fn(t).to(torch.float64) if t.is_floating_point() else fn(t), exclude_state)
+
+    def update(self, delta: Tensor) -> None:
+        self.totals = self.totals + delta.to(self.totals)
+
+    def compute(self) -> Tensor:
+        return self.totals
+
+
+class Diagnostics(nn.Module):
+    """Accumulators for the `diag/*` metrics, each a mean over valid completion positions unless stated.
+
+    - `topk_overlap`: `(p_S(K) + p_T(K)) / 2` with `K = K_S & K_T`, each model's top-k ids: the mass both put on
+      tokens in both sets (Li et al. 2026: 97-99% and rising in healthy runs).
+    - `logratio_mean`, `logratio_pos_frac`: `a_t = log p_T(y_t) - log p_S(y_t)` at temperature 1; share `a_t > 0`.
+    - `entropy_student`, `entropy_teacher`: entropy in nats.
+    - `completion_len`: valid tokens per row; `truncation_rate`: share of rows stopped by the length limit.
+    - `repetition_rate`: share of valid tokens whose n-gram occurred earlier in the row (`repeated_token_mask`).
+    - `repeat_advantage_ratio`: mean `a_t` on repeated tokens over mean `a_t` on the others (Luo et al. 2026:
+      4-9x), from the sums of the whole accumulation; NaN when either group is empty or the second mean is 0.
+    - `align_coverage`, `grad_coherence`: means of the values given (see `output_layer_grad_coherence`).
+
+    `compute()` syncs across ranks, so every rank must call it (log its values without `sync_dist`); it returns
+    only the metrics whose count is positive since the last `reset()`.
+    """
+
+    def __init__(self, topk: int = 8, ngram: int = 3, max_positions: int | None = None) -> None:
+        """
+        Args:
+            topk: size of each model's top-k set for `diag/topk_overlap` (clipped to the vocabulary).
+            ngram: n-gram length for `diag/repetition_rate` and `diag/repeat_advantage_ratio`.
+            max_positions: compute the full-distribution statistics (entropies, top-k overlap) on at most this
+                many evenly spaced valid positions per update, to bound their cost at large vocabularies; the
+                log-ratio, repetition and advantage statistics always use every valid position. None: all.
+        """
+        super().__init__()
+        if topk < 1 or ngram < 1:
+            raise ValueError(f"topk and ngram must be at least 1, got topk={topk}, ngram={ngram}")
+        self.topk, self.ngram, self.max_positions = topk, ngram, max_positions
+        self._totals = _Totals(len(_SLOTS))
+
+    def _add(self, **values: Tensor | float) -> None:
+        device = self._totals.totals.device
+        delta = torch.zeros(len(_SLOTS), dtype=torch.float64, device=device)
+        delta[[_INDEX[k] for k in values]] = torch.stack(
+            [torch.as_tensor(v, device=device).detach().to(torch.float64).reshape(()) for v in values.values()])
+        self._totals.update(delta)
+
+    @torch.no_grad()
+    def update_tokens(self, student_logits: Tensor, teacher_logits: Tensor | None, completion_ids: Tensor,
+                      mask: Tensor) -> None:
+        """Token statistics of one (micro-)batch; without teacher logits only the student-side metrics.
+
+        Args:
+            student_logits: `[B, N, V]` student logits predicting the completion tokens.
+            teacher_logits: `[B, N, V]` teacher logits in the student's vocabulary, or None.
+            completion_ids: `[B, N]` the completion tokens.
+            mask: `[B, N]` valid completion positions.
+        """
+        if completion_ids.shape != mask.shape or student_logits.shape[:2] != mask.shape:
+            raise ValueError(f"shapes disagree: logits {tuple(student_logits.shape)}, ids {tuple(completion_ids.shape)}"
+                             f", mask {tuple(mask.shape)}")
+        if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} differ from the student's "
+                             f"{tuple(student_logits.shape)}: project them to the student's vocabulary first")
+        mask = mask.bool()
+        rows, cols = mask.nonzero(as_tuple=True)  # [n]
+        student, teacher = student_logits.detach(), None if teacher_logits is None else teacher_logits.detach()
+        pick = _spread(rows.numel(), self.max_positions, rows.device)
+        stats = _distribution_stats(student, teacher, rows[pick], cols[pick], min(self.topk, student.shape[-1]))
+        repeated = repeated_token_mask(completion_ids, mask, self.ngram)[rows, cols]  # [n]
+        values = {"tokens": rows.numel(), "repeated": repeated.sum()}
+        if rows.numel():
+            values |= {"sampled": pick.numel(), "entropy_student": stats["entropy_student"].sum()}
+        if teacher is not None and rows.numel():
+            a = _token_logprob(teacher, completion_ids, rows, cols) - _token_logprob(student, completion_ids, rows, cols)
+            values |= {"teacher_tokens": rows.numel(), "teacher_sampled": pick.numel(),
+                       "entropy_teacher": stats["entropy_teacher"].sum(), "topk_overlap": stats["topk_overlap"].sum(),
+                       "logratio": a.sum(), "logratio_pos": (a > 0).sum(), "adv_repeated": (a * repeated).sum(),
+                       "adv_repeated_n": repeated.sum()}
+        self._add(**values)
+
+    @torch.no_grad()
+    def update_rollout(self, completion_mask: Tensor, truncated: Tensor) -> None:
+        """Length and truncation of a rollout: `completion_mask [B, N]`, `truncated [B]` bool."""
+        self._add(rows=truncated.numel(), completion_len=completion_mask.bool().sum(), truncated=truncated.bool().sum())
+
+    def update_coverage(self, value: float | Tensor) -> None:
+        """One alignment coverage value (share of completion tokens with an exact teacher target)."""
+        self._add(coverage=value, coverage_n=1)
+
+    def update_grad_coherence(self, value: float | Tensor) -> None:
+        """One gradient coherence value, e.g. from `output_layer_grad_coherence`."""
+        self._add(grad_coherence=value, grad_coherence_n=1)
+
+    def compute(self) -> dict[str, Tensor]:
+        """The `diag/*` metrics with data since the last reset, as fp32 scalars, synced across ranks."""
+        if not self._totals.update_called:
+            self._totals.update(torch.zeros(len(_SLOTS)))  # a no-op that keeps every rank in the sync, unwarned
+        totals = self._totals.compute()  # [S] on the module's device
+        t, host = dict(zip(_SLOTS, totals, strict=True)), dict(zip(_SLOTS, totals.tolist(), strict=True))
+        out = {f"diag/{name}": t[num] / t[den] for name, (num, den) in _MEANS.items() if host[den] > 0}
+        if host["teacher_tokens"] > 0:
+            n, n_rep = t["teacher_tokens"], t["adv_repeated_n"]
+            ratio = torch.full_like(n, torch.nan)
+            if 0 < host["adv_repeated_n"] < host["teacher_tokens"]:
+                other = (t["logratio"] - t["adv_repeated"]) / (n - n_rep)
+                ratio = torch.where(other != 0, t["adv_repeated"] / n_rep / other, ratio)
+            out["diag/repeat_advantage_ratio"] = ratio
+        return {key: value.float() for key, value in out.items()}
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._totals.reset()
