@@ -64,7 +64,7 @@ _KEY_METRICS = re.compile(r"(train|val)/loss|((train|val)/)?diag/.*|train/rollou
 
 @dataclass
 class Check:
-    """One health verdict: `ok` is None when the metric was not logged."""
+    """One health verdict: `ok` is None when the metric was not logged or is undefined at the end."""
 
     name: str
     ok: bool | None
@@ -167,6 +167,10 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
             out.append(Check(name, None, f"not logged ({', '.join(candidates)})"))
             continue
         metric, series = found
+        tail = series[-max(1, math.ceil(len(series) * 0.1)):]
+        if not any(math.isfinite(v) for _, v in tail):  # e.g. no repeated token late in the run: nothing to judge
+            out.append(Check(name, None, f"`{metric}` is undefined (NaN) over the last 10% of its points"))
+            continue
         end, finite = _window(series, last=True), [v for _, v in series if math.isfinite(v)]
         ok = end >= limit if bound == "min" else end <= limit
         worst = min(finite) if bound == "min" else max(finite)

@@ -177,3 +177,11 @@ def test_opd_report_subcommand_dispatches_before_lightning_cli(tmp_path, capsys)
     assert cli.main(["report", str(tmp_path)]) is None
     assert "opd report: wrote 2 files" in capsys.readouterr().out
     assert_valid_png(tmp_path / "logs" / "version_0" / "report" / "loss.png")
+
+
+def test_a_metric_undefined_at_the_end_is_not_judged(tmp_path):
+    from opd_lightning.report import health
+
+    series = [(step, 5.0 if step < 5 else math.nan) for step in range(50)]
+    check = {c.name: c for c in health({"diag/repeat_advantage_ratio": series}, {}, report.DEFAULT_THRESHOLDS)}
+    assert check["repeat_advantage_ratio"].ok is None
