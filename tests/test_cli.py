@@ -87,14 +87,19 @@ def test_trainer_accumulation_and_clipping_point_to_the_model_options(flag, fix,
         main(["fit", "--config", str(DISTILL), flag, "--trainer.default_root_dir", str(tmp_path)])
 
 
-def test_readme_yaml_example_parses(tmp_path, capsys):
+def test_readme_yaml_examples_parse(tmp_path, capsys):
     import re
 
-    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL).group(1)
-    path = tmp_path / "readme.yaml"
-    path.write_text(block)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(DISTILL), "--config", str(path), "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert printed["loss"]["init_args"]["credit"] == "discounted"
-    assert [t["init_args"]["weight"] if "init_args" in t else t["weight"] for t in printed["extra_terms"]] == [0.5, 0.1]
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    printed = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"readme_{i}.yaml"
+        path.write_text(block)
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(DISTILL), "--config", str(path), "--print_config"])
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    model = printed[0]["model"]
+    assert model["loss"]["init_args"]["credit"] == "discounted"
+    assert [t["init_args"]["weight"] if "init_args" in t else t["weight"] for t in model["extra_terms"]] == [0.5, 0.1]
+    guard = printed[1]["trainer"]["callbacks"][0]
+    assert guard["class_path"] == "opd_lightning.guards.RolloutGuard" and guard["init_args"]["stop"] is True
