@@ -130,6 +130,7 @@ class DistillationModule(LightningModule):
             self._frozen["initial_student"] = freeze(copy.deepcopy(base))
         self.student = apply_lora(base, lora) if lora is not None else base
         self.lora = lora
+        self._sharded = False
 
         self.aligner = resolve_aligner(aligner)
         self.teacher_tokenizer = None
@@ -157,6 +158,24 @@ class DistillationModule(LightningModule):
             if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
                 continue  # bitsandbytes weights stay where they were loaded
             model.to(self.device)
+
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy`, shard the student with FSDP2: each decoder layer, then the whole model.
+
+        The frozen teacher and reference stay whole on every rank. Generation then needs `synced_gpus`, which
+        `_generate` sets for sharded strategies.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in [m for m in self.student.modules() if type(m).__name__.endswith("DecoderLayer")]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.student, mesh=mesh)
+        self._sharded = True
 
     def on_fit_start(self) -> None:
         self._place_frozen()

@@ -1,6 +1,7 @@
 """One optimizer step on 4 rows of unequal completion length, single-process or DDP over 2 CPU processes (gloo).
 
-Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES`. Writes the student's
+Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY` (STRATEGY:
+auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy). Writes the student's
 weights after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
 """
 
@@ -23,7 +24,7 @@ ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion"
         {"prompt": "99-9=", "completion": "90"}, {"prompt": "5+5=", "completion": "10 then some"}]
 
 
-def main(teacher_dir: str, out: str, devices: int) -> None:
+def main(teacher_dir: str, out: str, devices: int, strategy: str) -> None:
     seed_everything(0)
     data_file = Path(out).with_suffix(".jsonl")
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -32,12 +33,21 @@ def main(teacher_dir: str, out: str, devices: int) -> None:
                                 sampling=SamplingConfig(max_new_tokens=20),
                                 optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
     data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
-    trainer = Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    trainer = Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy=strategy,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
+    if devices > 1 and not isinstance(strategy, str):  # FSDP2: the student's weights really are sharded
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(p, DTensor) for p in module.student.parameters())
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.student.state_dict().items()}
     if trainer.is_global_zero:
-        torch.save(module.student.state_dict(), out)
+        torch.save(state, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -4,15 +4,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
-def test_ddp_step_equals_single_process_step(teacher_dir, tmp_path):
-    for devices in (1, 2):
-        subprocess.run([sys.executable, str(WORKER), teacher_dir, str(tmp_path / f"w{devices}.pt"), str(devices)],
-                       check=True, capture_output=True, timeout=300, cwd=tmp_path)
-    single, ddp = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_data_parallel_step_equals_single_process_step(teacher_dir, tmp_path, strategy):
+    for devices, name in ((1, "auto"), (2, strategy)):
+        done = subprocess.run([sys.executable, str(WORKER), teacher_dir, str(tmp_path / f"{name}.pt"), str(devices),
+                               name], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = torch.load(tmp_path / "auto.pt"), torch.load(tmp_path / f"{strategy}.pt")
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
