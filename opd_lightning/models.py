@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["HFModel", "LoraOptions", "apply_lora", "freeze"]
+__all__ = ["HFModel", "LoraOptions", "apply_lora", "freeze", "keep_decoder_layers"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["8bit", "nf4", "fp4"]
@@ -34,6 +34,11 @@ class HFModel:
         quantization: bitsandbytes weight quantization for frozen models: 8bit, nf4 or fp4; None for none.
         gguf_file: name of a GGUF file inside `path` to load (dequantized to `dtype`).
         seed: seed for the initial weights of a `config` model (same seed, same weights).
+        keep_layers: with `path` only: keep just these decoder layers (strictly increasing indices into the
+            pretrained model's layers), e.g. `[0, 2, 4, ...]` for a half-depth student initialised from the
+            teacher. Embeddings, final norm and head are kept whole; `config.num_hidden_layers` (and a per-layer
+            `config.layer_types`) follow, and each kept layer's `layer_idx` is renumbered so that the KV cache
+            used in generation indexes the new layers. None keeps every layer.
         kwargs: extra keyword arguments for `from_pretrained` (e.g. `attn_implementation`).
     """
 
@@ -44,6 +49,7 @@ class HFModel:
     quantization: Quantization | None = None
     gguf_file: str | None = None
     seed: int = 0
+    keep_layers: list[int] | None = None
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +59,13 @@ class HFModel:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
         if self.quantization is not None and self.path is None:
             raise ValueError("quantization needs a pretrained `path`: save the model with save_pretrained first")
+        if self.keep_layers is not None:
+            if self.path is None:
+                raise ValueError("keep_layers selects layers of a pretrained model: it needs `path`, not `config`")
+            if not self.keep_layers or any(b <= a for a, b in zip(self.keep_layers, self.keep_layers[1:])) or \
+                    self.keep_layers[0] < 0:
+                raise ValueError(f"keep_layers must be a non-empty, strictly increasing list of layer indices, got "
+                                 f"{self.keep_layers}")
 
     def load_tokenizer(self):
         """The tokenizer, with a pad token (EOS when the tokenizer has none) and left padding for prompts."""
@@ -99,7 +112,33 @@ class HFModel:
         if self.quantization is not None:
             kwargs["quantization_config"] = _bnb_config(self.quantization, dtype)
             kwargs.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": 0})
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
+        return model if self.keep_layers is None else keep_decoder_layers(model, self.keep_layers)
+
+
+def keep_decoder_layers(model, keep: list[int]):
+    """Drop every decoder layer of `model` but those at indices `keep` (in place; the model is returned).
+
+    The config follows (`num_hidden_layers`, and `layer_types` where the config has that per-layer list), and
+    every `layer_idx` attribute inside a kept layer (its attention's, which addresses the KV cache) becomes the
+    layer's new index.
+    """
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"keep_layers: {type(model).__name__} has no `layers` list in its decoder")
+    if keep[-1] >= len(layers):
+        raise ValueError(f"keep_layers {keep} names a layer beyond the model's {len(layers)} layers")
+    kept = torch.nn.ModuleList(layers[i] for i in keep)
+    model.get_decoder().layers = kept
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list | tuple):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return model
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype):

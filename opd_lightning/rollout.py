@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "SamplingConfig", "completion_mask", "generate_rollout", "rollout_from_token_lists"]
+__all__ = ["Rollout", "SamplingConfig", "completion_mask", "encode_prompts", "generate_rollout", "rollout_from_texts",
+           "rollout_from_token_lists"]
 
 
 @dataclass
@@ -146,3 +147,41 @@ def rollout_from_token_lists(prompt_ids: Tensor, prompt_mask: Tensor, completion
     truncated = torch.tensor([len(c) > width for c in completions], device=prompt_ids.device)
     attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     return Rollout(torch.cat([prompt_ids, completion], 1), attention, mask, prompt_ids.shape[1], truncated, False)
+
+
+def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool, max_new_tokens: int,
+                   max_length: int | None) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and mask `[B, P]`; empty prompts and prompts that leave no room are refused.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with left padding.
+        prompts: prompt texts.
+        chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+        max_new_tokens: completion budget that must still fit after the longest prompt.
+        max_length: the model's context in tokens (None: unchecked).
+    """
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} of the batch is empty: remove empty prompts from the data")
+    if chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=not chat_template)
+    longest = int(enc["attention_mask"].sum(1).max())
+    if max_length is not None and longest + max_new_tokens > max_length:
+        raise ValueError(f"a prompt of {longest} tokens plus sampling.max_new_tokens={max_new_tokens} exceeds the "
+                         f"context of {max_length} tokens: shorten or drop long prompts, lower max_new_tokens, or "
+                         "raise model.max_length if the model supports it")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def rollout_from_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str], *,
+                       max_new_tokens: int) -> Rollout:
+    """Off-policy rollout from completion texts, each tokenized without special tokens and closed with EOS."""
+    for i, text in enumerate(texts):
+        if not text:
+            raise ValueError(f"completion {i} of the batch is empty: drop rows without a completion, or set "
+                             "on_policy_fraction: 1.0")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return rollout_from_token_lists(prompt_ids, prompt_mask, [t + [tokenizer.eos_token_id] for t in ids],
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
