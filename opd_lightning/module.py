@@ -133,6 +133,7 @@ class DistillationModule(LightningModule):
         if any(t.reference == "initial_student" for t in self.terms) and lora is None:
             self._frozen["initial_student"] = freeze(copy.deepcopy(base))
         self.student = apply_lora(base, lora) if lora is not None else base
+        self.student.train()  # from_pretrained returns eval mode, which would silently disable dropout
         self.lora = lora
         self._sharded = False
 
