@@ -63,10 +63,6 @@ class Aligner:
         return ", ".join(sorted(ALIGNERS))
 
 
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
 def fit_vocab(teacher_logits: Tensor, student_vocab_size: int) -> Tensor:
     """Resize the vocabulary axis of teacher logits to the student's padded size.
 

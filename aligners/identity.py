@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, _position_ids, fit_vocab
+from opd_lightning.rollout import position_ids
+
+from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
 
 __all__ = ["IdentityAligner"]
 
@@ -50,7 +52,7 @@ class IdentityAligner(Aligner):
         self.student_vocab_size, self.tokenizer_size = student_vocab_size, size
 
     def teacher_inputs(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> TeacherInputs:
-        return TeacherInputs(sequences, attention_mask, _position_ids(attention_mask),
+        return TeacherInputs(sequences, attention_mask, position_ids(attention_mask),
                              sequences.shape[1] - prompt_length)
 
     def project(self, teacher_logits: Tensor, completion_mask: Tensor) -> AlignedTarget:

@@ -358,6 +358,7 @@ class DistillationModule(LightningModule):
         micro = self.micro_batch_size or size
         scale = self.trainer.world_size if self._trainer else 1  # data-parallel averaging undone: sum / global count
         total, sums = torch.zeros((), device=self.device), defaultdict(float)
+        local_tokens = rollouts["rollout"].completion_mask.sum().clamp_min(1)
         for start in range(0, size, micro):
             part = {k: r.select(slice(start, start + micro)) for k, r in rollouts.items()}
             with torch.set_grad_enabled(train):
@@ -365,7 +366,7 @@ class DistillationModule(LightningModule):
             if train:
                 self.manual_backward(loss * scale)
             total = total + loss.detach()
-            share = part["rollout"].completion_mask.sum() / rollouts["rollout"].completion_mask.sum().clamp_min(1)
+            share = part["rollout"].completion_mask.sum() / local_tokens
             for key, value in metrics.items():
                 sums[key] += value * (1 if key.startswith("loss/") else share)
         rollout = rollouts["rollout"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "SamplingConfig", "completion_mask", "encode_prompts", "generate_rollout", "rollout_from_texts",
-           "rollout_from_token_lists"]
+__all__ = ["Rollout", "SamplingConfig", "completion_mask", "encode_prompts", "generate_rollout", "position_ids",
+           "rollout_from_texts", "rollout_from_token_lists"]
 
 
 @dataclass
@@ -48,6 +48,11 @@ class SamplingConfig:
             raise ValueError(f"sampling.max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as `generate` numbers them: `[B, T]`."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 @dataclass
 class Rollout:
     """Prompt plus completion tokens, in the student's vocabulary."""
@@ -65,7 +70,7 @@ class Rollout:
 
     @property
     def position_ids(self) -> Tensor:
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, P + N]
+        return position_ids(self.attention_mask)  # [B, P + N]
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
