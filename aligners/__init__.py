@@ -1,9 +1,48 @@
 """Aligners: how a teacher with the same or another tokenizer scores a student's rollout.
 
-`ALIGNERS` maps names to classes; build one by name with `ALIGNERS.build(name, **kwargs)`.
+`ALIGNERS` maps names to classes; build one by name with `ALIGNERS.build(name, **kwargs)`. Importing this package
+registers every aligner below.
 """
 
 from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
+from .bpe_subset import BpeSubsetAligner, bpe_subset_problem
+from .byte_spans import ByteSpanAligner
+from .bytes import TokenBytes, byte_level_alphabet, char_byte_offsets
+from .char_level import BYTE_CLASSES, CharLevelAligner, byte_class_ids, to_byte_logprobs
 from .identity import IdentityAligner
+from .mined import MinEdAligner, edit_distances, min_edit_pairs
+from .spans import SpanAlignment, TextView, align_ends, retokenise
+from .text import TextAligner, vocab_pairs
+from .trie import TokenTrie, prefixless_encoder
+from .vocab_map import VocabMapAligner
 
-__all__ = ["ALIGNERS", "AlignedTarget", "Aligner", "IdentityAligner", "TeacherInputs", "fit_vocab"]
+__all__ = [
+    "ALIGNERS",
+    "BYTE_CLASSES",
+    "AlignedTarget",
+    "Aligner",
+    "BpeSubsetAligner",
+    "ByteSpanAligner",
+    "CharLevelAligner",
+    "IdentityAligner",
+    "MinEdAligner",
+    "SpanAlignment",
+    "TeacherInputs",
+    "TextAligner",
+    "TextView",
+    "TokenBytes",
+    "TokenTrie",
+    "VocabMapAligner",
+    "align_ends",
+    "bpe_subset_problem",
+    "byte_class_ids",
+    "byte_level_alphabet",
+    "char_byte_offsets",
+    "edit_distances",
+    "fit_vocab",
+    "min_edit_pairs",
+    "prefixless_encoder",
+    "retokenise",
+    "to_byte_logprobs",
+    "vocab_pairs",
+]

@@ -2,19 +2,25 @@
 
 An aligner is configured in YAML, then bound once to the (student tokenizer, teacher tokenizer) pair with
 `bind`, which is where a pair it cannot serve is refused. Per batch it turns a student rollout into teacher
-inputs and projects the teacher's logits back to the student's completion positions, in the student's
-vocabulary. It also reports coverage: the share of student completion tokens that received an exact target.
-Aligners are pure tensor/tokenizer code: no Lightning, no losses.
+inputs and projects the teacher's logits back to the student's completion positions, in whatever form the loss
+asks for (a distribution in the student's vocabulary, the teacher's own logits at aligned positions, the teacher's
+likelihood of each student token). It also reports coverage: the share of student completion tokens that received
+an exact target. Aligners are pure tensor/tokenizer code: no Lightning, no losses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from opd_lightning.registry import Registry
+
+if TYPE_CHECKING:
+    from opd_lightning.rollout import Rollout
 
 __all__ = ["ALIGNERS", "AlignedTarget", "Aligner", "TeacherInputs"]
 
@@ -23,26 +29,43 @@ ALIGNERS: Registry = Registry("aligner")
 
 @dataclass
 class TeacherInputs:
-    """What the teacher's forward pass receives."""
+    """What the teacher's forward pass receives, and what the aligner needs again to project its outputs."""
 
     input_ids: Tensor  # [B, T_teacher]
     attention_mask: Tensor  # [B, T_teacher]
     position_ids: Tensor  # [B, T_teacher]
-    completion_length: int  # number of trailing positions whose predictions the aligner needs
+    completion_length: int  # M: number of trailing positions whose predictions the aligner needs
+    alignment: Any = None  # aligner-specific state for `project` (e.g. the byte-span alignment)
 
 
 @dataclass
 class AlignedTarget:
-    """Teacher outputs at the student's completion positions."""
+    """Teacher outputs at the student's completion positions `[B, N]`; each field is filled when asked for.
 
-    teacher_logits: Tensor  # [B, N, V_student]
+    Positions where `mask` is False have no exact target; losses leave them out (they still count in the step's
+    token normaliser, so an uncovered token contributes zero rather than re-weighting the others).
+    """
+
     coverage: float  # share of valid student completion tokens with an exact target
+    teacher_logits: Tensor | None = None  # [B, N, V] in the student's vocabulary (or the shared space below)
+    mask: Tensor | None = None  # [B, N] bool; None: every position has a target
+    teacher_token_logprobs: Tensor | None = None  # [B, N] log p_T of each student token (or span, see token_spans)
+    token_spans: Tensor | None = None  # [B, N] span id; the span's log-prob sits on its last token
+    teacher_native_logits: Tensor | None = None  # [B, N, V_teacher] teacher logits at the aligned position
+    vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
+    mass_coverage: float | None = None  # mean teacher probability mass the projection kept
+    student_projection: Callable[[Tensor], Tensor] | None = None  # maps student logits into `teacher_logits`' space
 
 
 class Aligner:
-    """Base class. Subclasses implement `bind`, `teacher_inputs` and `project`."""
+    """Base class. Subclasses implement `bind`, `teacher_inputs` and `project`, and list what they provide.
+
+    `provides` names the loss inputs (capabilities from `opd_lightning.losses`) the aligner can fill; the module
+    refuses a loss that requires anything else, naming the aligners that do provide it.
+    """
 
     registry_name = ""
+    provides: frozenset[str] = frozenset()
     #: True when the teacher reads the student's token ids unchanged (its completions can be reused as is).
     same_tokenizer = False
 
@@ -50,12 +73,13 @@ class Aligner:
         """Check that this aligner can serve the pair, and precompute what it needs; raise if it cannot."""
         raise NotImplementedError
 
-    def teacher_inputs(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> TeacherInputs:
-        """Teacher inputs for a student rollout (`sequences` `[B, P + N]`, completion from column `prompt_length`)."""
+    def teacher_inputs(self, rollout: Rollout) -> TeacherInputs:
+        """Teacher inputs for a student rollout (prompt ids, then `N` completion columns)."""
         raise NotImplementedError
 
-    def project(self, teacher_logits: Tensor, completion_mask: Tensor) -> AlignedTarget:
-        """Bring teacher logits for the completion (`[B, N, V_teacher]`) to the student's vocabulary."""
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        """Bring teacher logits for the completion (`[B, M, V_teacher]`) to the student's positions; fill `needs`."""
         raise NotImplementedError
 
     @staticmethod

@@ -6,9 +6,11 @@ differ: a silent mismatch would train the student towards the wrong tokens.
 
 from __future__ import annotations
 
+import torch
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
 from torch import Tensor
 
-from opd_lightning.rollout import position_ids
+from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
 
@@ -32,6 +34,8 @@ class IdentityAligner(Aligner):
     """Same tokenizer on both sides: teacher inputs are the student's ids; logits are taken as they are."""
 
     same_tokenizer = True
+    # Token log-probs are gathered by the loss from the dense logits, at the loss's own temperature.
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
 
     def __init__(self) -> None:
         self.student_vocab_size = 0
@@ -51,9 +55,13 @@ class IdentityAligner(Aligner):
                              "with model.resize_token_embeddings(len(tokenizer))")
         self.student_vocab_size, self.tokenizer_size = student_vocab_size, size
 
-    def teacher_inputs(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> TeacherInputs:
-        return TeacherInputs(sequences, attention_mask, position_ids(attention_mask),
-                             sequences.shape[1] - prompt_length)
+    def teacher_inputs(self, rollout: Rollout) -> TeacherInputs:
+        return TeacherInputs(rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                             rollout.completion_mask.shape[1])
 
-    def project(self, teacher_logits: Tensor, completion_mask: Tensor) -> AlignedTarget:
-        return AlignedTarget(fit_vocab(teacher_logits, self.student_vocab_size), coverage=1.0)
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        logits = fit_vocab(teacher_logits, self.student_vocab_size)  # [B, N, V]
+        ids = torch.arange(self.tokenizer_size, device=logits.device)
+        return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits,
+                             vocab_pairs=(ids, ids), mass_coverage=1.0)

@@ -37,24 +37,40 @@ def record(section: str, name: str = "quickstart") -> None:
     RESULTS.write_text(text)
 
 
+def _table(result: dict) -> str:
+    return "\n".join(f"| {k} | {result[k]:.3f} |" for k in ("teacher", "student_before", "student_after"))
+
+
 def main() -> None:
-    result = demo([])
+    results = demo([])
+    same, cross = results["distill"], results["distill_cross"]
     timings = json.loads(Path("runs/quickstart/timings.json").read_text())
-    rows = "\n".join(f"| {k} | {result[k]:.3f} |" for k in ("teacher", "student_before", "student_after"))
+    cross_s = json.loads(Path("runs/quickstart_cross/timings.json").read_text())["distill_stage_s"]
+    total = timings["teacher_stage_s"] + timings["distill_stage_s"] + cross_s
     record(f"""## Quickstart (`make demo`)
 
 Command: `.venv/bin/python -m benchmarks.quickstart` (runs what `make demo` runs). Date: {datetime.date.today()}.
 Machine: {machine()}, fp32.
 
-Task `{result['task']}`, metric `{result['metric']}` (lm-eval, 500 held-out problems, greedy):
+Task `{same['task']}`, metric `{same['metric']}` (lm-eval, 500 held-out problems, greedy).
+
+Same tokenizer (`configs/quickstart/distill.yaml`, `runs/quickstart/eval.json`):
 
 | model | score |
 |---|---|
-{rows}
+{_table(same)}
 
-Gain: {result['student_after'] - result['student_before']:+.3f}. Stage wall times: teacher training
-{timings['teacher_stage_s']:.0f} s, on-policy distillation (including the three lm-eval runs)
-{timings['distill_stage_s']:.0f} s, total {timings['teacher_stage_s'] + timings['distill_stage_s']:.0f} s.""")
+Across tokenizers (`configs/quickstart/distill_cross.yaml`, `runs/quickstart_cross/eval.json`): the character-level
+teacher into a student with a byte-level BPE tokenizer, aligner `byte_spans`:
+
+| model | score |
+|---|---|
+{_table(cross)}
+
+Gains: {same['student_after'] - same['student_before']:+.3f} (same tokenizer),
+{cross['student_after'] - cross['student_before']:+.3f} (across tokenizers). Stage wall times: teacher training
+{timings['teacher_stage_s']:.0f} s, same-tokenizer distillation (including the three lm-eval runs)
+{timings['distill_stage_s']:.0f} s, cross-tokenizer distillation {cross_s:.0f} s; total {total:.0f} s.""")
 
 
 if __name__ == "__main__":

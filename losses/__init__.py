@@ -5,9 +5,12 @@ registers every loss below.
 """
 
 from .base import (
+    HIDDEN_STATES,
     LOSSES,
     TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
     DenseDivergence,
     DistillationLoss,
     LossInputs,
@@ -20,6 +23,7 @@ from .base import (
 from .credit import CREDITS, assign_credit, discounted_returns
 from .cross_entropy import CrossEntropy, cross_entropy
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
+from .gold import GOLD, gold, gold_per_token
 from .kl import (
     ForwardKL,
     ReverseKL,
@@ -44,12 +48,18 @@ from .mixture import (
 )
 from .sampled_token import SampledToken, clipped_policy_loss, sampled_token, token_logprobs
 from .topk import TopKReverseKL, restrict_to_teacher_topk, topk_reverse_kl, topk_reverse_kl_per_token
+from .uld import ULD, sorted_l1_per_token, uld, uld_per_token
 
 __all__ = [
     "CREDITS",
+    "GOLD",
+    "HIDDEN_STATES",
     "LOSSES",
     "TEACHER_LOGITS",
+    "TEACHER_NATIVE_LOGITS",
     "TEACHER_TOKEN_LOGPROBS",
+    "ULD",
+    "VOCAB_PAIRS",
     "CrossEntropy",
     "DenseDivergence",
     "DistillationLoss",
@@ -76,6 +86,8 @@ __all__ = [
     "forward_kl_per_token",
     "generalized_jsd",
     "generalized_jsd_per_token",
+    "gold",
+    "gold_per_token",
     "normalise",
     "restrict_to_teacher_topk",
     "reverse_kl",
@@ -85,6 +97,7 @@ __all__ = [
     "skew_kl_per_token",
     "skew_reverse_kl",
     "skew_reverse_kl_per_token",
+    "sorted_l1_per_token",
     "teacher_entropy",
     "token_logprobs",
     "topk_forward_kl_per_token",
@@ -92,4 +105,6 @@ __all__ = [
     "topk_reverse_kl_per_token",
     "tvd",
     "tvd_per_token",
+    "uld",
+    "uld_per_token",
 ]

@@ -25,9 +25,12 @@ from torch.utils.checkpoint import checkpoint
 from opd_lightning.registry import Registry
 
 __all__ = [
+    "HIDDEN_STATES",
     "LOSSES",
     "TEACHER_LOGITS",
+    "TEACHER_NATIVE_LOGITS",
     "TEACHER_TOKEN_LOGPROBS",
+    "VOCAB_PAIRS",
     "DenseDivergence",
     "DistillationLoss",
     "LossInputs",
@@ -43,6 +46,9 @@ LOSSES: Registry = Registry("loss")
 # Capabilities a loss may require. The module fills the matching `LossInputs` field only when asked.
 TEACHER_LOGITS = "teacher_logits"  # dense teacher logits in the student's vocabulary, [B, N, V]
 TEACHER_TOKEN_LOGPROBS = "teacher_token_logprobs"  # teacher log-prob of each target token, [B, N]
+TEACHER_NATIVE_LOGITS = "teacher_native_logits"  # teacher logits in its own vocabulary, [B, N, V_teacher]
+VOCAB_PAIRS = "vocab_pairs"  # (student ids [K], teacher ids [K]): tokens with the same text in both vocabularies
+HIDDEN_STATES = "hidden_states"  # last hidden states of both models at the completion positions
 
 
 @dataclass
@@ -53,7 +59,12 @@ class LossInputs:
     target_ids: Tensor  # [B, N] the completion tokens (sampled by the student, or given)
     mask: Tensor  # [B, N] bool, True on valid completion tokens
     teacher_logits: Tensor | None = None  # [B, N, V] in the student's vocabulary
-    teacher_token_logprobs: Tensor | None = None  # [B, N] log p_T(target token)
+    teacher_token_logprobs: Tensor | None = None  # [B, N] log p_T(target token), or of its span (`token_spans`)
+    token_spans: Tensor | None = None  # [B, N] span id of each token when the teacher scores multi-token spans
+    teacher_native_logits: Tensor | None = None  # [B, N, V_teacher] at the teacher position aligned with each token
+    vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
+    student_hidden: Tensor | None = None  # [B, N, H_student] hidden state that predicts each completion token
+    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] the teacher's, at the aligned position
     old_logprobs: Tensor | None = None  # [B, N] student log-probs when the rollout was sampled
     num_items: Tensor | float | None = None  # normaliser for the optimizer step; None -> mask.sum()
 
@@ -95,7 +106,8 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError
 
 
-PerToken = Callable[[Tensor, Tensor], Tensor]  # (student log-probs [n, V], teacher log-probs [n, V]) -> [n]
+# (student log-probs [n, V_s], teacher log-probs [n, V_t], *per-row extras) -> [n], or [n, k] for k parts
+PerToken = Callable[..., Tensor]
 
 
 def check_teacher(values: Tensor, what: str = "teacher logits") -> None:
@@ -114,27 +126,29 @@ def check_teacher(values: Tensor, what: str = "teacher logits") -> None:
                          "(fp16 overflow, a broken low-bit checkpoint) and the aligner's projection.")
 
 
-def _chunk_sum(fn: PerToken, s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-    s_logp = torch.log_softmax(s_logits.float() / temperature, dim=-1)  # [n, V] fp32
-    t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)  # [n, V] fp32
-    return fn(s_logp, t_logp).sum()
+def _chunk_sum(fn: PerToken, temperature: float, s_logits: Tensor, t_logits: Tensor, *extras: Tensor) -> Tensor:
+    s_logp = torch.log_softmax(s_logits.float() / temperature, dim=-1)  # [n, V_s] fp32
+    t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)  # [n, V_t] fp32
+    return fn(s_logp, t_logp, *extras).sum(0)
 
 
-def dense_sum(per_token: PerToken, student_rows: Tensor, teacher_rows: Tensor, *, temperature: float = 1.0,
-              chunk_size: int | None = None) -> Tensor:
-    """Sum `per_token` over rows already selected as valid (`[n, V]` each): the chunked core of `dense_divergence`.
+def dense_sum(per_token: PerToken, student_rows: Tensor, teacher_rows: Tensor, *row_extras: Tensor,
+              temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """Sum `per_token` over rows already selected as valid: the chunked core of every dense loss.
 
-    Losses that apply a divergence to a subset of positions (e.g. entropy-gated ones) call this directly and
-    normalise themselves. Returns an fp32 scalar; with no rows it is an exact zero that still carries a graph.
+    `student_rows` `[n, V_s]` and `teacher_rows` `[n, V_t]` may differ in width (cross-tokenizer losses); equal
+    widths are checked by `dense_divergence`, not here. `row_extras` (e.g. target ids `[n]`) are split into the
+    same chunks and passed to `per_token` after the two log-prob rows. `per_token` returns `[n]`, or `[n, k]` for
+    k parts summed separately. Losses that apply a divergence to a subset of positions (e.g. entropy-gated ones)
+    call this directly and normalise themselves. Returns an fp32 scalar (or `[k]`); with no rows it is an exact
+    zero that still carries a graph.
     """
-    teacher_rows = teacher_rows.detach()
+    rows = (student_rows, teacher_rows.detach(), *row_extras)
     if chunk_size is None or student_rows.shape[0] <= chunk_size:
-        total = _chunk_sum(per_token, student_rows, teacher_rows, temperature)
+        total = _chunk_sum(per_token, temperature, *rows)
     else:
-        total = sum(
-            checkpoint(_chunk_sum, per_token, s_c, t_c, temperature, use_reentrant=False)
-            for s_c, t_c in zip(student_rows.split(chunk_size), teacher_rows.split(chunk_size), strict=True)
-        )
+        total = sum(checkpoint(_chunk_sum, per_token, temperature, *chunk, use_reentrant=False)
+                    for chunk in zip(*(r.split(chunk_size) for r in rows), strict=True))
     return total.float()
 
 

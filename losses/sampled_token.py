@@ -27,7 +27,8 @@ from .base import (
 from .credit import assign_credit, check_credit
 from .kl import reverse_kl_per_token
 
-__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "teacher_logprobs_at", "token_logprobs"]
+__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "span_log_ratio", "teacher_logprobs_at",
+           "token_logprobs"]
 
 Credit = Literal["immediate", "return_to_go", "discounted", "baseline"]
 
@@ -53,6 +54,24 @@ def teacher_logprobs_at(ids: Tensor, mask: Tensor, teacher_token_logprobs: Tenso
     if teacher_rows is None:
         raise ValueError("the sampled-token loss needs teacher_token_logprobs [B, N] or teacher_logits [B, N, V]")
     return token_logprobs(teacher_rows.detach(), ids, temperature)
+
+
+def span_log_ratio(logp: Tensor, teacher_span_logprobs: Tensor, spans: Tensor, mask: Tensor) -> Tensor:
+    """Per-token log-ratio `[n]` when the teacher scores spans of tokens rather than single tokens.
+
+    A span's log-ratio is log p_T(span text) − Σ log p_S(tokens of the span), shared evenly by its tokens, so the
+    sum over a completion is unchanged. `teacher_span_logprobs` `[B, N]` holds each span's teacher log-prob on one
+    of its tokens (zero on the others); `spans` `[B, N]` the span id of every valid token; `logp` `[n]` the
+    student's log-probs of the valid tokens (detached here).
+    """
+    rows = mask.nonzero(as_tuple=True)[0]  # [n]
+    width = int(spans.max().clamp_min(0)) + 1
+    gid = rows * width + spans[mask]  # [n] span id unique across the batch
+    size = mask.shape[0] * width
+    student = logp.new_zeros(size).index_add_(0, gid, logp.detach())
+    teacher = logp.new_zeros(size).index_add_(0, gid, teacher_span_logprobs[mask].detach().float())
+    count = logp.new_zeros(size).index_add_(0, gid, torch.ones_like(logp))
+    return ((teacher - student) / count.clamp_min(1))[gid]
 
 
 def clipped_policy_loss(logp: Tensor, advantages: Tensor, old_logp: Tensor | None,
@@ -86,7 +105,7 @@ def _step_reverse_kl(rows: Tensor, t_rows: Tensor | None, mask: Tensor, temperat
 
 def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
                   teacher_token_logprobs: Tensor | None = None, teacher_logits: Tensor | None = None,
-                  old_logprobs: Tensor | None = None, credit: Credit = "immediate", gamma: float = 0.99,
+                  token_spans: Tensor | None = None, old_logprobs: Tensor | None = None, credit: Credit = "immediate", gamma: float = 0.99,
                   clip_eps: float = 0.2, temperature: float = 1.0,
                   num_items: Tensor | float | None = None) -> LossOutput:
     """Clipped policy gradient with the teacher-student log-ratio as reward; see `SampledToken` for the maths.
@@ -97,6 +116,8 @@ def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
         mask: `[B, N]` True on valid completion tokens.
         teacher_token_logprobs: `[B, N]` log p_T(y_t); if None, gathered from `teacher_logits`.
         teacher_logits: `[B, N, V]`; needed for credit "baseline" or when token log-probs are absent.
+        token_spans: `[B, N]` span ids when `teacher_token_logprobs` scores spans of tokens (a cross-tokenizer
+            aligner's span log-likelihoods); each span's log-ratio is shared evenly by its tokens (`span_log_ratio`).
         old_logprobs: `[B, N]` log p_S(y_t) under the student that sampled the rollout; None = this student.
         credit, gamma: temporal credit scheme and its discount (`credit.assign_credit`).
         clip_eps: PPO clip range ε of the importance ratio.
@@ -107,6 +128,9 @@ def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
         `LossOutput` with metrics "advantage" (mean A_t), "log_ratio" (mean a_t) and "clip_frac".
     """
     check_credit(credit, gamma)
+    if token_spans is not None and credit == "baseline":
+        raise ValueError("credit 'baseline' needs an exact per-token teacher distribution, but the teacher scores spans "
+                         "here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
     mask = mask.bool()
     rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
     t_rows = None  # [n, V] valid dense teacher rows, selected only when read
@@ -114,7 +138,13 @@ def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
         t_rows = teacher_logits[mask].detach()
         check_teacher(t_rows)
     logp = token_logprobs(rows, ids, temperature)  # [n] carries the gradient
-    log_ratio = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, temperature) - logp.detach()
+    if token_spans is not None:
+        if teacher_token_logprobs is None:
+            raise ValueError("token_spans come with the spans' teacher log-probs in teacher_token_logprobs")
+        check_teacher(teacher_token_logprobs[mask].detach(), "teacher span log-probs")
+        log_ratio = span_log_ratio(logp, teacher_token_logprobs, token_spans, mask)
+    else:
+        log_ratio = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, temperature) - logp.detach()
     rkl = _step_reverse_kl(rows.detach(), t_rows, mask, temperature) if credit == "baseline" else None
     advantages = assign_credit(_scatter(log_ratio, mask), mask, credit, gamma=gamma, reverse_kl=rkl)[mask]  # [n]
     old = None if old_logprobs is None else old_logprobs[mask]
@@ -171,7 +201,7 @@ class SampledToken(DistillationLoss):
             inputs.require(TEACHER_LOGITS, self.registry_name)
         out = sampled_token(inputs.student_logits, inputs.target_ids, inputs.mask,
                             teacher_token_logprobs=inputs.teacher_token_logprobs, teacher_logits=inputs.teacher_logits,
-                            old_logprobs=inputs.old_logprobs, credit=self.credit, gamma=self.gamma,
+                            token_spans=inputs.token_spans, old_logprobs=inputs.old_logprobs, credit=self.credit, gamma=self.gamma,
                             clip_eps=self.clip_eps, temperature=self.temperature, num_items=inputs.num_items)
         out.metrics[self.registry_name] = out.loss.detach()
         return out

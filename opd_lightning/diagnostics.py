@@ -195,7 +195,7 @@ class Diagnostics(nn.Module):
 
     @torch.no_grad()
     def update_tokens(self, student_logits: Tensor, teacher_logits: Tensor | None, completion_ids: Tensor,
-                      mask: Tensor) -> None:
+                      mask: Tensor, teacher_mask: Tensor | None = None) -> None:
         """Token statistics of one (micro-)batch; without teacher logits only the student-side metrics.
 
         Args:
@@ -203,6 +203,8 @@ class Diagnostics(nn.Module):
             teacher_logits: `[B, N, V]` teacher logits in the student's vocabulary, or None.
             completion_ids: `[B, N]` the completion tokens.
             mask: `[B, N]` valid completion positions.
+            teacher_mask: `[B, N]` positions where `teacher_logits` hold a target (an aligner may leave some
+                without one); None: all of `mask`.
         """
         if completion_ids.shape != mask.shape or student_logits.shape[:2] != mask.shape:
             raise ValueError(f"shapes disagree: logits {tuple(student_logits.shape)}, ids {tuple(completion_ids.shape)}"
@@ -213,13 +215,20 @@ class Diagnostics(nn.Module):
         mask = mask.bool()
         rows, cols = mask.nonzero(as_tuple=True)  # [n]
         student, teacher = student_logits.detach(), None if teacher_logits is None else teacher_logits.detach()
+        k = min(self.topk, student.shape[-1])
+        repeated_all = repeated_token_mask(completion_ids, mask, self.ngram)  # [B, N]
+        values = {"tokens": rows.numel(), "repeated": repeated_all[rows, cols].sum()}
         pick = _spread(rows.numel(), self.max_positions, rows.device)
-        stats = _distribution_stats(student, teacher, rows[pick], cols[pick], min(self.topk, student.shape[-1]))
-        repeated = repeated_token_mask(completion_ids, mask, self.ngram)[rows, cols]  # [n]
-        values = {"tokens": rows.numel(), "repeated": repeated.sum()}
+        split = teacher is not None and teacher_mask is not None  # teacher-side statistics on their own positions
+        stats = _distribution_stats(student, None if split else teacher, rows[pick], cols[pick], k)
         if rows.numel():
             values |= {"sampled": pick.numel(), "entropy_student": stats["entropy_student"].sum()}
+        if split:
+            rows, cols = (mask & teacher_mask.bool()).nonzero(as_tuple=True)
+            pick = _spread(rows.numel(), self.max_positions, rows.device)
+            stats = _distribution_stats(student, teacher, rows[pick], cols[pick], k)
         if teacher is not None and rows.numel():
+            repeated = repeated_all[rows, cols]  # [n]
             a = _token_logprob(teacher, completion_ids, rows, cols) - _token_logprob(student, completion_ids, rows, cols)
             values |= {"teacher_tokens": rows.numel(), "teacher_sampled": pick.numel(),
                        "entropy_teacher": stats["entropy_teacher"].sum(), "topk_overlap": stats["topk_overlap"].sum(),

@@ -29,7 +29,7 @@ class HFModel:
             `{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}`; `vocab_size` defaults to the
             tokenizer's size.
         tokenizer: tokenizer id or directory; defaults to `path`. `builtin:char` is the embedded arithmetic
-            task's character tokenizer.
+            task's character tokenizer, `builtin:arithmetic_bpe` a byte-level BPE trained on the same task.
         dtype: weights' dtype: float32, bfloat16 or float16.
         quantization: bitsandbytes weight quantization for frozen models: 8bit, nf4 or fp4; None for none.
         gguf_file: name of a GGUF file inside `path` to load (dequantized to `dtype`).
@@ -72,10 +72,10 @@ class HFModel:
         name = self.tokenizer or self.path
         if name is None:
             raise ValueError("a model built from `config` needs `tokenizer` (an id, a directory or builtin:char)")
-        if name == "builtin:char":
-            from opd_lightning.tasks.arithmetic import char_tokenizer
+        if name in ("builtin:char", "builtin:arithmetic_bpe"):
+            from opd_lightning.tasks.arithmetic import bpe_tokenizer, char_tokenizer
 
-            tok = char_tokenizer()
+            tok = char_tokenizer() if name == "builtin:char" else bpe_tokenizer()
         else:
             from transformers import AutoTokenizer
 

@@ -27,11 +27,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from opd_lightning.aligners import Aligner
+from opd_lightning.aligners import AlignedTarget, Aligner
 from opd_lightning.diagnostics import Diagnostics, output_layer_grad_coherence
 from opd_lightning.losses import DistillationLoss, LossInputs
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
-from opd_lightning.objective import LossTerm, resolve_aligner
+from opd_lightning.objective import LossTerm, check_pairing, fill_inputs, resolve_aligner
 from opd_lightning.rollout import Rollout, SamplingConfig, encode_prompts, generate_rollout, rollout_from_texts
 
 __all__ = ["DistillationModule"]
@@ -148,6 +148,7 @@ class DistillationModule(LightningModule):
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
             self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, self._vocab_size(self.student),
                               self._vocab_size(self._frozen["teacher"]))
+        self._needs = check_pairing(self.terms, self.aligner)  # (reference, completions) -> inputs to compute
 
     # ----------------------------------------------------------------------------------------------- models
     @property
@@ -194,21 +195,24 @@ class DistillationModule(LightningModule):
     def on_test_start(self) -> None:
         self._place_frozen()
 
-    def _reference_logits(self, reference: str, rollout: Rollout) -> Tensor:
-        """Reference logits at the completion positions, in the student's vocabulary: `[B, N, V]`."""
+    def _reference_target(self, reference: str, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
+        """The reference's outputs at the completion positions, in the form the loss `needs`."""
         with torch.no_grad():
             if reference == "teacher":
-                inputs = self.aligner.teacher_inputs(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+                inputs = self.aligner.teacher_inputs(rollout)
                 logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
                                             inputs.position_ids, inputs.completion_length)
-                target = self.aligner.project(logits, rollout.completion_mask)
+                target = self.aligner.project(logits, inputs, rollout, needs)
                 self._diag.update_coverage(target.coverage)
-                return target.teacher_logits
+                return target
             args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
             if self.lora is not None:
                 with self.student.disable_adapter():
-                    return _completion_logits(self.student, *args)
-            return _completion_logits(self._frozen["initial_student"], *args)
+                    logits = _completion_logits(self.student, *args)
+            else:
+                logits = _completion_logits(self._frozen["initial_student"], *args)
+            ids = torch.arange(logits.shape[-1], device=logits.device)
+            return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits, vocab_pairs=(ids, ids))
 
     # --------------------------------------------------------------------------------------------- rollouts
     def _encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -250,11 +254,13 @@ class DistillationModule(LightningModule):
             return rollout
         t_tok = self.teacher_tokenizer
         enc = t_tok(prompts, padding=True, return_tensors="pt").to(self.device)
-        out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
-                               eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id)
+        with self._seeded():
+            out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
+                                   eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id)
         texts = t_tok.batch_decode(out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id),
                                    skip_special_tokens=True)
-        return self._text_rollout(prompt_ids, prompt_mask, texts)
+        return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
+                                  max_new_tokens=self.sampling.max_new_tokens, finished=(~out.truncated).tolist())
 
     def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
         prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
@@ -285,7 +291,7 @@ class DistillationModule(LightningModule):
     def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor],
                    measure: bool = False) -> tuple[Tensor, dict]:
         """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count."""
-        student_logits, reference_logits = {}, {}
+        student_logits, targets = {}, {}
         total, metrics = torch.zeros((), device=self.device), {}
         hidden: list[Tensor] = []  # input of the output layer on the rollout, when gradient coherence is measured
         for term in self.terms:
@@ -299,16 +305,14 @@ class DistillationModule(LightningModule):
                                 num_items=counts[term.completions])
             if term.needs_reference:
                 key = (term.reference, term.completions)
-                if key not in reference_logits:
-                    reference_logits[key] = self._reference_logits(term.reference, rollout)
-                # Dense logits in the student's vocabulary: losses that read token log-probs gather them at their
-                # own temperature.
-                inputs.teacher_logits = reference_logits[key]
+                if key not in targets:
+                    targets[key] = self._reference_target(term.reference, rollout, self._needs[key])
+                fill_inputs(inputs, targets[key])
             out = term.loss(inputs)
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
             metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items() if k != term.loss.registry_name})
-        self._diagnose(rollouts["rollout"], student_logits["rollout"], reference_logits.get(("teacher", "rollout")),
+        self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, hidden[0] if hidden else None)
         return total, metrics
 
@@ -325,13 +329,15 @@ class DistillationModule(LightningModule):
         finally:
             handle.remove()
 
-    def _diagnose(self, rollout: Rollout, student_logits: Tensor, teacher_logits: Tensor | None, total: Tensor,
+    def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: AlignedTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:
         """Feed the step's diagnostics: token statistics, and gradient coherence when `hidden` was captured."""
         if not self.diagnostics:
             return
         mask = rollout.completion_mask
-        self._diag.update_tokens(student_logits.detach(), teacher_logits, rollout.completion_ids, mask)
+        dense = target is not None and target.teacher_logits is not None and target.student_projection is None
+        self._diag.update_tokens(student_logits.detach(), target.teacher_logits if dense else None,
+                                 rollout.completion_ids, mask, target.mask if dense else None)
         if hidden is not None and total.requires_grad:
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
             self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[:, :-1][mask]))

@@ -11,10 +11,10 @@ from typing import Literal
 
 from torch import nn
 
-from opd_lightning.aligners import ALIGNERS, Aligner
-from opd_lightning.losses import LOSSES, DistillationLoss
+from opd_lightning.aligners import ALIGNERS, AlignedTarget, Aligner, IdentityAligner
+from opd_lightning.losses import LOSSES, DistillationLoss, LossInputs
 
-__all__ = ["LossTerm", "resolve_aligner", "resolve_loss"]
+__all__ = ["LossTerm", "check_pairing", "fill_inputs", "resolve_aligner", "resolve_loss"]
 
 Reference = Literal["teacher", "initial_student"]
 Completions = Literal["rollout", "gold"]
@@ -58,3 +58,40 @@ class LossTerm(nn.Module):
     @property
     def needs_reference(self) -> bool:
         return bool(self.loss.requires)
+
+
+def check_pairing(terms: list[LossTerm], aligner: Aligner) -> dict[tuple[str, str], frozenset[str]]:
+    """What each (reference, completions) pair must provide, checked against what can provide it.
+
+    The teacher's outputs come through `aligner`; the initial student shares the student's tokenizer, so its
+    outputs come as the identity aligner's would. Raises, naming the aligners that would serve, when a loss needs an
+    input its reference cannot give.
+    """
+    needs: dict[tuple[str, str], frozenset[str]] = {}
+    for term in terms:
+        if not term.needs_reference:
+            continue
+        key = (term.reference, term.completions)
+        needs[key] = needs.get(key, frozenset()) | term.loss.requires
+        provider = aligner if term.reference == "teacher" else IdentityAligner
+        missing = term.loss.requires - provider.provides
+        if missing:
+            serving = sorted(name for name, cls in ALIGNERS.items() if term.loss.requires <= cls.provides)
+            where = (f"aligner {aligner.registry_name!r}" if term.reference == "teacher"
+                     else "the initial student (same tokenizer)")
+            raise ValueError(f"loss {term.loss.registry_name!r} needs {sorted(missing)}, which {where} does not "
+                             f"provide. Aligners that provide everything it needs: {serving or 'none'}.")
+    return needs
+
+
+def fill_inputs(inputs: LossInputs, target: AlignedTarget) -> None:
+    """Copy an aligned target into a loss's inputs; positions without a target leave the loss mask."""
+    if target.student_projection is not None:
+        inputs.student_logits = target.student_projection(inputs.student_logits)
+    inputs.teacher_logits = target.teacher_logits
+    inputs.teacher_token_logprobs = target.teacher_token_logprobs
+    inputs.token_spans = target.token_spans
+    inputs.teacher_native_logits = target.teacher_native_logits
+    inputs.vocab_pairs = target.vocab_pairs
+    if target.mask is not None:
+        inputs.mask = inputs.mask & target.mask

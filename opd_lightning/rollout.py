@@ -181,12 +181,30 @@ def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool, max_ne
 
 
 def rollout_from_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str], *,
-                       max_new_tokens: int) -> Rollout:
-    """Off-policy rollout from completion texts, each tokenized without special tokens and closed with EOS."""
+                       max_new_tokens: int, finished: list[bool] | None = None) -> Rollout:
+    """Off-policy rollout from completion texts, each tokenized as the continuation of its prompt.
+
+    Texts are encoded without special tokens and without a SentencePiece dummy-prefix space (the text continues
+    the prompt, it does not start a document).
+
+    Args:
+        tokenizer: the student's fast tokenizer.
+        prompt_ids, prompt_mask: `[B, P]` the encoded prompts.
+        texts: one completion per row.
+        max_new_tokens: longer completions are cut and marked truncated.
+        finished: per row, whether the completion ended (closed with EOS; an empty text is then EOS alone) or was
+            cut by a length limit (no EOS). None: every text is a finished, non-empty completion (a dataset's).
+    """
+    from opd_lightning.aligners.trie import prefixless_encoder
+
     for i, text in enumerate(texts):
-        if not text:
+        if not text and finished is None:
             raise ValueError(f"completion {i} of the batch is empty: drop rows without a completion, or set "
                              "on_policy_fraction: 1.0")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return rollout_from_token_lists(prompt_ids, prompt_mask, [t + [tokenizer.eos_token_id] for t in ids],
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    ids = [e.ids for e in prefixless_encoder(tokenizer).encode_batch(texts, add_special_tokens=False)]
+    ends = [True] * len(texts) if finished is None else finished
+    completions = [t + [tokenizer.eos_token_id] if end else t for t, end in zip(ids, ends, strict=True)]
+    if any(not c for c in completions):
+        raise ValueError("a completion cut by the length limit is empty: raise sampling.max_new_tokens")
+    return rollout_from_token_lists(prompt_ids, prompt_mask, completions, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)

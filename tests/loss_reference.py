@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DENSE_REFERENCES", "make_batch", "probs", "ref_cross_entropy", "ref_dense", "ref_entropy_aware",
-           "ref_sampled_token"]
+__all__ = ["DENSE_REFERENCES", "make_batch", "make_cross_batch", "probs", "ref_cross_entropy", "ref_dense",
+           "ref_entropy_aware", "ref_gold", "ref_gold_parts", "ref_sampled_token", "ref_sorted_l1", "ref_uld"]
 
 
 def make_batch(b: int, n: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 2.0):
@@ -30,6 +30,19 @@ def make_batch(b: int, n: int, v: int, *, seed: int = 0, dtype: torch.dtype = to
     mask[:, 0] = True
     mask[0, -1] = False
     return student, teacher, target, mask
+
+
+def make_cross_batch(b: int, n: int, v_s: int, v_t: int, k: int, *, seed: int = 0, scale: float = 2.0):
+    """`make_batch` with a teacher of its own vocabulary size `v_t`, plus `k` random vocabulary pairs.
+
+    Returns student `[b, n, v_s]`, teacher native `[b, n, v_t]`, targets, mask and (student ids `[k]`, teacher ids
+    `[k]`): k distinct ids of each vocabulary paired in a random order.
+    """
+    student, _, target, mask = make_batch(b, n, v_s, seed=seed, scale=scale)
+    g = torch.Generator().manual_seed(seed + 1000)
+    teacher = scale * torch.randn(b, n, v_t, generator=g)
+    pairs = (torch.randperm(v_s, generator=g)[:k], torch.randperm(v_t, generator=g)[:k])
+    return student, teacher, target, mask, pairs
 
 
 def probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -138,3 +151,52 @@ def ref_entropy_aware(student: Tensor, teacher: Tensor, target: Tensor, mask: Te
             q_s, q_t = _topk_renorm(p_s, p_t, k)
             total = total + forward_weight * _kl(q_t, q_s)
     return total / _count(mask, None)
+
+
+def ref_sorted_l1(p: Tensor, q: Tensor, topk: int | None = None) -> Tensor:
+    """Σ_i |a_i − b_i| of the two vectors sorted in descending order, cut to `topk`, the shorter padded with zeros."""
+    a, b = torch.sort(p, descending=True).values[:topk], torch.sort(q, descending=True).values[:topk]
+    width = max(len(a), len(b))
+    a = torch.cat([a, a.new_zeros(width - len(a))])
+    b = torch.cat([b, b.new_zeros(width - len(b))])
+    return (a - b).abs().sum()
+
+
+def ref_uld(student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor, *, distill_weight: float = 1.5,
+            ce_weight: float = 1.0, temperature: float = 1.0, topk: int | None = None, num_items=None) -> Tensor:
+    """λ·sorted-L1 − μ·log p_S(target) summed over valid positions, divided by the count; float64."""
+    total = 0.0
+    for b, t in _valid(mask):
+        p_s, p_t = probs(student[b, t], temperature), probs(teacher[b, t], temperature)
+        total = total + distill_weight * ref_sorted_l1(p_s, p_t, topk) - ce_weight * torch.log(p_s[target[b, t]])
+    return total / _count(mask, num_items)
+
+
+def ref_gold_parts(p_s: Tensor, p_t: Tensor, pairs: tuple[Tensor, Tensor], beta: float) -> tuple[Tensor, Tensor]:
+    """(JSD_β on the matched tokens renormalised there, sorted L1 of the raw unmatched probabilities) at one position."""
+    s_ids, t_ids = pairs[0].tolist(), pairs[1].tolist()
+    q_s, q_t = p_s[s_ids] / p_s[s_ids].sum(), p_t[t_ids] / p_t[t_ids].sum()
+    if beta == 0:
+        matched = _kl(q_t, q_s)
+    elif beta == 1:
+        matched = _kl(q_s, q_t)
+    else:
+        matched = DENSE_REFERENCES["generalized_jsd"](q_s, q_t, beta)
+    rest_s = [v for v in range(len(p_s)) if v not in s_ids]
+    rest_t = [v for v in range(len(p_t)) if v not in t_ids]
+    return matched, ref_sorted_l1(p_s[rest_s], p_t[rest_t])
+
+
+def ref_gold(student: Tensor, teacher: Tensor, mask: Tensor, pairs: tuple[Tensor, Tensor], *, beta: float = 0.5,
+             matched_weight: float | None = None, unmatched_weight: float | None = None, temperature: float = 1.0,
+             num_items=None) -> Tensor:
+    """w_m·matched + w_u·unmatched summed over valid positions, divided by the count; default w_m = K / V_T."""
+    if matched_weight is None:
+        matched_weight = len(pairs[1]) / teacher.shape[-1]
+        unmatched_weight = 1 - matched_weight
+    total = 0.0
+    for b, t in _valid(mask):
+        matched, unmatched = ref_gold_parts(probs(student[b, t], temperature), probs(teacher[b, t], temperature),
+                                            pairs, beta)
+        total = total + matched_weight * matched + unmatched_weight * unmatched
+    return total / _count(mask, num_items)

@@ -15,7 +15,9 @@ from loss_reference import make_batch
 from opd_lightning.losses import (
     LOSSES,
     TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
     LossInputs,
     forward_kl,
     generalized_jsd,
@@ -34,12 +36,20 @@ SURROGATES = {
     "entropy_aware": "contains the sampled-token policy-gradient surrogate, whose value takes the advantages' sign",
 }
 NO_TEACHER = {"cross_entropy": "reads no teacher: its minimum is the completions' entropy, not zero at p_S = p_T"}
+# Hyperparameters that switch off a loss's non-divergence term for the equality property, and why.
+AT_EQUALITY = {"uld": {"ce_weight": 0.0}}  # its cross-entropy term reads no teacher (see NO_TEACHER)
 
 
 def inputs_for(student, teacher, target, mask, **extra) -> LossInputs:
-    """Every field a loss may read; teacher token log-probs are gathered from the teacher logits."""
+    """Every field a loss may read; teacher token log-probs are gathered from the teacher logits.
+
+    Cross-tokenizer fields describe a teacher with the student's vocabulary: its native logits are `teacher`, and
+    every token is paired with itself.
+    """
     token = torch.log_softmax(teacher.float(), -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return LossInputs(student, target, mask, teacher_logits=teacher, teacher_token_logprobs=token, **extra)
+    ids = torch.arange(student.shape[-1])
+    return LossInputs(student, target, mask, teacher_logits=teacher, teacher_token_logprobs=token,
+                      teacher_native_logits=teacher, vocab_pairs=(ids, ids), **extra)
 
 
 def value_and_grad(loss, student, teacher, target, mask, **extra):
@@ -51,7 +61,7 @@ def value_and_grad(loss, student, teacher, target, mask, **extra):
 
 def test_registry_holds_exactly_the_documented_losses():
     assert set(LOSSES) == {"forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
-                           "topk_reverse_kl", "sampled_token", "entropy_aware", "cross_entropy"}
+                           "topk_reverse_kl", "sampled_token", "entropy_aware", "cross_entropy", "uld", "gold"}
     with pytest.raises(UnknownNameError, match="Did you mean 'reverse_kl'"):
         LOSSES.build("revers_kl")
 
@@ -67,7 +77,7 @@ def test_zero_at_equality(name):
     if name in NO_TEACHER:
         pytest.skip(NO_TEACHER[name])
     student, _, target, mask = make_batch(3, 7, 37, seed=1)
-    out, grad = value_and_grad(LOSSES.build(name), student, student.clone(), target, mask)
+    out, grad = value_and_grad(LOSSES.build(name, **AT_EQUALITY.get(name, {})), student, student.clone(), target, mask)
     torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.loss, torch.zeros(()), atol=1e-6, rtol=0)  # surrogates: a_t = 0 -> value 0
 
@@ -140,6 +150,8 @@ def test_requires_declares_what_is_read():
     assert LOSSES.build("sampled_token").requires == {TEACHER_TOKEN_LOGPROBS}
     assert LOSSES.build("sampled_token", credit="baseline").requires == {TEACHER_TOKEN_LOGPROBS, TEACHER_LOGITS}
     assert LOSSES.build("entropy_aware").requires == {TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS}
+    assert LOSSES["uld"].requires == {TEACHER_NATIVE_LOGITS}
+    assert LOSSES["gold"].requires == {TEACHER_NATIVE_LOGITS, VOCAB_PAIRS}
 
 
 # ------------------------------------------------------------------------------------------------ limits
@@ -202,6 +214,13 @@ def test_topk_uses_the_teachers_support():
     ("sampled_token", {"gamma": 1.5}, r"gamma must lie in \(0, 1\]"),
     ("sampled_token", {"clip_eps": 0.0}, "clip_eps must be positive"),
     ("reverse_kl", {"temperature": 0.0}, "temperature must be positive"),
+    ("uld", {"distill_weight": -1.0}, "need distill_weight ≥ 0"),
+    ("uld", {"ce_weight": -0.5}, "ce_weight ≥ 0"),
+    ("uld", {"temperature": 0.0}, "temperature > 0"),
+    ("uld", {"topk": 0}, "topk must be None or a positive integer"),
+    ("gold", {"beta": 1.5}, r"beta in \[0, 1\]"),
+    ("gold", {"matched_weight": 0.5}, "set matched_weight and unmatched_weight together"),
+    ("gold", {"matched_weight": -0.5, "unmatched_weight": 1.0}, "must be ≥ 0"),
 ])
 def test_invalid_hyperparameters_raise(name, kwargs, match):
     with pytest.raises(ValueError, match=match):

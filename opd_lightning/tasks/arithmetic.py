@@ -28,6 +28,7 @@ __all__ = [
     "DATA_DIR",
     "SPECIAL_TOKENS",
     "SPLITS",
+    "bpe_tokenizer",
     "char_tokenizer",
     "load_problems",
     "main",
@@ -69,6 +70,30 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+
+
+def bpe_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Build a byte-level BPE tokenizer for the arithmetic task: the cross-tokenizer demo's student tokenizer.
+
+    Trained in code (deterministically) on the shipped training split, GPT-2 style: digits group into numbers, so
+    most numbers up to two digits are one token, where the character tokenizer spends one token per digit. Its
+    vocabulary, ids, spelling (`Ġ` for a space) and special tokens all differ from `char_tokenizer`'s.
+
+    Args:
+        vocab_size: the 256 byte symbols and the two special tokens (`<pad>` 0, `<eos>` 1) included.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [row["prompt"] + row["completion"] for row in load_problems("train")]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   padding_side="left", clean_up_tokenization_spaces=False)
 
 
 def make_problems(

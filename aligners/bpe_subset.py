@@ -1,0 +1,89 @@
+"""Exact teacher likelihood of every student token when the student's BPE is a subset of the teacher's.
+
+If the student's merges are a subset of the teacher's, in the same order, every teacher token is a concatenation
+of the student tokens BPE would give its bytes, and the teacher's tokenization of a text is a coarsening of the
+student's. Then the teacher's probability of the student's next token, even one that starts inside a teacher
+token, follows from the one teacher distribution at that teacher token's start (`trie.TokenTrie.conditional`;
+Phan, Khisti & Ullrich, "Cross-Tokenizer Likelihood Scoring Algorithms for LM Distillation", ICLR 2026): O(1)
+teacher calls, a dense target at every student position, and each student token's exact log-likelihood.
+
+`bind` checks the pair qualifies (both BPE, same pre-tokenization and normalization, student merges an ordered
+subset of the teacher's) and refuses otherwise, naming `byte_spans` and `char_level`, which serve any pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+
+from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+from .trie import TokenTrie
+
+__all__ = ["BpeSubsetAligner", "bpe_subset_problem"]
+
+
+def _merges(model: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def bpe_subset_problem(student_tokenizer, teacher_tokenizer) -> str | None:
+    """Why the student's BPE is not an ordered subset of the teacher's, or None when it is."""
+    student = json.loads(student_tokenizer.backend_tokenizer.to_str())
+    teacher = json.loads(teacher_tokenizer.backend_tokenizer.to_str())
+    kinds = (student["model"].get("type"), teacher["model"].get("type"))
+    if kinds != ("BPE", "BPE"):
+        return f"both tokenizers must be BPE (student {kinds[0]}, teacher {kinds[1]})"
+    for part in ("normalizer", "pre_tokenizer"):
+        if student.get(part) != teacher.get(part):
+            return f"their {part.replace('_', '-')}s differ, so the same text is split differently before BPE"
+    rank = {m: r for r, m in enumerate(_merges(teacher["model"]))}
+    ranks = [rank.get(m, -1) for m in _merges(student["model"])]
+    missing = sum(r < 0 for r in ranks)
+    if missing:
+        return f"{missing} of the student's {len(ranks)} merges are not teacher merges"
+    if any(b <= a for a, b in itertools.pairwise(ranks)):
+        return "the student applies shared merges in a different order than the teacher"
+    return None
+
+
+@ALIGNERS.register("bpe_subset")
+class BpeSubsetAligner(TextAligner):
+    """Exact per-token teacher likelihoods for BPE-subset pairs; a dense target at every student position."""
+
+    # The loss gathers each token's exact log-prob from the dense target (temperature 1 for exactness).
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
+
+    def __init__(self) -> None:
+        """Takes no options: qualification is checked and the trie built when the aligner is bound."""
+        super().__init__()
+        self.trie: TokenTrie | None = None
+
+    def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
+        problem = bpe_subset_problem(student_tokenizer, teacher_tokenizer)
+        if problem:
+            raise ValueError(f"bpe_subset cannot serve this pair: {problem}. Use aligner 'byte_spans' (span "
+                             "likelihoods and dense targets for any pair) or 'char_level' (next-byte distributions).")
+        super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
+        self.trie = TokenTrie(self.teacher_bytes, self.student_bytes, student_tokenizer, student_vocab_size)
+
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        view = inputs.alignment
+        ok = (view.path_start >= 0) & rollout.completion_mask
+        valid, rows = gather_rows(teacher_logits, view.containing.masked_fill(~ok, -1))  # [B, N], [n, V_t]
+        ids = rollout.completion_ids.cpu()
+        starts, where = view.path_start.cpu(), valid.nonzero().cpu().tolist()
+        paths = [tuple(ids[b, int(starts[b, i]):i].tolist()) for b, i in where]
+        mass = self.trie.conditional(torch.softmax(rows.float(), -1), paths)  # [n, V_s]
+        logp, kept = mass_to_logits(mass)
+        valid, keep = keep_rows(valid, kept > 0)
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
+                             teacher_logits=scatter_rows(logp[keep], valid),
+                             mass_coverage=float(kept.mean()) if len(kept) else 0.0)

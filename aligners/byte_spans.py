@@ -1,0 +1,75 @@
+"""Byte spans: the two tokenizations grouped into the minimal spans that end on the same byte, with all of the
+teacher's probability mass carried into the student's vocabulary.
+
+At every student token that starts where a teacher token starts, the teacher's distributions become one over the
+student's next token: a teacher token longer than student tokens gives its mass to the first student token of its
+spelling (`trie.TokenTrie`), and student tokens longer than teacher tokens get the teacher's likelihood of their
+text by walking the teacher's later distributions along the realised text (`lookahead.Lookahead`). Mass is
+conserved up to tokens the other side cannot spell. Student tokens inside a teacher token get no dense target here
+(`bpe_subset` gives them one when the pair qualifies). For the sampled-token
+loss the aligner scores whole spans: the teacher's log-likelihood of a span's text is the sum of its tokens'
+log-probs, exact for the teacher's own tokenization of the text, and sits on the span's last student token.
+"""
+
+from __future__ import annotations
+
+import torch
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+
+from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .lookahead import Lookahead
+from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows, span_logprobs
+from .trie import TokenTrie
+
+__all__ = ["ByteSpanAligner"]
+
+
+@ALIGNERS.register("byte_spans")
+class ByteSpanAligner(TextAligner):
+    """Span alignment on UTF-8 bytes; dense targets at shared token starts, span log-likelihoods everywhere."""
+
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+
+    def __init__(self) -> None:
+        """Takes no options: spellings and the decomposition trie are built when the aligner is bound."""
+        super().__init__()
+        self.lookahead: Lookahead | None = None
+
+    def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
+        super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
+        trie = TokenTrie(self.teacher_bytes, self.student_bytes, student_tokenizer, student_vocab_size)
+        self.lookahead = Lookahead(self.student_bytes, self.teacher_bytes, teacher_tokenizer, student_tokenizer,
+                                   trie.first)
+
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        view = inputs.alignment
+        completion = rollout.completion_mask
+        if needs & {TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS}:
+            return self._dense(teacher_logits, view, rollout, needs)
+        logp, _last = span_logprobs(teacher_logits, view, completion.shape[1])
+        in_span = (view.student_span >= 0) & completion
+        spans = view.student_span.masked_fill(~in_span, -1)
+        return AlignedTarget(coverage=self.coverage(in_span, rollout), mask=in_span, teacher_token_logprobs=logp,
+                             token_spans=spans)
+
+    def _dense(self, teacher_logits: Tensor, view, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
+        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
+        lengths = view.teacher_mask.sum(-1).tolist()
+        mass = torch.cat([  # one row at a time: the teacher's [M, V_t] probabilities are the largest tensor here
+            self.lookahead.project(torch.softmax(teacher_logits[b, : lengths[b]].float(), -1), view.teacher_ids[b],
+                                   lengths[b], at[b][at[b] >= 0].tolist(), self.student_vocab_size)
+            for b in range(at.shape[0])])  # [n, V_s]
+        logp, kept = mass_to_logits(mass)
+        valid, keep = keep_rows(valid, kept > 0)
+        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
+                               mass_coverage=float(kept.mean()) if len(kept) else 0.0,
+                               vocab_pairs=tuple(p.to(rows.device) for p in self.pairs))
+        target.teacher_logits = scatter_rows(logp[keep], valid)
+        if TEACHER_NATIVE_LOGITS in needs:
+            target.teacher_native_logits = scatter_rows(rows[keep].float(), valid)
+        return target

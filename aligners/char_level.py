@@ -1,0 +1,82 @@
+"""Character level: both models' next-token distributions turned into next-byte distributions, compared in byte space.
+
+Where both tokenizations start a token on the same byte, each model's probability that the text continues with
+byte b is the mass of its tokens spelled starting with b (Phan et al., "Exact Byte-Level Probabilities from
+Tokenized Language Models", ICLR 2025, for the token-boundary case): p(b) = Σ_{v : bytes(v)[0] = b} p(v), plus one
+class for EOS. Any two tokenizers meet in this 257-way space, so every dense same-vocabulary loss applies to it
+unchanged: the aligner hands the loss the teacher's byte distribution as `teacher_logits` and a
+`student_projection` that maps the student's logits the same way (differentiably). Tokens spelling no bytes (PAD,
+UNK, BOS) carry no class, nor do bytes only one of the two vocabularies can start a token with (the other model
+could never put mass there); each side is renormalised over the remaining classes.
+
+The byte space is coarser than either vocabulary (it says which byte comes next, not which token), and says
+nothing at positions inside a teacher token; pair it with `byte_spans`' span likelihoods when those matter.
+"""
+
+from __future__ import annotations
+
+import torch
+from opd_lightning.losses import TEACHER_LOGITS
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+
+from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .bytes import TokenBytes
+from .text import LOG_FLOOR, TextAligner, gather_rows, scatter_rows
+
+__all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
+
+BYTE_CLASSES = 257  # 256 first bytes, then EOS
+
+
+def byte_class_ids(table: TokenBytes) -> Tensor:
+    """Class of every token id `[V]`: its first byte, 256 for EOS, -1 for tokens spelling nothing."""
+    classes = [b[0] if b else -1 for b in table.table]
+    if table.eos_id >= 0:
+        classes[table.eos_id] = BYTE_CLASSES - 1
+    return torch.tensor(classes, dtype=torch.long)
+
+
+def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
+    """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
+    classes = classes[: logits.shape[-1]].to(logits.device)
+    keep = classes >= 0
+    probs = torch.softmax(logits.float(), -1)[..., keep]  # [..., V_kept]
+    mass = probs.new_zeros(*probs.shape[:-1], BYTE_CLASSES).index_add_(-1, classes[keep], probs)  # [..., 257]
+    mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
+
+
+@ALIGNERS.register("char_level")
+class CharLevelAligner(TextAligner):
+    """Both models compared as next-byte distributions at shared token starts."""
+
+    provides = frozenset({TEACHER_LOGITS})
+
+    def __init__(self) -> None:
+        """Takes no options: byte classes are read from the tokenizers when the aligner is bound."""
+        super().__init__()
+        self.student_classes = self.teacher_classes = torch.zeros(0, dtype=torch.long)
+
+    def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
+        super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
+        student, teacher = byte_class_ids(self.student_bytes), byte_class_ids(self.teacher_bytes)
+        shared = torch.zeros(BYTE_CLASSES + 1, dtype=torch.bool)  # last slot absorbs the -1 of spelled-nothing tokens
+        shared[student] = True
+        reached = torch.zeros_like(shared)
+        reached[teacher] = True
+        shared &= reached
+        shared[-1] = False
+        # A byte only one model can start a token with carries no comparable mass: both sides drop it.
+        self.student_classes = student.masked_fill(~shared[student], -1)
+        self.teacher_classes = teacher.masked_fill(~shared[teacher], -1)
+
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        view = inputs.alignment
+        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
+        target = scatter_rows(to_byte_logprobs(rows, self.teacher_classes), valid)  # [B, N, 257]
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=target,
+                             student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))

@@ -1,0 +1,121 @@
+"""Lookahead: the teacher's probability of the student's next token when student tokens span several teacher tokens.
+
+Where the student's token is longer than the teacher's (a BPE student with multi-digit numbers against a
+character-level teacher, or SmolLM2 against Gemma on many words), one teacher distribution cannot say how likely a
+student token is: "46" needs p(4) and p(6 | 4). The teacher has already scored every position of the rollout, so
+along the realised text those later distributions exist. Each student token w is spelled in teacher tokens, E(w),
+and the student tokens form a trie over teacher-token paths. From a position where both models start a token, the
+teacher's mass flows down that trie along the realised path:
+- at depth m (the teacher distribution q_m after the realised teacher tokens r_0..r_{m-1}), a teacher token x that
+  starts a deeper student token carries mass·q_m(x) to the shortest student token in its subtree, unless x is the
+  realised r_m, whose mass continues one level down (where q_{m+1} is known);
+- teacher tokens that extend no student token stop the walk: their mass goes to the student token spelled by the
+  path so far (the student's longest match), or, where the path itself is no student token, to the student's first
+  token of its text.
+Mass is conserved, and along the realised path every student token gets exactly the teacher's likelihood of its
+text; off the path, longer student tokens are approximated by their first teacher token (one teacher call there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .bytes import TokenBytes
+from .trie import decompose, prefixless_encoder
+
+__all__ = ["Lookahead"]
+
+
+@dataclass
+class _Node:
+    default: int  # student token for text that stops extending this path (-1: none)
+    children: dict[int, _Node] = field(default_factory=dict)
+    child_ids: Tensor | None = None  # [c] teacher ids of the children
+    child_reps: Tensor | None = None  # [c] shortest student token in each child's subtree
+
+
+class Lookahead:
+    """Student tokens as a trie over teacher-token paths, walked along the realised teacher tokens."""
+
+    def __init__(self, student: TokenBytes, teacher: TokenBytes, teacher_tokenizer, student_tokenizer,
+                 first_student: Tensor) -> None:
+        """
+        Args:
+            student, teacher: the two byte tables.
+            teacher_tokenizer: spells student tokens in teacher tokens.
+            student_tokenizer: gives the first student token of a path's text where the path is no student token.
+            first_student: `[V_t]` first student token of each teacher token's spelling (`TokenTrie.first`).
+        """
+        spelled = decompose(student, teacher, teacher_tokenizer)  # E(w) for each student id
+        self.root = _Node(-1)
+        for w in sorted((w for w, e in enumerate(spelled) if e), key=lambda w: (len(spelled[w]), w)):
+            node = self.root
+            for x in spelled[w]:
+                node = node.children.setdefault(x, _Node(-1))
+            if node.default < 0:
+                node.default = w
+        encoder = prefixless_encoder(student_tokenizer)
+        self._finish(self.root, (), teacher, encoder)
+        self.root_map = first_student.clone()  # [V_t] where each teacher token's mass goes at the root
+        for x, child in self.root.children.items():
+            self.root_map[x] = child.default if child.default >= 0 else self._rep(child)
+
+    def _finish(self, node: _Node, path: tuple[int, ...], teacher: TokenBytes, encoder) -> None:
+        if node.default < 0 and path:
+            ids = encoder.encode(teacher.join(torch.tensor(path).numpy()).decode("utf-8", "replace"),
+                                 add_special_tokens=False).ids
+            node.default = ids[0] if ids else -1
+        for x, child in node.children.items():
+            self._finish(child, (*path, x), teacher, encoder)
+        if node.children:
+            node.child_ids = torch.tensor(list(node.children))
+            node.child_reps = torch.tensor([self._rep(c) for c in node.children.values()])
+
+    def _rep(self, node: _Node) -> int:
+        while node.default < 0 and node.children:
+            node = next(iter(node.children.values()))
+        return node.default
+
+    def project(self, probs: Tensor, realised: Tensor, length: int, starts: list[int], size: int) -> Tensor:
+        """Student-token masses `[len(starts), size]` from one row's teacher distributions.
+
+        Args:
+            probs: `[M, V_t]` the teacher's next-token distributions over the row's completion positions.
+            realised: `[M]` the teacher tokens of the completion.
+            length: valid teacher completion positions in this row.
+            starts: teacher positions where a student token starts too.
+            size: the student's vocabulary size.
+        """
+        index = torch.tensor(starts, dtype=torch.long, device=probs.device)
+        rows = probs[index]  # [s, V_t]
+        root_map = self.root_map[: probs.shape[-1]].to(probs.device)
+        keep = root_map >= 0
+        out = rows.new_zeros(len(starts), size).index_add_(1, root_map[keep], rows[:, keep])
+        realised_list = realised.tolist()
+        for k, c in enumerate(starts):
+            node = self.root.children.get(realised_list[c])
+            if node is None or not node.children:
+                continue
+            mass = rows[k, realised_list[c]]
+            out[k, self.root_map[realised_list[c]]] -= mass  # continues below instead
+            self._walk(out[k], probs, realised_list, c + 1, length, node, mass)
+        return out.clamp_min(0)
+
+    def _walk(self, out: Tensor, probs: Tensor, realised: list[int], pos: int, length: int, node: _Node,
+              mass: Tensor) -> None:
+        while node.children and pos < length:
+            q = probs[pos]  # [V_t]
+            qc = q[node.child_ids.to(q.device)] * mass  # [c]
+            out.index_add_(0, node.child_reps.to(q.device), qc)
+            if node.default >= 0:
+                out[node.default] += mass - qc.sum()
+            child = node.children.get(realised[pos])
+            if child is None:
+                return
+            out[self._rep(child)] -= mass * q[realised[pos]]
+            mass, node, pos = mass * q[realised[pos]], child, pos + 1
+        if node.default >= 0:
+            out[node.default] += mass

@@ -1,0 +1,145 @@
+"""Minimum edit distance alignment (MinED), the token and vocabulary alignment of FuseLLM.
+
+Wan et al., "Knowledge Fusion of Large Language Models" (ICLR 2024), align the two tokenizations of a text by
+dynamic programming with the edit distance between token strings as the cost, and carry each of the teacher's top-k
+tokens to the student token whose spelling is nearest in edit distance. Here the dynamic programme runs inside each
+byte span (`spans`), which already fixes the alignment at every shared token end, so the quadratic search only
+covers the few tokens of one span; every student token is paired with one teacher token, even inside N:M spans.
+The target is approximate by design: the student token nearest in spelling stands in for a teacher token it does not
+have, and teacher mass outside the top-k is dropped (`mass_coverage` says how much was kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+
+from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+
+__all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
+
+
+def edit_distances(query: bytes, candidates: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Levenshtein distance from `query` to every candidate at once.
+
+    Args:
+        query: a byte string.
+        candidates: `[V, L]` uint8, byte strings right-padded (padding is never read past `lengths`).
+        lengths: `[V]` each candidate's length.
+
+    Returns:
+        `[V]` int distances; one dynamic programme over (query byte, candidate column), vectorised over candidates.
+    """
+    v, width = candidates.shape
+    row = np.broadcast_to(np.arange(width + 1), (v, width + 1)).copy()  # distances from the empty query prefix
+    for i, byte in enumerate(query, start=1):
+        new = np.empty_like(row)
+        new[:, 0] = i
+        substitute = row[:, :-1] + (candidates != byte)  # [V, L]
+        for j in range(1, width + 1):
+            new[:, j] = np.minimum(np.minimum(row[:, j] + 1, new[:, j - 1] + 1), substitute[:, j - 1])
+        row = new
+    return row[np.arange(v), lengths]
+
+
+def min_edit_pairs(student: list[bytes], teacher: list[bytes]) -> list[int]:
+    """Monotone alignment of two token sequences minimising the summed edit distance (dynamic time warping).
+
+    Returns, for each student token, the index of its teacher token: the first of those the path pairs it with,
+    since that one is predicted from the same text as the student token.
+    """
+    n, m = len(student), len(teacher)
+    cost = np.array([[_distance(a, b) for b in teacher] for a in student], dtype=np.float64)  # [n, m]
+    total = np.full((n + 1, m + 1), np.inf)
+    total[0, 0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            total[i, j] = cost[i - 1, j - 1] + min(total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])
+    pairs, i, j = [0] * n, n, m
+    while i > 0 and j > 0:  # walking back, the last pairing written for a student token is its first
+        pairs[i - 1] = j - 1
+        step = int(np.argmin([total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]]))
+        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
+    return pairs
+
+
+def _distance(a: bytes, b: bytes) -> int:
+    row = np.frombuffer(b, dtype=np.uint8)[None, :] if b else np.zeros((1, 0), dtype=np.uint8)
+    return int(edit_distances(a, row, np.array([len(b)]))[0])
+
+
+@ALIGNERS.register("mined")
+class MinEdAligner(TextAligner):
+    """FuseLLM's minimum-edit-distance token and vocabulary alignment."""
+
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+
+    def __init__(self, topk: int = 10, max_token_bytes: int = 32) -> None:
+        """
+        Args:
+            topk: teacher tokens carried per position (FuseLLM uses 10); the rest of the mass is dropped.
+            max_token_bytes: student spellings are compared on at most this many bytes (bounds the search cost).
+        """
+        super().__init__()
+        if topk < 1:
+            raise ValueError(f"topk must be at least 1, got {topk}")
+        self.topk, self.max_token_bytes = topk, max_token_bytes
+        self._nearest: dict[int, int] = {}
+
+    def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
+        super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
+        spelled = [(i, b[: self.max_token_bytes]) for i, b in enumerate(self.student_bytes.table) if b]
+        self._ids = np.array([i for i, _ in spelled])
+        self._lengths = np.array([len(b) for _, b in spelled])
+        self._matrix = np.zeros((len(spelled), max(self._lengths, default=1)), dtype=np.uint8)
+        for row, (_, data) in enumerate(spelled):
+            self._matrix[row, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self._nearest = dict(zip(self.pairs[1].tolist(), self.pairs[0].tolist(), strict=True))  # exact spellings
+
+    def nearest(self, teacher_id: int) -> int:
+        """The student token nearest in edit distance to a teacher token (cached; -1 if it spells nothing)."""
+        if teacher_id not in self._nearest:
+            data = self.teacher_bytes.table[teacher_id] if teacher_id < len(self.teacher_bytes) else None
+            self._nearest[teacher_id] = -1 if not data else int(
+                self._ids[np.argmin(edit_distances(data, self._matrix, self._lengths))])
+        return self._nearest[teacher_id]
+
+    def _aligned_positions(self, view, rollout: Rollout) -> Tensor:
+        """Teacher completion index paired with each student token by MinED inside its span (-1: none)."""
+        out = torch.full_like(view.student_span, -1).cpu()
+        s_span, t_span = view.student_span.cpu(), view.teacher_span.cpu()
+        ids, t_ids = rollout.completion_ids.cpu(), view.teacher_ids.cpu()
+        for b in range(s_span.shape[0]):
+            for span in range(int(s_span[b].max()) + 1):
+                s_idx = (s_span[b] == span).nonzero().squeeze(-1)
+                t_idx = (t_span[b] == span).nonzero().squeeze(-1)
+                if len(s_idx) == 1 or len(t_idx) == 1:
+                    out[b, s_idx] = t_idx[0] if len(t_idx) == 1 else t_idx[-1]
+                    continue
+                s_text = [self.student_bytes.table[i] or b"" for i in ids[b, s_idx].tolist()]
+                t_text = [self.teacher_bytes.table[i] or b"" for i in t_ids[b, t_idx].tolist()]
+                out[b, s_idx] = t_idx[torch.tensor(min_edit_pairs(s_text, t_text))]
+        return out.to(view.student_span.device)
+
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
+        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
+        top = torch.softmax(rows.float(), -1).topk(min(self.topk, rows.shape[-1]), -1)  # values, indices [n, k]
+        mapped = torch.tensor([[self.nearest(v) for v in row] for row in top.indices.tolist()],
+                              dtype=torch.long, device=rows.device).reshape(top.indices.shape)  # [n, k]
+        mass = rows.new_zeros(rows.shape[0], self.student_vocab_size, dtype=torch.float32)
+        mass.scatter_add_(1, mapped.clamp_min(0), top.values * (mapped >= 0))
+        logp, kept = mass_to_logits(mass)
+        valid, keep = keep_rows(valid, kept > 0)
+        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=scatter_rows(
+            logp[keep], valid), mass_coverage=float(kept.mean()) if len(kept) else 0.0,
+            vocab_pairs=tuple(p.to(rows.device) for p in self.pairs))
+        if TEACHER_NATIVE_LOGITS in needs:
+            target.teacher_native_logits = scatter_rows(rows[keep].float(), valid)
+        return target

@@ -1,0 +1,66 @@
+"""The vocabulary map: the teacher's distribution carried over token by token where both vocabularies spell the same
+text, at the positions where both models start a token on the same byte.
+
+Tokens are compared by the bytes they spell, so byte-level `Ġ`/`Ċ`, SentencePiece `▁` and byte-fallback `<0xNN>`
+spellings of one text match (`bytes.TokenBytes`). Teacher mass on tokens the student cannot spell as one token is
+dropped and the rest renormalised; `mass_coverage` reports the share kept. Positions where the teacher has no token
+boundary at the student token's start get no target. This is the matched-vocabulary half of GOLD, and the cheapest
+cross-tokenizer target; `byte_spans` keeps all the mass.
+"""
+
+from __future__ import annotations
+
+import torch
+from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+
+from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+
+__all__ = ["VocabMapAligner"]
+
+
+@ALIGNERS.register("vocab_map")
+class VocabMapAligner(TextAligner):
+    """Same-text tokens matched across vocabularies; the teacher read at shared token starts."""
+
+    # Token log-probs are gathered by the loss from the dense (matched, renormalised) teacher distribution.
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+
+    def __init__(self) -> None:
+        """Takes no options: the map is built from the two tokenizers when the aligner is bound."""
+        super().__init__()
+
+    @property
+    def matched(self) -> tuple[Tensor, Tensor]:
+        """(student ids, teacher ids) spelling the same text."""
+        return self.pairs
+
+    def unmatched(self) -> tuple[Tensor, Tensor]:
+        """(student ids, teacher ids) of spelled tokens with no same-text counterpart."""
+        s_spelled = torch.tensor([b is not None for b in self.student_bytes.table])
+        t_spelled = torch.tensor([b is not None for b in self.teacher_bytes.table])
+        s_spelled[self.pairs[0]] = False
+        t_spelled[self.pairs[1]] = False
+        return s_spelled.nonzero().squeeze(-1), t_spelled.nonzero().squeeze(-1)
+
+    def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
+                needs: frozenset[str]) -> AlignedTarget:
+        view = inputs.alignment
+        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
+        s_ids, t_ids = (p.to(rows.device) for p in self.pairs)
+        probs = torch.softmax(rows.float(), -1)  # [n, V_t]
+        mass = probs.new_zeros(rows.shape[0], self.student_vocab_size).index_copy_(1, s_ids, probs[:, t_ids])
+        logp, kept = mass_to_logits(mass)
+        valid, valid_rows = keep_rows(valid, kept > 0)
+        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
+                               mass_coverage=float(kept.mean()) if len(kept) else 0.0,
+                               vocab_pairs=(s_ids, t_ids))
+        if needs & {TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS}:
+            target.teacher_logits = scatter_rows(logp[valid_rows], valid)
+        if TEACHER_NATIVE_LOGITS in needs:
+            target.teacher_native_logits = scatter_rows(rows[valid_rows].float(), valid)
+        return target

@@ -1,0 +1,343 @@
+"""Cross-tokenizer alignment against brute-force references, with genuinely different tokenizers built in-process.
+
+Byte-level BPE (GPT-2 style) against SentencePiece-style Unigram (Metaspace) and a Llama-2-style BPE with byte
+fallback: every spelling the aligners must normalise. References enumerate tokens one by one (no tries, no
+searchsorted), so a vectorisation bug cannot hide behind the same shortcut.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opd_lightning.aligners import (
+    TokenBytes,
+    TokenTrie,
+    align_ends,
+    bpe_subset_problem,
+    prefixless_encoder,
+    retokenise,
+    to_byte_logprobs,
+    vocab_pairs,
+)
+from opd_lightning.aligners.char_level import byte_class_ids
+from opd_lightning.aligners.lookahead import Lookahead
+
+TEXTS = ["hello world, café naïve", "x = 1  # code\n\tdef f(y):\n    return y", "日本語のテキスト 😀 emoji",
+         "12+34=46 and 99-17=82", "   leading spaces and trailing   ", "distillation moves knowledge"]
+CORPUS = TEXTS * 30 + ["the quick brown fox jumps over the lazy dog"] * 30
+
+
+def _wrap(backend, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def byte_bpe(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    return _wrap(raw, pad_token="<pad>", eos_token="<eos>")
+
+
+def unigram(vocab_size: int = 200):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.Unigram())
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
+                                                            special_tokens=["<pad>", "<eos>", "<unk>"],
+                                                            show_progress=False))
+    return _wrap(raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def fallback_bpe():
+    """Llama-2 style: `▁` for spaces, a dummy prefix, and `<0xNN>` for bytes outside the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    chars = sorted(set("".join(t for t in CORPUS if t.isascii())) - {" "}) + ["\u2581"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(chars)})
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("\u2581", "w"), ("o", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    raw.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return _wrap(raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return {"byte_bpe": byte_bpe(), "unigram": unigram(), "fallback_bpe": fallback_bpe()}
+
+
+@pytest.mark.parametrize("name", ["byte_bpe", "unigram", "fallback_bpe"])
+def test_token_bytes_spell_the_text(toks, name):
+    tok = toks[name]
+    table = TokenBytes.from_tokenizer(tok)
+    table.check(tok)
+    encoder = prefixless_encoder(tok)
+    for text in TEXTS:
+        ids = np.array(encoder.encode(text, add_special_tokens=False).ids)
+        assert table.join(ids) == text.encode(), (name, text)
+        assert table.ends(ids)[-1] == len(text.encode())
+    if name == "fallback_bpe":  # CJK is outside its vocabulary: spelled through <0xNN> tokens
+        assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(encoder.encode("日本").ids))
+
+
+def _brute_spans(s_ends: list[int], t_ends: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """Group two tokenizations with two pointers: a span closes when both sides have reached the same end."""
+    s_span, t_span, i, j, span = [-1] * len(s_ends), [-1] * len(t_ends), 0, 0, 0
+    while i < len(s_ends) and j < len(t_ends):
+        si, tj = i, j
+        while s_ends[i] != t_ends[j]:
+            if s_ends[i] < t_ends[j]:
+                i += 1
+            else:
+                j += 1
+            if i == len(s_ends) or j == len(t_ends):
+                return s_span, t_span
+        while i + 1 < len(s_ends) and s_ends[i + 1] == s_ends[i]:
+            i += 1  # zero-length tokens join the span they end in
+        while j + 1 < len(t_ends) and t_ends[j + 1] == t_ends[j]:
+            j += 1
+        if s_ends[i] > limit:
+            return s_span, t_span
+        s_span[si : i + 1] = [span] * (i + 1 - si)
+        t_span[tj : j + 1] = [span] * (j + 1 - tj)
+        i, j, span = i + 1, j + 1, span + 1
+    return s_span, t_span
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_align_ends_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(1, 40))
+    cuts = [np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, length), replace=False)) for _ in range(2)]
+    s_ends, t_ends = (np.append(c, length).astype(np.int64) for c in cuts)
+    limit = length if seed % 3 else int(rng.integers(0, length + 1))
+    got = align_ends(s_ends, t_ends, limit)
+    want_s, want_t = _brute_spans(s_ends.tolist(), t_ends.tolist(), limit)
+    assert got.student_span.tolist() == want_s and got.teacher_span.tolist() == want_t
+    s_starts, t_starts = [0, *s_ends[:-1]], [0, *t_ends[:-1]]
+    for i, start in enumerate(s_starts):
+        inside = [j for j, ts in enumerate(t_starts) if ts <= start < t_ends[j]] if start < limit else []
+        assert got.containing[i] == (inside[0] if inside else -1)
+        assert got.teacher_at_start[i] == (inside[0] if inside and t_starts[inside[0]] == start else -1)
+        if inside:
+            first = [k for k, ss in enumerate(s_starts) if ss == t_starts[inside[0]]]
+            assert got.path_start[i] == (first[0] if first else -1)
+
+
+def _view(student, teacher, texts, eos=True, exact_ends=True):
+    s_bytes = TokenBytes.from_tokenizer(student)
+    rows = [student(t, add_special_tokens=False)["input_ids"] + ([student.eos_token_id] if eos else []) for t in texts]
+    width = max(map(len, rows))
+    comp, mask = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        comp[i, : len(r)], mask[i, : len(r)] = r, 1
+    prompt = np.array([student("q:", add_special_tokens=False)["input_ids"]] * len(rows))
+    view = retokenise(s_bytes, teacher, prefixless_encoder(teacher), prompt, np.ones_like(prompt), comp, mask,
+                      teacher.eos_token_id, TokenBytes.from_tokenizer(teacher) if exact_ends else None)
+    return view, rows, s_bytes
+
+
+@pytest.mark.parametrize("exact_ends", [True, False], ids=["byte_table", "char_offsets"])
+@pytest.mark.parametrize(("s_name", "t_name"), [("byte_bpe", "unigram"), ("unigram", "byte_bpe"),
+                                                ("byte_bpe", "fallback_bpe")])
+def test_spans_cover_the_text_monotonically_with_equal_bytes(toks, s_name, t_name, exact_ends):
+    student, teacher = toks[s_name], toks[t_name]
+    view, rows, s_bytes = _view(student, teacher, TEXTS, exact_ends=exact_ends)
+    t_bytes = TokenBytes.from_tokenizer(teacher)
+    for b, row in enumerate(rows):
+        s_span, t_span = view.student_span[b, : len(row)].numpy(), view.teacher_span[b].numpy()
+        t_ids = view.teacher_ids[b][view.teacher_mask[b]].numpy()
+        assert (s_span >= 0).all() and (np.diff(s_span) >= 0).all() and s_span[0] == 0
+        assert (np.diff(t_span[: len(t_ids)]) >= 0).all()
+        assert s_span[-1] == t_span[len(t_ids) - 1]  # both end on the EOS span
+        assert row[-1] == student.eos_token_id and t_ids[-1] == teacher.eos_token_id
+        assert (s_span == s_span[-1]).sum() == 1  # EOS is a span of its own
+        for span in range(s_span[-1]):
+            s_text = s_bytes.join(np.array(row)[s_span == span])
+            assert s_text and s_text == t_bytes.join(t_ids[t_span[: len(t_ids)] == span]), (b, span)
+        spelled = s_bytes.join(np.array(row))  # the text the student's tokens spell (with its dummy prefix, if any)
+        assert spelled.strip() == TEXTS[b].encode().strip()
+        assert b"".join(s_bytes.join(np.array(row)[s_span == k]) for k in range(s_span[-1])) == spelled
+
+
+def test_bytes_past_valid_utf8_get_no_span(toks):
+    student, teacher = toks["byte_bpe"], toks["unigram"]
+    n_tilde = student("ñ", add_special_tokens=False)["input_ids"]  # not in the corpus: two byte-level tokens
+    s_bytes = TokenBytes.from_tokenizer(student)
+    assert len(n_tilde) == 2 and s_bytes.join(np.array(n_tilde)) == "ñ".encode()
+    ids = student("ca", add_special_tokens=False)["input_ids"] + n_tilde[:1]  # ends inside the character
+    cut = np.array([ids])
+    view = retokenise(s_bytes, teacher, prefixless_encoder(teacher), cut[:, :1], np.ones((1, 1)), cut[:, 1:],
+                      np.ones_like(cut[:, 1:]), teacher.eos_token_id)
+    assert view.texts[0].endswith("\ufffd")  # the teacher reads a replacement character
+    spans = view.student_span[0].tolist()
+    assert spans[-1] == -1 and all(s >= 0 for s in spans[:-1])
+
+
+def test_vocab_pairs_match_spellings_across_families(toks):
+    byte_level, fallback = toks["byte_bpe"], toks["fallback_bpe"]
+    s_ids, t_ids = vocab_pairs(TokenBytes.from_tokenizer(byte_level), TokenBytes.from_tokenizer(fallback))
+    pairs = dict(zip(s_ids.tolist(), t_ids.tolist(), strict=True))
+    assert len(set(s_ids.tolist())) == len(s_ids) and len(set(t_ids.tolist())) == len(t_ids)
+    expect = {"\u010a": "<0x0A>", "he": "he", "<eos>": "</s>"}  # Ċ (newline) = <0x0A>
+    for s_tok, t_tok in expect.items():
+        assert pairs[byte_level.convert_tokens_to_ids(s_tok)] == fallback.convert_tokens_to_ids(t_tok)
+    # A space is Ġ on one side and both ▁ and <0x20> on the other: one pair, never two (no double counting).
+    space = pairs[byte_level.convert_tokens_to_ids("\u0120")]
+    assert space in {fallback.convert_tokens_to_ids("\u2581"), fallback.convert_tokens_to_ids("<0x20>")}
+
+
+def _first_student_token(student, text: bytes) -> int:
+    ids = prefixless_encoder(student).encode(text.decode(), add_special_tokens=False).ids
+    return ids[0]
+
+
+def test_marginal_matches_per_token_brute_force(toks):
+    student, teacher = toks["byte_bpe"], toks["unigram"]
+    s_bytes, t_bytes = TokenBytes.from_tokenizer(student), TokenBytes.from_tokenizer(teacher)
+    trie = TokenTrie(t_bytes, s_bytes, student, len(student))
+    probs = torch.softmax(torch.randn(3, len(teacher), generator=torch.Generator().manual_seed(0)), -1)
+    want = torch.zeros(3, len(student))
+    for v, data in enumerate(t_bytes.table):
+        if v == teacher.eos_token_id:
+            want[:, student.eos_token_id] += probs[:, v]
+        elif data:
+            want[:, _first_student_token(student, data)] += probs[:, v]
+    torch.testing.assert_close(trie.marginal(probs), want)
+    spelled = [v for v, d in enumerate(t_bytes.table) if d] + [teacher.eos_token_id]
+    torch.testing.assert_close(trie.marginal(probs).sum(-1), probs[:, spelled].sum(-1))  # mass conserved
+
+
+def subset_pair(keep: float):
+    """A teacher BPE and a student keeping the first `keep` share of its merges: an ordered BPE subset."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    teacher = byte_bpe(500)
+    config = json.loads(teacher.backend_tokenizer.to_str())
+    merges = config["model"]["merges"][: int(len(config["model"]["merges"]) * keep)]
+    kept = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges}
+    vocab = config["model"]["vocab"]
+    base = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i < 258]  # specials + 256 bytes
+    config["model"]["merges"] = merges
+    config["model"]["vocab"] = {t: i for i, t in enumerate([*base, *(t for t in vocab if t in kept and t not in base)])}
+    return _wrap(Tokenizer.from_str(json.dumps(config)), pad_token="<pad>", eos_token="<eos>"), teacher
+
+
+def test_bpe_subset_qualifies_only_ordered_subsets(toks):
+    student, teacher = subset_pair(0.3)
+    assert bpe_subset_problem(student, teacher) is None
+    assert "BPE" in bpe_subset_problem(toks["unigram"], teacher)
+    assert "merges" in bpe_subset_problem(teacher, student)  # the teacher's extra merges are not the student's
+
+
+def test_conditional_matches_brute_force_on_a_subset_pair():
+    student, teacher = subset_pair(0.3)
+    s_bytes, t_bytes = TokenBytes.from_tokenizer(student), TokenBytes.from_tokenizer(teacher)
+    trie = TokenTrie(t_bytes, s_bytes, student, len(student))
+    model = student.backend_tokenizer.model  # BPE on one teacher token's own symbols: its decomposition
+    spell = {v: tuple(model.token_to_id(t.value) for t in model.tokenize(teacher.convert_ids_to_tokens(v)))
+             for v, d in enumerate(t_bytes.table) if d}
+    long = [v for v, p in spell.items() if len(p) >= 3][:5]
+    assert long, "the subset pair should have teacher tokens spelled by several student tokens"
+    probs = torch.softmax(torch.randn(len(long) * 2, len(teacher), generator=torch.Generator().manual_seed(1)), -1)
+    paths = [spell[v][:k] for v in long for k in (1, 2)]
+    got = trie.conditional(probs, paths)
+    for r, path in enumerate(paths):
+        want = torch.zeros(len(student))
+        for v, p in spell.items():
+            if len(p) > len(path) and p[: len(path)] == path:
+                want[p[len(path)]] += probs[r, v]
+        torch.testing.assert_close(got[r], want / want.sum())
+
+
+def test_lookahead_gives_longer_student_tokens_the_teacher_likelihood_of_their_text(char_tok):
+    from opd_lightning.tasks.arithmetic import bpe_tokenizer
+
+    student, teacher = bpe_tokenizer(), char_tok
+    s_bytes, t_bytes = TokenBytes.from_tokenizer(student), TokenBytes.from_tokenizer(teacher)
+    trie = TokenTrie(t_bytes, s_bytes, student, len(student))
+    look = Lookahead(s_bytes, t_bytes, teacher, student, trie.first)
+    realised = torch.tensor(teacher("46", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id])
+    probs = torch.softmax(torch.randn(3, len(teacher), generator=torch.Generator().manual_seed(2)), -1)
+    got = look.project(probs, realised, 3, [0], len(student))[0]
+    t = teacher.convert_tokens_to_ids
+    s = student.convert_tokens_to_ids
+    digits = [t(str(d)) for d in range(10)]
+    assert s("46") != student.unk_token_id and s("4") >= 0
+    # "46" is one student token: p(4) · p(6 | 4); "4" alone: p(4) · p(no further digit of a token | 4).
+    torch.testing.assert_close(got[s("46")], probs[0, t("4")] * probs[1, t("6")])
+    two_digit = [d for d in digits if s("4" + teacher.convert_ids_to_tokens(d)) is not None
+                 and s("4" + teacher.convert_ids_to_tokens(d)) != student.unk_token_id]
+    torch.testing.assert_close(got[s("4")], probs[0, t("4")] * (1 - probs[1, two_digit].sum()))
+    torch.testing.assert_close(got[s("47")], probs[0, t("4")] * probs[1, t("7")])
+    torch.testing.assert_close(got[s("5")], probs[0, t("5")])  # off the realised path: the first token's mass
+    spelled = [v for v, d in enumerate(t_bytes.table) if d] + [teacher.eos_token_id]
+    torch.testing.assert_close(got.sum(), probs[0, spelled].sum())  # mass conserved
+
+
+def test_char_level_projection_is_the_first_byte_marginal(toks):
+    tok = toks["unigram"]
+    table = TokenBytes.from_tokenizer(tok)
+    classes = byte_class_ids(table)
+    logits = torch.randn(2, len(tok), requires_grad=True)
+    got = to_byte_logprobs(logits, classes)
+    probs = torch.softmax(logits.detach(), -1)
+    want = torch.zeros(2, 257)
+    for v, data in enumerate(table.table):
+        if data:
+            want[:, data[0]] += probs[:, v]
+    want[:, 256] += probs[:, tok.eos_token_id]
+    want = want / want.sum(-1, keepdim=True)
+    present = want[0] > 0
+    torch.testing.assert_close(got.exp()[:, present], want[:, present])
+    got.exp()[:, present].sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def _levenshtein(a: bytes, b: bytes) -> int:
+    """Textbook recursion-free Levenshtein on Python lists (the reference)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def test_edit_distances_match_the_textbook_recursion():
+    from opd_lightning.aligners import edit_distances
+
+    rng = np.random.default_rng(0)
+    words = [bytes(rng.integers(97, 101, size=rng.integers(0, 7)).astype(np.uint8)) for _ in range(40)]
+    matrix = np.zeros((len(words), 8), dtype=np.uint8)
+    for i, w in enumerate(words):
+        matrix[i, : len(w)] = np.frombuffer(w, dtype=np.uint8)
+    lengths = np.array([len(w) for w in words])
+    for query in words[:10]:
+        assert edit_distances(query, matrix, lengths).tolist() == [_levenshtein(query, w) for w in words]
+
+
+def test_min_edit_pairs_is_monotone_and_prefers_similar_tokens():
+    from opd_lightning.aligners import min_edit_pairs
+
+    pairs = min_edit_pairs([b"he", b"llo", b" wor", b"ld"], [b"hel", b"lo", b" world"])
+    assert pairs == sorted(pairs) and pairs[0] == 0 and pairs[-1] == 2
+    assert min_edit_pairs([b"a"], [b"x", b"a"]) == [0]  # the first teacher token the path pairs it with
