@@ -5,7 +5,7 @@ registers every aligner below.
 """
 
 from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
-from .bpe_subset import BpeSubsetAligner, bpe_subset_problem
+from .bpe_subset import BpeSubsetAligner, bpe_subset_problem, keep_merges
 from .byte_spans import ByteSpanAligner
 from .bytes import TokenBytes, byte_level_alphabet, char_byte_offsets
 from .char_level import BYTE_CLASSES, CharLevelAligner, byte_class_ids, to_byte_logprobs
@@ -40,6 +40,7 @@ __all__ = [
     "char_byte_offsets",
     "edit_distances",
     "fit_vocab",
+    "keep_merges",
     "min_edit_pairs",
     "prefixless_encoder",
     "retokenise",

@@ -26,11 +26,29 @@ from .base import ALIGNERS, AlignedTarget, TeacherInputs
 from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
 from .trie import TokenTrie
 
-__all__ = ["BpeSubsetAligner", "bpe_subset_problem"]
+__all__ = ["BpeSubsetAligner", "bpe_subset_problem", "keep_merges"]
 
 
 def _merges(model: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def keep_merges(tokenizer, share: float):
+    """A copy of a BPE tokenizer that keeps only the first `share` of its merges: a student vocabulary that is an
+    ordered BPE subset of `tokenizer`'s (special tokens and the base alphabet stay, with their ids)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = config["model"]["merges"][: int(len(config["model"]["merges"]) * share)]
+    merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges}
+    ordered = [t for t, _ in sorted(config["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    produced = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in config["model"]["merges"]}
+    kept = [t for t in ordered if t not in produced or t in merged]  # the alphabet and specials, then kept merges
+    config["model"]["merges"], config["model"]["vocab"] = merges, {t: i for i, t in enumerate(kept)}
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(tokenizer, k) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(config)), **special)
 
 
 def bpe_subset_problem(student_tokenizer, teacher_tokenizer) -> str | None:

@@ -118,8 +118,10 @@ class MinEdAligner(TextAligner):
             for span in range(int(s_span[b].max()) + 1):
                 s_idx = (s_span[b] == span).nonzero().squeeze(-1)
                 t_idx = (t_span[b] == span).nonzero().squeeze(-1)
-                if len(s_idx) == 1 or len(t_idx) == 1:
-                    out[b, s_idx] = t_idx[0] if len(t_idx) == 1 else t_idx[-1]
+                if not len(s_idx) or not len(t_idx):
+                    continue
+                if len(s_idx) == 1 or len(t_idx) == 1:  # the span's first teacher token starts where it starts
+                    out[b, s_idx] = t_idx[0]
                     continue
                 s_text = [self.student_bytes.table[i] or b"" for i in ids[b, s_idx].tolist()]
                 t_text = [self.teacher_bytes.table[i] or b"" for i in t_ids[b, t_idx].tolist()]

@@ -11,8 +11,9 @@ Edge cases handled here, once for every aligner:
 - EOS: when the student's completion ends with its EOS, the teacher's EOS is appended, and the two form a span of
   their own (a virtual byte past the text), so the teacher's probability of stopping is scored too;
 - special tokens inside a completion contribute no bytes and join the span of the text around them;
-- bytes that are not valid UTF-8 (a completion cut inside a character) cannot be given to the teacher as text:
-  student tokens past the longest valid prefix get no span (`-1`) and count as uncovered.
+- bytes that are not valid UTF-8 (a completion cut inside a character, a stray byte token) cannot be given to the
+  teacher as text: each invalid run reads as U+FFFD, and the student tokens touching it, with the spans holding
+  them, get no span (`-1`) and count as uncovered; the rest of the completion aligns as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .bytes import TokenBytes, char_byte_offsets
 
-__all__ = ["SpanAlignment", "TextView", "align_ends", "retokenise"]
+__all__ = ["SpanAlignment", "TextView", "align_ends", "lossy_decode", "retokenise"]
 
 
 @dataclass
@@ -94,14 +95,41 @@ class TextView:
     texts: list[str]  # the completion texts the teacher read
 
 
-def _valid_prefix(data: bytes, text: str) -> int:
-    """Length of the longest prefix of `data` that `text` (its lossy decode) reproduces byte for byte."""
-    encoded = text.encode()
-    if encoded == data:
-        return len(data)
-    n = min(len(encoded), len(data))
-    diff = np.flatnonzero(np.frombuffer(encoded[:n], np.uint8) != np.frombuffer(data[:n], np.uint8))
-    return int(diff[0]) if len(diff) else n
+def lossy_decode(data: bytes) -> tuple[str, np.ndarray]:
+    """Decode UTF-8, each invalid byte run becoming U+FFFD; returns the text and the runs `[k, 2]` (start, end)."""
+    parts, runs, pos = [], [], 0
+    while True:
+        try:
+            parts.append(data[pos:].decode())
+            break
+        except UnicodeDecodeError as error:
+            parts += [data[pos : pos + error.start].decode(), "\ufffd"]
+            runs.append((pos + error.start, pos + error.end))
+            pos += error.end
+    return "".join(parts), np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+
+def _remap(offsets: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """Byte offsets in the original bytes -> offsets in the decoded text's UTF-8 (each run became 3 bytes)."""
+    if not len(runs):
+        return offsets
+    shift = np.concatenate([[0], np.cumsum(3 - (runs[:, 1] - runs[:, 0]))])
+    k = np.searchsorted(runs[:, 1], offsets, side="right")  # runs ending at or before each offset
+    out = offsets + shift[k]
+    inside = (k < len(runs)) & (runs[np.minimum(k, len(runs) - 1), 0] < offsets)
+    out[inside] = runs[k[inside], 0] + shift[k[inside]] + 3  # an end inside a run: the end of its U+FFFD
+    return out
+
+
+def _drop_invalid(a: SpanAlignment, starts: np.ndarray, ends: np.ndarray, runs: np.ndarray) -> None:
+    """Take student tokens touching invalid bytes, and the spans holding them, out of the alignment (in place)."""
+    k = np.searchsorted(runs[:, 1], starts, side="right")
+    bad = (k < len(runs)) & (runs[np.minimum(k, len(runs) - 1), 0] < ends)
+    spans = np.unique(a.student_span[bad & (a.student_span >= 0)])
+    bad |= np.isin(a.student_span, spans)
+    a.teacher_span[np.isin(a.teacher_span, spans)] = -1
+    for field in (a.student_span, a.teacher_at_start, a.containing, a.path_start):
+        field[bad] = -1
 
 
 def _teacher_ends(table: TokenBytes | None, ids: np.ndarray, offsets: list[tuple[int, int]], text: str) -> np.ndarray:
@@ -154,22 +182,25 @@ def retokenise(student: TokenBytes, teacher_tokenizer, teacher_encoder, prompt_i
                for ids, m in zip(prompt_ids, prompt_mask, strict=True)]
     rows = [ids[: int(m.sum())] for ids, m in zip(completion_ids, completion_mask, strict=True)]
     raw = [student.join(r) for r in rows]
-    texts = [b.decode("utf-8", errors="replace") for b in raw]
+    decoded = [lossy_decode(b) for b in raw]
+    texts = [text for text, _ in decoded]
     enc = teacher_encoder.encode_batch(texts, add_special_tokens=False)
     prompt_enc = teacher_tokenizer(prompts, add_special_tokens=True)["input_ids"]
     n, t_rows, fields = completion_ids.shape[1], [], {k: [] for k in ("ss", "ts", "tas", "con", "ps")}
-    for row, data, text, encoding in zip(rows, raw, texts, enc, strict=True):
-        t_ids, offsets = encoding.ids, encoding.offsets
-        limit = _valid_prefix(data, text)
-        t_ids = np.asarray(t_ids, dtype=np.int64)
-        t_ends = _teacher_ends(teacher_bytes, t_ids, offsets, text)
-        s_ends = student.ends(row)
-        ends_eos = len(row) > 0 and row[-1] == student.eos_id and teacher_eos is not None
-        if ends_eos:  # EOS on both sides: a span of one virtual byte past the text
-            s_ends = np.concatenate([s_ends[:-1], [len(data) + 1]])
-            t_ends, t_ids = np.append(t_ends, len(data) + 1), np.append(t_ids, teacher_eos)
-            limit = limit + 1 if limit == len(data) else limit
+    for row, (text, runs), encoding in zip(rows, decoded, enc, strict=True):
+        t_ids = np.asarray(encoding.ids, dtype=np.int64)
+        t_ends = _teacher_ends(teacher_bytes, t_ids, encoding.offsets, text)
+        s_raw_ends = student.ends(row)
+        s_ends = _remap(s_raw_ends, runs)
+        limit = len(text.encode())
+        if len(row) > 0 and row[-1] == student.eos_id and teacher_eos is not None:
+            # EOS on both sides: a span of one virtual byte past the text
+            s_ends = np.concatenate([s_ends[:-1], [limit + 1]])
+            t_ends, t_ids = np.append(t_ends, limit + 1), np.append(t_ids, teacher_eos)
+            limit += 1
         a = align_ends(s_ends, t_ends, limit)
+        if len(runs):
+            _drop_invalid(a, s_raw_ends - student.lengths[row], s_raw_ends, runs)
         t_rows.append(t_ids)
         for key, value in zip(fields, (a.student_span, a.teacher_span, a.teacher_at_start, a.containing, a.path_start),
                               strict=True):

@@ -1,0 +1,246 @@
+"""Every cross-tokenizer aligner side by side: exactness, coverage, time per 1,000 tokens and peak memory.
+
+    .venv/bin/python -m benchmarks.alignment [--pairs synthetic_10 synthetic_90 real] [--rows 16] [--tokens 256]
+
+Pairs: the real SmolLM2-135M student against the Gemma-3-270M teacher (`make real-models`), and synthetic
+byte-level BPE pairs where the student keeps 10% and 90% of the teacher's merges (an 8,000-token teacher trained
+here on the text bank below). Each batch is `--rows` completions of `--tokens` student tokens cut from the text
+bank (code, prose, CJK, emoji, accents, numbers, whitespace runs). The timed part is what an aligner adds to a
+training step: `teacher_inputs` (re-tokenisation and span alignment) plus `project` (targets at the student's
+positions, for a dense same-vocabulary loss), median of three runs; peak memory is the process's resident-set
+peak above its level before the call. On the real pair the teacher's logits come from a real Gemma-3-270M forward
+pass on the same batch, which is timed too: the speed target is align + project under 10% of that forward pass.
+
+Exactness is measured against the brute-force references of `tests/aligner_reference.py` where a method claims
+exactness (`bpe_subset`: teacher likelihood of the next student token; `char_level`: next-byte distributions), as
+the share of spans whose bytes agree on both sides (`byte_spans`, `vocab_map`), and is "approximate" for `mined`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from opd_lightning.aligners import ALIGNERS, keep_merges, prefixless_encoder
+from opd_lightning.losses import TEACHER_LOGITS
+
+from benchmarks.quickstart import machine, record
+from opd_lightning.rollout import Rollout
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from aligner_reference import first_byte_distribution, spell_with_model, subset_conditional
+
+ALIGNER_NAMES = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined")
+EXTRA_TEXT = [
+    "東京は日本の首都です。人口は約1400万人で、世界最大級の都市圏を形成している。",
+    "Emoji: 😀🎉👍🏽 and flags 🇫🇷🇯🇵 — café, naïve, résumé, Ångström, façade, Øresund, Straße.",
+    "Numbers: 3.14159, 1,000,000, 42nd, 0x1F, 2024-11-27, 12345678901234567890 and 6.022e23.",
+    "Whitespace   runs\t\tand\n\n\nnewlines    end  \n    indented  block\n",
+]
+
+
+def text_bank() -> str:
+    """This repository's own sources and docs, interleaved with multilingual, emoji, number and whitespace text."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*root.glob("*.md"), *(root / "opd_lightning").glob("*.py"), *(root / "aligners").glob("*.py"),
+                    *(root / "losses").glob("*.py")])
+    parts = [f.read_text(encoding="utf-8") for f in files]
+    return "\n".join(p + "\n" + EXTRA_TEXT[i % len(EXTRA_TEXT)] for i, p in enumerate(parts))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@contextmanager
+def peak_rss():
+    """Yields a dict whose "extra_mb" is, after the block, this process's resident-set peak above its start level
+    (sampled every 2 ms)."""
+    probe = {"start": _rss(), "peak": _rss(), "extra_mb": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            probe["peak"] = max(probe["peak"], _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield probe
+    finally:
+        stop.set()
+        thread.join()
+        probe["extra_mb"] = (max(probe["peak"], _rss()) - probe["start"]) / 2**20
+
+
+def make_rollout(student, bank: str, rows: int, tokens: int) -> Rollout:
+    """`rows` completions of exactly `tokens` student tokens, cut from the text bank, after a short prompt."""
+    ids = prefixless_encoder(student).encode(bank, add_special_tokens=False).ids
+    if len(ids) < rows * tokens:
+        raise ValueError(f"the text bank has {len(ids)} tokens, fewer than {rows} x {tokens}")
+    step = len(ids) // rows
+    completion = torch.tensor([ids[r * step : r * step + tokens] for r in range(rows)])
+    prompt = torch.tensor([student("Continue:", add_special_tokens=False)["input_ids"]] * rows)
+    sequences = torch.cat([prompt, completion], 1)
+    mask = torch.ones_like(completion, dtype=torch.bool)
+    return Rollout(sequences, torch.ones_like(sequences), mask, prompt.shape[1], torch.ones(rows, dtype=torch.bool),
+                   True)
+
+
+def synthetic_pair(bank: str, share: float):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(bank.splitlines(), trainers.BpeTrainer(
+        vocab_size=8000, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    teacher = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+    return keep_merges(teacher, share), teacher
+
+
+def exactness(name: str, aligner, student, teacher, inputs, target, logits: torch.Tensor, rollout: Rollout) -> str:
+    """How close the aligner's targets are to the brute-force reference (or why they are approximate)."""
+    view = inputs.alignment
+    if name in ("byte_spans", "vocab_map"):
+        s_table, t_table = aligner.student_bytes, aligner.teacher_bytes
+        agree = total = 0
+        for b in range(len(rollout)):
+            s_ids, t_ids = rollout.completion_ids[b].numpy(), view.teacher_ids[b].numpy()
+            for span in range(int(view.student_span[b].max()) + 1):
+                total += 1
+                agree += s_table.join(s_ids[view.student_span[b].numpy() == span]) == t_table.join(
+                    t_ids[view.teacher_span[b].numpy() == span])
+        return f"spans agree byte for byte: {agree}/{total}"
+    if name == "char_level":
+        at = view.teacher_at_start[0]
+        cols = at[at >= 0][:32]
+        want = first_byte_distribution(torch.softmax(logits[0, cols].float(), -1), aligner.teacher_bytes,
+                                       teacher.eos_token_id)
+        shared = aligner.teacher_classes[: logits.shape[-1]]
+        classes = sorted(set(shared[shared >= 0].tolist()))
+        want = want[:, classes] / want[:, classes].sum(-1, keepdim=True)
+        got = target.teacher_logits[0][at >= 0][:32].exp()[:, classes]
+        return f"max abs error {float((got.double() - want).abs().max()):.1e}"
+    if name == "bpe_subset":
+        spell = spell_with_model(student, teacher, aligner.teacher_bytes)
+        where = target.mask[0].nonzero().squeeze(-1)[:32].tolist()
+        error = 0.0
+        for i in where:
+            start, j = int(view.path_start[0, i]), int(view.containing[0, i])
+            path = tuple(rollout.completion_ids[0, start:i].tolist())
+            want = subset_conditional(torch.softmax(logits[0, j].double(), -1), path, spell, len(student))
+            error = max(error, float((target.teacher_logits[0, i].double().exp() - want).abs().max()))
+        return f"max abs error {error:.1e} ({len(where)} positions)"
+    return "approximate (nearest spelling, top-k)"
+
+
+def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor | None, teacher_model=None) -> dict:
+    aligner = ALIGNERS.build(name)
+    start = time.perf_counter()
+    try:
+        aligner.bind(student, teacher, len(student), len(teacher))
+    except ValueError as error:
+        return {"aligner": name, "refused": str(error).split(". Use")[0]}
+    bind_s = time.perf_counter() - start
+    inputs = aligner.teacher_inputs(rollout)
+    if logits is None:  # synthetic pair: random teacher logits of the right shape
+        logits = torch.randn(len(rollout), inputs.completion_length, len(teacher),
+                             generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(3):
+        with peak_rss() as memory:
+            start = time.perf_counter()
+            inputs = aligner.teacher_inputs(rollout)
+            target = aligner.project(logits, inputs, rollout, frozenset({TEACHER_LOGITS}))
+            times.append(time.perf_counter() - start)
+    tokens = int(rollout.completion_mask.sum())
+    return {"aligner": name, "bind_s": bind_s, "seconds": statistics.median(times),
+            "per_1k_ms": 1000 * statistics.median(times) / tokens * 1000, "coverage": target.coverage,
+            "mass": target.mass_coverage, "peak_mb": memory["extra_mb"],
+            "exactness": exactness(name, aligner, student, teacher, inputs, target, logits, rollout)}
+
+
+def real_teacher_logits(student, teacher, rollout: Rollout) -> tuple[torch.Tensor, float]:
+    """Gemma-3-270M's logits on the batch as the aligners present it, and the forward pass's wall time."""
+    from opd_lightning.models import HFModel
+    from opd_lightning.module import _completion_logits
+    from opd_lightning.real_models import prepare_model
+
+    model = HFModel(path=str(prepare_model("gemma3"))).load_model().eval()
+    aligner = ALIGNERS.build("byte_spans")
+    aligner.bind(student, teacher, len(student), len(teacher))
+    inputs = aligner.teacher_inputs(rollout)
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits = _completion_logits(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                                    inputs.completion_length)
+        forward_s = time.perf_counter() - start
+    return logits, forward_s
+
+
+def run_pair(pair: str, bank: str, rows: int, tokens: int) -> tuple[list[dict], float | None]:
+    if pair == "real":
+        from transformers import AutoTokenizer
+
+        from opd_lightning.real_models import prepare_tokenizer
+
+        student = AutoTokenizer.from_pretrained(prepare_tokenizer("smollm2"))
+        teacher = AutoTokenizer.from_pretrained(prepare_tokenizer("gemma3"))
+    else:
+        student, teacher = synthetic_pair(bank, int(pair.split("_")[1]) / 100)
+    rollout = make_rollout(student, bank, rows, tokens)
+    logits, forward_s = real_teacher_logits(student, teacher, rollout) if pair == "real" else (None, None)
+    return [measure(name, student, teacher, rollout, logits) for name in ALIGNER_NAMES], forward_s
+
+
+def table(pair: str, results: list[dict], forward_s: float | None) -> str:
+    lines = ["| aligner | exactness | coverage | mass kept | ms / 1k tokens | peak MB | bind s |" + (
+        " vs teacher forward |" if forward_s else ""), "|---|---|---|---|---|---|---|" + ("---|" if forward_s else "")]
+    for r in results:
+        if "refused" in r:
+            lines.append(f"| {r['aligner']} | refused: {r['refused']} |  |  |  |  |  |" + (" |" if forward_s else ""))
+            continue
+        mass = "" if r["mass"] is None else f"{r['mass']:.3f}"
+        ratio = f" {100 * r['seconds'] / forward_s:.1f}% |" if forward_s else ""
+        lines.append(f"| {r['aligner']} | {r['exactness']} | {r['coverage']:.3f} | {mass} | {r['per_1k_ms']:.0f} | "
+                     f"{r['peak_mb']:.0f} | {r['bind_s']:.1f} |{ratio}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=["synthetic_10", "synthetic_90", "real"])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    bank = text_bank()
+    for pair in args.pairs:  # each pair is recorded in its own block, so pairs can be re-run one at a time
+        results, forward_s = run_pair(pair, bank, args.rows, args.tokens)
+        title = {"real": "SmolLM2-135M student, Gemma-3-270M teacher"}.get(
+            pair, f"Synthetic byte-level BPE: the student keeps {pair.split('_')[1]}% of the teacher's merges")
+        extra = f"\n\nGemma-3-270M forward pass on the same batch: {forward_s:.2f} s." if forward_s else ""
+        section = f"""### Aligners: {title}
+
+Command: `.venv/bin/python -m benchmarks.alignment --pairs {pair} --rows {args.rows} --tokens {args.tokens}`.
+Date: {datetime.date.today()}. Machine: {machine()}, fp32.
+
+{table(pair, results, forward_s)}{extra}"""
+        print(section, flush=True)
+        record(section, f"alignment_{pair}")
+
+if __name__ == "__main__":
+    main()
