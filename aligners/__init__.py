@@ -4,11 +4,12 @@
 registers every aligner below.
 """
 
-from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
+from .base import ALIGNERS, AlignedTarget, Aligner, TeacherHidden, TeacherInputs, fit_vocab
 from .bpe_subset import BpeSubsetAligner, bpe_subset_problem, keep_merges
 from .byte_spans import ByteSpanAligner
 from .bytes import TokenBytes, byte_level_alphabet, char_byte_offsets
 from .char_level import BYTE_CLASSES, CharLevelAligner, byte_class_ids, to_byte_logprobs
+from .dskd_cma import DskdCmaAligner
 from .identity import IdentityAligner
 from .mined import MinEdAligner, edit_distances, min_edit_pairs
 from .spans import SpanAlignment, TextView, align_ends, retokenise
@@ -24,9 +25,11 @@ __all__ = [
     "BpeSubsetAligner",
     "ByteSpanAligner",
     "CharLevelAligner",
+    "DskdCmaAligner",
     "IdentityAligner",
     "MinEdAligner",
     "SpanAlignment",
+    "TeacherHidden",
     "TeacherInputs",
     "TextAligner",
     "TextView",

@@ -20,9 +20,11 @@ from torch import Tensor
 from opd_lightning.registry import Registry
 
 if TYPE_CHECKING:
+    from opd_lightning.losses import TeacherSequence
+
     from opd_lightning.rollout import Rollout
 
-__all__ = ["ALIGNERS", "AlignedTarget", "Aligner", "TeacherInputs"]
+__all__ = ["ALIGNERS", "AlignedTarget", "Aligner", "TeacherHidden", "TeacherInputs"]
 
 ALIGNERS: Registry = Registry("aligner")
 
@@ -36,6 +38,16 @@ class TeacherInputs:
     position_ids: Tensor  # [B, T_teacher]
     completion_length: int  # M: number of trailing positions whose predictions the aligner needs
     alignment: Any = None  # aligner-specific state for `project` (e.g. the byte-span alignment)
+
+
+@dataclass
+class TeacherHidden:
+    """What `Aligner.project_hidden` reads: the teacher's outputs on its completion positions, both embedding tables."""
+
+    hidden: Tensor  # [B, M, H_teacher] the input of the teacher's output layer (last hidden state, final norm applied)
+    logits: Tensor  # [B, M, V_teacher] the teacher's logits there
+    student_embeddings: Tensor  # [V, H_student] the student's input embedding table, detached
+    teacher_embeddings: Tensor  # [V_teacher, H_teacher] the teacher's
 
 
 @dataclass
@@ -55,6 +67,8 @@ class AlignedTarget:
     vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
     mass_coverage: float | None = None  # mean teacher probability mass the projection kept
     student_projection: Callable[[Tensor], Tensor] | None = None  # maps student logits into `teacher_logits`' space
+    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] teacher hidden state at (or attended from) each position
+    teacher_sequence: TeacherSequence | None = None  # teacher logits at its own positions and the way there
 
 
 class Aligner:
@@ -81,6 +95,19 @@ class Aligner:
                 needs: frozenset[str]) -> AlignedTarget:
         """Bring teacher logits for the completion (`[B, M, V_teacher]`) to the student's positions; fill `needs`."""
         raise NotImplementedError
+
+    def setup(self, student_hidden: int, teacher_hidden: int) -> None:
+        """Create parameters whose shapes depend on the models' hidden sizes; called once, before the optimizer is
+        built. Default: none (an aligner with parameters is also an `nn.Module`, so they train and are saved)."""
+
+    def project_hidden(self, target: AlignedTarget, states: TeacherHidden, inputs: TeacherInputs,
+                       rollout: Rollout) -> None:
+        """Fill `target.teacher_hidden` and `target.teacher_sequence` (aligners that provide HIDDEN_STATES).
+
+        Called after `project`, only when a loss requires hidden states, with gradients enabled in training so
+        that an aligner's own parameters learn; the teacher's tensors in `states` carry no gradient.
+        """
+        raise NotImplementedError(f"aligner {self.registry_name!r} does not provide hidden states")
 
     @staticmethod
     def _known() -> str:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import itertools
 import json
 
-import torch
 from opd_lightning.losses import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
-from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+from .text import TextAligner, mass_to_logits, project_chunks, softmax_
 from .trie import TokenTrie
 
 __all__ = ["BpeSubsetAligner", "bpe_subset_problem", "keep_merges"]
@@ -95,13 +94,14 @@ class BpeSubsetAligner(TextAligner):
                 needs: frozenset[str]) -> AlignedTarget:
         view = inputs.alignment
         ok = (view.path_start >= 0) & rollout.completion_mask
-        valid, rows = gather_rows(teacher_logits, view.containing.masked_fill(~ok, -1))  # [B, N], [n, V_t]
-        ids = rollout.completion_ids.cpu()
-        starts, where = view.path_start.cpu(), valid.nonzero().cpu().tolist()
-        paths = [tuple(ids[b, int(starts[b, i]):i].tolist()) for b, i in where]
-        mass = self.trie.conditional(torch.softmax(rows.float(), -1), paths)  # [n, V_s]
-        logp, kept = mass_to_logits(mass)
-        valid, keep = keep_rows(valid, kept > 0)
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
-                             teacher_logits=scatter_rows(logp[keep], valid),
+        index = view.containing.masked_fill(~ok, -1)
+        ids, starts = rollout.completion_ids.cpu(), view.path_start.cpu()
+
+        def condition(rows: Tensor, batch: Tensor, pos: Tensor, _: Tensor) -> tuple[Tensor, Tensor]:
+            paths = [tuple(ids[b, int(starts[b, i]) : i].tolist()) for b, i in zip(batch.tolist(), pos.tolist(),
+                                                                                    strict=True)]
+            return mass_to_logits(self.trie.conditional(softmax_(rows), paths))  # [c, V_s]
+
+        logp, valid, kept, _ = project_chunks(teacher_logits, index, self.student_vocab_size, condition)
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)

@@ -21,7 +21,7 @@ from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
 from .lookahead import Lookahead
-from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows, span_logprobs
+from .text import TextAligner, mass_to_logits, project_chunks, softmax_, span_logprobs
 from .trie import TokenTrie
 
 __all__ = ["ByteSpanAligner"]
@@ -58,18 +58,19 @@ class ByteSpanAligner(TextAligner):
 
     def _dense(self, teacher_logits: Tensor, view, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
         at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
-        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
-        lengths = view.teacher_mask.sum(-1).tolist()
-        mass = torch.cat([  # one row at a time: the teacher's [M, V_t] probabilities are the largest tensor here
-            self.lookahead.project(torch.softmax(teacher_logits[b, : lengths[b]].float(), -1), view.teacher_ids[b],
-                                   lengths[b], at[b][at[b] >= 0].tolist(), self.student_vocab_size)
-            for b in range(at.shape[0])])  # [n, V_s]
-        logp, kept = mass_to_logits(mass)
-        valid, keep = keep_rows(valid, kept > 0)
-        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
-                               mass_coverage=float(kept.mean()) if len(kept) else 0.0,
-                               vocab_pairs=tuple(p.to(rows.device) for p in self.pairs))
-        target.teacher_logits = scatter_rows(logp[keep], valid)
-        if TEACHER_NATIVE_LOGITS in needs:
-            target.teacher_native_logits = scatter_rows(rows[keep].float(), valid)
-        return target
+        realised, lengths = view.teacher_ids.tolist(), view.teacher_mask.sum(-1).tolist()
+
+        def row_probs(b: int, pos: int) -> Tensor:  # a later position, for student tokens spanning teacher tokens
+            return torch.softmax(teacher_logits[b, pos].float(), -1)
+
+        def spread(rows: Tensor, batch: Tensor, _: Tensor, teacher_pos: Tensor) -> tuple[Tensor, Tensor]:
+            starts = list(zip(batch.tolist(), teacher_pos.tolist(), strict=True))
+            mass = self.lookahead.project(softmax_(rows), starts, realised, lengths, row_probs,
+                                          self.student_vocab_size)  # [c, V_s]
+            return mass_to_logits(mass)
+
+        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, spread,
+                                                   native=TEACHER_NATIVE_LOGITS in needs)
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
+                             teacher_native_logits=native, vocab_pairs=tuple(p.to(logp.device) for p in self.pairs),
+                             mass_coverage=float(kept.mean()) if len(kept) else 0.0)

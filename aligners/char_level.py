@@ -23,7 +23,7 @@ from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
 from .bytes import TokenBytes
-from .text import LOG_FLOOR, TextAligner, gather_rows, scatter_rows
+from .text import LOG_FLOOR, TextAligner, project_chunks
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
 
@@ -41,9 +41,10 @@ def byte_class_ids(table: TokenBytes) -> Tensor:
 def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
     """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
     classes = classes[: logits.shape[-1]].to(logits.device)
-    keep = classes >= 0
-    probs = torch.softmax(logits.float(), -1)[..., keep]  # [..., V_kept]
-    mass = probs.new_zeros(*probs.shape[:-1], BYTE_CLASSES).index_add_(-1, classes[keep], probs)  # [..., 257]
+    probs = torch.softmax(logits.float(), -1)  # [..., V]
+    # Tokens without a class go to one extra column, dropped (cheaper than selecting the others).
+    mass = probs.new_zeros(*probs.shape[:-1], BYTE_CLASSES + 1).index_add_(
+        -1, classes.where(classes >= 0, BYTE_CLASSES), probs)[..., :BYTE_CLASSES]  # [..., 257]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
 
@@ -74,9 +75,11 @@ class CharLevelAligner(TextAligner):
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> AlignedTarget:
-        view = inputs.alignment
-        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
-        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
-        target = scatter_rows(to_byte_logprobs(rows, self.teacher_classes), valid)  # [B, N, 257]
+        at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+
+        def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
+            return to_byte_logprobs(rows, self.teacher_classes), rows.new_ones(rows.shape[0])
+
+        target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes)  # [B, N, 257]
         return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=target,
                              student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))

@@ -7,12 +7,19 @@ differ: a silent mismatch would train the student towards the wrong tokens.
 from __future__ import annotations
 
 import torch
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
+from opd_lightning.losses import (
+    HIDDEN_STATES,
+    TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
+    TeacherSequence,
+)
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
 
-from .base import ALIGNERS, AlignedTarget, Aligner, TeacherInputs, fit_vocab
+from .base import ALIGNERS, AlignedTarget, Aligner, TeacherHidden, TeacherInputs, fit_vocab
 
 __all__ = ["IdentityAligner"]
 
@@ -35,7 +42,7 @@ class IdentityAligner(Aligner):
 
     same_tokenizer = True
     # Token log-probs are gathered by the loss from the dense logits, at the loss's own temperature.
-    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+    provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS, HIDDEN_STATES})
 
     def __init__(self) -> None:
         self.student_vocab_size = 0
@@ -65,3 +72,9 @@ class IdentityAligner(Aligner):
         ids = torch.arange(self.tokenizer_size, device=logits.device)
         return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits,
                              vocab_pairs=(ids, ids), mass_coverage=1.0)
+
+    def project_hidden(self, target: AlignedTarget, states: TeacherHidden, inputs: TeacherInputs,
+                       rollout: Rollout) -> None:
+        # The teacher reads the student's tokens: its positions are the student's, and its logits stay native.
+        target.teacher_hidden = states.hidden  # [B, N, H_teacher]
+        target.teacher_sequence = TeacherSequence(states.logits)

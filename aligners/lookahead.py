@@ -18,6 +18,7 @@ text; off the path, longer student tokens are approximated by their first teache
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,35 +80,37 @@ class Lookahead:
             node = next(iter(node.children.values()))
         return node.default
 
-    def project(self, probs: Tensor, realised: Tensor, length: int, starts: list[int], size: int) -> Tensor:
-        """Student-token masses `[len(starts), size]` from one row's teacher distributions.
+    def project(self, probs: Tensor, starts: list[tuple[int, int]], realised: list[list[int]], lengths: list[int],
+                row_probs: Callable[[int, int], Tensor], size: int) -> Tensor:
+        """Student-token masses `[c, size]` at teacher positions where a student token starts too.
 
         Args:
-            probs: `[M, V_t]` the teacher's next-token distributions over the row's completion positions.
-            realised: `[M]` the teacher tokens of the completion.
-            length: valid teacher completion positions in this row.
-            starts: teacher positions where a student token starts too.
+            probs: `[c, V_t]` the teacher's next-token distributions at those positions.
+            starts: (row, teacher completion position) of each of the c positions.
+            realised: per row, the teacher tokens of the completion.
+            lengths: per row, its number of valid teacher completion positions.
+            row_probs: `(row, position) -> [V_t]` the teacher's distribution at a later position, read only when
+                the walk goes below the first level.
             size: the student's vocabulary size.
         """
-        index = torch.tensor(starts, dtype=torch.long, device=probs.device)
-        rows = probs[index]  # [s, V_t]
         root_map = self.root_map[: probs.shape[-1]].to(probs.device)
-        keep = root_map >= 0
-        out = rows.new_zeros(len(starts), size).index_add_(1, root_map[keep], rows[:, keep])
-        realised_list = realised.tolist()
-        for k, c in enumerate(starts):
-            node = self.root.children.get(realised_list[c])
+        # Tokens the student cannot spell go to one extra column, dropped below (cheaper than selecting the others).
+        out = probs.new_zeros(len(starts), size + 1).index_add_(1, root_map.where(root_map >= 0, size), probs)
+        out = out[:, :size]
+        for k, (b, c) in enumerate(starts):
+            token = realised[b][c]
+            node = self.root.children.get(token)
             if node is None or not node.children:
                 continue
-            mass = rows[k, realised_list[c]]
-            out[k, self.root_map[realised_list[c]]] -= mass  # continues below instead
-            self._walk(out[k], probs, realised_list, c + 1, length, node, mass)
-        return out.clamp_min(0)
+            mass = probs[k, token]
+            out[k, self.root_map[token]] -= mass  # continues below instead
+            self._walk(out[k], lambda pos, b=b: row_probs(b, pos), realised[b], c + 1, lengths[b], node, mass)
+        return out.clamp_min_(0)
 
-    def _walk(self, out: Tensor, probs: Tensor, realised: list[int], pos: int, length: int, node: _Node,
-              mass: Tensor) -> None:
+    def _walk(self, out: Tensor, row_probs: Callable[[int], Tensor], realised: list[int], pos: int, length: int,
+              node: _Node, mass: Tensor) -> None:
         while node.children and pos < length:
-            q = probs[pos]  # [V_t]
+            q = row_probs(pos)  # [V_t]
             qc = q[node.child_ids.to(q.device)] * mass  # [c]
             out.index_add_(0, node.child_reps.to(q.device), qc)
             if node.default >= 0:

@@ -19,7 +19,7 @@ from torch import Tensor
 from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
-from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+from .text import TextAligner, mass_to_logits, project_chunks, softmax_
 
 __all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
 
@@ -94,20 +94,40 @@ class MinEdAligner(TextAligner):
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
         super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
         spelled = [(i, b[: self.max_token_bytes]) for i, b in enumerate(self.student_bytes.table) if b]
-        self._ids = np.array([i for i, _ in spelled])
-        self._lengths = np.array([len(b) for _, b in spelled])
-        self._matrix = np.zeros((len(spelled), max(self._lengths, default=1)), dtype=np.uint8)
-        for row, (_, data) in enumerate(spelled):
-            self._matrix[row, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        by_length: dict[int, list[tuple[int, bytes]]] = {}
+        for i, data in spelled:
+            by_length.setdefault(len(data), []).append((i, data))
+        self._buckets = {}  # length -> (student ids [n], spellings [n, length] uint8)
+        for length, items in by_length.items():
+            matrix = np.frombuffer(b"".join(d for _, d in items), dtype=np.uint8).reshape(len(items), length)
+            self._buckets[length] = (np.array([i for i, _ in items]), matrix)
         self._nearest = dict(zip(self.pairs[1].tolist(), self.pairs[0].tolist(), strict=True))  # exact spellings
 
     def nearest(self, teacher_id: int) -> int:
-        """The student token nearest in edit distance to a teacher token (cached; -1 if it spells nothing)."""
+        """The student token nearest in edit distance to a teacher token (cached; -1 if it spells nothing).
+
+        Exact search with pruning: the distance between strings is at least the difference of their lengths, so
+        student spellings are scanned by growing length difference until no remaining length can do better.
+        """
         if teacher_id not in self._nearest:
             data = self.teacher_bytes.table[teacher_id] if teacher_id < len(self.teacher_bytes) else None
-            self._nearest[teacher_id] = -1 if not data else int(
-                self._ids[np.argmin(edit_distances(data, self._matrix, self._lengths))])
+            self._nearest[teacher_id] = -1 if not data else self._search(data[: self.max_token_bytes])
         return self._nearest[teacher_id]
+
+    def _search(self, query: bytes) -> int:
+        best, best_id = None, -1
+        for gap in range(max(len(query), max(self._buckets)) + 1):
+            if best is not None and best <= gap:
+                break
+            for length in {len(query) - gap, len(query) + gap}:
+                if length not in self._buckets:
+                    continue
+                ids, matrix = self._buckets[length]
+                dist = edit_distances(query, matrix, np.full(len(ids), length))
+                k = int(np.argmin(dist))
+                if best is None or dist[k] < best:
+                    best, best_id = int(dist[k]), int(ids[k])
+        return best_id
 
     def _aligned_positions(self, view, rollout: Rollout) -> Tensor:
         """Teacher completion index paired with each student token by MinED inside its span (-1: none)."""
@@ -131,17 +151,17 @@ class MinEdAligner(TextAligner):
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> AlignedTarget:
         at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
-        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
-        top = torch.softmax(rows.float(), -1).topk(min(self.topk, rows.shape[-1]), -1)  # values, indices [n, k]
-        mapped = torch.tensor([[self.nearest(v) for v in row] for row in top.indices.tolist()],
-                              dtype=torch.long, device=rows.device).reshape(top.indices.shape)  # [n, k]
-        mass = rows.new_zeros(rows.shape[0], self.student_vocab_size, dtype=torch.float32)
-        mass.scatter_add_(1, mapped.clamp_min(0), top.values * (mapped >= 0))
-        logp, kept = mass_to_logits(mass)
-        valid, keep = keep_rows(valid, kept > 0)
-        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=scatter_rows(
-            logp[keep], valid), mass_coverage=float(kept.mean()) if len(kept) else 0.0,
-            vocab_pairs=tuple(p.to(rows.device) for p in self.pairs))
-        if TEACHER_NATIVE_LOGITS in needs:
-            target.teacher_native_logits = scatter_rows(rows[keep].float(), valid)
-        return target
+
+        def nearest_topk(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
+            top = softmax_(rows).topk(min(self.topk, rows.shape[-1]), -1)  # values, indices [c, k]
+            mapped = torch.tensor([[self.nearest(v) for v in row] for row in top.indices.tolist()],
+                                  dtype=torch.long, device=rows.device).reshape(top.indices.shape)  # [c, k]
+            mass = rows.new_zeros(rows.shape[0], self.student_vocab_size)
+            mass.scatter_add_(1, mapped.clamp_min(0), top.values * (mapped >= 0))
+            return mass_to_logits(mass)
+
+        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, nearest_topk,
+                                                   native=TEACHER_NATIVE_LOGITS in needs)
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
+                             teacher_native_logits=native, vocab_pairs=tuple(p.to(logp.device) for p in self.pairs),
+                             mass_coverage=float(kept.mean()) if len(kept) else 0.0)

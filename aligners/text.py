@@ -7,6 +7,8 @@ outputs at the positions an aligner chooses. Subclasses differ only in `project`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -18,28 +20,69 @@ from .bytes import TokenBytes
 from .spans import TextView, retokenise
 from .trie import prefixless_encoder
 
-__all__ = ["LOG_FLOOR", "TextAligner", "gather_rows", "keep_rows", "mass_to_logits", "scatter_rows", "span_logprobs",
-           "vocab_pairs"]
+__all__ = ["CHUNK_ROWS", "LOG_FLOOR", "TextAligner", "mass_to_logits", "project_chunks", "softmax_", "span_logprobs",
+           "token_logprobs_chunked", "vocab_pairs"]
 
 
-def gather_rows(values: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of `values` `[B, M, ...]` at per-student-token teacher positions `index` `[B, N]` (-1: none).
+CHUNK_ROWS = 16  # teacher rows projected at a time: [16, 262k] fp32 is 17 MB, small enough for the allocator to reuse
 
-    Returns (valid `[B, N]` bool, rows `[n, ...]` for the valid positions in row-major order).
+
+def softmax_(rows: Tensor) -> Tensor:
+    """Softmax over the last axis, in place (the rows are the caller's own copy): no second `[c, V]` tensor."""
+    rows.sub_(rows.amax(-1, keepdim=True)).exp_()
+    return rows.div_(rows.sum(-1, keepdim=True))
+
+
+def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
+                   fn: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+                   native: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Project the teacher's rows at the valid positions of `index` a chunk at a time.
+
+    Copying every aligned row out of `[B, M, V_teacher]` logits at once, then soft-maxing the copy, would allocate
+    (and page in) two more tensors of the logits' size; one chunk of `CHUNK_ROWS` rows at a time keeps the extra
+    memory small and the work the same. Outputs start as zeros (lazily allocated pages), and only valid rows are
+    written.
+
+    Args:
+        teacher_logits: `[B, M, V_teacher]`.
+        index: `[B, N]` teacher position serving each student position, -1 for none.
+        width: size of each projected row.
+        fn: `(rows [c, V_teacher] fp32 copy, may be modified; batch [c]; student pos [c]; teacher pos [c])` ->
+            (projected log-probs `[c, width]`, probability mass kept `[c]`).
+        native: also return the teacher's own logits at the valid positions, `[B, N, V_teacher]`.
+
+    Returns:
+        (projected `[B, N, width]`, positions with a target `[B, N]`, mass kept `[n]`, native logits or None).
     """
-    valid = index >= 0
-    batch = torch.arange(index.shape[0], device=index.device).unsqueeze(1).expand_as(index)
-    return valid, values[batch[valid], index[valid]]
+    batch, pos = (index >= 0).nonzero(as_tuple=True)
+    teacher_pos = index[batch, pos]
+    shape = (*index.shape, width)
+    out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
+    own = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device) if native else None
+    kept = []
+    for start in range(0, len(batch), CHUNK_ROWS):
+        b, i, t = (x[start : start + CHUNK_ROWS] for x in (batch, pos, teacher_pos))
+        rows = teacher_logits[b, t].float()  # [c, V_teacher] a copy
+        if own is not None:
+            own[b, i] = rows
+        logp, mass = fn(rows, b, i, t)
+        out[b, i] = logp
+        kept.append(mass)
+    kept_all = torch.cat(kept) if kept else out.new_zeros(0)
+    valid = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
+    valid[batch, pos] = kept_all > 0
+    return out, valid, kept_all, own
 
 
-def keep_rows(valid: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Narrow a position mask `[B, N]` to the valid positions whose row (`[n]`, row-major order) is kept.
-
-    Returns (the narrowed mask `[B, N]`, `keep` itself, to select the kept rows).
-    """
-    narrowed = torch.zeros_like(valid)
-    narrowed[valid] = keep
-    return narrowed, keep
+def token_logprobs_chunked(logits: Tensor, ids: Tensor) -> Tensor:
+    """log softmax(logits)[ids] `[B, M]` from `[B, M, V]` logits, `CHUNK_ROWS` rows at a time (no `[B, M, V]` copy)."""
+    flat, flat_ids = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], CHUNK_ROWS):
+        rows = flat[start : start + CHUNK_ROWS].float()  # [c, V]
+        out[start : start + CHUNK_ROWS] = rows.gather(1, flat_ids[start : start + CHUNK_ROWS, None]).squeeze(1) - \
+            rows.logsumexp(-1)
+    return out.reshape(ids.shape)
 
 
 def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> tuple[Tensor, Tensor]:
@@ -48,7 +91,7 @@ def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> tup
     Returns (log-probs `[B, N]`, zero off span ends; span ends `[B, N]` bool).
     """
     ids, t_span, s_span = view.teacher_ids, view.teacher_span, view.student_span
-    logp = torch.log_softmax(teacher_logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, M]
+    logp = token_logprobs_chunked(teacher_logits, ids)  # [B, M]
     n_spans = int(max(t_span.max(), s_span.max(), 0)) + 1
     totals = logp.new_zeros(ids.shape[0], n_spans + 1)  # column n_spans collects tokens without a span
     totals.scatter_add_(1, torch.where(t_span >= 0, t_span, n_spans), logp.masked_fill(~view.teacher_mask, 0))
@@ -122,19 +165,12 @@ def vocab_pairs(student: TokenBytes, teacher: TokenBytes) -> tuple[Tensor, Tenso
 LOG_FLOOR = -80.0  # log-probability given to student tokens a projected teacher distribution cannot reach
 
 
-def scatter_rows(rows: Tensor, valid: Tensor, fill: float = 0.0) -> Tensor:
-    """Valid-position rows `[n, V]` back into `[B, N, V]`; other positions hold `fill`."""
-    out = rows.new_full((*valid.shape, rows.shape[-1]), fill)
-    out[valid] = rows
-    return out
-
-
 def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     """Renormalise projected probability masses `[n, V]` to log-probs floored at `LOG_FLOOR`.
 
     Returns (log-probs `[n, V]`, the mass each row kept `[n]`). Rows that kept no mass come back as uniform logits
-    (the caller masks them).
+    (the caller masks them). Works in place on `mass`.
     """
     kept = mass.sum(-1)  # [n]
-    logp = torch.log(mass / kept.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(-1)).clamp_min(LOG_FLOOR)
-    return logp.masked_fill((kept <= 0).unsqueeze(-1), 0.0), kept
+    logp = mass.div_(kept.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(-1)).log_().clamp_min_(LOG_FLOOR)
+    return logp.masked_fill_((kept <= 0).unsqueeze(-1), 0.0), kept

@@ -17,7 +17,7 @@ from torch import Tensor
 from opd_lightning.rollout import Rollout
 
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
-from .text import TextAligner, gather_rows, keep_rows, mass_to_logits, scatter_rows
+from .text import LOG_FLOOR, TextAligner, project_chunks
 
 __all__ = ["VocabMapAligner"]
 
@@ -48,19 +48,18 @@ class VocabMapAligner(TextAligner):
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> AlignedTarget:
-        view = inputs.alignment
-        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
-        valid, rows = gather_rows(teacher_logits, at)  # [B, N], [n, V_t]
-        s_ids, t_ids = (p.to(rows.device) for p in self.pairs)
-        probs = torch.softmax(rows.float(), -1)  # [n, V_t]
-        mass = probs.new_zeros(rows.shape[0], self.student_vocab_size).index_copy_(1, s_ids, probs[:, t_ids])
-        logp, kept = mass_to_logits(mass)
-        valid, valid_rows = keep_rows(valid, kept > 0)
-        target = AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid,
-                               mass_coverage=float(kept.mean()) if len(kept) else 0.0,
-                               vocab_pairs=(s_ids, t_ids))
-        if needs & {TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS}:
-            target.teacher_logits = scatter_rows(logp[valid_rows], valid)
-        if TEACHER_NATIVE_LOGITS in needs:
-            target.teacher_native_logits = scatter_rows(rows[valid_rows].float(), valid)
-        return target
+        at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+        s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
+
+        def matched(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
+            same = rows[:, t_ids]  # [c, K] logits of the tokens both vocabularies spell
+            lse = same.logsumexp(-1, keepdim=True)  # [c, 1]
+            out = rows.new_full((rows.shape[0], self.student_vocab_size), LOG_FLOOR)
+            out[:, s_ids] = (same - lse).clamp_min(LOG_FLOOR)
+            return out, (lse.squeeze(-1) - rows.logsumexp(-1)).exp()
+
+        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, matched,
+                                                   native=TEACHER_NATIVE_LOGITS in needs)
+        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
+                             teacher_native_logits=native, vocab_pairs=(s_ids, t_ids),
+                             mass_coverage=float(kept.mean()) if len(kept) else 0.0)

@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     bank = text_bank()
     for pair in args.pairs:  # each pair is recorded in its own block, so pairs can be re-run one at a time
         results, forward_s = run_pair(pair, bank, args.rows, args.tokens)
-        title = {"real": "SmolLM2-135M student, Gemma-3-270M teacher"}.get(
-            pair, f"Synthetic byte-level BPE: the student keeps {pair.split('_')[1]}% of the teacher's merges")
+        title = ("SmolLM2-135M student, Gemma-3-270M teacher" if pair == "real" else
+                 f"Synthetic byte-level BPE: the student keeps {pair.removeprefix('synthetic_')}% of the teacher's merges")
         extra = f"\n\nGemma-3-270M forward pass on the same batch: {forward_s:.2f} s." if forward_s else ""
         section = f"""### Aligners: {title}
 

@@ -15,6 +15,7 @@ from .base import (
     DistillationLoss,
     LossInputs,
     LossOutput,
+    TeacherSequence,
     check_teacher,
     dense_divergence,
     dense_sum,
@@ -22,6 +23,7 @@ from .base import (
 )
 from .credit import CREDITS, assign_credit, discounted_returns
 from .cross_entropy import CrossEntropy, cross_entropy
+from .dskd import DSKD, dskd
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
 from .gold import GOLD, gold, gold_per_token
 from .kl import (
@@ -52,6 +54,7 @@ from .uld import ULD, sorted_l1_per_token, uld, uld_per_token
 
 __all__ = [
     "CREDITS",
+    "DSKD",
     "GOLD",
     "HIDDEN_STATES",
     "LOSSES",
@@ -72,6 +75,7 @@ __all__ = [
     "SampledToken",
     "SkewKL",
     "SkewReverseKL",
+    "TeacherSequence",
     "TopKReverseKL",
     "TotalVariation",
     "assign_credit",
@@ -81,6 +85,7 @@ __all__ = [
     "dense_divergence",
     "dense_sum",
     "discounted_returns",
+    "dskd",
     "entropy_aware",
     "forward_kl",
     "forward_kl_per_token",

@@ -35,6 +35,7 @@ __all__ = [
     "DistillationLoss",
     "LossInputs",
     "LossOutput",
+    "TeacherSequence",
     "check_teacher",
     "dense_divergence",
     "dense_sum",
@@ -48,7 +49,16 @@ TEACHER_LOGITS = "teacher_logits"  # dense teacher logits in the student's vocab
 TEACHER_TOKEN_LOGPROBS = "teacher_token_logprobs"  # teacher log-prob of each target token, [B, N]
 TEACHER_NATIVE_LOGITS = "teacher_native_logits"  # teacher logits in its own vocabulary, [B, N, V_teacher]
 VOCAB_PAIRS = "vocab_pairs"  # (student ids [K], teacher ids [K]): tokens with the same text in both vocabularies
-HIDDEN_STATES = "hidden_states"  # last hidden states of both models at the completion positions
+HIDDEN_STATES = "hidden_states"  # last hidden states of both models at the completion positions, and both output layers
+
+
+@dataclass
+class TeacherSequence:
+    """The teacher's outputs at its own completion positions, for losses that score in the teacher's space there."""
+
+    logits: Tensor  # [B, M, V_teacher] the teacher's logits at its M completion positions
+    mask: Tensor | None = None  # [B, M] bool; None: the teacher's positions are the student's (M = N, the loss mask)
+    from_student: Callable[[Tensor], Tensor] | None = None  # [B, N, H] at student positions -> [B, M, H]; None: same
 
 
 @dataclass
@@ -64,7 +74,10 @@ class LossInputs:
     teacher_native_logits: Tensor | None = None  # [B, N, V_teacher] at the teacher position aligned with each token
     vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
     student_hidden: Tensor | None = None  # [B, N, H_student] hidden state that predicts each completion token
-    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] the teacher's, at the aligned position
+    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] the teacher's, at (or attended from) the aligned position
+    teacher_sequence: TeacherSequence | None = None  # the teacher's logits at its own positions (HIDDEN_STATES)
+    student_head: Tensor | None = None  # [V, H_student] the student's output layer weight (HIDDEN_STATES)
+    teacher_head: Tensor | None = None  # [V_teacher, H_teacher] the frozen teacher's output layer weight
     old_logprobs: Tensor | None = None  # [B, N] student log-probs when the rollout was sampled
     num_items: Tensor | float | None = None  # normaliser for the optimizer step; None -> mask.sum()
 
@@ -101,6 +114,13 @@ class DistillationLoss(nn.Module):
 
     requires: ClassVar[frozenset[str]] = frozenset()
     registry_name: ClassVar[str] = ""
+
+    def setup(self, student_hidden: int, teacher_hidden: int) -> None:
+        """Create parameters whose shapes depend on the two models' hidden sizes (e.g. DSKD's projectors).
+
+        The training module calls this once, after loading both models and before the optimizer is built, so the
+        parameters exist for the optimizer and for checkpoint loading. Default: nothing to create.
+        """
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -18,27 +18,30 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 __all__ = ["EpochSampler", "PromptDataModule", "PromptDataset", "ResumableLoader", "load_rows"]
 
 
-def _resolve(path: str) -> Path:
+def _resolve(path: str) -> tuple[Path, str]:
+    """The file behind a data path, and the prefix its prompts get (`builtin:arithmetic_fewshot`: worked examples)."""
     if path.startswith("builtin:"):
-        from opd_lightning.tasks.arithmetic import task_data_path
+        from opd_lightning.tasks.arithmetic import FEWSHOT_PREFIX, task_data_path
 
         task, _, split = path.removeprefix("builtin:").partition("/")
-        if task != "arithmetic":
-            raise ValueError(f"unknown builtin data {path!r}; available: builtin:arithmetic/<train|validation|test>")
-        return task_data_path(split or "train")
-    return Path(path)
+        if task not in ("arithmetic", "arithmetic_fewshot"):
+            raise ValueError(f"unknown builtin data {path!r}; available: builtin:arithmetic/<train|validation|test> "
+                             "and builtin:arithmetic_fewshot/<split> (the same problems after three worked examples)")
+        return task_data_path(split or "train"), FEWSHOT_PREFIX if task == "arithmetic_fewshot" else ""
+    return Path(path), ""
 
 
 def load_rows(path: str, limit: int | None = None) -> list[dict]:
     """Rows of a JSONL file (or `builtin:` name), first `limit` only if given."""
-    file = _resolve(path)
+    file, prefix = _resolve(path)
     if not file.exists():
         raise FileNotFoundError(f"data file {file} does not exist")
     rows = []
     with file.open() as handle:
         for line in handle:
             if line.strip():
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                rows.append({**row, "prompt": prefix + row["prompt"]} if prefix else row)
             if limit is not None and len(rows) >= limit:
                 break
     return rows

@@ -7,7 +7,8 @@ back-propagate the weighted loss terms. Optimization is manual because the norma
 first backward of the step; gradient accumulation is therefore `micro_batch_size`, not the Trainer's flag.
 
 The teacher and the initial-student reference are kept out of the module's children: they never reach the
-optimizer, the state dict or a checkpoint.
+optimizer, the state dict or a checkpoint. Loss terms and the aligner are children, so their own parameters (DSKD's
+projectors, its cross-model attention) are optimised and saved with the student.
 
 The file runs a little past the ~400-line budget: rollout assembly, the objective, diagnostics glue and FSDP2
 sharding all read the same wiring (models, aligner, sampling, step seed). The pure parts already live elsewhere
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 
 from opd_lightning.aligners import AlignedTarget, Aligner
 from opd_lightning.diagnostics import Diagnostics, output_layer_grad_coherence
-from opd_lightning.losses import DistillationLoss, LossInputs
+from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer_input, setup_sizes, teacher_hidden
+from opd_lightning.losses import HIDDEN_STATES, DistillationLoss, LossInputs
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, check_pairing, fill_inputs, resolve_aligner
 from opd_lightning.rollout import Rollout, SamplingConfig, encode_prompts, generate_rollout, rollout_from_texts
@@ -148,6 +150,7 @@ class DistillationModule(LightningModule):
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
             self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, self._vocab_size(self.student),
                               self._vocab_size(self._frozen["teacher"]))
+            setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists
         self._needs = check_pairing(self.terms, self.aligner)  # (reference, completions) -> inputs to compute
 
     # ----------------------------------------------------------------------------------------------- models
@@ -197,13 +200,20 @@ class DistillationModule(LightningModule):
 
     def _reference_target(self, reference: str, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
         """The reference's outputs at the completion positions, in the form the loss `needs`."""
+        grad = torch.is_grad_enabled()  # for an aligner's own parameters (hidden states only)
         with torch.no_grad():
             if reference == "teacher":
                 inputs = self.aligner.teacher_inputs(rollout)
-                logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
-                                            inputs.position_ids, inputs.completion_length)
+                hidden = [] if HIDDEN_STATES in needs else None
+                with output_layer_input(self.teacher, hidden):
+                    logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
+                                                inputs.position_ids, inputs.completion_length)
                 target = self.aligner.project(logits, inputs, rollout, needs)
                 self._diag.update_coverage(target.coverage)
+                if hidden:
+                    with torch.set_grad_enabled(grad):
+                        states = teacher_hidden(hidden[0], logits, self.student, self.teacher)
+                        self.aligner.project_hidden(target, states, inputs, rollout)
                 return target
             args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
             if self.lora is not None:
@@ -293,16 +303,22 @@ class DistillationModule(LightningModule):
         """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count."""
         student_logits, targets = {}, {}
         total, metrics = torch.zeros((), device=self.device), {}
-        hidden: list[Tensor] = []  # input of the output layer on the rollout, when gradient coherence is measured
+        hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
         for term in self.terms:
             rollout = rollouts[term.completions]
             if term.completions not in student_logits:
-                with self._capture_output_input(hidden if term.completions == "rollout" and measure else None):
+                keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
+                store = [] if keep else None
+                with output_layer_input(self.student, store):
                     student_logits[term.completions] = _completion_logits(
                         self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
                         rollout.completion_mask.shape[1])
+                if store:
+                    hidden[term.completions] = store[0][:, :-1]
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 num_items=counts[term.completions])
+            if HIDDEN_STATES in term.loss.requires:
+                fill_student_hidden(inputs, hidden[term.completions], self.student, self.teacher)
             if term.needs_reference:
                 key = (term.reference, term.completions)
                 if key not in targets:
@@ -312,22 +328,10 @@ class DistillationModule(LightningModule):
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
             metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items() if k != term.loss.registry_name})
+        coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
-                       total, hidden[0] if hidden else None)
+                       total, coherence)
         return total, metrics
-
-    @contextmanager
-    def _capture_output_input(self, store: list | None):
-        """Record the output layer's input (hidden states `[B, N + 1, H]`) into `store` during the block."""
-        if store is None:
-            yield
-            return
-        handle = self.student.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: store.append(args[0].detach()))
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: AlignedTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:
@@ -340,7 +344,7 @@ class DistillationModule(LightningModule):
                                  rollout.completion_ids, mask, target.mask if dense else None)
         if hidden is not None and total.requires_grad:
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
-            self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[:, :-1][mask]))
+            self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))
 
     def _step_counts(self, rollouts: dict[str, Rollout]) -> dict[str, Tensor]:
         counts = {}

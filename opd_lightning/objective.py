@@ -12,7 +12,7 @@ from typing import Literal
 from torch import nn
 
 from opd_lightning.aligners import ALIGNERS, AlignedTarget, Aligner, IdentityAligner
-from opd_lightning.losses import LOSSES, DistillationLoss, LossInputs
+from opd_lightning.losses import HIDDEN_STATES, LOSSES, DistillationLoss, LossInputs
 
 __all__ = ["LossTerm", "check_pairing", "fill_inputs", "resolve_aligner", "resolve_loss"]
 
@@ -64,8 +64,9 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner) -> dict[tuple[str, st
     """What each (reference, completions) pair must provide, checked against what can provide it.
 
     The teacher's outputs come through `aligner`; the initial student shares the student's tokenizer, so its
-    outputs come as the identity aligner's would. Raises, naming the aligners that would serve, when a loss needs an
-    input its reference cannot give.
+    outputs come as the identity aligner's would, hidden states excepted (the teacher's output layer is what a
+    hidden-state loss projects into). Raises, naming the aligners that would serve, when a loss needs an input its
+    reference cannot give.
     """
     needs: dict[tuple[str, str], frozenset[str]] = {}
     for term in terms:
@@ -73,8 +74,8 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner) -> dict[tuple[str, st
             continue
         key = (term.reference, term.completions)
         needs[key] = needs.get(key, frozenset()) | term.loss.requires
-        provider = aligner if term.reference == "teacher" else IdentityAligner
-        missing = term.loss.requires - provider.provides
+        provides = aligner.provides if term.reference == "teacher" else IdentityAligner.provides - {HIDDEN_STATES}
+        missing = term.loss.requires - provides
         if missing:
             serving = sorted(name for name, cls in ALIGNERS.items() if term.loss.requires <= cls.provides)
             where = (f"aligner {aligner.registry_name!r}" if term.reference == "teacher"
@@ -93,5 +94,7 @@ def fill_inputs(inputs: LossInputs, target: AlignedTarget) -> None:
     inputs.token_spans = target.token_spans
     inputs.teacher_native_logits = target.teacher_native_logits
     inputs.vocab_pairs = target.vocab_pairs
+    inputs.teacher_hidden = target.teacher_hidden
+    inputs.teacher_sequence = target.teacher_sequence
     if target.mask is not None:
         inputs.mask = inputs.mask & target.mask

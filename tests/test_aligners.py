@@ -269,7 +269,8 @@ def test_lookahead_gives_longer_student_tokens_the_teacher_likelihood_of_their_t
     look = Lookahead(s_bytes, t_bytes, teacher, student, trie.first)
     realised = torch.tensor(teacher("46", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id])
     probs = torch.softmax(torch.randn(3, len(teacher), generator=torch.Generator().manual_seed(2)), -1)
-    got = look.project(probs, realised, 3, [0], len(student))[0]
+    got = look.project(probs[:1].clone(), [(0, 0)], [realised.tolist()], [3], lambda b, pos: probs[pos],
+                       len(student))[0]
     t = teacher.convert_tokens_to_ids
     s = student.convert_tokens_to_ids
     digits = [t(str(d)) for d in range(10)]
@@ -328,3 +329,17 @@ def test_min_edit_pairs_is_monotone_and_prefers_similar_tokens():
     pairs = min_edit_pairs([b"he", b"llo", b" wor", b"ld"], [b"hel", b"lo", b" world"])
     assert pairs == sorted(pairs) and pairs[0] == 0 and pairs[-1] == 2
     assert min_edit_pairs([b"a"], [b"x", b"a"]) == [0]  # the first teacher token the path pairs it with
+
+
+def test_mined_nearest_spelling_is_a_true_nearest_neighbour(toks):
+    from opd_lightning.aligners import ALIGNERS
+
+    student, teacher = toks["byte_bpe"], toks["unigram"]
+    aligner = ALIGNERS.build("mined")
+    aligner.bind(student, teacher, len(student), len(teacher))
+    s_table, t_table = aligner.student_bytes.table, aligner.teacher_bytes.table
+    for v, data in enumerate(t_table):
+        if not data:
+            continue
+        best = min(_levenshtein(data, b) for b in s_table if b)
+        assert _levenshtein(data, s_table[aligner.nearest(v)]) == best, teacher.convert_ids_to_tokens(v)

@@ -238,3 +238,16 @@ def test_callback_in_a_real_fit(tok, tmp_path):
     assert all(set(h["results"]) == {"arithmetic"} for h in history)
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"eval/arithmetic/exact_match", "eval_teacher/arithmetic/exact_match"} <= set(logged)
+
+
+def test_fewshot_task_and_data_share_the_worked_examples(tmp_path, tok):
+    from opd_lightning.data import load_rows
+    from opd_lightning.tasks.arithmetic import FEWSHOT_PREFIX
+
+    rendered = yaml.safe_load((materialise_tasks(tmp_path) / "arithmetic_fewshot.yaml").read_text())
+    assert rendered["doc_to_text"] == FEWSHOT_PREFIX + "{{prompt}}"
+    plain, fewshot = load_rows("builtin:arithmetic/train", 3), load_rows("builtin:arithmetic_fewshot/train", 3)
+    assert [FEWSHOT_PREFIX + r["prompt"] for r in plain] == [r["prompt"] for r in fewshot]
+    assert [r["answer"] for r in plain] == [r["answer"] for r in fewshot]
+    results = evaluate_model(tiny_llama(tok), tok, ["arithmetic_fewshot"], limit=4, max_length=64)
+    assert set(results["arithmetic_fewshot"]) == {"exact_match/strict", "exact_match/first_number"}

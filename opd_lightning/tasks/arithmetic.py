@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # transformers costs ~1 s to import; only char_tokenizer need
 __all__ = [
     "CHARACTERS",
     "DATA_DIR",
+    "FEWSHOT_PREFIX",
     "SPECIAL_TOKENS",
     "SPLITS",
     "bpe_tokenizer",
@@ -40,6 +41,10 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2
 CHARACTERS = "0123456789+-*= \n" + "abcdefghijklmnopqrstuvwxyz" + "?,.:"
 SPLITS = ("train", "validation", "test")
 DATA_DIR = Path(__file__).parent / "data" / "arithmetic"
+# Three worked examples (none is a validation or test prompt) for models that were never trained on the bare format:
+# small pretrained models answer "23+58=" in prose, but continue a pattern. `builtin:arithmetic_fewshot/<split>`
+# data and the `arithmetic_fewshot` lm-eval task put this before every prompt.
+FEWSHOT_PREFIX = "36+47=83\n90-38=52\n5+7=12\n"
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
