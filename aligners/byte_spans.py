@@ -13,7 +13,6 @@ log-probs, exact for the teacher's own tokenization of the text, and sits on the
 
 from __future__ import annotations
 
-import torch
 from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
 from torch import Tensor
 
@@ -60,12 +59,16 @@ class ByteSpanAligner(TextAligner):
         at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         realised, lengths = view.teacher_ids.tolist(), view.teacher_mask.sum(-1).tolist()
 
-        def row_probs(b: int, pos: int) -> Tensor:  # a later position, for student tokens spanning teacher tokens
-            return torch.softmax(teacher_logits[b, pos].float(), -1)
+        normalisers: dict[tuple[int, int], Tensor] = {}
+
+        def probs_at(b: int, pos: int, ids: Tensor) -> Tensor:  # a few tokens at a later position of row b
+            if (b, pos) not in normalisers:
+                normalisers[b, pos] = teacher_logits[b, pos].float().logsumexp(-1)
+            return (teacher_logits[b, pos, ids].float() - normalisers[b, pos]).exp()
 
         def spread(rows: Tensor, batch: Tensor, _: Tensor, teacher_pos: Tensor) -> tuple[Tensor, Tensor]:
             starts = list(zip(batch.tolist(), teacher_pos.tolist(), strict=True))
-            mass = self.lookahead.project(softmax_(rows), starts, realised, lengths, row_probs,
+            mass = self.lookahead.project(softmax_(rows), starts, realised, lengths, probs_at,
                                           self.student_vocab_size)  # [c, V_s]
             return mass_to_logits(mass)
 

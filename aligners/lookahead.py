@@ -81,7 +81,7 @@ class Lookahead:
         return node.default
 
     def project(self, probs: Tensor, starts: list[tuple[int, int]], realised: list[list[int]], lengths: list[int],
-                row_probs: Callable[[int, int], Tensor], size: int) -> Tensor:
+                probs_at: Callable[[int, int, Tensor], Tensor], size: int) -> Tensor:
         """Student-token masses `[c, size]` at teacher positions where a student token starts too.
 
         Args:
@@ -89,8 +89,8 @@ class Lookahead:
             starts: (row, teacher completion position) of each of the c positions.
             realised: per row, the teacher tokens of the completion.
             lengths: per row, its number of valid teacher completion positions.
-            row_probs: `(row, position) -> [V_t]` the teacher's distribution at a later position, read only when
-                the walk goes below the first level.
+            probs_at: `(row, position, ids [k]) -> [k]` the teacher's probabilities of some tokens at a later
+                position, read only when the walk goes below the first level.
             size: the student's vocabulary size.
         """
         root_map = self.root_map[: probs.shape[-1]].to(probs.device)
@@ -104,21 +104,22 @@ class Lookahead:
                 continue
             mass = probs[k, token]
             out[k, self.root_map[token]] -= mass  # continues below instead
-            self._walk(out[k], lambda pos, b=b: row_probs(b, pos), realised[b], c + 1, lengths[b], node, mass)
+            self._walk(out[k], lambda pos, ids, b=b: probs_at(b, pos, ids), realised[b], c + 1, lengths[b], node, mass)
         return out.clamp_min_(0)
 
-    def _walk(self, out: Tensor, row_probs: Callable[[int], Tensor], realised: list[int], pos: int, length: int,
-              node: _Node, mass: Tensor) -> None:
+    def _walk(self, out: Tensor, probs_at: Callable[[int, Tensor], Tensor], realised: list[int], pos: int,
+              length: int, node: _Node, mass: Tensor) -> None:
         while node.children and pos < length:
-            q = row_probs(pos)  # [V_t]
-            qc = q[node.child_ids.to(q.device)] * mass  # [c]
-            out.index_add_(0, node.child_reps.to(q.device), qc)
+            ids = torch.cat([node.child_ids, torch.tensor([realised[pos]])]).to(out.device)
+            q = probs_at(pos, ids)  # [c + 1]: the children, then the realised token
+            qc = q[:-1] * mass
+            out.index_add_(0, node.child_reps.to(out.device), qc)
             if node.default >= 0:
                 out[node.default] += mass - qc.sum()
             child = node.children.get(realised[pos])
             if child is None:
                 return
-            out[self._rep(child)] -= mass * q[realised[pos]]
-            mass, node, pos = mass * q[realised[pos]], child, pos + 1
+            out[self._rep(child)] -= mass * q[-1]
+            mass, node, pos = mass * q[-1], child, pos + 1
         if node.default >= 0:
             out[node.default] += mass

@@ -11,6 +11,8 @@ Edge cases handled here, once for every aligner:
 - EOS: when the student's completion ends with its EOS, the teacher's EOS is appended, and the two form a span of
   their own (a virtual byte past the text), so the teacher's probability of stopping is scored too;
 - special tokens inside a completion contribute no bytes and join the span of the text around them;
+- SentencePiece writes spaces as `▁`, so a literal `▁` in the text reads as a space to such a teacher; its span
+  still ends where the tokenizer's offsets say;
 - bytes that are not valid UTF-8 (a completion cut inside a character, a stray byte token) cannot be given to the
   teacher as text: each invalid run reads as U+FFFD, and the student tokens touching it, with the spans holding
   them, get no span (`-1`) and count as uncovered; the rest of the completion aligns as usual.

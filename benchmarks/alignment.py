@@ -11,6 +11,7 @@ positions, for a dense same-vocabulary loss), median of three runs; peak memory 
 peak above its level before the call. On the real pair the teacher's logits come from a real Gemma-3-270M forward
 pass on the same batch, which is timed too: the speed target is align + project under 10% of that forward pass.
 
+Peak memory is the largest of the three runs' peaks (the first run's allocations are reused by the next two).
 Exactness is measured against the brute-force references of `tests/aligner_reference.py` where a method claims
 exactness (`bpe_subset`: teacher likelihood of the next student token; `char_level`: next-byte distributions), as
 the share of spans whose bytes agree on both sides (`byte_spans`, `vocab_map`), and is "approximate" for `mined`.
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opd_lightning.aligners import ALIGNERS, keep_merges, prefixless_encoder
-from opd_lightning.losses import TEACHER_LOGITS
+from opd_lightning.aligners import ALIGNERS, TeacherHidden, keep_merges, prefixless_encoder
+from opd_lightning.losses import HIDDEN_STATES, TEACHER_LOGITS
 
 from benchmarks.quickstart import machine, record
 from opd_lightning.rollout import Rollout
@@ -38,7 +39,8 @@ from opd_lightning.rollout import Rollout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from aligner_reference import first_byte_distribution, spell_with_model, subset_conditional
 
-ALIGNER_NAMES = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined")
+ALIGNER_NAMES = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined", "dskd_cma")
+HIDDEN = {"real": (576, 640)}  # (student, teacher) hidden sizes: SmolLM2-135M, Gemma-3-270M; synthetic pairs use 64
 EXTRA_TEXT = [
     "東京は日本の首都です。人口は約1400万人で、世界最大級の都市圏を形成している。",
     "Emoji: 😀🎉👍🏽 and flags 🇫🇷🇯🇵 — café, naïve, résumé, Ångström, façade, Øresund, Straße.",
@@ -143,10 +145,13 @@ def exactness(name: str, aligner, student, teacher, inputs, target, logits: torc
             want = subset_conditional(torch.softmax(logits[0, j].double(), -1), path, spell, len(student))
             error = max(error, float((target.teacher_logits[0, i].double().exp() - want).abs().max()))
         return f"max abs error {error:.1e} ({len(where)} positions)"
+    if name == "dskd_cma":
+        return "learned (soft attention; no exact target)"
     return "approximate (nearest spelling, top-k)"
 
 
-def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor | None, teacher_model=None) -> dict:
+def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor | None,
+            hidden_sizes: tuple[int, int] = (64, 64)) -> dict:
     aligner = ALIGNERS.build(name)
     start = time.perf_counter()
     try:
@@ -158,17 +163,26 @@ def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor 
     if logits is None:  # synthetic pair: random teacher logits of the right shape
         logits = torch.randn(len(rollout), inputs.completion_length, len(teacher),
                              generator=torch.Generator().manual_seed(0))
-    times = []
+    needs = frozenset({HIDDEN_STATES if name == "dskd_cma" else TEACHER_LOGITS})
+    if name == "dskd_cma":  # its target is attention over the teacher's hidden states
+        aligner.setup(*hidden_sizes)
+        hidden = torch.randn(len(rollout), inputs.completion_length, hidden_sizes[1])
+        tables = torch.randn(len(student), hidden_sizes[0]), torch.randn(len(teacher), hidden_sizes[1])
+        states = TeacherHidden(hidden, logits, *tables)
+    times, peaks = [], []
     for _ in range(3):
-        with peak_rss() as memory:
+        with peak_rss() as memory, torch.no_grad():
             start = time.perf_counter()
             inputs = aligner.teacher_inputs(rollout)
-            target = aligner.project(logits, inputs, rollout, frozenset({TEACHER_LOGITS}))
+            target = aligner.project(logits, inputs, rollout, needs)
+            if name == "dskd_cma":
+                aligner.project_hidden(target, states, inputs, rollout)
             times.append(time.perf_counter() - start)
+        peaks.append(memory)
     tokens = int(rollout.completion_mask.sum())
     return {"aligner": name, "bind_s": bind_s, "seconds": statistics.median(times),
             "per_1k_ms": 1000 * statistics.median(times) / tokens * 1000, "coverage": target.coverage,
-            "mass": target.mass_coverage, "peak_mb": memory["extra_mb"],
+            "mass": target.mass_coverage, "peak_mb": max(p["extra_mb"] for p in peaks),
             "exactness": exactness(name, aligner, student, teacher, inputs, target, logits, rollout)}
 
 
@@ -202,7 +216,8 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int) -> tuple[list[dict], 
         student, teacher = synthetic_pair(bank, int(pair.split("_")[1]) / 100)
     rollout = make_rollout(student, bank, rows, tokens)
     logits, forward_s = real_teacher_logits(student, teacher, rollout) if pair == "real" else (None, None)
-    return [measure(name, student, teacher, rollout, logits) for name in ALIGNER_NAMES], forward_s
+    sizes = HIDDEN.get(pair, (64, 64))
+    return [measure(name, student, teacher, rollout, logits, sizes) for name in ALIGNER_NAMES], forward_s
 
 
 def table(pair: str, results: list[dict], forward_s: float | None) -> str:

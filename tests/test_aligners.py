@@ -269,7 +269,7 @@ def test_lookahead_gives_longer_student_tokens_the_teacher_likelihood_of_their_t
     look = Lookahead(s_bytes, t_bytes, teacher, student, trie.first)
     realised = torch.tensor(teacher("46", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id])
     probs = torch.softmax(torch.randn(3, len(teacher), generator=torch.Generator().manual_seed(2)), -1)
-    got = look.project(probs[:1].clone(), [(0, 0)], [realised.tolist()], [3], lambda b, pos: probs[pos],
+    got = look.project(probs[:1].clone(), [(0, 0)], [realised.tolist()], [3], lambda b, pos, ids: probs[pos, ids],
                        len(student))[0]
     t = teacher.convert_tokens_to_ids
     s = student.convert_tokens_to_ids
