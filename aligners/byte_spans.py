@@ -61,16 +61,20 @@ class ByteSpanAligner(TextAligner):
 
         normalisers: dict[tuple[int, int], Tensor] = {}
 
-        def probs_at(b: int, pos: int, ids: Tensor) -> Tensor:  # a few tokens at a later position of row b
-            if (b, pos) not in normalisers:
-                normalisers[b, pos] = teacher_logits[b, pos].float().logsumexp(-1)
-            return (teacher_logits[b, pos, ids].float() - normalisers[b, pos]).exp()
-
         def spread(rows: Tensor, batch: Tensor, _: Tensor, teacher_pos: Tensor) -> tuple[Tensor, Tensor]:
             starts = list(zip(batch.tolist(), teacher_pos.tolist(), strict=True))
-            mass = self.lookahead.project(softmax_(rows), starts, realised, lengths, probs_at,
-                                          self.student_vocab_size)  # [c, V_s]
-            return mass_to_logits(mass)
+            probs = softmax_(rows)  # [c, V_t]
+            in_chunk = {start: k for k, start in enumerate(starts)}
+
+            def probs_at(b: int, pos: int, ids: Tensor) -> Tensor:  # a few tokens at a later position of row b
+                if (b, pos) in in_chunk:  # usually the next row of this chunk, already normalised
+                    return probs[in_chunk[b, pos], ids]
+                if (b, pos) not in normalisers:
+                    normalisers[b, pos] = teacher_logits[b, pos].float().logsumexp(-1)
+                return (teacher_logits[b, pos, ids].float() - normalisers[b, pos]).exp()
+
+            mass = self.lookahead.project(probs, starts, realised, lengths, probs_at, self.student_vocab_size)
+            return mass_to_logits(mass)  # [c, V_s]
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, spread,
                                                    native=TEACHER_NATIVE_LOGITS in needs)
