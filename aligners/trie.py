@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import weakref
 
 import numpy as np
 import torch
@@ -43,15 +44,25 @@ def _without_prefix(node):
     return None if isinstance(node, dict) and node.get("type") == "Prepend" else node
 
 
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def prefixless_encoder(tokenizer):
-    """A copy of `tokenizer`'s backend that adds nothing: no dummy-prefix space, no BOS/EOS, no truncation."""
+    """A copy of `tokenizer`'s backend that adds nothing: no dummy-prefix space, no BOS/EOS, no truncation.
+
+    Built once per tokenizer object (rebuilding from JSON takes ~0.4 s for a 49k vocabulary) and cached while the
+    tokenizer lives; a tokenizer changed in place after the first call keeps its first encoder.
+    """
+    if tokenizer in _ENCODERS:
+        return _ENCODERS[tokenizer]
     from tokenizers import Tokenizer
 
     config = json.loads(tokenizer.backend_tokenizer.to_str())
     config["normalizer"] = _without_prefix(config.get("normalizer"))
     config["pre_tokenizer"] = _without_prefix(config.get("pre_tokenizer"))
     config["post_processor"], config["truncation"], config["padding"] = None, None, None
-    return Tokenizer.from_str(json.dumps(config))
+    _ENCODERS[tokenizer] = encoder = Tokenizer.from_str(json.dumps(config))
+    return encoder
 
 
 def decompose(teacher: TokenBytes, student: TokenBytes, student_tokenizer) -> list[tuple[int, ...] | None]:

@@ -10,7 +10,9 @@ asynchronous work to synchronise):
 
 - rollout generation: `_generate` (the student's `generate`, on-policy steps only);
 - gold completions: `_text_rollout` (tokenising the dataset's completions, off-policy steps);
-- teacher forward: `_reference_logits` (no-grad teacher forward on the rollout, aligner projection);
+- teacher forward: `_reference_target` (no-grad teacher forward on the rollout), less the alignment;
+- alignment: the aligner's `teacher_inputs` (re-tokenising the rollout for the teacher) and `project` (bringing
+  its outputs to the student's positions);
 - student forward: `_completion_logits` called on the student (with grad, outside generation);
 - loss: the loss modules' forward; diagnostics: `_diagnose` plus the `diag/*` compute at the step's end;
 - student backward: `manual_backward` (through the loss into the student);
@@ -44,8 +46,8 @@ from opd_lightning.data import PromptDataModule
 from opd_lightning.evaluation import LmEvalCallback
 from opd_lightning.module import DistillationModule
 
-PHASES = ("rollout generation", "gold completions", "teacher forward", "student forward", "loss", "diagnostics",
-          "student backward", "optimizer")
+PHASES = ("rollout generation", "gold completions", "teacher forward", "alignment", "student forward", "loss",
+          "diagnostics", "student backward", "optimizer")
 
 
 class StepClock(pl.Callback):
@@ -67,6 +69,7 @@ class StepClock(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.current["step"] = time.perf_counter() - self.start
+        self.current["teacher forward"] -= self.current["alignment"]  # timed inside the teacher's phase
         self.current["on_policy"] = float("rollout generation" in self.current)
         self.steps.append(dict(self.current))
 
@@ -86,7 +89,9 @@ def instrument(module: DistillationModule, clock: StepClock) -> None:
     """Wrap the module's phases (instance attributes shadow the methods; the forward helper is module-level)."""
     module._generate = clock.timed("rollout generation", module._generate)
     module._text_rollout = clock.timed("gold completions", module._text_rollout)
-    module._reference_logits = clock.timed("teacher forward", module._reference_logits)
+    module._reference_target = clock.timed("teacher forward", module._reference_target)
+    module.aligner.teacher_inputs = clock.timed("alignment", module.aligner.teacher_inputs)
+    module.aligner.project = clock.timed("alignment", module.aligner.project)
     module._diagnose = clock.timed("diagnostics", module._diagnose)
     module.train_diag.compute = clock.timed("diagnostics", module.train_diag.compute)
     module.manual_backward = clock.timed("student backward", module.manual_backward)
@@ -96,7 +101,7 @@ def instrument(module: DistillationModule, clock: StepClock) -> None:
     original = module_lib._completion_logits
 
     def completion_logits(model, *args, **kwargs):
-        if model is not module.student:  # the teacher's call is inside `_reference_logits`, timed there
+        if model is not module.student:  # the teacher's call is inside `_reference_target`, timed there
             return original(model, *args, **kwargs)
         return clock.timed("student forward", original)(model, *args, **kwargs)
 
