@@ -49,7 +49,7 @@ class ByteSpanAligner(TextAligner):
         completion = rollout.completion_mask
         if needs & {TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS}:
             return self._dense(teacher_logits, view, rollout, needs)
-        logp, _last = span_logprobs(teacher_logits, view, completion.shape[1])
+        logp = span_logprobs(teacher_logits, view, completion.shape[1])
         in_span = (view.student_span >= 0) & completion
         spans = view.student_span.masked_fill(~in_span, -1)
         return AlignedTarget(coverage=self.coverage(in_span, rollout), mask=in_span, teacher_token_logprobs=logp,

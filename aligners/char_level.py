@@ -24,6 +24,7 @@ from opd_lightning.rollout import Rollout
 from .base import ALIGNERS, AlignedTarget, TeacherInputs
 from .bytes import TokenBytes
 from .text import LOG_FLOOR, TextAligner, project_chunks
+from .trie import sum_columns
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
 
@@ -40,11 +41,7 @@ def byte_class_ids(table: TokenBytes) -> Tensor:
 
 def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
     """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
-    classes = classes[: logits.shape[-1]].to(logits.device)
-    probs = torch.softmax(logits.float(), -1)  # [..., V]
-    # Tokens without a class go to one extra column, dropped (cheaper than selecting the others).
-    mass = probs.new_zeros(*probs.shape[:-1], BYTE_CLASSES + 1).index_add_(
-        -1, classes.where(classes >= 0, BYTE_CLASSES), probs)[..., :BYTE_CLASSES]  # [..., 257]
+    mass = sum_columns(torch.softmax(logits.float(), -1), classes, BYTE_CLASSES)  # [..., 257]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
 

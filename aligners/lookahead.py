@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .bytes import TokenBytes
-from .trie import decompose, prefixless_encoder
+from .trie import decompose, prefixless_encoder, sum_columns
 
 __all__ = ["Lookahead"]
 
@@ -93,10 +93,7 @@ class Lookahead:
                 position, read only when the walk goes below the first level.
             size: the student's vocabulary size.
         """
-        root_map = self.root_map[: probs.shape[-1]].to(probs.device)
-        # Tokens the student cannot spell go to one extra column, dropped below (cheaper than selecting the others).
-        out = probs.new_zeros(len(starts), size + 1).index_add_(1, root_map.where(root_map >= 0, size), probs)
-        out = out[:, :size]
+        out = sum_columns(probs, self.root_map, size)
         for k, (b, c) in enumerate(starts):
             token = realised[b][c]
             node = self.root.children.get(token)

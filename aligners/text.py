@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from opd_lightning.losses import token_logprobs
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout, position_ids
@@ -79,17 +80,14 @@ def token_logprobs_chunked(logits: Tensor, ids: Tensor) -> Tensor:
     flat, flat_ids = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], CHUNK_ROWS):
-        rows = flat[start : start + CHUNK_ROWS].float()  # [c, V]
-        out[start : start + CHUNK_ROWS] = rows.gather(1, flat_ids[start : start + CHUNK_ROWS, None]).squeeze(1) - \
-            rows.logsumexp(-1)
+        out[start : start + CHUNK_ROWS] = token_logprobs(flat[start : start + CHUNK_ROWS],
+                                                         flat_ids[start : start + CHUNK_ROWS])
     return out.reshape(ids.shape)
 
 
-def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> tuple[Tensor, Tensor]:
-    """The teacher's log-likelihood of each aligned span's text, placed on the span's last student token.
-
-    Returns (log-probs `[B, N]`, zero off span ends; span ends `[B, N]` bool).
-    """
+def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> Tensor:
+    """The teacher's log-likelihood of each aligned span's text, placed on the span's last student token: `[B, N]`,
+    zero on the other tokens."""
     ids, t_span, s_span = view.teacher_ids, view.teacher_span, view.student_span
     logp = token_logprobs_chunked(teacher_logits, ids)  # [B, M]
     n_spans = int(max(t_span.max(), s_span.max(), 0)) + 1
@@ -98,7 +96,7 @@ def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> tup
     nxt = torch.nn.functional.pad(s_span[:, 1:], (0, 1), value=-1)
     last = (s_span >= 0) & (s_span != nxt)  # [B, N] last student token of its span
     out = totals.gather(1, s_span.clamp_min(0)).masked_fill(~last, 0)
-    return out[:, :n_student], last[:, :n_student]
+    return out[:, :n_student]
 
 
 class TextAligner(Aligner):

@@ -28,7 +28,17 @@ from torch import Tensor
 
 from .bytes import TokenBytes, byte_level_alphabet
 
-__all__ = ["TokenTrie", "decompose", "prefixless_encoder"]
+__all__ = ["TokenTrie", "decompose", "prefixless_encoder", "sum_columns"]
+
+
+def sum_columns(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """Sum the last axis of `values` `[..., V]` into `size` columns: column `index[v]` `[V]`, skipped where -1.
+
+    Skipped entries go to one extra column that is dropped, cheaper than selecting the others first.
+    """
+    index = index[: values.shape[-1]].to(values.device)
+    out = values.new_zeros(*values.shape[:-1], size + 1).index_add_(-1, index.where(index >= 0, size), values)
+    return out[..., :size]
 
 
 def _without_prefix(node):
@@ -117,18 +127,13 @@ class TokenTrie:
             self.table[row, : len(path)] = path
         self.first = torch.tensor([-1 if d is None else d[0] for d in decomps], dtype=torch.long)  # [V_t]
         self.student_vocab_size = student_vocab_size
-        spelled = sum(1 for b in teacher.table if b) + (teacher.eos_id >= 0)
-        self.mapped_share = len(mappable) / max(spelled, 1)  # share of the teacher's tokens the student can spell
 
     def marginal(self, probs: Tensor) -> Tensor:
         """First-student-token masses `[n, V_s]` of teacher distributions `probs` `[n, V_t]` (rows sum to ≤ 1)."""
-        first = self.first[: probs.shape[-1]].to(probs.device)
-        keep = first >= 0
-        out = probs.new_zeros(probs.shape[0], self.student_vocab_size)
-        return out.index_add_(1, first[keep], probs[:, keep])
+        return sum_columns(probs, self.first, self.student_vocab_size)
 
-    def children(self, path: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """Children of `path`: (student ids, range starts, range ends) in sorted order, and the path's own range."""
+    def children(self, path: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Children of `path`: (student ids, range starts, range ends) in sorted order."""
         lo = bisect.bisect_left(self.sorted_paths, path)
         hi = bisect.bisect_left(self.sorted_paths, (*path[:-1], path[-1] + 1)) if path else len(self.sorted_paths)
         column = self.table[lo:hi, len(path)]  # next student id of each token in range; -1 when D(v) == path
@@ -136,7 +141,7 @@ class TokenTrie:
         ids = self.table[starts, len(path)]
         ends = np.append(starts[1:], hi)
         keep = ids >= 0
-        return ids[keep], starts[keep], ends[keep], lo, hi
+        return ids[keep], starts[keep], ends[keep]
 
     def conditional(self, probs: Tensor, paths: list[tuple[int, ...]]) -> Tensor:
         """Next-student-token distributions `[n, V_s]` given the student tokens `paths[r]` already inside the teacher
@@ -147,7 +152,7 @@ class TokenTrie:
             return out
         rows, ids, lo, hi = [], [], [], []
         for r in deep:
-            c_ids, c_lo, c_hi, _, _ = self.children(paths[r])
+            c_ids, c_lo, c_hi = self.children(paths[r])
             rows.append(np.full(len(c_ids), r))
             ids.append(c_ids)
             lo.append(c_lo)

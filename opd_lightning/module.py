@@ -230,9 +230,10 @@ class DistillationModule(LightningModule):
                                    max_new_tokens=self.sampling.max_new_tokens, max_length=self.max_length)
         return ids.to(self.device), mask.to(self.device)
 
-    def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str]) -> Rollout:
+    def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str],
+                      finished: list[bool] | None = None) -> Rollout:
         return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
-                                  max_new_tokens=self.sampling.max_new_tokens)
+                                  max_new_tokens=self.sampling.max_new_tokens, finished=finished)
 
     def _generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -269,8 +270,7 @@ class DistillationModule(LightningModule):
                                    eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id)
         texts = t_tok.batch_decode(out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id),
                                    skip_special_tokens=True)
-        return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
-                                  max_new_tokens=self.sampling.max_new_tokens, finished=(~out.truncated).tolist())
+        return self._text_rollout(prompt_ids, prompt_mask, texts, finished=(~out.truncated).tolist())
 
     def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
         prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
