@@ -1,8 +1,8 @@
 """Prompt data: JSONL rows of prompt text, with optional gold completion and answer.
 
 Batches stay text (lists of strings): the training module tokenizes with the student's tokenizer, so one data
-file serves any student, and cross-tokenizer teachers can re-tokenise the same text. `builtin:arithmetic/<split>`
-names the embedded gold task shipped with the package.
+file serves any student, and cross-tokenizer teachers can re-tokenise the same text. `builtin:<task>/<split>` names
+the gold tasks shipped with the package (`arithmetic`, `arithmetic_fewshot`, `sequences`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,30 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 __all__ = ["EpochSampler", "PromptDataModule", "PromptDataset", "ResumableLoader", "load_rows"]
 
 
-def _resolve(path: str) -> tuple[Path, str]:
-    """The file behind a data path, and the prefix its prompts get (`builtin:arithmetic_fewshot`: worked examples)."""
-    if path.startswith("builtin:"):
-        from opd_lightning.tasks.arithmetic import FEWSHOT_PREFIX, task_data_path
+BUILTIN = {  # name: (data folder under opd_lightning/tasks/data, module holding the worked examples, or None)
+    "arithmetic": ("arithmetic", None),
+    "arithmetic_fewshot": ("arithmetic", "opd_lightning.tasks.arithmetic"),
+    "sequences": ("sequences", "opd_lightning.tasks.sequences"),
+}
 
-        task, _, split = path.removeprefix("builtin:").partition("/")
-        if task not in ("arithmetic", "arithmetic_fewshot"):
-            raise ValueError(f"unknown builtin data {path!r}; available: builtin:arithmetic/<train|validation|test> "
-                             "and builtin:arithmetic_fewshot/<split> (the same problems after three worked examples)")
-        return task_data_path(split or "train"), FEWSHOT_PREFIX if task == "arithmetic_fewshot" else ""
-    return Path(path), ""
+
+def _resolve(path: str) -> tuple[Path, str]:
+    """The file behind a data path, and the prefix its prompts get (few-shot tasks: their worked examples)."""
+    if not path.startswith("builtin:"):
+        return Path(path), ""
+    import importlib
+
+    from opd_lightning.tasks.arithmetic import SPLITS, DATA_DIR
+
+    task, _, split = path.removeprefix("builtin:").partition("/")
+    split = split or "train"
+    if task not in BUILTIN or split not in SPLITS:
+        raise ValueError(f"unknown builtin data {path!r}; available: builtin:<task>/<split> with task one of "
+                         f"{', '.join(BUILTIN)} (arithmetic_fewshot: the arithmetic problems after three worked "
+                         f"examples) and split one of {', '.join(SPLITS)}")
+    folder, prefix_module = BUILTIN[task]
+    prefix = importlib.import_module(prefix_module).FEWSHOT_PREFIX if prefix_module else ""
+    return DATA_DIR.parent / folder / f"{split}.jsonl", prefix
 
 
 def load_rows(path: str, limit: int | None = None) -> list[dict]:

@@ -231,9 +231,9 @@ class DistillationModule(LightningModule):
         return ids.to(self.device), mask.to(self.device)
 
     def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str],
-                      finished: list[bool] | None = None) -> Rollout:
+                      ends: list[str] | None = None) -> Rollout:
         return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
-                                  max_new_tokens=self.sampling.max_new_tokens, finished=finished)
+                                  max_new_tokens=self.sampling.max_new_tokens, ends=ends)
 
     def _generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -242,7 +242,7 @@ class DistillationModule(LightningModule):
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
         with self._seeded():
             return generate_rollout(model, prompt_ids, prompt_mask, self.sampling, eos_token_ids=[tok.eos_token_id],
-                                    pad_token_id=tok.pad_token_id, synced_gpus=sharded)
+                                    pad_token_id=tok.pad_token_id, synced_gpus=sharded, tokenizer=tok)
 
     @contextmanager
     def _seeded(self):
@@ -267,10 +267,13 @@ class DistillationModule(LightningModule):
         enc = t_tok(prompts, padding=True, return_tensors="pt").to(self.device)
         with self._seeded():
             out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
-                                   eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id)
-        texts = t_tok.batch_decode(out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id),
-                                   skip_special_tokens=True)
-        return self._text_rollout(prompt_ids, prompt_mask, texts, finished=(~out.truncated).tolist())
+                                   eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id, tokenizer=t_tok)
+        ids = out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id)
+        last = ids.gather(1, (out.completion_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
+        ends = ["length" if cut else "eos" if end == t_tok.eos_token_id else "stop"
+                for cut, end in zip(out.truncated.tolist(), last.tolist(), strict=True)]
+        texts = t_tok.batch_decode(ids, skip_special_tokens=True)
+        return self._text_rollout(prompt_ids, prompt_mask, texts, ends=ends)
 
     def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
         prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])

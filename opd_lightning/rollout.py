@@ -8,13 +8,13 @@ Completions come from the student (on-policy), or from text (a dataset's or the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 __all__ = ["Rollout", "SamplingConfig", "completion_mask", "encode_prompts", "generate_rollout", "position_ids",
-           "rollout_from_texts", "rollout_from_token_lists"]
+           "rollout_from_texts", "rollout_from_token_lists", "stop_positions"]
 
 
 @dataclass
@@ -29,6 +29,9 @@ class SamplingConfig:
         stop_at_eos: end a completion at its first EOS (included in the mask); if false, always generate
             `max_new_tokens` tokens.
         do_sample: sample (true) or decode greedily (false).
+        stop: stop strings: a completion also ends with the token that completes the first of these in its text
+            (that token is kept and scored; no EOS follows it, and the row does not count as truncated). With
+            few-shot prompts, `["\\n"]` ends each answer where lm-eval's `until` cuts it.
     """
 
     temperature: float = 1.0
@@ -37,8 +40,11 @@ class SamplingConfig:
     max_new_tokens: int = 64
     stop_at_eos: bool = True
     do_sample: bool = True
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if any(not s for s in self.stop):
+            raise ValueError("sampling.stop holds an empty string: every stop string needs at least one character")
         if self.temperature <= 0:
             raise ValueError(f"sampling.temperature must be positive, got {self.temperature}; use do_sample: false "
                              "for greedy decoding")
@@ -102,20 +108,24 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: list[int], stop_at_eo
 
 @torch.no_grad()
 def generate_rollout(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, *, eos_token_ids: list[int],
-                     pad_token_id: int, synced_gpus: bool = False) -> Rollout:
+                     pad_token_id: int, synced_gpus: bool = False, tokenizer=None) -> Rollout:
     """Sample completions from `model` (a Hugging Face causal LM) for left-padded prompts.
 
     The model is put in eval mode while sampling and restored afterwards. Set `synced_gpus` under sharded
-    strategies (FSDP), where every rank must keep calling forward until all ranks finish.
+    strategies (FSDP), where every rank must keep calling forward until all ranks finish. `tokenizer` (the
+    model's) is needed only for `sampling.stop`.
     """
     from transformers import GenerationConfig
 
     if (prompt_mask[:, -1] == 0).any():
         raise ValueError("prompts must be left-padded (the last column is padding for some rows); set the "
                          "tokenizer's padding_side='left'")
+    if sampling.stop and tokenizer is None:
+        raise ValueError("sampling.stop needs the model's tokenizer: pass tokenizer= to generate_rollout")
     config = GenerationConfig(
         do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
         eos_token_id=list(eos_token_ids) if sampling.stop_at_eos else None,
+        stop_strings=list(sampling.stop) or None,
         **({"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
            if sampling.do_sample else {}),
     )
@@ -123,22 +133,50 @@ def generate_rollout(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: S
     model.eval()
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             synced_gpus=synced_gpus)
+                             synced_gpus=synced_gpus, **({"tokenizer": tokenizer} if sampling.stop else {}))
     finally:
         model.train(was_training)
     prompt_length = prompt_ids.shape[1]
     completion = out[:, prompt_length:]  # [B, N]
     mask, truncated = completion_mask(completion, eos_token_ids, sampling.stop_at_eos)
+    if sampling.stop:
+        last = stop_positions(tokenizer, completion, mask, sampling.stop)  # [B], -1: no stop string
+        stopped = last >= 0
+        mask &= ~stopped[:, None] | (torch.arange(completion.shape[1], device=completion.device) <= last[:, None])
+        truncated &= ~stopped
     completion = completion.masked_fill(~mask, pad_token_id)
     attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     return Rollout(torch.cat([prompt_ids, completion], 1), attention, mask, prompt_length, truncated, True)
 
 
+def stop_positions(tokenizer, completion_ids: Tensor, mask: Tensor, stop: list[str]) -> Tensor:
+    """Index of the token that completes the first stop string in each row's text, or -1: `[B]` long.
+
+    Only the masked tokens of a row are read. The text of a prefix only grows with the prefix, so the shortest
+    prefix whose decoded text holds a stop string is found by bisection (log2 N decodes per row).
+    """
+    result = torch.full((len(completion_ids),), -1, dtype=torch.long)
+    for row, (ids, valid) in enumerate(zip(completion_ids.tolist(), mask.sum(1).tolist(), strict=True)):
+        def holds(n: int) -> bool:
+            text = tokenizer.decode(ids[:n], skip_special_tokens=False)
+            return any(s in text for s in stop)
+
+        if not valid or not holds(valid):
+            continue
+        low, high = 1, valid  # holds(high) is true; find the smallest such prefix length
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if holds(middle) else (middle + 1, high)
+        result[row] = high - 1
+    return result.to(completion_ids.device)
+
+
 def rollout_from_token_lists(prompt_ids: Tensor, prompt_mask: Tensor, completions: list[list[int]], *,
-                             max_new_tokens: int, pad_token_id: int) -> Rollout:
+                             max_new_tokens: int, pad_token_id: int, cut: list[bool] | None = None) -> Rollout:
     """Build an off-policy rollout from given completion tokens (a dataset's or the teacher's).
 
-    Each completion should already end with EOS; those longer than `max_new_tokens` are cut and marked truncated.
+    Each completion should already end (with EOS, or a stop string); those longer than `max_new_tokens` are cut
+    and marked truncated, as are the rows `cut` marks (already stopped by a length limit).
     """
     if any(len(c) == 0 for c in completions):
         raise ValueError("a completion is empty (not even an EOS token): drop empty completions from the data")
@@ -149,7 +187,9 @@ def rollout_from_token_lists(prompt_ids: Tensor, prompt_mask: Tensor, completion
         tokens = tokens[:width]
         completion[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
         mask[row, : len(tokens)] = True
-    truncated = torch.tensor([len(c) > width for c in completions], device=prompt_ids.device)
+    cut = cut or [False] * len(completions)
+    truncated = torch.tensor([len(c) > width or was_cut for c, was_cut in zip(completions, cut, strict=True)],
+                             device=prompt_ids.device)
     attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     return Rollout(torch.cat([prompt_ids, completion], 1), attention, mask, prompt_ids.shape[1], truncated, False)
 
@@ -181,7 +221,7 @@ def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool, max_ne
 
 
 def rollout_from_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str], *,
-                       max_new_tokens: int, finished: list[bool] | None = None) -> Rollout:
+                       max_new_tokens: int, ends: list[str] | None = None) -> Rollout:
     """Off-policy rollout from completion texts, each tokenized as the continuation of its prompt.
 
     Texts are encoded without special tokens and without a SentencePiece dummy-prefix space (the text continues
@@ -192,19 +232,23 @@ def rollout_from_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, texts
         prompt_ids, prompt_mask: `[B, P]` the encoded prompts.
         texts: one completion per row.
         max_new_tokens: longer completions are cut and marked truncated.
-        finished: per row, whether the completion ended (closed with EOS; an empty text is then EOS alone) or was
-            cut by a length limit (no EOS). None: every text is a finished, non-empty completion (a dataset's).
+        ends: per row, how the completion ended: `"eos"` (EOS is appended; an empty text is then EOS alone),
+            `"stop"` (it ends with a stop string; nothing is appended) or `"length"` (cut by a length limit: nothing
+            is appended and the row is truncated). None: every text is a finished, non-empty completion (a
+            dataset's), closed with EOS.
     """
     from opd_lightning.aligners.trie import prefixless_encoder
 
     for i, text in enumerate(texts):
-        if not text and finished is None:
+        if not text and ends is None:
             raise ValueError(f"completion {i} of the batch is empty: drop rows without a completion, or set "
                              "on_policy_fraction: 1.0")
     ids = [e.ids for e in prefixless_encoder(tokenizer).encode_batch(texts, add_special_tokens=False)]
-    ends = [True] * len(texts) if finished is None else finished
-    completions = [t + [tokenizer.eos_token_id] if end else t for t, end in zip(ids, ends, strict=True)]
+    ends = ["eos"] * len(texts) if ends is None else ends
+    if unknown := set(ends) - {"eos", "stop", "length"}:
+        raise ValueError(f"unknown completion ends {sorted(unknown)}: use 'eos', 'stop' or 'length'")
+    completions = [t + [tokenizer.eos_token_id] if end == "eos" else t for t, end in zip(ids, ends, strict=True)]
     if any(not c for c in completions):
         raise ValueError("a completion cut by the length limit is empty: raise sampling.max_new_tokens")
     return rollout_from_token_lists(prompt_ids, prompt_mask, completions, max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id)
+                                    pad_token_id=tokenizer.pad_token_id, cut=[end == "length" for end in ends])

@@ -85,6 +85,23 @@ def test_teacher_written_completions_cross_tokenizers(teacher_dir):
     assert all(set(t) <= set("0123456789+-*= \nabcdefghijklmnopqrstuvwxyz?,.:") for t in text)
 
 
+def test_teacher_written_completions_end_at_stop_strings(teacher_dir):
+    greedy = {"on_policy_fraction": 0.0, "off_policy_source": "teacher"}
+    free = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "byte_spans", **greedy)
+    free.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False)
+    prompt_ids, prompt_mask = free._encode_prompts(BATCH["prompt"])
+    enc = free.teacher_tokenizer(BATCH["prompt"], padding=True, return_tensors="pt")
+    out = free.teacher.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    texts = free.teacher_tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert all(texts), texts
+    free.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False,
+                                   stop=sorted({t[0] for t in texts}))
+    rollout = free._teacher_rollout(BATCH["prompt"], prompt_ids, prompt_mask)
+    tok = free.student_tokenizer
+    got = [tok.decode(ids[mask]) for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+    assert got == [t[0] for t in texts]  # the first character only, and no EOS appended
+    assert not rollout.truncated.any()
+
 def test_bpe_subset_refuses_other_pairs_and_names_the_alternatives(bpe_teacher_dir):
     with pytest.raises(ValueError, match="bpe_subset cannot serve.*'byte_spans'.*'char_level'"):
         cross_module(bpe_teacher_dir, "builtin:char", "forward_kl", "bpe_subset")

@@ -240,14 +240,42 @@ def test_callback_in_a_real_fit(tok, tmp_path):
     assert {"eval/arithmetic/exact_match", "eval_teacher/arithmetic/exact_match"} <= set(logged)
 
 
-def test_fewshot_task_and_data_share_the_worked_examples(tmp_path, tok):
-    from opd_lightning.data import load_rows
-    from opd_lightning.tasks.arithmetic import FEWSHOT_PREFIX
+@pytest.mark.parametrize(("task", "plain", "module"), [("arithmetic_fewshot", "arithmetic", "arithmetic"),
+                                                     ("sequences", None, "sequences")])
+def test_fewshot_task_and_data_share_the_worked_examples(tmp_path, tok, task, plain, module):
+    import importlib
 
-    rendered = yaml.safe_load((materialise_tasks(tmp_path) / "arithmetic_fewshot.yaml").read_text())
-    assert rendered["doc_to_text"] == FEWSHOT_PREFIX + "{{prompt}}"
-    plain, fewshot = load_rows("builtin:arithmetic/train", 3), load_rows("builtin:arithmetic_fewshot/train", 3)
-    assert [FEWSHOT_PREFIX + r["prompt"] for r in plain] == [r["prompt"] for r in fewshot]
-    assert [r["answer"] for r in plain] == [r["answer"] for r in fewshot]
-    results = evaluate_model(tiny_llama(tok), tok, ["arithmetic_fewshot"], limit=4, max_length=64)
-    assert set(results["arithmetic_fewshot"]) == {"exact_match/strict", "exact_match/first_number"}
+    from opd_lightning.data import load_rows
+
+    prefix = importlib.import_module(f"opd_lightning.tasks.{module}").FEWSHOT_PREFIX
+    rendered = yaml.safe_load((materialise_tasks(tmp_path) / f"{task}.yaml").read_text())
+    assert rendered["doc_to_text"] == prefix + "{{prompt}}"
+    for split in ("test", "validation"):  # lm-eval reads the files the builtin data reads
+        data_file = rendered["dataset_kwargs"]["data_files"][split]
+        bare = [json.loads(line) for line in open(data_file, encoding="utf-8")][:3]
+        rows = load_rows(f"builtin:{task}/{split}", 3)
+        assert [prefix + r["prompt"] for r in bare] == [r["prompt"] for r in rows]
+        assert [r["answer"] for r in bare] == [r["answer"] for r in rows]
+    if plain:
+        assert [prefix + r["prompt"] for r in load_rows(f"builtin:{plain}/train", 3)] == \
+            [r["prompt"] for r in load_rows(f"builtin:{task}/train", 3)]
+    results = evaluate_model(tiny_llama(tok), tok, [task], limit=4, max_length=64)
+    assert set(results[task]) == {"exact_match/strict", "exact_match/first_number"}
+
+
+def test_sequence_problems_are_correct_and_the_splits_disjoint():
+    from opd_lightning.data import load_rows
+    from opd_lightning.tasks.sequences import FEWSHOT_PREFIX, STEPS, make_sequences
+
+    splits = {s: [r["prompt"].removeprefix(FEWSHOT_PREFIX) for r in load_rows(f"builtin:sequences/{s}")]
+              for s in ("train", "validation", "test")}
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [2000, 100, 300]
+    assert len(set(splits["test"])) == 300 and len(set(splits["validation"])) == 100
+    assert not set(splits["test"]) & set(splits["validation"])
+    assert not (set(splits["test"]) | set(splits["validation"])) & set(splits["train"])
+    for row in load_rows("builtin:sequences/train", 200) + make_sequences(50, seed=7):
+        terms = [int(t) for t in row["prompt"].removeprefix(FEWSHOT_PREFIX).rstrip(",").split(",")]
+        step = terms[1] - terms[0]
+        assert step in STEPS and terms[2] - terms[1] == step and int(row["answer"]) == terms[2] + step
+    with pytest.raises(ValueError, match="unknown builtin data"):
+        load_rows("builtin:sequences/dev")

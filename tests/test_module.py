@@ -79,6 +79,18 @@ def test_sequence_kd_uses_teacher_completions(teacher_dir):
     assert torch.equal(rollout.completion_ids[rollout.completion_mask], direct[:, ids.shape[1]:][:, :n][rollout.completion_mask])
 
 
+def test_stop_strings_end_student_rollouts(teacher_dir):
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False)
+    free = make_module(teacher_dir, sampling=greedy)._rollouts(BATCH, train=True)["rollout"]
+    tok = free_tok = make_module(teacher_dir).student_tokenizer
+    firsts = sorted({free_tok.decode(row[:1]) for row in free.completion_ids})  # each row's first character
+    stopped = make_module(teacher_dir, sampling=SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False,
+                                                               stop=firsts))._rollouts(BATCH, train=True)["rollout"]
+    assert free.completion_mask.sum(1).tolist() == [4] * 4
+    assert stopped.completion_mask.sum(1).tolist() == [1] * 4 and not stopped.truncated.any()
+    assert torch.equal(stopped.completion_ids[:, 0], free.completion_ids[:, 0])
+    assert tok.eos_token_id not in stopped.completion_ids[stopped.completion_mask].tolist()
+
 def test_micro_batches_match_one_batch_gradient(teacher_dir, tmp_path):
     """The normaliser is the step's token count, so accumulation over micro-batches gives the same gradient."""
     grads = []

@@ -1,9 +1,11 @@
-"""Rollout masking: EOS mid-batch, padding, left-padded prompts, off-policy completions."""
+"""Rollout masking: EOS mid-batch, padding, left-padded prompts, stop strings, off-policy completions."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd_lightning.rollout import SamplingConfig, completion_mask, generate_rollout, rollout_from_token_lists
+from opd_lightning.rollout import (SamplingConfig, completion_mask, generate_rollout, rollout_from_texts,
+                                   rollout_from_token_lists, stop_positions)
 
 EOS, PAD = 1, 0
 
@@ -92,3 +94,57 @@ def test_off_policy_completions_are_padded_and_truncated():
     assert out.completion_ids.tolist() == [[7, EOS, PAD], [7, 8, 9]]
     assert out.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert out.truncated.tolist() == [False, True] and not out.on_policy
+
+
+def _char_ids(tok, rows: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [tok.encode(r, add_special_tokens=False) for r in rows]
+    width = max(map(len, ids))
+    mask = torch.tensor([[i < len(r) for i in range(width)] for r in ids])
+    return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids]), mask
+
+
+def test_stop_positions_find_the_token_that_completes_a_stop_string(char_tok):
+    ids, mask = _char_ids(char_tok, ["12\n3+4", "3+45=8", "7\n\n", "99+1"])
+    assert stop_positions(char_tok, ids, mask, ["\n", "5="]).tolist() == [2, 4, 1, -1]
+    mask[0, 2:] = False  # the newline lies past the completion's end: no stop
+    assert stop_positions(char_tok, ids, mask, ["\n"]).tolist() == [-1, -1, 1, -1]
+
+
+def test_generation_ends_at_stop_strings(char_tok):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(char_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         pad_token_id=char_tok.pad_token_id, eos_token_id=char_tok.eos_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.tensor([char_tok.encode("12+34=", add_special_tokens=False)])
+    ends = {"eos_token_ids": [char_tok.eos_token_id], "pad_token_id": char_tok.pad_token_id, "tokenizer": char_tok}
+    free = generate_rollout(model, prompt, torch.ones_like(prompt), SamplingConfig(do_sample=False, max_new_tokens=8,
+                                                                                   stop_at_eos=False), **ends)
+    text = char_tok.decode(free.completion_ids[0], skip_special_tokens=False)
+    assert len(text) == 8 and free.truncated.tolist() == [False], text  # one character per token, no specials
+    for stop, last in ((text[:2], 1), (text[0], 0)):
+        sampling = SamplingConfig(do_sample=False, max_new_tokens=8, stop_at_eos=False, stop=[stop])
+        out = generate_rollout(model, prompt, torch.ones_like(prompt), sampling, **ends)
+        assert out.completion_mask.tolist() == [[True] * (last + 1) + [False] * (out.completion_mask.shape[1] - last - 1)]
+        assert out.completion_ids.shape[1] == last + 1  # generation itself stopped there
+        assert torch.equal(out.completion_ids[0, : last + 1], free.completion_ids[0, : last + 1])
+        assert out.truncated.tolist() == [False]
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        generate_rollout(model, prompt, torch.ones_like(prompt), SamplingConfig(stop=["\n"]),
+                         eos_token_ids=[char_tok.eos_token_id], pad_token_id=char_tok.pad_token_id)
+    with pytest.raises(ValueError, match="empty string"):
+        SamplingConfig(stop=[""])
+
+
+def test_text_completions_end_with_eos_a_stop_string_or_the_length_limit(char_tok):
+    prompts = torch.tensor([[5, 6]] * 3)
+    out = rollout_from_texts(char_tok, prompts, torch.ones_like(prompts), ["12", "34\n", "5"], max_new_tokens=4,
+                             ends=["eos", "stop", "length"])
+    eos, newline = char_tok.eos_token_id, char_tok.convert_tokens_to_ids("\n")
+    rows = [ids[mask].tolist() for ids, mask in zip(out.completion_ids, out.completion_mask, strict=True)]
+    assert rows == [char_tok.encode("12", add_special_tokens=False) + [eos],
+                    char_tok.encode("34", add_special_tokens=False) + [newline],
+                    char_tok.encode("5", add_special_tokens=False)]
+    assert out.truncated.tolist() == [False, False, True]  # cut by the limit, though shorter than the widest row
+    with pytest.raises(ValueError, match="unknown completion ends"):
+        rollout_from_texts(char_tok, prompts[:1], torch.ones_like(prompts[:1]), ["1"], max_new_tokens=4, ends=["done"])

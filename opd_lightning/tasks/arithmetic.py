@@ -35,6 +35,7 @@ __all__ = [
     "main",
     "make_problems",
     "task_data_path",
+    "write_jsonl",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2
@@ -163,7 +164,8 @@ def load_problems(split: str) -> list[dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write rows as JSON lines (UTF-8, `\\n` line ends), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -188,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     held_out |= {p["prompt"] for p in validation}
     train = make_problems(args.train_size, args.seed + 2, exclude=held_out, **common)
     for name, rows in (("train", train), ("validation", validation), ("test", test)):
-        _write_jsonl(args.out_dir / f"{name}.jsonl", rows)
+        write_jsonl(args.out_dir / f"{name}.jsonl", rows)
         print(f"wrote {len(rows)} problems to {args.out_dir / f'{name}.jsonl'}")
 
 
