@@ -31,7 +31,7 @@ def _resolve(path: str) -> tuple[Path, str]:
         return Path(path), ""
     import importlib
 
-    from opd_lightning.tasks.arithmetic import SPLITS, DATA_DIR
+    from opd_lightning.tasks.arithmetic import DATA_DIR, SPLITS
 
     task, _, split = path.removeprefix("builtin:").partition("/")
     split = split or "train"

@@ -156,17 +156,17 @@ def stop_positions(tokenizer, completion_ids: Tensor, mask: Tensor, stop: list[s
     prefix whose decoded text holds a stop string is found by bisection (log2 N decodes per row).
     """
     result = torch.full((len(completion_ids),), -1, dtype=torch.long)
-    for row, (ids, valid) in enumerate(zip(completion_ids.tolist(), mask.sum(1).tolist(), strict=True)):
-        def holds(n: int) -> bool:
-            text = tokenizer.decode(ids[:n], skip_special_tokens=False)
-            return any(s in text for s in stop)
+    def holds(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        return any(s in text for s in stop)
 
-        if not valid or not holds(valid):
+    for row, (ids, valid) in enumerate(zip(completion_ids.tolist(), mask.sum(1).tolist(), strict=True)):
+        if not valid or not holds(ids[:valid]):
             continue
-        low, high = 1, valid  # holds(high) is true; find the smallest such prefix length
+        low, high = 1, valid  # the prefix of `high` tokens holds a stop string; find the shortest that does
         while low < high:
             middle = (low + high) // 2
-            low, high = (low, middle) if holds(middle) else (middle + 1, high)
+            low, high = (low, middle) if holds(ids[:middle]) else (middle + 1, high)
         result[row] = high - 1
     return result.to(completion_ids.device)
 

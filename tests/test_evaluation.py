@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -252,7 +253,7 @@ def test_fewshot_task_and_data_share_the_worked_examples(tmp_path, tok, task, pl
     assert rendered["doc_to_text"] == prefix + "{{prompt}}"
     for split in ("test", "validation"):  # lm-eval reads the files the builtin data reads
         data_file = rendered["dataset_kwargs"]["data_files"][split]
-        bare = [json.loads(line) for line in open(data_file, encoding="utf-8")][:3]
+        bare = [json.loads(line) for line in Path(data_file).read_text(encoding="utf-8").splitlines()[:3]]
         rows = load_rows(f"builtin:{task}/{split}", 3)
         assert [prefix + r["prompt"] for r in bare] == [r["prompt"] for r in rows]
         assert [r["answer"] for r in bare] == [r["answer"] for r in rows]

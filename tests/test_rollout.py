@@ -4,8 +4,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd_lightning.rollout import (SamplingConfig, completion_mask, generate_rollout, rollout_from_texts,
-                                   rollout_from_token_lists, stop_positions)
+from opd_lightning.rollout import (
+    SamplingConfig,
+    completion_mask,
+    generate_rollout,
+    rollout_from_texts,
+    rollout_from_token_lists,
+    stop_positions,
+)
 
 EOS, PAD = 1, 0
 

@@ -14,9 +14,10 @@ and from train. Train is drawn with replacement from the prompts left over: with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,11 +32,14 @@ __all__ = [
     "SPLITS",
     "bpe_tokenizer",
     "char_tokenizer",
+    "draw_problems",
     "load_problems",
     "main",
     "make_problems",
+    "split_parser",
     "task_data_path",
     "write_jsonl",
+    "write_splits",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2
@@ -132,21 +136,31 @@ def make_problems(
     if unknown := set(ops) - set(_OPS):
         raise ValueError(f"unknown operators {sorted(unknown)}; known: {sorted(_OPS)}")
     space = sum((max_value + 1) * (max_value + 2) // 2 if op == "-" else (max_value + 1) ** 2 for op in set(ops))
+
+    def sample(rng: random.Random) -> tuple[str, str]:
+        op, a, b = rng.choice(tuple(ops)), rng.randint(0, max_value), rng.randint(0, max_value)
+        if op == "-" and a < b:
+            a, b = b, a
+        return f"{a}{op}{b}=", str(_OPS[op](a, b))
+
+    return draw_problems(n, seed, space, sample, exclude=exclude, unique=unique)
+
+
+def draw_problems(n: int, seed: int, space: int, sample: Callable[[random.Random], tuple[str, str]], *,
+                  exclude: Collection[str] = (), unique: bool = False) -> list[dict[str, str]]:
+    """``n`` rows ``{"prompt", "completion", "answer"}`` from `sample(rng) -> (prompt, answer)`, skipping `exclude`
+    (and, if `unique`, repeats); `space` is how many prompts exist. Raises ValueError when too few are left."""
     available = space - len(set(exclude))
     if n > 0 and (available <= 0 or (unique and n > available)):
         raise ValueError(f"asked for {n} problems; {space} prompts exist and {len(set(exclude))} are excluded")
     rng = random.Random(seed)
     seen, problems = set(exclude), []
     while len(problems) < n:
-        op, a, b = rng.choice(tuple(ops)), rng.randint(0, max_value), rng.randint(0, max_value)
-        if op == "-" and a < b:
-            a, b = b, a
-        prompt = f"{a}{op}{b}="
+        prompt, answer = sample(rng)
         if prompt in seen:
             continue
         if unique:
             seen.add(prompt)
-        answer = str(_OPS[op](a, b))
         problems.append({"prompt": prompt, "completion": answer, "answer": answer})
     return problems
 
@@ -171,27 +185,36 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Regenerate the shipped splits (``python -m opd_lightning.tasks.arithmetic --help``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the three jsonl files go")
+def split_parser(description: str, out_dir: Path, sizes: tuple[int, int, int]) -> argparse.ArgumentParser:
+    """Command-line options shared by the tasks' split writers; `sizes` are the train, validation, test defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out-dir", type=Path, default=out_dir, help="where the three jsonl files go")
     parser.add_argument("--seed", type=int, default=0, help="test uses seed, validation seed+1, train seed+2")
-    parser.add_argument("--train-size", type=int, default=20000)
-    parser.add_argument("--validation-size", type=int, default=200)
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--max-value", type=int, default=99)
-    parser.add_argument("--ops", default="+-", help="operators to use, e.g. '+-' or '+-*'")
-    args = parser.parse_args(argv)
-    common = {"max_value": args.max_value, "ops": tuple(args.ops)}
-    # Held-out splits first, so that adding training rows never changes them.
-    test = make_problems(args.test_size, args.seed, unique=True, **common)
+    for split, size in zip(("train", "validation", "test"), sizes, strict=True):
+        parser.add_argument(f"--{split}-size", type=int, default=size)
+    return parser
+
+
+def write_splits(draw: Callable[..., list[dict[str, str]]], args: argparse.Namespace) -> None:
+    """Write test, validation and train drawn by `draw(n, seed, exclude=, unique=)`, held-out splits first (so
+    that adding training rows never changes them), unique and disjoint; train draws with replacement."""
+    test = draw(args.test_size, args.seed, unique=True)
     held_out = {p["prompt"] for p in test}
-    validation = make_problems(args.validation_size, args.seed + 1, exclude=held_out, unique=True, **common)
+    validation = draw(args.validation_size, args.seed + 1, exclude=held_out, unique=True)
     held_out |= {p["prompt"] for p in validation}
-    train = make_problems(args.train_size, args.seed + 2, exclude=held_out, **common)
+    train = draw(args.train_size, args.seed + 2, exclude=held_out)
     for name, rows in (("train", train), ("validation", validation), ("test", test)):
         write_jsonl(args.out_dir / f"{name}.jsonl", rows)
         print(f"wrote {len(rows)} problems to {args.out_dir / f'{name}.jsonl'}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Regenerate the shipped splits (``python -m opd_lightning.tasks.arithmetic --help``)."""
+    parser = split_parser(__doc__.splitlines()[0], DATA_DIR, (20000, 200, 500))
+    parser.add_argument("--max-value", type=int, default=99)
+    parser.add_argument("--ops", default="+-", help="operators to use, e.g. '+-' or '+-*'")
+    args = parser.parse_args(argv)
+    write_splits(functools.partial(make_problems, max_value=args.max_value, ops=tuple(args.ops)), args)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from each other and from train; train draws with replacement from the 2,297 prom
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from opd_lightning.tasks.arithmetic import write_jsonl
+from opd_lightning.tasks.arithmetic import draw_problems, split_parser, write_splits
 
 __all__ = ["DATA_DIR", "FEWSHOT_PREFIX", "STEPS", "main", "make_sequences"]
 
@@ -41,41 +40,16 @@ def make_sequences(n: int, seed: int, *, exclude: Collection[str] = (), unique: 
     Raises:
         ValueError: when fewer prompts exist than asked for.
     """
-    space = MAX_START * len(STEPS)
-    available = space - len(set(exclude))
-    if n > 0 and (available <= 0 or (unique and n > available)):
-        raise ValueError(f"asked for {n} problems; {space} prompts exist and {len(set(exclude))} are excluded")
-    rng = random.Random(seed)
-    seen, problems = set(exclude), []
-    while len(problems) < n:
+    def sample(rng: random.Random) -> tuple[str, str]:
         start, step = rng.randint(1, MAX_START), rng.choice(STEPS)
-        prompt = f"{start},{start + step},{start + 2 * step},"
-        if prompt in seen:
-            continue
-        if unique:
-            seen.add(prompt)
-        answer = str(start + 3 * step)
-        problems.append({"prompt": prompt, "completion": answer, "answer": answer})
-    return problems
+        return f"{start},{start + step},{start + 2 * step},", str(start + 3 * step)
+
+    return draw_problems(n, seed, MAX_START * len(STEPS), sample, exclude=exclude, unique=unique)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Regenerate the shipped splits (``python -m opd_lightning.tasks.sequences --help``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the three jsonl files go")
-    parser.add_argument("--seed", type=int, default=0, help="test uses seed, validation seed+1, train seed+2")
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--validation-size", type=int, default=100)
-    parser.add_argument("--test-size", type=int, default=300)
-    args = parser.parse_args(argv)
-    test = make_sequences(args.test_size, args.seed, unique=True)  # held-out splits first
-    held_out = {p["prompt"] for p in test}
-    validation = make_sequences(args.validation_size, args.seed + 1, exclude=held_out, unique=True)
-    held_out |= {p["prompt"] for p in validation}
-    train = make_sequences(args.train_size, args.seed + 2, exclude=held_out)
-    for name, rows in (("train", train), ("validation", validation), ("test", test)):
-        write_jsonl(args.out_dir / f"{name}.jsonl", rows)
-        print(f"wrote {len(rows)} problems to {args.out_dir / f'{name}.jsonl'}")
+    write_splits(make_sequences, split_parser(__doc__.splitlines()[0], DATA_DIR, (2000, 100, 300)).parse_args(argv))
 
 
 if __name__ == "__main__":
