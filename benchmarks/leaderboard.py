@@ -1,13 +1,20 @@
-"""The loss-zoo leaderboard: every registered loss on the embedded gold task, same tokenizer, several seeds.
+"""The loss-zoo leaderboard: every registered loss on the embedded gold task, same tokenizer and across
+tokenizers, several seeds.
 
-    .venv/bin/python -m benchmarks.leaderboard [--steps 1000] [--seeds 0 1 2] [--parallel 2]
+    .venv/bin/python -m benchmarks.leaderboard [--pairs same cross] [--steps 1000] [--seeds 0 1 2] [--parallel 2]
 
-Each run is the quickstart distillation (`configs/quickstart/distill.yaml`: the stage-1 teacher, the small fresh
-student, λ = 0.5, batch 128) with only the loss swapped, for a fixed number of optimizer steps, then lm-eval's
-exact match on the 500 test problems. `cross_entropy` is run as plain SFT on the gold completions (λ = 0), the
-baseline that needs no teacher signal. Runs go `--parallel` at a time with one thread each; wall times are
-comparable with each other only. Needs the quickstart teacher (`make demo` or `opd fit --config
-configs/quickstart/teacher.yaml`). Writes the table and `benchmarks/leaderboard.png` into benchmarks/RESULTS.md.
+Each run is a quickstart distillation with only the loss swapped, for a fixed number of optimizer steps, then
+lm-eval's exact match on the 500 test problems:
+- `same`: `configs/quickstart/distill.yaml` (the stage-1 teacher into a small fresh student, same tokenizer,
+  aligner `identity`);
+- `cross`: `configs/quickstart/distill_cross.yaml` (the same teacher into a fresh student with a byte-level BPE
+  tokenizer). Every loss runs through `byte_spans`, except `dskd`, which needs hidden states and runs through
+  `dskd_cma`.
+`cross_entropy` is run as plain SFT on the gold completions (λ = 0), the baseline that needs no teacher signal.
+Runs go `--parallel` at a time with one thread each; wall times are comparable with each other only. Finished runs
+(same pair, loss, seed and step budget, in `runs/leaderboard/results.json`) are reused unless `--rerun`. Needs the
+quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.yaml`). Writes the tables and
+`benchmarks/leaderboard.png` into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,28 +38,46 @@ from benchmarks.quickstart import machine, record
 
 ROOT = Path("runs/leaderboard")
 TEACHER = Path("runs/quickstart/teacher/hf")
-DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate")
+DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
+               "diag/align_coverage")
 OVERLAY = """trainer:
   callbacks:
     - class_path: opd_lightning.evaluation.LmEvalCallback
       init_args: {tasks: [arithmetic]}
 """
+PAIRS = {
+    "same": {"config": "configs/quickstart/distill.yaml", "aligners": {},
+             "title": "same tokenizer (one token per character)"},
+    "cross": {"config": "configs/quickstart/distill_cross.yaml", "aligners": {"dskd": "dskd_cma"},
+              "default_aligner": "byte_spans",
+              "title": "across tokenizers (character teacher → byte-level BPE student)"},
+}
 
 
-def run(loss: str, seed: int, steps: int) -> dict:
-    out = ROOT / loss / f"seed_{seed}"
+def aligner_for(pair: str, loss: str) -> str | None:
+    spec = PAIRS[pair]
+    return spec["aligners"].get(loss, spec.get("default_aligner"))
+
+
+def run(pair: str, loss: str, seed: int, steps: int) -> dict:
+    out = ROOT / pair / loss / f"seed_{seed}"
     extra = ["--model.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
-    args = [sys.executable, "-m", "opd_lightning", "fit", "--config", "configs/quickstart/distill.yaml",
+    aligner = aligner_for(pair, loss)
+    if aligner:
+        extra += ["--model.aligner", aligner]
+    args = [sys.executable, "-m", "opd_lightning", "fit", "--config", PAIRS[pair]["config"],
             "--config", str(ROOT / "overlay.yaml"), "--model.loss", loss, "--seed_everything", str(seed),
             "--model.seed", str(seed), "--model.student.seed", str(seed), "--data.seed", str(seed),
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
             "--model.scheduler.init_args.total_steps", str(steps), "--trainer.default_root_dir", str(out), *extra]
+    key = {"pair": pair, "loss": loss, "seed": seed, "steps": steps, "aligner": aligner or "identity",
+           "date": str(datetime.date.today())}
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
     wall = time.perf_counter() - start
     if done.returncode:
-        return {"loss": loss, "seed": seed, "error": done.stderr[-2000:], "wall_s": wall}
+        return {**key, "error": done.stderr[-2000:], "wall_s": wall}
     version = out / "logs" / "version_0"
     history = [json.loads(line) for line in (version / "eval_history.jsonl").read_text().splitlines()]
     rows = list(csv.DictReader((version / "metrics.csv").open()))
@@ -59,82 +85,106 @@ def run(loss: str, seed: int, steps: int) -> dict:
     for name in DIAGNOSTICS:
         values = [float(r[name]) for r in rows if r.get(name)][-50:]  # mean of the last 50 logged steps
         diag[name] = statistics.mean(values) if values else float("nan")
-    return {"loss": loss, "seed": seed, "wall_s": wall, "score": history[-1]["results"]["arithmetic"]["exact_match"],
-            **diag}
+    return {**key, "wall_s": wall, "score": history[-1]["results"]["arithmetic"]["exact_match"], **diag}
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def table(results: list[dict]) -> str:
-    header = "| loss | exact match (mean ± std) | seeds | wall s/run | topk overlap | log-ratio | student entropy | repetition |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| loss | aligner | exact match (mean ± std) | seeds | wall s/run | topk overlap | log-ratio | "
+              "student entropy | repetition | coverage |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     by_loss: dict[str, list[dict]] = {}
     for r in results:
         by_loss.setdefault(r["loss"], []).append(r)
     order = sorted(by_loss, key=lambda k: -statistics.mean(r.get("score", 0.0) for r in by_loss[k]))
     for loss in order:
         ok = [r for r in by_loss[loss] if "score" in r]
+        label = "cross_entropy (SFT on gold, λ = 0)" if loss == "cross_entropy" else loss
+        aligner = by_loss[loss][0]["aligner"]
         if not ok:
-            lines.append(f"| {loss} | failed: {by_loss[loss][0]['error'].splitlines()[-1][:80]} | | | | | | |")
+            lines.append(f"| {label} | {aligner} | failed: {by_loss[loss][0]['error'].splitlines()[-1][:80]} "
+                         "| | | | | | | |")
             continue
         scores = [r["score"] for r in ok]
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        mean = {k: statistics.mean(r[k] for r in ok) for k in ("wall_s", *DIAGNOSTICS)}
-        label = "cross_entropy (SFT on gold, λ = 0)" if loss == "cross_entropy" else loss
-        lines.append(f"| {label} | {statistics.mean(scores):.3f} ± {std:.3f} | "
+        mean = {k: statistics.mean(r.get(k, math.nan) for r in ok) for k in ("wall_s", *DIAGNOSTICS)}
+        lines.append(f"| {label} | {aligner} | {statistics.mean(scores):.3f} ± {std:.3f} | "
                      f"{', '.join(f'{s:.3f}' for s in scores)} | {mean['wall_s']:.0f} | "
-                     f"{mean['diag/topk_overlap']:.3f} | {mean['diag/logratio_mean']:.3f} | "
-                     f"{mean['diag/entropy_student']:.3f} | {mean['diag/repetition_rate']:.4f} |")
+                     f"{_fmt(mean['diag/topk_overlap'])} | {_fmt(mean['diag/logratio_mean'])} | "
+                     f"{_fmt(mean['diag/entropy_student'])} | {_fmt(mean['diag/repetition_rate'], 4)} | "
+                     f"{_fmt(mean['diag/align_coverage'])} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    by_loss: dict[str, list[float]] = {}
-    for r in results:
-        if "score" in r:
-            by_loss.setdefault(r["loss"], []).append(r["score"])
-    names = sorted(by_loss, key=lambda k: -statistics.mean(by_loss[k]))
-    fig = Figure(figsize=(9, 4))
+    fig = Figure(figsize=(9, 3.6 * len(results)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(names, [statistics.mean(by_loss[n]) for n in names],
-           yerr=[statistics.stdev(by_loss[n]) if len(by_loss[n]) > 1 else 0 for n in names], capsize=4)
-    for i, n in enumerate(names):
-        ax.scatter([i] * len(by_loss[n]), by_loss[n], color="black", s=10, zorder=3)
-    ax.set_ylabel("exact match (test, 500)")
-    ax.set_title("Loss leaderboard: arithmetic, same tokenizer")
-    ax.tick_params(axis="x", rotation=30)
+    for row, (pair, runs) in enumerate(results.items(), start=1):
+        by_loss: dict[str, list[float]] = {}
+        for r in runs:
+            if "score" in r:
+                by_loss.setdefault(r["loss"], []).append(r["score"])
+        names = sorted(by_loss, key=lambda k: -statistics.mean(by_loss[k]))
+        ax = fig.add_subplot(len(results), 1, row)
+        ax.bar(names, [statistics.mean(by_loss[n]) for n in names],
+               yerr=[statistics.stdev(by_loss[n]) if len(by_loss[n]) > 1 else 0 for n in names], capsize=4)
+        for i, n in enumerate(names):
+            ax.scatter([i] * len(by_loss[n]), by_loss[n], color="black", s=10, zorder=3)
+        ax.set_ylabel("exact match (test, 500)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Loss leaderboard: arithmetic, {PAIRS[pair]['title']}")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["same", "cross"])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--losses", nargs="+", default=sorted(LOSSES))
+    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=sorted(LOSSES))
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run is recorded")
     args = parser.parse_args()
     if not (TEACHER / "config.json").exists():
         raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
     ROOT.mkdir(parents=True, exist_ok=True)
     (ROOT / "overlay.yaml").write_text(OVERLAY)
-    jobs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    store = ROOT / "results.json"
+    recorded = json.loads(store.read_text()) if store.exists() else []
+    done = {(r["pair"], r["loss"], r["seed"], r["steps"]): r for r in recorded if "score" in r}
+    jobs = [(pair, loss, seed) for pair in args.pairs for seed in args.seeds for loss in args.losses
+            if args.rerun or (pair, loss, seed, args.steps) not in done]
+    print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda job: run(*job, args.steps), jobs))
-    (ROOT / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, Path(__file__).with_name("leaderboard.png"))
+        for result in pool.map(lambda job: run(*job, args.steps), jobs):
+            done[(result["pair"], result["loss"], result["seed"], result["steps"])] = result
+            store.write_text(json.dumps(list(done.values()), indent=2))
+            print(json.dumps({k: result.get(k) for k in ("pair", "loss", "seed", "score", "wall_s")}), flush=True)
+    chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds
+                     if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
+    plot(chosen, Path(__file__).with_name("leaderboard.png"))
+    dates = sorted({r["date"] for runs in chosen.values() for r in runs})
+    tables = "\n\n".join(f"### Leaderboard: {PAIRS[pair]['title']}\n\nConfig: `{PAIRS[pair]['config']}`.\n\n"
+                         f"{table(runs)}" for pair, runs in chosen.items())
     text = f"""## Leaderboard
 
-Command: `.venv/bin/python -m benchmarks.leaderboard --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}`.
-Date: {datetime.date.today()}. Machine: {machine()}; runs two at a time, one thread each, fp32.
-Setting: the quickstart distillation (teacher 0.956; fresh 134k-parameter student at 0.000; λ = 0.5; batch 128;
-AdamW 3e-3) with only the loss changed, {args.steps} optimizer steps, default hyperparameters of each loss.
-Diagnostics are means over each run's last 50 logged steps, averaged over seeds. Same-tokenizer rows only: the
-cross-tokenizer rows need the cross-tokenizer aligners.
+Command: `.venv/bin/python -m benchmarks.leaderboard --pairs {' '.join(args.pairs)} --steps {args.steps} \
+--seeds {' '.join(map(str, args.seeds))}`.
+Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
+Setting: the quickstart distillations (teacher 0.956; fresh students at 0.000; λ = 0.5; batch 128; AdamW 3e-3)
+with only the loss changed, {args.steps} optimizer steps, default hyperparameters of each loss. Diagnostics are
+means over each run's last 50 logged steps, averaged over seeds (– where a loss has no teacher distribution to
+compare). Coverage is the share of student positions the aligner gives a target.
 
-{table(results)}
+{tables}
 
 ![leaderboard](leaderboard.png)"""
     print(text)

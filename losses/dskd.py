@@ -108,7 +108,7 @@ class DSKD(DistillationLoss):
     each attention row sums to 1 and the projectors are affine, projecting after the attention equals the paper's
     projecting before it. The sums run over the positions of one micro-batch and are divided by the step's
     student-token count, as the authors' code does (their teacher-space sum also runs over teacher tokens). Their
-    recipe gives the projectors a learning rate of their own (1e-3); here they share the module's optimizer.
+    recipe gives the projectors a learning rate of their own (1e-3): the training module's `extra_lr`.
     """
 
     requires = frozenset({HIDDEN_STATES})

@@ -75,6 +75,7 @@ class DistillationModule(LightningModule):
         grad_coherence_every: int = 20,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        extra_lr: float | None = None,
         seed: int = 0,
     ) -> None:
         """
@@ -107,6 +108,8 @@ class DistillationModule(LightningModule):
             grad_coherence_every: measure `diag/grad_coherence` every this many optimizer steps (0: never).
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
+            extra_lr: learning rate of the trainable parts outside the student (DSKD's projectors, the `dskd_cma`
+                attention), as a second parameter group; None: the optimizer's own. DSKD's recipe uses 1e-3.
             seed: seed of the rollouts' random draws (on/off-policy choice, sampling); each step's draws derive
                 from (seed, step, rank), so a resumed run continues exactly as an uninterrupted one.
         """
@@ -123,7 +126,7 @@ class DistillationModule(LightningModule):
         self.diagnostics = diagnostics
         self.train_diag, self.val_diag = (Diagnostics(diag_topk, diag_ngram, diag_max_positions) for _ in range(2))
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.optimizer_factory, self.scheduler_factory, self.extra_lr = optimizer, scheduler, extra_lr
         self.seed = seed
         self._draws = 0  # draws within the current step; reset by `_run_step`
 
@@ -171,8 +174,9 @@ class DistillationModule(LightningModule):
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy`, shard the student with FSDP2: each decoder layer, then the whole model.
 
-        The frozen teacher and reference stay whole on every rank. Generation then needs `synced_gpus`, which
-        `_generate` sets for sharded strategies.
+        Trainable parts outside the student (DSKD's projectors, the `dskd_cma` attention) are sharded too, so that
+        FSDP2 reduces their gradients across ranks. The frozen teacher and reference stay whole on every rank.
+        Generation then needs `synced_gpus`, which `_generate` sets for sharded strategies.
         """
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -184,6 +188,9 @@ class DistillationModule(LightningModule):
         for layer in [m for m in self.student.modules() if type(m).__name__.endswith("DecoderLayer")]:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.student, mesh=mesh)
+        for part in (self.aligner, *self.terms):
+            if isinstance(part, nn.Module) and any(p.requires_grad for p in part.parameters()):
+                fully_shard(part, mesh=mesh)
         self._sharded = True
 
     def on_fit_start(self) -> None:
@@ -434,6 +441,13 @@ class DistillationModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
+        if self.extra_lr is not None:
+            own = {id(p) for p in self.student.parameters()}
+            extra = [p for p in params if id(p) not in own]
+            if not extra:
+                raise ValueError("extra_lr is set but nothing outside the student trains: it applies to DSKD's "
+                                 "projectors and the dskd_cma aligner; drop it")
+            params = [{"params": [p for p in params if id(p) in own]}, {"params": extra, "lr": self.extra_lr}]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

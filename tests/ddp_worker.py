@@ -1,8 +1,9 @@
 """One optimizer step on 4 rows of unequal completion length, single-process or DDP over 2 CPU processes (gloo).
 
-Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY` (STRATEGY:
-auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy). Writes the student's
-weights after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
+Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY [CASE]`
+(STRATEGY: auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy; CASE: `same`, forward KL with one tokenizer,
+or `dskd_cma`, DSKD across tokenizers with its trainable attention and projectors). Writes every trainable weight
+after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
 """
 
 import json
@@ -24,12 +25,18 @@ ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion"
         {"prompt": "99-9=", "completion": "90"}, {"prompt": "5+5=", "completion": "10 then some"}]
 
 
-def main(teacher_dir: str, out: str, devices: int, strategy: str) -> None:
+CASES = {"same": {"tokenizer": "builtin:char", "loss": "forward_kl", "aligner": "identity"},
+         "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"}}
+
+
+def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "same") -> None:
     seed_everything(0)
     data_file = Path(out).with_suffix(".jsonl")
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char"), teacher=HFModel(path=teacher_dir),
-                                loss="forward_kl", on_policy_fraction=0.0, grad_clip_norm=None,
+    spec = CASES[case]
+    module = DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
+                                teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
+                                on_policy_fraction=0.0, grad_clip_norm=None,
                                 sampling=SamplingConfig(max_new_tokens=20),
                                 optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
     data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
@@ -44,10 +51,11 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str) -> None:
         from torch.distributed.tensor import DTensor
 
         assert all(isinstance(p, DTensor) for p in module.student.parameters())
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.student.state_dict().items()}
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
+    assert any(not k.startswith("student.") for k in state) == (case == "dskd_cma")  # the trainable extras are in
     if trainer.is_global_zero:
         torch.save(state, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])

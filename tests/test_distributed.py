@@ -10,11 +10,13 @@ import torch
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
+@pytest.mark.parametrize("case", ["same", "dskd_cma"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_data_parallel_step_equals_single_process_step(teacher_dir, tmp_path, strategy):
+def test_data_parallel_step_equals_single_process_step(teacher_dir, tmp_path, strategy, case):
+    """Also DSKD across tokenizers: its projectors and cross-model attention train outside the student."""
     for devices, name in ((1, "auto"), (2, strategy)):
         done = subprocess.run([sys.executable, str(WORKER), teacher_dir, str(tmp_path / f"{name}.pt"), str(devices),
-                               name], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+                               name, case], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = torch.load(tmp_path / "auto.pt"), torch.load(tmp_path / f"{strategy}.pt")
     for name, value in single.items():

@@ -231,6 +231,17 @@ def test_projectors_are_optimised_and_saved_and_the_teacher_is_not(teacher_dir, 
     assert all(torch.equal(p, fresh.state_dict()[k]) for k, p in own.items())
 
 
+
+def test_extra_lr_gives_the_projectors_and_attention_their_own_learning_rate(teacher_dir):
+    module = make(teacher_dir, "builtin:arithmetic_bpe", "dskd_cma", extra_lr=0.05)
+    student_group, extra_group = module.configure_optimizers().param_groups
+    assert student_group["lr"] == 1e-3 and extra_group["lr"] == 0.05
+    assert {id(p) for p in student_group["params"]} == {id(p) for p in module.student.parameters()}
+    assert {id(p) for p in extra_group["params"]} == {id(p) for p in _own_parameters(module).values()}
+    with pytest.raises(ValueError, match="nothing outside the student trains"):
+        DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0),
+                           teacher=HFModel(path=teacher_dir), extra_lr=0.05).configure_optimizers()
+
 CASES = [("identity", "teacher_dir", "builtin:char"), ("dskd_cma", "teacher_dir", "builtin:arithmetic_bpe"),
          ("dskd_cma", "bpe_teacher_dir", "builtin:char")]
 
