@@ -36,14 +36,18 @@ def pair_embeddings(table: Tensor, inputs: Tensor, targets: Tensor, valid: Tenso
 
 
 def std_scaled(values: Tensor, valid: Tensor) -> Tensor:
-    """`values` `[B, L, D]` divided by the standard deviation of their valid rows' entries (the paper's N(·)).
+    """`values` `[B, L, D]` divided, row by row, by the standard deviation of that row's valid entries (the paper's
+    N(·)).
 
-    The paper's code takes the deviation over the padded tensor; over the valid rows only, padding cannot change
-    the result.
+    The paper's code takes one deviation over its whole padded batch. Per row and over valid entries only, a row's
+    result depends neither on padding nor on which rows share its batch, micro-batch or data-parallel rank.
     """
-    rows = values[valid]
-    scale = rows.std().clamp_min(torch.finfo(values.dtype).tiny) if rows.numel() > 1 else values.new_ones(())
-    return values / scale
+    weights = valid.to(values.dtype)[..., None].expand_as(values)  # [B, L, D]
+    count = weights.sum((1, 2))  # [B]
+    mean = (values * weights).sum((1, 2)) / count.clamp_min(1)
+    var = (((values - mean[:, None, None]) ** 2) * weights).sum((1, 2)) / (count - 1).clamp_min(1)
+    scale = torch.where(count > 1, var.sqrt().clamp_min(torch.finfo(values.dtype).tiny), torch.ones_like(var))
+    return values / scale[:, None, None]
 
 
 def attention_scores(query: Tensor, key: Tensor, student_valid: Tensor, teacher_valid: Tensor) -> Tensor:
@@ -63,7 +67,7 @@ class DskdCmaAligner(TextAligner, nn.Module):
 
     With e^S, e^T the input embedding tables, (x_i, y_i) a student position's input and target tokens,
     (x'_j, y'_j) a teacher position's, h^T_j the teacher's last hidden state and N(·) division by the standard
-    deviation over valid entries:
+    deviation over the sequence's valid entries:
 
         q_i = P_q([e^S(x_i); e^S(y_i)]),   k_j = N([e^T(x'_j); e^T(y'_j)]),   v_j = N(h^T) _j + N(e^T(y')) _j
         a = q kᵀ / sqrt(2 H_T),   h̃^T_i = Σ_j softmax_j(a_i·) v_j,   (s→t)_j(h) = Σ_i softmax_i(a_·j) h_i

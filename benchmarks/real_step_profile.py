@@ -1,6 +1,6 @@
 """Where a training step of the real-model run goes (configs/real/smollm2_same_tokenizer.yaml by default).
 
-    .venv/bin/python -m benchmarks.real_step_profile [--config ...] [--warmup 1] [--steps 20]
+    .venv/bin/python -m benchmarks.real_step_profile [--config ... [--config OVERLAY]] [--warmup 1] [--steps 20]
 
 Builds the Trainer, DistillationModule and data exactly as `opd fit --config CONFIG` does (LightningCLI with
 `run=False`, so every setting is the config's), drops the lm-eval callback and the progress bar, and runs
@@ -110,16 +110,18 @@ def instrument(module: DistillationModule, clock: StepClock) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/real/smollm2_same_tokenizer.yaml")
+    parser.add_argument("--config", action="append", help="config file; repeat for overlays, as with `opd fit` "
+                        "(default: configs/real/smollm2_same_tokenizer.yaml)")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
     parser.add_argument("--steps", type=int, default=20, help="steps measured")
     args = parser.parse_args()
+    args.config = args.config or ["configs/real/smollm2_same_tokenizer.yaml"]
     sys.argv = sys.argv[:1]  # LightningCLI below reads only `args`; keep it from warning about ours
     total = args.warmup + args.steps
     log_dir = tempfile.mkdtemp(prefix="opd_profile_")  # metrics are logged as in the fit, but not into its run
     cli = OPDCLI(DistillationModule, PromptDataModule, run=False, auto_configure_optimizers=False,
                  save_config_callback=None,
-                 args=["--config", args.config, "--trainer.max_steps", str(total), "--trainer.default_root_dir",
+                 args=[*(a for c in args.config for a in ("--config", c)), "--trainer.max_steps", str(total), "--trainer.default_root_dir",
                        log_dir, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     trainer, module = cli.trainer, cli.model
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LmEvalCallback)]
@@ -133,7 +135,7 @@ def main() -> None:
     measured = clock.steps[args.warmup:]
     groups = {"on-policy": [s for s in measured if s["on_policy"]],
               "gold (off-policy)": [s for s in measured if not s["on_policy"]], "all": measured}
-    print(f"\n{machine()}; config {args.config}; batch {cli.datamodule.batch_size}; steps {args.warmup + 1}..{total} "
+    print(f"\n{machine()}; config {' + '.join(args.config)}; batch {cli.datamodule.batch_size}; steps {args.warmup + 1}..{total} "
           f"measured after {args.warmup} warm-up: {len(groups['on-policy'])} on-policy, "
           f"{len(groups['gold (off-policy)'])} gold\n")
     means = {name: {p: statistics.mean(s.get(p, 0.0) for s in steps) for p in (*PHASES, "step")} if steps else None

@@ -174,8 +174,8 @@ class DistillationModule(LightningModule):
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy`, shard the student with FSDP2: each decoder layer, then the whole model.
 
-        Trainable parts outside the student (DSKD's projectors, the `dskd_cma` attention) are sharded too, so that
-        FSDP2 reduces their gradients across ranks. The frozen teacher and reference stay whole on every rank.
+        Trainable parts outside the student (DSKD's projectors, the `dskd_cma` attention) stay whole on every rank,
+        their gradients averaged by `_reduce_extra_grads`. The frozen teacher and reference stay whole too.
         Generation then needs `synced_gpus`, which `_generate` sets for sharded strategies.
         """
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -188,9 +188,6 @@ class DistillationModule(LightningModule):
         for layer in [m for m in self.student.modules() if type(m).__name__.endswith("DecoderLayer")]:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.student, mesh=mesh)
-        for part in (self.aligner, *self.terms):
-            if isinstance(part, nn.Module) and any(p.requires_grad for p in part.parameters()):
-                fully_shard(part, mesh=mesh)
         self._sharded = True
 
     def on_fit_start(self) -> None:
@@ -398,7 +395,11 @@ class DistillationModule(LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         loss, metrics = self._run_step(batch, train=True)
-        if self.grad_clip_norm is not None:
+        if self._sharded:
+            self._reduce_extra_grads()
+        if self.grad_clip_norm is not None and self._sharded:
+            self._clip_sharded()
+        elif self.grad_clip_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
         scheduler = self.lr_schedulers()
@@ -416,6 +417,30 @@ class DistillationModule(LightningModule):
         for logger in self.loggers if sampled else []:
             logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here
         return loss
+
+    def _reduce_extra_grads(self) -> None:
+        """Average across ranks the gradients of trainable parameters that FSDP2 does not manage (outside the
+        student), as it averages the student's: every rank then takes the same step."""
+        import torch.distributed as dist
+
+        world = self.trainer.world_size
+        for param in (p for part in (self.aligner, *self.terms) if isinstance(part, nn.Module)
+                      for p in part.parameters() if p.requires_grad):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # every rank must join each all_reduce
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+    def _clip_sharded(self) -> None:
+        """Clip by the global norm over the student's sharded gradients and the replicated ones outside it (one
+        norm call cannot mix the two kinds of tensor)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        groups = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
+        norms = [torch.nn.utils.get_total_norm(group) for group in groups if group]
+        total = float(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm())
+        for group in groups if total > self.grad_clip_norm else []:
+            if group:
+                torch._foreach_mul_(group, self.grad_clip_norm / (total + 1e-6))
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         loss, metrics = self._run_step(batch, train=False)

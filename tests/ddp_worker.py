@@ -2,7 +2,8 @@
 
 Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY [CASE]`
 (STRATEGY: auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy; CASE: `same`, forward KL with one tokenizer,
-or `dskd_cma`, DSKD across tokenizers with its trainable attention and projectors). Writes every trainable weight
+`dskd_cma`, DSKD across tokenizers with its trainable attention and projectors, or `dskd_cma_clip`, the same with
+gradient clipping). Writes every trainable weight
 after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
 """
 
@@ -26,7 +27,9 @@ ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion"
 
 
 CASES = {"same": {"tokenizer": "builtin:char", "loss": "forward_kl", "aligner": "identity"},
-         "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"}}
+         "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
+         # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
+         "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
 
 
 def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "same") -> None:
@@ -36,7 +39,7 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     spec = CASES[case]
     module = DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
                                 teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
-                                on_policy_fraction=0.0, grad_clip_norm=None,
+                                on_policy_fraction=0.0, grad_clip_norm=spec.get("clip"),
                                 sampling=SamplingConfig(max_new_tokens=20),
                                 optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
     data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
@@ -52,7 +55,7 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
 
         assert all(isinstance(p, DTensor) for p in module.student.parameters())
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
-    assert any(not k.startswith("student.") for k in state) == (case == "dskd_cma")  # the trainable extras are in
+    assert any(not k.startswith("student.") for k in state) == case.startswith("dskd_cma")  # the extras are in
     if trainer.is_global_zero:
         torch.save(state, out)
 

@@ -260,3 +260,18 @@ def test_one_step_trains_the_student_and_the_projectors(request, aligner, teache
     with torch.no_grad():  # validation: the same path without a graph
         total, _ = module._run_step(BATCH, train=False)
     assert torch.isfinite(total) and not total.requires_grad
+
+
+def test_std_scaling_is_per_sequence_over_valid_entries():
+    from opd_lightning.aligners.dskd_cma import std_scaled
+
+    torch.manual_seed(0)
+    values = torch.randn(3, 5, 4) * torch.tensor([1.0, 3.0, 0.5])[:, None, None]
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    scaled = std_scaled(values, valid)
+    for row in range(3):
+        torch.testing.assert_close(scaled[row], values[row] / values[row][valid[row]].std())
+    # a row alone, with more padding, scales exactly as inside the batch
+    padded = torch.cat([values[:1], torch.randn(1, 2, 4)], 1)
+    alone = std_scaled(padded, torch.cat([valid[:1], torch.zeros(1, 2, dtype=torch.bool)], 1))
+    torch.testing.assert_close(alone[0, :5], scaled[0])
