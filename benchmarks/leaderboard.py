@@ -14,7 +14,7 @@ lm-eval's exact match on the 500 test problems:
 Runs go `--parallel` at a time with one thread each; wall times are comparable with each other only. Finished runs
 (same pair, loss, seed and step budget, in `runs/leaderboard/results.json`) are reused unless `--rerun`. Needs the
 quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.yaml`). Writes the tables and
-`benchmarks/leaderboard.png` into benchmarks/RESULTS.md.
+`benchmarks/leaderboard.png` into benchmarks/RESULTS.md, and every run's numbers to `benchmarks/leaderboard_runs.csv`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def run(pair: str, loss: str, seed: int, steps: int) -> dict:
             "--model.scheduler.init_args.total_steps", str(steps), "--trainer.default_root_dir", str(out), *extra]
     key = {"pair": pair, "loss": loss, "seed": seed, "steps": steps, "aligner": aligner or "identity",
            "date": str(datetime.date.today())}
+    shutil.rmtree(out, ignore_errors=True)  # a run into a used folder would log to version_1 and be read stale
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
@@ -171,6 +173,11 @@ def main() -> None:
     chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
     plot(chosen, Path(__file__).with_name("leaderboard.png"))
+    columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date"]
+    with Path(__file__).with_name("leaderboard_runs.csv").open("w", newline="") as handle:  # every run, not means
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r for runs in chosen.values() for r in runs)
     dates = sorted({r["date"] for runs in chosen.values() for r in runs})
     tables = "\n\n".join(f"### Leaderboard: {PAIRS[pair]['title']}\n\nConfig: `{PAIRS[pair]['config']}`.\n\n"
                          f"{table(runs)}" for pair, runs in chosen.items())
@@ -186,7 +193,9 @@ compare). Coverage is the share of student positions the aligner gives a target.
 
 {tables}
 
-![leaderboard](leaderboard.png)"""
+![leaderboard](leaderboard.png)
+
+Each run's own numbers (score, wall time, diagnostics): `benchmarks/leaderboard_runs.csv`."""
     print(text)
     record(text, "leaderboard")
 

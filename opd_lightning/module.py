@@ -10,17 +10,14 @@ The teacher and the initial-student reference are kept out of the module's child
 optimizer, the state dict or a checkpoint. Loss terms and the aligner are children, so their own parameters (DSKD's
 projectors, its cross-model attention) are optimised and saved with the student.
 
-The file runs a little past the ~400-line budget: rollout assembly, the objective, diagnostics glue and FSDP2
-sharding all read the same wiring (models, aligner, sampling, step seed). The pure parts already live elsewhere
-(`rollout`, `objective`, `diagnostics`); the rollout-source methods are the next candidate to move out.
+Where completions come from is `rollout_source.RolloutSource`, a mixin; the pure parts live in `rollout`,
+`objective`, `diagnostics` and `sharding`.
 """
 
 from __future__ import annotations
 
 import copy
-import random
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -34,7 +31,9 @@ from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer
 from opd_lightning.losses import HIDDEN_STATES, DistillationLoss, LossInputs
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, check_pairing, fill_inputs, resolve_aligner
-from opd_lightning.rollout import Rollout, SamplingConfig, encode_prompts, generate_rollout, rollout_from_texts
+from opd_lightning.rollout import Rollout, SamplingConfig
+from opd_lightning.rollout_source import RolloutSource
+from opd_lightning.sharding import average_replicated_grads, clip_by_global_norm, shard_student
 
 __all__ = ["DistillationModule"]
 
@@ -49,7 +48,7 @@ def _completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     return out.logits[:, :-1]
 
 
-class DistillationModule(LightningModule):
+class DistillationModule(RolloutSource, LightningModule):
     """Student, frozen teacher, aligner and loss terms, wired for on-policy distillation."""
 
     def __init__(
@@ -172,22 +171,13 @@ class DistillationModule(LightningModule):
             model.to(self.device)
 
     def configure_model(self) -> None:
-        """Under `ModelParallelStrategy`, shard the student with FSDP2: each decoder layer, then the whole model.
-
-        Trainable parts outside the student (DSKD's projectors, the `dskd_cma` attention) stay whole on every rank,
-        their gradients averaged by `_reduce_extra_grads`. The frozen teacher and reference stay whole too.
-        Generation then needs `synced_gpus`, which `_generate` sets for sharded strategies.
-        """
+        """Under `ModelParallelStrategy`, shard the student with FSDP2 (`sharding.shard_student`); the rest stays
+        whole on every rank. Generation then needs `synced_gpus`, which `_generate` sets for sharded strategies."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._sharded:
             return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in [m for m in self.student.modules() if type(m).__name__.endswith("DecoderLayer")]:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.student, mesh=mesh)
+        shard_student(self.student, self.device_mesh["data_parallel"])
         self._sharded = True
 
     def on_fit_start(self) -> None:
@@ -227,82 +217,6 @@ class DistillationModule(LightningModule):
                 logits = _completion_logits(self._frozen["initial_student"], *args)
             ids = torch.arange(logits.shape[-1], device=logits.device)
             return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits, vocab_pairs=(ids, ids))
-
-    # --------------------------------------------------------------------------------------------- rollouts
-    def _encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        ids, mask = encode_prompts(self.student_tokenizer, prompts, chat_template=self.use_chat_template,
-                                   max_new_tokens=self.sampling.max_new_tokens, max_length=self.max_length)
-        return ids.to(self.device), mask.to(self.device)
-
-    def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str],
-                      ends: list[str] | None = None) -> Rollout:
-        return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
-                                  max_new_tokens=self.sampling.max_new_tokens, ends=ends)
-
-    def _generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-        tok = self.student_tokenizer
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
-        with self._seeded():
-            return generate_rollout(model, prompt_ids, prompt_mask, self.sampling, eos_token_ids=[tok.eos_token_id],
-                                    pad_token_id=tok.pad_token_id, synced_gpus=sharded, tokenizer=tok)
-
-    @contextmanager
-    def _seeded(self):
-        """Sample with a seed derived from (seed, step, rank, batch): a resumed run draws what the original would."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._draw_seed())
-            yield
-
-    def _draw_seed(self) -> int:
-        step = self.global_step if self._trainer is not None else 0
-        rank = self.global_rank if self._trainer is not None else 0
-        self._draws += 1
-        return hash((self.seed, step, rank, self._draws)) % (2**63)
-
-    def _teacher_rollout(self, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
-        if self.aligner.same_tokenizer:
-            rollout = self._generate(self.teacher, prompt_ids, prompt_mask)
-            rollout.on_policy = False
-            return rollout
-        t_tok = self.teacher_tokenizer
-        enc = t_tok(prompts, padding=True, return_tensors="pt").to(self.device)
-        with self._seeded():
-            out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
-                                   eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id, tokenizer=t_tok)
-        ids = out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id)
-        last = ids.gather(1, (out.completion_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
-        ends = ["length" if cut else "eos" if end == t_tok.eos_token_id else "stop"
-                for cut, end in zip(out.truncated.tolist(), last.tolist(), strict=True)]
-        texts = t_tok.batch_decode(ids, skip_special_tokens=True)
-        return self._text_rollout(prompt_ids, prompt_mask, texts, ends=ends)
-
-    def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
-        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
-        rollouts: dict[str, Rollout] = {}
-        if not train or random.Random(self._draw_seed()).random() < self.on_policy_fraction:
-            rollouts["rollout"] = self._generate(self.student, prompt_ids, prompt_mask)
-        elif self.off_policy_source == "teacher":
-            rollouts["rollout"] = self._teacher_rollout(batch["prompt"], prompt_ids, prompt_mask)
-        else:
-            rollouts["rollout"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
-        if any(t.completions == "gold" for t in self.terms):
-            rollouts["gold"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
-        if self.mask_special_tokens:
-            tok = self.student_tokenizer
-            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=self.device)
-            for rollout in rollouts.values():
-                rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
-        return rollouts
-
-    @staticmethod
-    def _completions(batch: dict) -> list[str]:
-        if batch.get("completion") is None:
-            raise ValueError("off-policy or gold terms need a `completion` field in the data; add it, or use "
-                             "on_policy_fraction: 1.0 without gold terms")
-        return batch["completion"]
 
     # ------------------------------------------------------------------------------------------- objective
     def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor],
@@ -395,10 +309,11 @@ class DistillationModule(LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         loss, metrics = self._run_step(batch, train=True)
-        if self._sharded:
-            self._reduce_extra_grads()
+        if self._sharded:  # FSDP2 averages the student's gradients; the trainable parts outside it are ours to
+            average_replicated_grads([p for part in (self.aligner, *self.terms) if isinstance(part, nn.Module)
+                                      for p in part.parameters() if p.requires_grad], self.trainer.world_size)
         if self.grad_clip_norm is not None and self._sharded:
-            self._clip_sharded()
+            clip_by_global_norm(self.parameters(), self.grad_clip_norm)
         elif self.grad_clip_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
@@ -417,30 +332,6 @@ class DistillationModule(LightningModule):
         for logger in self.loggers if sampled else []:
             logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here
         return loss
-
-    def _reduce_extra_grads(self) -> None:
-        """Average across ranks the gradients of trainable parameters that FSDP2 does not manage (outside the
-        student), as it averages the student's: every rank then takes the same step."""
-        import torch.distributed as dist
-
-        world = self.trainer.world_size
-        for param in (p for part in (self.aligner, *self.terms) if isinstance(part, nn.Module)
-                      for p in part.parameters() if p.requires_grad):
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)  # every rank must join each all_reduce
-            dist.all_reduce(param.grad)
-            param.grad /= world
-
-    def _clip_sharded(self) -> None:
-        """Clip by the global norm over the student's sharded gradients and the replicated ones outside it (one
-        norm call cannot mix the two kinds of tensor)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        groups = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
-        norms = [torch.nn.utils.get_total_norm(group) for group in groups if group]
-        total = float(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm())
-        for group in groups if total > self.grad_clip_norm else []:
-            if group:
-                torch._foreach_mul_(group, self.grad_clip_norm / (total + 1e-6))
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         loss, metrics = self._run_step(batch, train=False)

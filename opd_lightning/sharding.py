@@ -1,0 +1,50 @@
+"""FSDP2 for the distillation module: the student sharded, everything else whole on every rank.
+
+Lightning's `ModelParallelStrategy` gives each rank a device mesh; `shard_student` applies `fully_shard` to each
+decoder layer and then to the student. The frozen teacher stays whole. Trainable parameters outside the student
+(DSKD's projectors, the `dskd_cma` attention) stay whole too: FSDP2 reduces only the gradients of modules it wraps
+and whose `forward` it sees, and those parts are called through other methods, so their gradients are averaged
+here, and clipping takes one norm over both kinds of gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["average_replicated_grads", "clip_by_global_norm", "shard_student"]
+
+
+def shard_student(student: nn.Module, mesh) -> None:
+    """`fully_shard` each decoder layer of a Hugging Face causal LM, then the whole model, over `mesh`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in [m for m in student.modules() if type(m).__name__.endswith("DecoderLayer")]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+
+
+def average_replicated_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average the gradients of parameters kept whole on every rank, as FSDP2 averages the sharded ones: every
+    rank then takes the same step. A parameter without a gradient joins with zeros (every rank must join)."""
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad /= world_size
+
+
+def clip_by_global_norm(params: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Scale all gradients so that their global 2-norm is at most `max_norm`, with sharded (DTensor) and whole
+    gradients mixed; one norm call cannot take both kinds."""
+    grads = [p.grad for p in params if p.grad is not None]
+    groups = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
+    norms = [torch.nn.utils.get_total_norm(group) for group in groups if group]
+    total = float(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm())
+    for group in groups if total > max_norm else []:
+        if group:
+            torch._foreach_mul_(group, max_norm / (total + 1e-6))
