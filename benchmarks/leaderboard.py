@@ -60,6 +60,11 @@ def aligner_for(pair: str, loss: str) -> str | None:
     return spec["aligners"].get(loss, spec.get("default_aligner"))
 
 
+def _key(result: dict) -> tuple:
+    """What identifies a run in `results.json`."""
+    return result["pair"], result["loss"], result["seed"], result["steps"]
+
+
 def run(pair: str, loss: str, seed: int, steps: int) -> dict:
     out = ROOT / pair / loss / f"seed_{seed}"
     extra = ["--model.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
@@ -161,13 +166,13 @@ def main() -> None:
     (ROOT / "overlay.yaml").write_text(OVERLAY)
     store = ROOT / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
-    done = {(r["pair"], r["loss"], r["seed"], r["steps"]): r for r in recorded if "score" in r}
+    done = {_key(r): r for r in recorded if "score" in r}
     jobs = [(pair, loss, seed) for pair in args.pairs for seed in args.seeds for loss in args.losses
             if args.rerun or (pair, loss, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         for result in pool.map(lambda job: run(*job, args.steps), jobs):
-            done[(result["pair"], result["loss"], result["seed"], result["steps"])] = result
+            done[_key(result)] = result
             store.write_text(json.dumps(list(done.values()), indent=2))
             print(json.dumps({k: result.get(k) for k in ("pair", "loss", "seed", "score", "wall_s")}), flush=True)
     chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds

@@ -310,8 +310,7 @@ class DistillationModule(RolloutSource, LightningModule):
         opt.zero_grad()
         loss, metrics = self._run_step(batch, train=True)
         if self._sharded:  # FSDP2 averages the student's gradients; the trainable parts outside it are ours to
-            average_replicated_grads([p for part in (self.aligner, *self.terms) if isinstance(part, nn.Module)
-                                      for p in part.parameters() if p.requires_grad], self.trainer.world_size)
+            average_replicated_grads(self._extra_parameters(), self.trainer.world_size)
         if self.grad_clip_norm is not None and self._sharded:
             clip_by_global_norm(self.parameters(), self.grad_clip_norm)
         elif self.grad_clip_norm is not None:
@@ -355,15 +354,19 @@ class DistillationModule(RolloutSource, LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_diagnostics("test")
 
+    def _extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the student: DSKD's projectors, the `dskd_cma` attention."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("student.")]
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.extra_lr is not None:
-            own = {id(p) for p in self.student.parameters()}
-            extra = [p for p in params if id(p) not in own]
+            extra = self._extra_parameters()
             if not extra:
                 raise ValueError("extra_lr is set but nothing outside the student trains: it applies to DSKD's "
                                  "projectors and the dskd_cma aligner; drop it")
-            params = [{"params": [p for p in params if id(p) in own]}, {"params": extra, "lr": self.extra_lr}]
+            student = [p for p in self.student.parameters() if p.requires_grad]
+            params = [{"params": student}, {"params": extra, "lr": self.extra_lr}]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

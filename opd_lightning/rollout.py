@@ -156,6 +156,7 @@ def stop_positions(tokenizer, completion_ids: Tensor, mask: Tensor, stop: list[s
     prefix whose decoded text holds a stop string is found by bisection (log2 N decodes per row).
     """
     result = torch.full((len(completion_ids),), -1, dtype=torch.long)
+
     def holds(ids: list[int]) -> bool:
         text = tokenizer.decode(ids, skip_special_tokens=False)
         return any(s in text for s in stop)

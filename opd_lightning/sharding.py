@@ -45,6 +45,6 @@ def clip_by_global_norm(params: Iterable[nn.Parameter], max_norm: float) -> None
     groups = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
     norms = [torch.nn.utils.get_total_norm(group) for group in groups if group]
     total = float(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm())
-    for group in groups if total > max_norm else []:
-        if group:
+    if total > max_norm:
+        for group in filter(None, groups):
             torch._foreach_mul_(group, max_norm / (total + 1e-6))

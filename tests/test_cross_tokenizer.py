@@ -86,8 +86,8 @@ def test_teacher_written_completions_cross_tokenizers(teacher_dir):
 
 
 def test_teacher_written_completions_end_at_stop_strings(teacher_dir):
-    greedy = {"on_policy_fraction": 0.0, "off_policy_source": "teacher"}
-    free = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "byte_spans", **greedy)
+    teacher_written = {"on_policy_fraction": 0.0, "off_policy_source": "teacher"}
+    free = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "byte_spans", **teacher_written)
     free.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False)
     prompt_ids, prompt_mask = free._encode_prompts(BATCH["prompt"])
     enc = free.teacher_tokenizer(BATCH["prompt"], padding=True, return_tensors="pt")

@@ -81,9 +81,9 @@ def test_sequence_kd_uses_teacher_completions(teacher_dir):
 
 def test_stop_strings_end_student_rollouts(teacher_dir):
     greedy = SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False)
-    free = make_module(teacher_dir, sampling=greedy)._rollouts(BATCH, train=True)["rollout"]
-    tok = free_tok = make_module(teacher_dir).student_tokenizer
-    firsts = sorted({free_tok.decode(row[:1]) for row in free.completion_ids})  # each row's first character
+    module = make_module(teacher_dir, sampling=greedy)
+    free, tok = module._rollouts(BATCH, train=True)["rollout"], module.student_tokenizer
+    firsts = sorted({tok.decode(row[:1]) for row in free.completion_ids})  # each row's first character
     stopped = make_module(teacher_dir, sampling=SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False,
                                                                stop=firsts))._rollouts(BATCH, train=True)["rollout"]
     assert free.completion_mask.sum(1).tolist() == [4] * 4
