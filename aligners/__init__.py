@@ -4,7 +4,7 @@
 registers every aligner below.
 """
 
-from .base import ALIGNERS, AlignedTarget, Aligner, TeacherHidden, TeacherInputs, fit_vocab
+from .base import ALIGNERS, Aligner, TeacherHidden, TeacherInputs, dense_token_logprobs, fit_vocab
 from .bpe_subset import BpeSubsetAligner, bpe_subset_problem, keep_merges
 from .byte_spans import ByteSpanAligner
 from .bytes import TokenBytes, byte_level_alphabet, char_byte_offsets
@@ -20,7 +20,6 @@ from .vocab_map import VocabMapAligner
 __all__ = [
     "ALIGNERS",
     "BYTE_CLASSES",
-    "AlignedTarget",
     "Aligner",
     "BpeSubsetAligner",
     "ByteSpanAligner",
@@ -41,6 +40,7 @@ __all__ = [
     "byte_class_ids",
     "byte_level_alphabet",
     "char_byte_offsets",
+    "dense_token_logprobs",
     "edit_distances",
     "fit_vocab",
     "keep_merges",

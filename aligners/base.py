@@ -2,15 +2,17 @@
 
 An aligner is configured in YAML, then bound once to the (student tokenizer, teacher tokenizer) pair with
 `bind`, which is where a pair it cannot serve is refused. Per batch it turns a student rollout into teacher
-inputs and projects the teacher's logits back to the student's completion positions, in whatever form the loss
-asks for (a distribution in the student's vocabulary, the teacher's own logits at aligned positions, the teacher's
-likelihood of each student token). It also reports coverage: the share of student completion tokens that received
-an exact target. Aligners are pure tensor/tokenizer code: no Lightning, no losses.
+inputs and projects the teacher's logits back to the student's completion positions as a `TeacherTarget`
+(`opd_lightning.target`, the contract shared with the losses), filling the forms the loss asks for (a distribution
+in the student's vocabulary, the teacher's own logits at aligned positions, the teacher's likelihood of each student
+token). Every capability an aligner lists in `provides` must be filled when asked for. It also reports coverage: the
+share of student completion tokens that received an exact target. Aligners are pure tensor/tokenizer code: no
+Lightning, no losses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +20,13 @@ import torch
 from torch import Tensor
 
 from opd_lightning.registry import Registry
+from opd_lightning.target import TeacherTarget, token_logprobs
 
 if TYPE_CHECKING:
-    from opd_lightning.losses import TeacherSequence
-
     from opd_lightning.rollout import Rollout
 
-__all__ = ["ALIGNERS", "AlignedTarget", "Aligner", "TeacherHidden", "TeacherInputs"]
+__all__ = ["ALIGNERS", "Aligner", "TeacherHidden", "TeacherInputs", "dense_token_logprobs", "fit_vocab",
+           "token_logprobs_chunked"]
 
 ALIGNERS: Registry = Registry("aligner")
 
@@ -50,31 +52,10 @@ class TeacherHidden:
     teacher_embeddings: Tensor  # [V_teacher, H_teacher] the teacher's
 
 
-@dataclass
-class AlignedTarget:
-    """Teacher outputs at the student's completion positions `[B, N]`; each field is filled when asked for.
-
-    Positions where `mask` is False have no exact target; losses leave them out (they still count in the step's
-    token normaliser, so an uncovered token contributes zero rather than re-weighting the others).
-    """
-
-    coverage: float  # share of valid student completion tokens with an exact target
-    teacher_logits: Tensor | None = None  # [B, N, V] in the student's vocabulary (or the shared space below)
-    mask: Tensor | None = None  # [B, N] bool; None: every position has a target
-    teacher_token_logprobs: Tensor | None = None  # [B, N] log p_T of each student token (or span, see token_spans)
-    token_spans: Tensor | None = None  # [B, N] span id; the span's log-prob sits on its last token
-    teacher_native_logits: Tensor | None = None  # [B, N, V_teacher] teacher logits at the aligned position
-    vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
-    mass_coverage: float | None = None  # mean teacher probability mass the projection kept
-    student_projection: Callable[[Tensor], Tensor] | None = None  # maps student logits into `teacher_logits`' space
-    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] teacher hidden state at (or attended from) each position
-    teacher_sequence: TeacherSequence | None = None  # teacher logits at its own positions and the way there
-
-
-class Aligner:
+class Aligner(abc.ABC):
     """Base class. Subclasses implement `bind`, `teacher_inputs` and `project`, and list what they provide.
 
-    `provides` names the loss inputs (capabilities from `opd_lightning.losses`) the aligner can fill; the module
+    `provides` names the capabilities (`opd_lightning.target`) the aligner fills in its `TeacherTarget`; the module
     refuses a loss that requires anything else, naming the aligners that do provide it.
     """
 
@@ -83,26 +64,26 @@ class Aligner:
     #: True when the teacher reads the student's token ids unchanged (its completions can be reused as is).
     same_tokenizer = False
 
+    @abc.abstractmethod
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
         """Check that this aligner can serve the pair, and precompute what it needs; raise if it cannot."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def teacher_inputs(self, rollout: Rollout) -> TeacherInputs:
         """Teacher inputs for a student rollout (prompt ids, then `N` completion columns)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         """Bring teacher logits for the completion (`[B, M, V_teacher]`) to the student's positions; fill `needs`."""
-        raise NotImplementedError
 
     def setup(self, student_hidden: int, teacher_hidden: int) -> None:
         """Create parameters whose shapes depend on the models' hidden sizes; called once, before the optimizer is
         built. Default: none (an aligner with parameters is also an `nn.Module`, so they train and are saved)."""
 
-    def project_hidden(self, target: AlignedTarget, states: TeacherHidden, inputs: TeacherInputs,
+    def project_hidden(self, target: TeacherTarget, states: TeacherHidden, inputs: TeacherInputs,
                        rollout: Rollout) -> None:
-        """Fill `target.teacher_hidden` and `target.teacher_sequence` (aligners that provide HIDDEN_STATES).
+        """Fill `target.hidden` and `target.sequence` (aligners that provide HIDDEN_STATES).
 
         Called after `project`, only when a loss requires hidden states, with gradients enabled in training so
         that an aligner's own parameters learn; the teacher's tensors in `states` carry no gradient.
@@ -126,3 +107,26 @@ def fit_vocab(teacher_logits: Tensor, student_vocab_size: int) -> Tensor:
         return teacher_logits[..., :student_vocab_size]
     fill = teacher_logits.amin(-1, keepdim=True) - 30.0
     return torch.cat([teacher_logits, fill.expand(*teacher_logits.shape[:-1], student_vocab_size - v_t)], dim=-1)
+
+
+CHUNK_ROWS = 16  # teacher rows read at a time: [16, 262k] fp32 is 17 MB, small enough for the allocator to reuse
+
+
+def token_logprobs_chunked(logits: Tensor, ids: Tensor) -> Tensor:
+    """log softmax(logits)[ids] `[B, M]` from `[B, M, V]` logits, `CHUNK_ROWS` rows at a time: views of the logits
+    only, no `[B, M, V]` copy (they are often a non-contiguous slice of a model's output)."""
+    dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
+    out = torch.empty(ids.shape, dtype=dtype, device=logits.device)
+    for b in range(ids.shape[0]):
+        for start in range(0, ids.shape[1], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            out[b, rows] = token_logprobs(logits[b, rows], ids[b, rows])
+    return out
+
+
+def dense_token_logprobs(logp: Tensor, rollout: Rollout, valid: Tensor | None = None) -> Tensor:
+    """The log-prob that a dense target `[B, N, V]` gives each completion token: `[B, N]`, zero where `valid` (or the
+    completion mask) is False. Exact for the target it is read from; at temperature 1."""
+    valid = rollout.completion_mask if valid is None else valid & rollout.completion_mask
+    ids = rollout.completion_ids.masked_fill(~valid, 0)
+    return token_logprobs_chunked(logp, ids).masked_fill(~valid, 0.0)

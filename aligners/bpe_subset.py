@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 import json
 
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TeacherTarget
 
-from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .text import TextAligner, mass_to_logits, project_chunks, softmax_
 from .trie import TokenTrie
 
@@ -74,7 +74,7 @@ def bpe_subset_problem(student_tokenizer, teacher_tokenizer) -> str | None:
 class BpeSubsetAligner(TextAligner):
     """Exact per-token teacher likelihoods for BPE-subset pairs; a dense target at every student position."""
 
-    # The loss gathers each token's exact log-prob from the dense target (temperature 1 for exactness).
+    # Each token's exact log-prob is read from the dense target (at temperature 1).
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
 
     def __init__(self) -> None:
@@ -91,7 +91,7 @@ class BpeSubsetAligner(TextAligner):
         self.trie = TokenTrie(self.teacher_bytes, self.student_bytes, student_tokenizer, student_vocab_size)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         view = inputs.alignment
         ok = (view.path_start >= 0) & rollout.completion_mask
         index = view.containing.masked_fill(~ok, -1)
@@ -103,5 +103,6 @@ class BpeSubsetAligner(TextAligner):
             return mass_to_logits(self.trie.conditional(softmax_(rows), paths))  # [c, V_s]
 
         logp, valid, kept, _ = project_chunks(teacher_logits, index, self.student_vocab_size, condition)
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
+        tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
+        return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)

@@ -8,17 +8,25 @@ text by walking the teacher's later distributions along the realised text (`look
 conserved up to tokens the other side cannot spell. Student tokens inside a teacher token get no dense target here
 (`bpe_subset` gives them one when the pair qualifies). For the sampled-token
 loss the aligner scores whole spans: the teacher's log-likelihood of a span's text is the sum of its tokens'
-log-probs, exact for the teacher's own tokenization of the text, and sits on the span's last student token.
+log-probs, exact for the teacher's own tokenization of the text, and sits on the span's last student token. When a
+loss needs the dense target and token log-probs together, the token log-probs are read from the dense target (one
+per student token, no spans), so that both describe the same distribution.
 """
 
 from __future__ import annotations
 
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import (
+    TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
+    TeacherTarget,
+)
 
-from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
 from .text import TextAligner, mass_to_logits, project_chunks, softmax_, span_logprobs
 from .trie import TokenTrie
@@ -44,7 +52,7 @@ class ByteSpanAligner(TextAligner):
                                    trie.first)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         view = inputs.alignment
         completion = rollout.completion_mask
         if needs & {TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS}:
@@ -52,10 +60,10 @@ class ByteSpanAligner(TextAligner):
         logp = span_logprobs(teacher_logits, view, completion.shape[1])
         in_span = (view.student_span >= 0) & completion
         spans = view.student_span.masked_fill(~in_span, -1)
-        return AlignedTarget(coverage=self.coverage(in_span, rollout), mask=in_span, teacher_token_logprobs=logp,
+        return TeacherTarget(coverage=self.coverage(in_span, rollout), mask=in_span, token_logprobs=logp,
                              token_spans=spans)
 
-    def _dense(self, teacher_logits: Tensor, view, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
+    def _dense(self, teacher_logits: Tensor, view, rollout: Rollout, needs: frozenset[str]) -> TeacherTarget:
         at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         realised, lengths = view.teacher_ids.tolist(), view.teacher_mask.sum(-1).tolist()
 
@@ -78,6 +86,7 @@ class ByteSpanAligner(TextAligner):
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, spread,
                                                    native=TEACHER_NATIVE_LOGITS in needs)
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
-                             teacher_native_logits=native, vocab_pairs=tuple(p.to(logp.device) for p in self.pairs),
+        tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
+        return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
+                             vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)

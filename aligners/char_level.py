@@ -16,12 +16,12 @@ nothing at positions inside a teacher token; pair it with `byte_spans`' span lik
 from __future__ import annotations
 
 import torch
-from opd_lightning.losses import TEACHER_LOGITS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
-from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
 from .text import LOG_FLOOR, TextAligner, project_chunks
 from .trie import sum_columns
@@ -41,7 +41,7 @@ def byte_class_ids(table: TokenBytes) -> Tensor:
 
 def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
     """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
-    mass = sum_columns(torch.softmax(logits.float(), -1), classes, BYTE_CLASSES)  # [..., 257]
+    mass = sum_columns(torch.softmax(upcast(logits), -1), classes, BYTE_CLASSES)  # [..., 257]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
 
@@ -71,12 +71,12 @@ class CharLevelAligner(TextAligner):
         self.teacher_classes = teacher.masked_fill(~shared[teacher], -1)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
         def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
             return to_byte_logprobs(rows, self.teacher_classes), rows.new_ones(rows.shape[0])
 
         target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes)  # [B, N, 257]
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=target,
+        return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,
                              student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))

@@ -15,12 +15,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from opd_lightning.losses import HIDDEN_STATES, TeacherSequence
 from torch import Tensor, nn
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import HIDDEN_STATES, TeacherSequence, TeacherTarget
 
-from .base import ALIGNERS, AlignedTarget, TeacherHidden, TeacherInputs
+from .base import ALIGNERS, TeacherHidden, TeacherInputs
 from .text import TextAligner
 
 __all__ = ["DskdCmaAligner", "attention_scores", "pair_embeddings", "std_scaled"]
@@ -73,7 +73,7 @@ class DskdCmaAligner(TextAligner, nn.Module):
         a = q kᵀ / sqrt(2 H_T),   h̃^T_i = Σ_j softmax_j(a_i·) v_j,   (s→t)_j(h) = Σ_i softmax_i(a_·j) h_i
 
     P_q is a trainable linear map 2 H_S -> 2 H_T; keys are the teacher's frozen embeddings; pairs with padding on
-    either side are masked. `teacher_hidden` is h̃^T at each student position, and `teacher_sequence` keeps the
+    either side are masked. `hidden` is h̃^T at each student position, and `sequence` keeps the
     teacher's logits at its own positions with s→t as the map from student positions.
     """
 
@@ -91,12 +91,12 @@ class DskdCmaAligner(TextAligner, nn.Module):
             self.query = nn.Linear(2 * student_hidden, 2 * teacher_hidden)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         # Every valid student token attends to the teacher's completion, when it has one.
         has_teacher = inputs.alignment.teacher_mask.any(-1, keepdim=True) & rollout.completion_mask  # [B, N]
-        return AlignedTarget(coverage=self.coverage(has_teacher, rollout), mask=has_teacher)
+        return TeacherTarget(coverage=self.coverage(has_teacher, rollout), mask=has_teacher)
 
-    def project_hidden(self, target: AlignedTarget, states: TeacherHidden, inputs: TeacherInputs,
+    def project_hidden(self, target: TeacherTarget, states: TeacherHidden, inputs: TeacherInputs,
                        rollout: Rollout) -> None:
         if self.query is None:
             raise ValueError("dskd_cma has no query projection yet: call setup(student_hidden, teacher_hidden) first "
@@ -112,7 +112,6 @@ class DskdCmaAligner(TextAligner, nn.Module):
         values = std_scaled(states.hidden.float(), t_valid) + std_scaled(t_target, t_valid)  # [B, M, H_T]
         query = self.query(s_pairs.to(self.query.weight.dtype)).float()  # [B, N, 2H_T]
         scores = attention_scores(query, std_scaled(t_pairs, t_valid), s_valid, t_valid)  # [B, N, M]
-        target.teacher_hidden = torch.softmax(scores, -1) @ values  # [B, N, H_T]
+        target.hidden = torch.softmax(scores, -1) @ values  # [B, N, H_T]
         to_teacher = torch.softmax(scores.transpose(1, 2), -1)  # [B, M, N]
-        target.teacher_sequence = TeacherSequence(states.logits, t_valid,
-                                                  lambda hidden: to_teacher @ hidden.to(to_teacher.dtype))
+        target.sequence = TeacherSequence(states.logits, t_valid, lambda hidden: to_teacher @ hidden.to(to_teacher.dtype))

@@ -7,19 +7,20 @@ differ: a silent mismatch would train the student towards the wrong tokens.
 from __future__ import annotations
 
 import torch
-from opd_lightning.losses import (
+from torch import Tensor
+
+from opd_lightning.rollout import Rollout
+from opd_lightning.target import (
     HIDDEN_STATES,
     TEACHER_LOGITS,
     TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     VOCAB_PAIRS,
     TeacherSequence,
+    TeacherTarget,
 )
-from torch import Tensor
 
-from opd_lightning.rollout import Rollout
-
-from .base import ALIGNERS, AlignedTarget, Aligner, TeacherHidden, TeacherInputs, fit_vocab
+from .base import ALIGNERS, Aligner, TeacherHidden, TeacherInputs, dense_token_logprobs, fit_vocab
 
 __all__ = ["IdentityAligner"]
 
@@ -41,7 +42,6 @@ class IdentityAligner(Aligner):
     """Same tokenizer on both sides: teacher inputs are the student's ids; logits are taken as they are."""
 
     same_tokenizer = True
-    # Token log-probs are gathered by the loss from the dense logits, at the loss's own temperature.
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS, HIDDEN_STATES})
 
     def __init__(self) -> None:
@@ -67,14 +67,15 @@ class IdentityAligner(Aligner):
                              rollout.completion_mask.shape[1])
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         logits = fit_vocab(teacher_logits, self.student_vocab_size)  # [B, N, V]
         ids = torch.arange(self.tokenizer_size, device=logits.device)
-        return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits,
-                             vocab_pairs=(ids, ids), mass_coverage=1.0)
+        tokens = dense_token_logprobs(logits, rollout) if TEACHER_TOKEN_LOGPROBS in needs else None
+        return TeacherTarget(coverage=1.0, logits=logits, native_logits=logits, vocab_pairs=(ids, ids),
+                             token_logprobs=tokens, mass_coverage=1.0)
 
-    def project_hidden(self, target: AlignedTarget, states: TeacherHidden, inputs: TeacherInputs,
+    def project_hidden(self, target: TeacherTarget, states: TeacherHidden, inputs: TeacherInputs,
                        rollout: Rollout) -> None:
         # The teacher reads the student's tokens: its positions are the student's, and its logits stay native.
-        target.teacher_hidden = states.hidden  # [B, N, H_teacher]
-        target.teacher_sequence = TeacherSequence(states.logits)
+        target.hidden = states.hidden  # [B, N, H_teacher]
+        target.sequence = TeacherSequence(states.logits)

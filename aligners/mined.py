@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import (
+    TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
+    TeacherTarget,
+)
 
-from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .text import TextAligner, mass_to_logits, project_chunks, softmax_
 
 __all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
@@ -149,7 +155,7 @@ class MinEdAligner(TextAligner):
         return out.to(view.student_span.device)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
 
         def nearest_topk(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
@@ -162,6 +168,7 @@ class MinEdAligner(TextAligner):
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, nearest_topk,
                                                    native=TEACHER_NATIVE_LOGITS in needs)
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
-                             teacher_native_logits=native, vocab_pairs=tuple(p.to(logp.device) for p in self.pairs),
+        tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
+        return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
+                             vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)

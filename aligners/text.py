@@ -11,21 +11,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from opd_lightning.losses import token_logprobs
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout, position_ids
 
-from .base import Aligner, TeacherInputs
+from .base import CHUNK_ROWS, Aligner, TeacherInputs, token_logprobs_chunked
 from .bytes import TokenBytes
 from .spans import TextView, retokenise
 from .trie import prefixless_encoder
 
-__all__ = ["CHUNK_ROWS", "LOG_FLOOR", "TextAligner", "mass_to_logits", "project_chunks", "softmax_", "span_logprobs",
-           "token_logprobs_chunked", "vocab_pairs"]
-
-
-CHUNK_ROWS = 16  # teacher rows projected at a time: [16, 262k] fp32 is 17 MB, small enough for the allocator to reuse
+__all__ = ["LOG_FLOOR", "TextAligner", "mass_to_logits", "project_chunks", "softmax_", "span_logprobs", "vocab_pairs"]
 
 
 def softmax_(rows: Tensor) -> Tensor:
@@ -73,16 +68,6 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     valid = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
     valid[batch, pos] = kept_all > 0
     return out, valid, kept_all, own
-
-
-def token_logprobs_chunked(logits: Tensor, ids: Tensor) -> Tensor:
-    """log softmax(logits)[ids] `[B, M]` from `[B, M, V]` logits, `CHUNK_ROWS` rows at a time (no `[B, M, V]` copy)."""
-    flat, flat_ids = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)
-    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, flat.shape[0], CHUNK_ROWS):
-        out[start : start + CHUNK_ROWS] = token_logprobs(flat[start : start + CHUNK_ROWS],
-                                                         flat_ids[start : start + CHUNK_ROWS])
-    return out.reshape(ids.shape)
 
 
 def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> Tensor:

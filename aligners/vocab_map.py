@@ -11,12 +11,18 @@ cross-tokenizer target; `byte_spans` keeps all the mass.
 from __future__ import annotations
 
 import torch
-from opd_lightning.losses import TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, TEACHER_TOKEN_LOGPROBS, VOCAB_PAIRS
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import (
+    TEACHER_LOGITS,
+    TEACHER_NATIVE_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    VOCAB_PAIRS,
+    TeacherTarget,
+)
 
-from .base import ALIGNERS, AlignedTarget, TeacherInputs
+from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .text import LOG_FLOOR, TextAligner, project_chunks
 
 __all__ = ["VocabMapAligner"]
@@ -26,7 +32,7 @@ __all__ = ["VocabMapAligner"]
 class VocabMapAligner(TextAligner):
     """Same-text tokens matched across vocabularies; the teacher read at shared token starts."""
 
-    # Token log-probs are gathered by the loss from the dense (matched, renormalised) teacher distribution.
+    # Token log-probs are read from the dense (matched, renormalised) teacher distribution.
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
 
     def __init__(self) -> None:
@@ -47,7 +53,7 @@ class VocabMapAligner(TextAligner):
         return s_spelled.nonzero().squeeze(-1), t_spelled.nonzero().squeeze(-1)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
-                needs: frozenset[str]) -> AlignedTarget:
+                needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
 
@@ -60,6 +66,7 @@ class VocabMapAligner(TextAligner):
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, matched,
                                                    native=TEACHER_NATIVE_LOGITS in needs)
-        return AlignedTarget(coverage=self.coverage(valid, rollout), mask=valid, teacher_logits=logp,
-                             teacher_native_logits=native, vocab_pairs=(s_ids, t_ids),
+        tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
+        return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
+                             vocab_pairs=(s_ids, t_ids), token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)

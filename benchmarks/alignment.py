@@ -133,7 +133,7 @@ def exactness(name: str, aligner, student, teacher, inputs, target, logits: torc
         shared = aligner.teacher_classes[: logits.shape[-1]]
         classes = sorted(set(shared[shared >= 0].tolist()))
         want = want[:, classes] / want[:, classes].sum(-1, keepdim=True)
-        got = target.teacher_logits[0][at >= 0][:32].exp()[:, classes]
+        got = target.logits[0][at >= 0][:32].exp()[:, classes]
         return f"max abs error {float((got.double() - want).abs().max()):.1e}"
     if name == "bpe_subset":
         spell = spell_with_model(student, teacher, aligner.teacher_bytes)
@@ -143,7 +143,7 @@ def exactness(name: str, aligner, student, teacher, inputs, target, logits: torc
             start, j = int(view.path_start[0, i]), int(view.containing[0, i])
             path = tuple(rollout.completion_ids[0, start:i].tolist())
             want = subset_conditional(torch.softmax(logits[0, j].double(), -1), path, spell, len(student))
-            error = max(error, float((target.teacher_logits[0, i].double().exp() - want).abs().max()))
+            error = max(error, float((target.logits[0, i].double().exp() - want).abs().max()))
         return f"max abs error {error:.1e} ({len(where)} positions)"
     if name == "dskd_cma":
         return "learned (soft attention; no exact target)"
@@ -189,8 +189,8 @@ def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor 
 def real_teacher_logits(student, teacher, rollout: Rollout) -> tuple[torch.Tensor, float]:
     """Gemma-3-270M's logits on the batch as the aligners present it, and the forward pass's wall time."""
     from opd_lightning.models import HFModel
-    from opd_lightning.module import _completion_logits
     from opd_lightning.real_models import prepare_model
+    from opd_lightning.reference import completion_logits
 
     model = HFModel(path=str(prepare_model("gemma3"))).load_model().eval()
     aligner = ALIGNERS.build("byte_spans")
@@ -198,7 +198,7 @@ def real_teacher_logits(student, teacher, rollout: Rollout) -> tuple[torch.Tenso
     inputs = aligner.teacher_inputs(rollout)
     with torch.no_grad():
         start = time.perf_counter()
-        logits = _completion_logits(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+        logits = completion_logits(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
                                     inputs.completion_length)
         forward_s = time.perf_counter() - start
     return logits, forward_s

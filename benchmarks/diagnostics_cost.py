@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.quickstart import machine, record
 from opd_lightning.data import load_rows
+from opd_lightning.diagnostics import DiagnosticsConfig
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
 from opd_lightning.rollout import SamplingConfig
@@ -30,7 +31,8 @@ def build(diagnostics: bool, teacher_dir: str, vocab: int) -> DistillationModule
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, "vocab_size": vocab}
     module = DistillationModule(student=HFModel(config=config, tokenizer="builtin:char", seed=0),
-                                teacher=HFModel(path=teacher_dir), loss="forward_kl", diagnostics=diagnostics,
+                                teacher=HFModel(path=teacher_dir), loss="forward_kl",
+                                diagnostics=DiagnosticsConfig(enabled=diagnostics),
                                 sampling=SamplingConfig(max_new_tokens=32, stop_at_eos=False),
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     module.manual_backward = lambda loss: loss.backward()

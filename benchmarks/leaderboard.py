@@ -67,7 +67,7 @@ def _key(result: dict) -> tuple:
 
 def run(pair: str, loss: str, seed: int, steps: int) -> dict:
     out = ROOT / pair / loss / f"seed_{seed}"
-    extra = ["--model.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
+    extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
     aligner = aligner_for(pair, loss)
     if aligner:
         extra += ["--model.aligner", aligner]

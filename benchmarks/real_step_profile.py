@@ -8,12 +8,12 @@ Builds the Trainer, DistillationModule and data exactly as `opd fit --config CON
 directory. Each phase is timed with `time.perf_counter` around the module's own calls (CPU only: there is no
 asynchronous work to synchronise):
 
-- rollout generation: `_generate` (the student's `generate`, on-policy steps only);
+- rollout generation: `RolloutSource.generate` (the student's `generate`, on-policy steps only);
 - gold completions: `_text_rollout` (tokenising the dataset's completions, off-policy steps);
-- teacher forward: `_reference_target` (no-grad teacher forward on the rollout), less the alignment;
+- teacher forward: `ReferenceScorer.teacher_target` (no-grad teacher forward on the rollout), less the alignment;
 - alignment: the aligner's `teacher_inputs` (re-tokenising the rollout for the teacher) and `project` (bringing
   its outputs to the student's positions);
-- student forward: `_completion_logits` called on the student (with grad, outside generation);
+- student forward: `completion_logits` called on the student (with grad, outside generation);
 - loss: the loss modules' forward; diagnostics: `_diagnose` plus the `diag/*` compute at the step's end;
 - student backward: `manual_backward` (through the loss into the student);
 - optimizer: gradient clipping plus `AdamW.step`;
@@ -87,9 +87,10 @@ class StepClock(pl.Callback):
 
 def instrument(module: DistillationModule, clock: StepClock) -> None:
     """Wrap the module's phases (instance attributes shadow the methods; the forward helper is module-level)."""
-    module._generate = clock.timed("rollout generation", module._generate)
-    module._text_rollout = clock.timed("gold completions", module._text_rollout)
-    module._reference_target = clock.timed("teacher forward", module._reference_target)
+    source, scorer = module.rollout_source, module.scorer
+    source.generate = clock.timed("rollout generation", source.generate)
+    source.text_rollout = clock.timed("gold completions", source.text_rollout)
+    scorer.teacher_target = clock.timed("teacher forward", scorer.teacher_target)
     module.aligner.teacher_inputs = clock.timed("alignment", module.aligner.teacher_inputs)
     module.aligner.project = clock.timed("alignment", module.aligner.project)
     module._diagnose = clock.timed("diagnostics", module._diagnose)
@@ -98,14 +99,12 @@ def instrument(module: DistillationModule, clock: StepClock) -> None:
     module.clip_gradients = clock.timed("optimizer", module.clip_gradients)
     for term in module.terms:
         term.loss.forward = clock.timed("loss", term.loss.forward)
-    original = module_lib._completion_logits
+    original = module_lib.completion_logits
 
-    def completion_logits(model, *args, **kwargs):
-        if model is not module.student:  # the teacher's call is inside `_reference_target`, timed there
-            return original(model, *args, **kwargs)
+    def completion_logits(model, *args, **kwargs):  # the teacher's calls (in reference.py) are timed as its forward
         return clock.timed("student forward", original)(model, *args, **kwargs)
 
-    module_lib._completion_logits = completion_logits
+    module_lib.completion_logits = completion_logits
 
 
 def main() -> None:

@@ -1,25 +1,36 @@
 """Distillation losses: pure tensor functions plus thin registered modules, free of Lightning and tokenizers.
 
 `LOSSES` maps names to classes; build one by name with `LOSSES.build(name, **kwargs)`. Importing this package
-registers every loss below.
+registers every loss below. What a loss reads from the teacher (`TeacherTarget`, its `TopK` form and the capability
+names) is defined in `opd_lightning.target`, shared with the aligners, and re-exported here for convenience.
 """
 
-from .base import (
+from opd_lightning.target import (
     HIDDEN_STATES,
-    LOSSES,
     TEACHER_LOGITS,
     TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
+    TEACHER_TOPK,
     VOCAB_PAIRS,
+    TeacherSequence,
+    TeacherTarget,
+    TopK,
+    token_logprobs,
+)
+
+from .base import (
+    LOG_ZERO,
+    LOSSES,
     DenseDivergence,
     DistillationLoss,
     LossInputs,
     LossOutput,
-    TeacherSequence,
     check_teacher,
     dense_divergence,
     dense_sum,
     normalise,
+    on_student_support,
+    topk_buckets,
 )
 from .credit import CREDITS, assign_credit, discounted_returns
 from .cross_entropy import CrossEntropy, cross_entropy
@@ -48,7 +59,7 @@ from .mixture import (
     skew_reverse_kl,
     skew_reverse_kl_per_token,
 )
-from .sampled_token import SampledToken, clipped_policy_loss, sampled_token, token_logprobs
+from .sampled_token import SampledToken, clipped_policy_loss, sampled_token
 from .topk import TopKReverseKL, restrict_to_teacher_topk, topk_reverse_kl, topk_reverse_kl_per_token
 from .uld import ULD, sorted_l1_per_token, uld, uld_per_token
 
@@ -57,10 +68,12 @@ __all__ = [
     "DSKD",
     "GOLD",
     "HIDDEN_STATES",
+    "LOG_ZERO",
     "LOSSES",
     "TEACHER_LOGITS",
     "TEACHER_NATIVE_LOGITS",
     "TEACHER_TOKEN_LOGPROBS",
+    "TEACHER_TOPK",
     "ULD",
     "VOCAB_PAIRS",
     "CrossEntropy",
@@ -76,6 +89,8 @@ __all__ = [
     "SkewKL",
     "SkewReverseKL",
     "TeacherSequence",
+    "TeacherTarget",
+    "TopK",
     "TopKReverseKL",
     "TotalVariation",
     "assign_credit",
@@ -94,6 +109,7 @@ __all__ = [
     "gold",
     "gold_per_token",
     "normalise",
+    "on_student_support",
     "restrict_to_teacher_topk",
     "reverse_kl",
     "reverse_kl_per_token",
@@ -105,6 +121,7 @@ __all__ = [
     "sorted_l1_per_token",
     "teacher_entropy",
     "token_logprobs",
+    "topk_buckets",
     "topk_forward_kl_per_token",
     "topk_reverse_kl",
     "topk_reverse_kl_per_token",

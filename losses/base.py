@@ -1,21 +1,30 @@
 """The loss contract: what a loss consumes, what it returns, and the one chunked path for dense divergences.
 
 Every loss is a pure tensor function plus a thin `nn.Module` holding typed hyperparameters for the CLI. Losses
-see only tensors aligned to the student's completion positions; they never see models or tokenizers. Each loss
-declares what it needs in `requires`, and the training module computes only that (no class-name sniffing).
-`LOSSES` is the name -> class registry every loss module files itself into.
+see only tensors aligned to the student's completion positions and the teacher's `TeacherTarget`
+(`opd_lightning.target`, shared with the aligners); they never see models or tokenizers. Each loss declares what it
+needs in `requires` (capability names from `opd_lightning.target`), and the training module computes only that (no
+class-name sniffing). `LOSSES` is the name -> class registry every loss module files itself into.
 
 Conventions shared by every loss:
 - position t of `student_logits` predicts completion token `target_ids[:, t]`;
-- logits are upcast to fp32 here, and divided by `temperature` before any softmax;
-- per-token values are summed over `mask` and divided once by `num_items` (the count of valid completion tokens
-  of the whole optimizer step, clamped to at least 1); without `num_items` the call's own count is used.
+- logits are upcast to fp32 here (fp16 and bf16; fp64 stays fp64), and divided by `temperature` before any softmax;
+- per-token values are summed over the valid positions and divided once by `num_items` (the count of valid
+  completion tokens of the whole optimizer step, clamped to at least 1); without `num_items` the call's own count;
+- a student logit of −inf marks a column outside the student's vocabulary (padding): dense divergences compare the
+  two distributions on the student's finite columns only (the teacher renormalised there), so the loss stays finite
+  and those columns get zero gradient (`on_student_support`);
+- dense divergences also take the teacher's top-k form (`TopK`): both models become distributions over k + 1 buckets,
+  the teacher's k tokens and one bucket for the rest of the vocabulary (`topk_buckets`), and the same per-token
+  divergence is applied there; with k = V it is exactly the dense loss.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -23,76 +32,77 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from opd_lightning.registry import Registry
+from opd_lightning.target import FIELDS, TEACHER_LOGITS, TeacherTarget, TopK, upcast
 
 __all__ = [
-    "HIDDEN_STATES",
+    "LOG_ZERO",
     "LOSSES",
-    "TEACHER_LOGITS",
-    "TEACHER_NATIVE_LOGITS",
-    "TEACHER_TOKEN_LOGPROBS",
-    "VOCAB_PAIRS",
     "DenseDivergence",
     "DistillationLoss",
     "LossInputs",
     "LossOutput",
-    "TeacherSequence",
     "check_teacher",
     "dense_divergence",
     "dense_sum",
     "normalise",
+    "on_student_support",
+    "teacher_distribution",
+    "topk_buckets",
 ]
 
 LOSSES: Registry = Registry("loss")
-
-# Capabilities a loss may require. The module fills the matching `LossInputs` field only when asked.
-TEACHER_LOGITS = "teacher_logits"  # dense teacher logits in the student's vocabulary, [B, N, V]
-TEACHER_TOKEN_LOGPROBS = "teacher_token_logprobs"  # teacher log-prob of each target token, [B, N]
-TEACHER_NATIVE_LOGITS = "teacher_native_logits"  # teacher logits in its own vocabulary, [B, N, V_teacher]
-VOCAB_PAIRS = "vocab_pairs"  # (student ids [K], teacher ids [K]): tokens with the same text in both vocabularies
-HIDDEN_STATES = "hidden_states"  # last hidden states of both models at the completion positions, and both output layers
-
-
-@dataclass
-class TeacherSequence:
-    """The teacher's outputs at its own completion positions, for losses that score in the teacher's space there."""
-
-    logits: Tensor  # [B, M, V_teacher] the teacher's logits at its M completion positions
-    mask: Tensor | None = None  # [B, M] bool; None: the teacher's positions are the student's (M = N, the loss mask)
-    from_student: Callable[[Tensor], Tensor] | None = None  # [B, N, H] at student positions -> [B, M, H]; None: same
+LOG_ZERO = -1.0e4  # log-probability written where a distribution has no support: exp() is exactly 0, arithmetic stays finite
 
 
 @dataclass
 class LossInputs:
-    """Tensors at the student's completion positions; shapes in the comments."""
+    """Tensors at the student's completion positions, and the teacher's target there; shapes in the comments."""
 
     student_logits: Tensor  # [B, N, V] carries the gradient
     target_ids: Tensor  # [B, N] the completion tokens (sampled by the student, or given)
     mask: Tensor  # [B, N] bool, True on valid completion tokens
-    teacher_logits: Tensor | None = None  # [B, N, V] in the student's vocabulary
-    teacher_token_logprobs: Tensor | None = None  # [B, N] log p_T(target token), or of its span (`token_spans`)
-    token_spans: Tensor | None = None  # [B, N] span id of each token when the teacher scores multi-token spans
-    teacher_native_logits: Tensor | None = None  # [B, N, V_teacher] at the teacher position aligned with each token
-    vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
-    student_hidden: Tensor | None = None  # [B, N, H_student] hidden state that predicts each completion token
-    teacher_hidden: Tensor | None = None  # [B, N, H_teacher] the teacher's, at (or attended from) the aligned position
-    teacher_sequence: TeacherSequence | None = None  # the teacher's logits at its own positions (HIDDEN_STATES)
+    teacher: TeacherTarget | None = None  # what the teacher (through an aligner) gives at these positions
+    student_hidden: Tensor | None = None  # [B, N, H_student] hidden state that predicts each token (HIDDEN_STATES)
     student_head: Tensor | None = None  # [V, H_student] the student's output layer weight (HIDDEN_STATES)
-    teacher_head: Tensor | None = None  # [V_teacher, H_teacher] the frozen teacher's output layer weight
     old_logprobs: Tensor | None = None  # [B, N] student log-probs when the rollout was sampled
     num_items: Tensor | float | None = None  # normaliser for the optimizer step; None -> mask.sum()
 
-    def require(self, name: str, loss: str) -> Tensor:
-        """Return field `name`, or raise an error naming the loss that needed it."""
+    @property
+    def valid(self) -> Tensor:
+        """`[B, N]` bool: valid completion tokens that have a teacher target."""
+        mask = self.mask.bool()
+        if self.teacher is not None and self.teacher.mask is not None:
+            mask = mask & self.teacher.mask.bool()
+        return mask
+
+    @cached_property
+    def student(self) -> Tensor:
+        """The student's logits in the space of the teacher's target (`TeacherTarget.student_projection`)."""
+        projection = None if self.teacher is None else self.teacher.student_projection
+        return self.student_logits if projection is None else projection(self.student_logits)
+
+    def require(self, loss: str, *capabilities: str) -> TeacherTarget:
+        """The teacher's target, after checking that it carries every capability named; errors name `loss`."""
+        if self.teacher is None:
+            raise ValueError(f"loss {loss!r} needs a teacher target, but the inputs carry none; the training module "
+                             "fills `teacher` when the loss lists capabilities in `requires`.")
+        for capability in capabilities:
+            if any(getattr(self.teacher, name) is None for name in FIELDS[capability]):
+                raise ValueError(f"loss {loss!r} needs {capability!r}, but the teacher's target has none; the training "
+                                 f"module fills it when the loss lists {capability!r} in `requires`.")
+        return self.teacher
+
+    def require_student(self, name: str, loss: str) -> Tensor:
+        """Field `name` of the student side (`student_hidden`, `student_head`), or an error naming the loss."""
         value = getattr(self, name)
         if value is None:
-            raise ValueError(f"loss {loss!r} needs {name!r}, but the inputs carry none; the training module fills it "
-                             f"when the loss lists {name!r} in `requires`.")
+            raise ValueError(f"loss {loss!r} needs {name!r}, but the inputs carry none")
         return value
 
 
 @dataclass
 class LossOutput:
-    """A scalar to minimise and detached scalar metrics to log."""
+    """A scalar to minimise and detached scalar metrics to log (the loss itself is logged by the caller)."""
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
@@ -104,15 +114,17 @@ def normalise(total: Tensor, mask: Tensor, num_items: Tensor | float | None) -> 
     return total / count.to(total.dtype).clamp_min(1)
 
 
-class DistillationLoss(nn.Module):
+class DistillationLoss(nn.Module, metaclass=abc.ABCMeta):
     """Base of every registered loss. Subclasses set `requires` and implement `forward(inputs) -> LossOutput`.
 
     `requires` is a class attribute, or an instance attribute set in `__init__` when it depends on a
-    hyperparameter (e.g. `SampledToken(credit="baseline")` also reads dense teacher logits); read it from the
-    instance.
+    hyperparameter (e.g. `SampledToken(credit="baseline")` also reads the teacher's distribution); read it from the
+    instance. `accepts_topk` says that the loss takes the teacher's top-k form (`TEACHER_TOPK`) in place of the
+    dense logits (`TEACHER_LOGITS`) it requires.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    accepts_topk: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
 
     def setup(self, student_hidden: int, teacher_hidden: int) -> None:
@@ -122,8 +134,9 @@ class DistillationLoss(nn.Module):
         parameters exist for the optimizer and for checkpoint loading. Default: nothing to create.
         """
 
-    def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        """The loss of one (micro-)batch, normalised by `inputs.num_items`."""
 
 
 # (student log-probs [n, V_s], teacher log-probs [n, V_t], *per-row extras) -> [n], or [n, k] for k parts
@@ -146,64 +159,123 @@ def check_teacher(values: Tensor, what: str = "teacher logits") -> None:
                          "(fp16 overflow, a broken low-bit checkpoint) and the aligner's projection.")
 
 
-def _chunk_sum(fn: PerToken, temperature: float, s_logits: Tensor, t_logits: Tensor, *extras: Tensor) -> Tensor:
-    s_logp = torch.log_softmax(s_logits.float() / temperature, dim=-1)  # [n, V_s] fp32
-    t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)  # [n, V_t] fp32
+def on_student_support(s_logp: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Both distributions restricted to the columns where the student's log-prob is finite: `[n, V]` each.
+
+    `s_logp` are the student's log-probs; `t_scores` the teacher's logits or log-probs over the same columns. The
+    teacher is renormalised on the student's support; both sides then hold `LOG_ZERO` off it, so every per-token
+    divergence stays finite there and those columns get no gradient. Where the student has no −inf column this is
+    the plain teacher log-softmax.
+    """
+    off = torch.isneginf(s_logp)  # [n, V]
+    t_logp = torch.log_softmax(t_scores.masked_fill(off, float("-inf")), dim=-1)
+    return s_logp.masked_fill(off, LOG_ZERO), t_logp.masked_fill(off, LOG_ZERO)
+
+
+def topk_buckets(s_logp: Tensor, ids: Tensor) -> Tensor:
+    """The student's distribution over the teacher's k tokens and one tail bucket: `[n, V]`, ids `[n, k]` ->
+    `[n, k + 1]` log-probs (the tail is the log-sum-exp of the other columns, never 1 − Σ, so nothing cancels)."""
+    tail = s_logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # [n, 1]
+    return torch.cat([s_logp.gather(-1, ids), tail], dim=-1)
+
+
+def _chunk_sum(fn: PerToken, temperature: float, s_logits: Tensor, t_rows: Tensor, topk_ids: Tensor | None,
+               *extras: Tensor) -> Tensor:
+    s_logp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)  # [n, V_s], at least fp32
+    if topk_ids is not None:  # t_rows are the teacher's k + 1 bucket log-probs, already at the temperature
+        s_logp, t_scores = topk_buckets(s_logp, topk_ids), upcast(t_rows)
+    else:
+        t_scores = upcast(t_rows) / temperature  # [n, V_t]
+    if s_logp.shape[-1] == t_scores.shape[-1]:
+        s_logp, t_logp = on_student_support(s_logp, t_scores)
+    else:  # two vocabularies (cross-tokenizer losses): no column correspondence to restrict by
+        t_logp = torch.log_softmax(t_scores, dim=-1)
     return fn(s_logp, t_logp, *extras).sum(0)
 
 
 def dense_sum(per_token: PerToken, student_rows: Tensor, teacher_rows: Tensor, *row_extras: Tensor,
-              temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+              temperature: float = 1.0, chunk_size: int | None = None, topk_ids: Tensor | None = None) -> Tensor:
     """Sum `per_token` over rows already selected as valid: the chunked core of every dense loss.
 
-    `student_rows` `[n, V_s]` and `teacher_rows` `[n, V_t]` may differ in width (cross-tokenizer losses); equal
-    widths are checked by `dense_divergence`, not here. `row_extras` (e.g. target ids `[n]`) are split into the
-    same chunks and passed to `per_token` after the two log-prob rows. `per_token` returns `[n]`, or `[n, k]` for
-    k parts summed separately. Losses that apply a divergence to a subset of positions (e.g. entropy-gated ones)
-    call this directly and normalise themselves. Returns an fp32 scalar (or `[k]`); with no rows it is an exact
-    zero that still carries a graph.
+    `student_rows` `[n, V_s]` and `teacher_rows` `[n, V_t]` (logits) may differ in width (cross-tokenizer losses);
+    equal widths are compared on the student's support (`on_student_support`). With `topk_ids` `[n, k]`,
+    `teacher_rows` are the teacher's `[n, k + 1]` bucket log-probs (`TopK.buckets`) and the student's rows become
+    buckets too (`topk_buckets`). `row_extras` (e.g. target ids `[n]`) are split into the same chunks and passed to
+    `per_token` after the two log-prob rows. `per_token` returns `[n]`, or `[n, k]` for k parts summed separately.
+    Losses that apply a divergence to a subset of positions (e.g. entropy-gated ones) call this directly and
+    normalise themselves. Returns an fp32 (or fp64) scalar (or `[k]`); with no rows it is an exact zero that still
+    carries a graph.
     """
-    rows = (student_rows, teacher_rows.detach(), *row_extras)
+    rows = (student_rows, teacher_rows.detach(), topk_ids, *row_extras)
     if chunk_size is None or student_rows.shape[0] <= chunk_size:
         total = _chunk_sum(per_token, temperature, *rows)
     else:
+        split = [r.split(chunk_size) if r is not None else [None] * -(-student_rows.shape[0] // chunk_size)
+                 for r in rows]
         total = sum(checkpoint(_chunk_sum, per_token, temperature, *chunk, use_reentrant=False)
-                    for chunk in zip(*(r.split(chunk_size) for r in rows), strict=True))
-    return total.float()
+                    for chunk in zip(*split, strict=True))
+    return upcast(total)
+
+
+def teacher_distribution(teacher: Tensor | TopK, mask: Tensor, temperature: float,
+                         loss: str) -> tuple[Tensor, Tensor | None]:
+    """The teacher's valid rows for `dense_sum`: dense logits `[n, V]` and no ids, or top-k buckets `[n, k + 1]` and
+    their ids `[n, k]`; checked for NaN/inf. A top-k form taken at another temperature is refused (its tail cannot be
+    re-tempered)."""
+    if isinstance(teacher, TopK):
+        if teacher.temperature != temperature:
+            raise ValueError(f"loss {loss!r} runs at temperature {temperature}, but the teacher's top-k were taken at "
+                             f"{teacher.temperature}: take them at the loss's temperature")
+        rows, ids = teacher.logprobs[mask].detach(), teacher.ids[mask]  # [n, k]
+        check_teacher(rows, "teacher top-k log-probs")
+        tail = teacher.tail[mask].detach()  # [n]; -inf when the k tokens hold all the mass
+        if torch.isnan(tail).any() or torch.isposinf(tail).any():
+            raise ValueError("the teacher's top-k tail mass holds NaN or +inf: check how the top-k were computed")
+        return torch.cat([rows, tail.unsqueeze(-1)], -1), ids
+    rows = teacher[mask].detach()  # [n, V]
+    check_teacher(rows)
+    return rows, None
 
 
 def dense_divergence(
     per_token: PerToken,
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher: Tensor | TopK,
     mask: Tensor,
     *,
     temperature: float = 1.0,
     num_items: Tensor | float | None = None,
     chunk_size: int | None = None,
+    loss: str = "dense divergence",
 ) -> Tensor:
     """Sum `per_token` over the valid positions and normalise once: the only chunked path for dense losses.
 
-    Only rows under `mask` are computed. With `chunk_size`, valid rows are processed `chunk_size` at a time under
-    activation checkpointing, so the fp32 `[n, V]` intermediates of one chunk are alive at a time, in the forward
-    and in the backward pass; values and gradients equal the unchunked result.
+    `teacher` is dense logits `[B, N, V]` or the top-k form (`TopK`, ids `[B, N, k]`). Only rows under `mask` are
+    computed. With `chunk_size`, valid rows are processed `chunk_size` at a time under activation checkpointing, so
+    the `[n, V]` intermediates of one chunk are alive at a time, in the forward and in the backward pass; values and
+    gradients equal the unchunked result.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: project the teacher into the student's vocabulary "
-                         "with an aligner first.")
+    expected = teacher.ids.shape[:-1] if isinstance(teacher, TopK) else teacher.shape
+    if (isinstance(teacher, TopK) and tuple(expected) != tuple(student_logits.shape[:-1])) or (
+            not isinstance(teacher, TopK) and student_logits.shape != teacher.shape):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(expected)} differ: project "
+                         "the teacher into the student's vocabulary with an aligner first.")
     mask = mask.bool()
-    s = student_logits[mask]  # [n, V]
-    t = teacher_logits[mask].detach()  # [n, V]
-    check_teacher(t)
-    total = dense_sum(per_token, s, t, temperature=temperature, chunk_size=chunk_size)
+    t_rows, ids = teacher_distribution(teacher, mask, temperature, loss)
+    total = dense_sum(per_token, student_logits[mask], t_rows, temperature=temperature, chunk_size=chunk_size,
+                      topk_ids=ids)
     return normalise(total, mask, num_items)
 
 
 class DenseDivergence(DistillationLoss):
-    """A divergence between full next-token distributions; subclasses supply `per_token` only."""
+    """A divergence between full next-token distributions; subclasses supply `per_token` only.
+
+    With the teacher's top-k form, `per_bucket` is applied to the k + 1 bucket distributions; by default it is
+    `per_token` itself (one tail bucket), and a loss that treats the tail otherwise overrides it.
+    """
 
     requires: ClassVar[frozenset[str]] = frozenset({TEACHER_LOGITS})
+    accepts_topk: ClassVar[bool] = True
 
     def __init__(self, temperature: float = 1.0, chunk_size: int | None = None) -> None:
         """
@@ -217,11 +289,24 @@ class DenseDivergence(DistillationLoss):
         self.temperature = temperature
         self.chunk_size = chunk_size
 
-    def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        """The divergence per row of log-probs `[n, V]` -> `[n]`."""
+
+    def per_bucket(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        """The divergence per row of `[n, k + 1]` top-k bucket log-probs (the tail last); default `per_token`."""
+        return self.per_token(s_logp, t_logp)
+
+    def divergence(self, student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor,
+                   num_items: Tensor | float | None = None) -> Tensor:
+        """The normalised loss for dense teacher logits `[B, N, V]` or a top-k form, as the pure functions compute."""
+        fn = self.per_bucket if isinstance(teacher, TopK) else self.per_token
+        return dense_divergence(fn, student_logits, teacher, mask, temperature=self.temperature, num_items=num_items,
+                                chunk_size=self.chunk_size, loss=self.registry_name)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        teacher = inputs.require(TEACHER_LOGITS, self.registry_name)
-        loss = dense_divergence(self.per_token, inputs.student_logits, teacher, inputs.mask,
-                                temperature=self.temperature, num_items=inputs.num_items, chunk_size=self.chunk_size)
-        return LossOutput(loss, {self.registry_name: loss.detach()})
+        target = inputs.require(self.registry_name)
+        teacher = target.logits if target.logits is not None else target.topk
+        if teacher is None:
+            inputs.require(self.registry_name, TEACHER_LOGITS)  # neither form: raises, naming the loss
+        return LossOutput(self.divergence(inputs.student, teacher, inputs.valid, inputs.num_items))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opd_lightning.target import upcast
+
 __all__ = ["CREDITS", "assign_credit", "check_credit", "discounted_returns"]
 
 CREDITS = ("immediate", "return_to_go", "discounted", "baseline")
@@ -58,11 +60,11 @@ def assign_credit(log_ratio: Tensor, mask: Tensor, credit: str = "immediate", *,
         reverse_kl: per-step KL(p_S ‖ p_T) `[B, N]`, needed by "baseline" only.
 
     Returns:
-        `[B, N]` fp32 advantages.
+        `[B, N]` advantages, fp32 (fp64 for fp64 log-ratios).
     """
     check_credit(credit, gamma)
     mask = mask.bool()
-    a = log_ratio.detach().float()
+    a = upcast(log_ratio.detach())
     if credit == "immediate":
         advantages = a
     elif credit == "return_to_go":
@@ -72,5 +74,5 @@ def assign_credit(log_ratio: Tensor, mask: Tensor, credit: str = "immediate", *,
     else:
         if reverse_kl is None:
             raise ValueError("credit 'baseline' needs the per-step reverse KL from dense teacher logits")
-        advantages = a + reverse_kl.detach().float()
+        advantages = a + upcast(reverse_kl.detach()).to(a.dtype)
     return torch.where(mask, advantages, 0.0)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from opd_lightning.target import token_logprobs
+
 from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, normalise
-from .sampled_token import token_logprobs
 
 __all__ = ["CrossEntropy", "cross_entropy"]
 
@@ -19,7 +20,7 @@ def cross_entropy(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
                   num_items: Tensor | float | None = None) -> Tensor:
     """Σ_valid −log p_S(target) / num_items; logits `[B, N, V]`, targets and mask `[B, N]`."""
     mask = mask.bool()
-    logp = token_logprobs(student_logits[mask], target_ids[mask])  # [n] fp32
+    logp = token_logprobs(student_logits[mask], target_ids[mask])  # [n], at least fp32
     return normalise(-logp.sum(), mask, num_items)
 
 
@@ -30,5 +31,4 @@ class CrossEntropy(DistillationLoss):
     (Kim & Rush 2016, "Sequence-Level Knowledge Distillation")."""
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        loss = cross_entropy(inputs.student_logits, inputs.target_ids, inputs.mask, num_items=inputs.num_items)
-        return LossOutput(loss, {self.registry_name: loss.detach()})
+        return LossOutput(cross_entropy(inputs.student_logits, inputs.target_ids, inputs.mask, num_items=inputs.num_items))

@@ -16,17 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    HIDDEN_STATES,
-    LOSSES,
-    DistillationLoss,
-    LossInputs,
-    LossOutput,
-    TeacherSequence,
-    check_teacher,
-    dense_sum,
-    normalise,
-)
+from opd_lightning.target import HIDDEN_STATES, TeacherSequence, upcast
+
+from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, check_teacher, dense_sum, normalise
 from .kl import forward_kl_per_token, reverse_kl_per_token
 
 __all__ = ["DSKD", "dskd"]
@@ -35,56 +27,22 @@ Divergence = Literal["forward_kl", "reverse_kl"]
 PER_TOKEN = {"forward_kl": forward_kl_per_token, "reverse_kl": reverse_kl_per_token}
 
 
-def _check(distill_weight: float, ce_weight: float, temperature: float, divergence: str) -> None:
-    if distill_weight < 0 or ce_weight < 0 or temperature <= 0:
-        raise ValueError(f"need distill_weight ≥ 0, ce_weight ≥ 0 and temperature > 0; got {distill_weight}, "
-                         f"{ce_weight}, {temperature}")
-    if divergence not in PER_TOKEN:
-        raise ValueError(f"divergence must be one of {sorted(PER_TOKEN)}, got {divergence!r}")
-
-
 def dskd(student_logits: Tensor, student_hidden: Tensor, teacher_hidden: Tensor, teacher: TeacherSequence,
          mask: Tensor, target_ids: Tensor, student_head: Tensor, teacher_head: Tensor,
-         t2s: Callable[[Tensor], Tensor], s2t: Callable[[Tensor], Tensor], *, divergence: Divergence = "forward_kl",
-         temperature: float = 2.0, distill_weight: float = 0.5, ce_weight: float = 0.5, correct_only: bool = False,
-         num_items: Tensor | float | None = None) -> LossOutput:
-    """DSKD over the valid positions, normalised once; see `DSKD` for the formula and `DSKD.__init__` for arguments.
+         t2s: Callable[[Tensor], Tensor], s2t: Callable[[Tensor], Tensor], *,
+         num_items: Tensor | float | None = None, **hyperparameters) -> LossOutput:
+    """DSKD over the valid positions, normalised once; see `DSKD` for the formula and its `__init__` for
+    `hyperparameters`.
 
     Shapes: student logits `[B, N, V_s]`, student hidden `[B, N, H_s]`, teacher hidden at the student positions
     `[B, N, H_t]`, `teacher.logits` `[B, M, V_t]` at the teacher's own positions (M = N when `teacher.from_student`
     is None), mask and target ids `[B, N]`, heads `[V_s, H_s]` and `[V_t, H_t]`; `t2s` maps `[n, H_t] -> [n, H_s]`
-    and `s2t` `[m, H_s] -> [m, H_t]`. Metrics "t2s_kd", "t2s_ce", "s2t_kd" and "ce" are the parts unweighted and
-    normalised like the loss; "t2s_acc" is the share of valid tokens whose projected-teacher argmax is the target.
+    and `s2t` `[m, H_s] -> [m, H_t]` (the loss module's own projectors are not used here). Metrics "t2s_kd",
+    "t2s_ce", "s2t_kd" and "ce" are the parts unweighted and normalised like the loss; "t2s_acc" is the share of
+    valid tokens whose projected-teacher argmax is the target.
     """
-    _check(distill_weight, ce_weight, temperature, divergence)
-    mask = mask.bool()
-    y = target_ids[mask]  # [n]
-    s_rows = student_logits[mask]  # [n, V_s]
-    t_hidden = teacher_hidden[mask]  # [n, H_t]
-    check_teacher(t_hidden, "teacher hidden states")
-    # Student space: the projected teacher through the student's output layer, which this part does not train.
-    t2s_logits = (t2s(t_hidden).float() @ student_head.detach().float().T)  # [n, V_s]
-    t2s_ce = F.cross_entropy(t2s_logits, y, reduction="sum")
-    correct = t2s_logits.detach().argmax(-1) == y  # [n]
-    keep = correct if correct_only else torch.ones_like(correct)
-    t2s_kd = dense_sum(PER_TOKEN[divergence], s_rows[keep], t2s_logits[keep], temperature=temperature)
-    # Teacher space: the projected student through the teacher's frozen output layer, at the teacher's positions.
-    at_teacher = student_hidden if teacher.from_student is None else teacher.from_student(student_hidden)  # [B, M, H_s]
-    t_mask = mask if teacher.mask is None else teacher.mask.bool()
-    t_rows = teacher.logits[t_mask].detach()  # [m, V_t]
-    check_teacher(t_rows)
-    if teacher_head.shape[0] != t_rows.shape[-1]:
-        raise ValueError(f"the teacher's output layer has {teacher_head.shape[0]} rows but its logits "
-                         f"{t_rows.shape[-1]} columns: pass the native (unprojected) teacher logits")
-    s2t_logits = s2t(at_teacher[t_mask]).float() @ teacher_head.detach().float().T  # [m, V_t]
-    s2t_kd = dense_sum(forward_kl_per_token, s2t_logits, t_rows, temperature=temperature)
-    ce = F.cross_entropy(s_rows.float(), y, reduction="sum")
-    parts = {name: normalise(value, mask, num_items)
-             for name, value in (("t2s_kd", t2s_kd), ("t2s_ce", t2s_ce), ("s2t_kd", s2t_kd), ("ce", ce))}
-    loss = distill_weight * (parts["t2s_kd"] + parts["t2s_ce"] + parts["s2t_kd"]) + ce_weight * parts["ce"]
-    metrics = {key: value.detach() for key, value in parts.items()}
-    metrics["t2s_acc"] = correct.float().sum() / mask.sum().clamp_min(1)
-    return LossOutput(loss, metrics)
+    return DSKD(**hyperparameters).compute(student_logits, student_hidden, teacher_hidden, teacher, mask, target_ids,
+                                           student_head, teacher_head, t2s, s2t, num_items)
 
 
 @LOSSES.register("dskd")
@@ -130,7 +88,11 @@ class DSKD(DistillationLoss):
                 not imitated); the cross-entropy still trains the projection everywhere.
         """
         super().__init__()
-        _check(distill_weight, ce_weight, temperature, divergence)
+        if distill_weight < 0 or ce_weight < 0 or temperature <= 0:
+            raise ValueError(f"need distill_weight ≥ 0, ce_weight ≥ 0 and temperature > 0; got {distill_weight}, "
+                             f"{ce_weight}, {temperature}")
+        if divergence not in PER_TOKEN:
+            raise ValueError(f"divergence must be one of {sorted(PER_TOKEN)}, got {divergence!r}")
         self.distill_weight, self.ce_weight, self.temperature = distill_weight, ce_weight, temperature
         self.divergence, self.correct_only = divergence, correct_only
         self.t2s: nn.Linear | None = None
@@ -142,17 +104,50 @@ class DSKD(DistillationLoss):
             self.t2s = nn.Linear(teacher_hidden, student_hidden)
             self.s2t = nn.Linear(student_hidden, teacher_hidden)
 
+    def compute(self, student_logits: Tensor, student_hidden: Tensor, teacher_hidden: Tensor,
+                teacher: TeacherSequence, mask: Tensor, target_ids: Tensor, student_head: Tensor, teacher_head: Tensor,
+                t2s: Callable[[Tensor], Tensor], s2t: Callable[[Tensor], Tensor],
+                num_items: Tensor | float | None) -> LossOutput:
+        """The loss on tensors; arguments as `dskd`."""
+        mask = mask.bool()
+        y = target_ids[mask]  # [n]
+        s_rows = student_logits[mask]  # [n, V_s]
+        t_hidden = teacher_hidden[mask]  # [n, H_t]
+        check_teacher(t_hidden, "teacher hidden states")
+        # Student space: the projected teacher through the student's output layer, which this part does not train.
+        t2s_logits = upcast(t2s(t_hidden)) @ upcast(student_head.detach()).T  # [n, V_s]
+        t2s_ce = F.cross_entropy(t2s_logits, y, reduction="sum")
+        correct = t2s_logits.detach().argmax(-1) == y  # [n]
+        keep = correct if self.correct_only else torch.ones_like(correct)
+        t2s_kd = dense_sum(PER_TOKEN[self.divergence], s_rows[keep], t2s_logits[keep], temperature=self.temperature)
+        # Teacher space: the projected student through the teacher's frozen output layer, at the teacher's positions.
+        at_teacher = student_hidden if teacher.from_student is None else teacher.from_student(student_hidden)
+        t_mask = mask if teacher.mask is None else teacher.mask.bool()
+        t_rows = teacher.logits[t_mask].detach()  # [m, V_t]
+        check_teacher(t_rows)
+        if teacher_head.shape[0] != t_rows.shape[-1]:
+            raise ValueError(f"the teacher's output layer has {teacher_head.shape[0]} rows but its logits "
+                             f"{t_rows.shape[-1]} columns: pass the native (unprojected) teacher logits")
+        s2t_logits = upcast(s2t(at_teacher[t_mask])) @ upcast(teacher_head.detach()).T  # [m, V_t]
+        s2t_kd = dense_sum(forward_kl_per_token, s2t_logits, t_rows, temperature=self.temperature)
+        ce = F.cross_entropy(upcast(s_rows), y, reduction="sum")
+        parts = {name: normalise(value, mask, num_items)
+                 for name, value in (("t2s_kd", t2s_kd), ("t2s_ce", t2s_ce), ("s2t_kd", s2t_kd), ("ce", ce))}
+        loss = self.distill_weight * (parts["t2s_kd"] + parts["t2s_ce"] + parts["s2t_kd"]) + self.ce_weight * parts["ce"]
+        metrics = {key: value.detach() for key, value in parts.items()}
+        metrics["t2s_acc"] = correct.float().sum() / mask.sum().clamp_min(1)
+        return LossOutput(loss, metrics)
+
     def forward(self, inputs: LossInputs) -> LossOutput:
         name = self.registry_name
         if self.t2s is None:
             raise ValueError("the dskd projectors do not exist yet: call setup(student_hidden, teacher_hidden) "
                              "before the first step (the training module does so when it loads both models)")
+        target = inputs.require(name, HIDDEN_STATES)
+        if target.head is None:
+            raise ValueError(f"loss {name!r} needs the teacher's output layer (`head`) in its hidden-state target")
         dtype = self.t2s.weight.dtype
-        out = dskd(inputs.student_logits, inputs.require("student_hidden", name).to(dtype),
-                   inputs.require("teacher_hidden", name).to(dtype), inputs.require("teacher_sequence", name),
-                   inputs.mask, inputs.target_ids, inputs.require("student_head", name),
-                   inputs.require("teacher_head", name), self.t2s, self.s2t, divergence=self.divergence,
-                   temperature=self.temperature, distill_weight=self.distill_weight, ce_weight=self.ce_weight,
-                   correct_only=self.correct_only, num_items=inputs.num_items)
-        out.metrics[name] = out.loss.detach()
-        return out
+        return self.compute(inputs.student_logits, inputs.require_student("student_hidden", name).to(dtype),
+                            target.hidden.to(dtype), target.sequence, inputs.valid, inputs.target_ids,
+                            inputs.require_student("student_head", name), target.head, self.t2s, self.s2t,
+                            inputs.num_items)

@@ -13,16 +13,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .base import (
-    LOSSES,
-    TEACHER_NATIVE_LOGITS,
-    VOCAB_PAIRS,
-    DistillationLoss,
-    LossInputs,
-    LossOutput,
-    dense_sum,
-    normalise,
-)
+from opd_lightning.target import TEACHER_NATIVE_LOGITS, VOCAB_PAIRS
+
+from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, dense_sum, normalise, on_student_support
 from .mixture import generalized_jsd_per_token
 from .uld import sorted_l1_per_token, valid_cross_rows
 
@@ -36,7 +29,7 @@ def gold_per_token(s_logp: Tensor, t_logp: Tensor, pairs: tuple[Tensor, Tensor],
     `pairs` are the matched ids (student `[K]`, teacher `[K]`), `rest` the unmatched ids of each vocabulary.
     """
     s_matched, t_matched = s_logp[:, pairs[0]], t_logp[:, pairs[1]]  # [n, K] each, column j is one shared token
-    matched = generalized_jsd_per_token(s_matched.log_softmax(-1), t_matched.log_softmax(-1), beta)  # [n]
+    matched = generalized_jsd_per_token(*on_student_support(s_matched.log_softmax(-1), t_matched), beta)  # [n]
     unmatched = sorted_l1_per_token(s_logp[:, rest[0]], t_logp[:, rest[1]])  # [n]
     teacher_mass = t_matched.logsumexp(-1).exp()  # [n], no gradient: the teacher is detached
     return torch.stack([matched, unmatched, teacher_mass], dim=-1)
@@ -64,7 +57,6 @@ def _check_weights(matched_weight: float | None, unmatched_weight: float | None)
 def gold_weights(matched_weight: float | None, unmatched_weight: float | None, num_pairs: int,
                  teacher_vocab: int) -> tuple[float, float]:
     """The two part weights: as given, or, both None, TRL's vocabulary-overlap rule (K / V_T, 1 − K / V_T)."""
-    _check_weights(matched_weight, unmatched_weight)
     if matched_weight is None:
         overlap = num_pairs / teacher_vocab
         return overlap, 1.0 - overlap
@@ -72,31 +64,16 @@ def gold_weights(matched_weight: float | None, unmatched_weight: float | None, n
 
 
 def gold(student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor, vocab_pairs: tuple[Tensor, Tensor], *,
-         beta: float = 0.5, matched_weight: float | None = None, unmatched_weight: float | None = None,
-         temperature: float = 1.0, num_items: Tensor | float | None = None, chunk_size: int | None = None) -> LossOutput:
-    """GOLD loss over the valid positions, normalised once; see `GOLD` for the formula and `GOLD.__init__` for arguments.
+         num_items: Tensor | float | None = None, **hyperparameters) -> LossOutput:
+    """GOLD loss over the valid positions, normalised once; see `GOLD` for the formula and its `__init__` for
+    `hyperparameters`.
 
     Shapes: student logits `[B, N, V_s]`, teacher native logits `[B, N, V_t]`, mask `[B, N]`, `vocab_pairs` =
     (student ids `[K]`, teacher ids `[K]`). Metrics "matched_jsd" and "unmatched_l1" are the two parts unweighted and
     normalised like the loss (loss = w_m · matched_jsd + w_u · unmatched_l1); "teacher_matched_mass" is the mean over
     valid positions of the teacher's probability on matched tokens.
     """
-    if not 0 <= beta <= 1 or temperature <= 0:
-        raise ValueError(f"need beta in [0, 1] and temperature > 0; got {beta}, {temperature}")
-    mask = mask.bool()
-    s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
-    s_ids, t_ids = (ids.to(student_logits.device) for ids in vocab_pairs)
-    if s_ids.shape != t_ids.shape:
-        raise ValueError(f"vocab_pairs must pair ids one to one, got shapes {tuple(s_ids.shape)}, {tuple(t_ids.shape)}")
-    rest = (_unmatched_ids(s_ids, s_rows.shape[-1], "student"), _unmatched_ids(t_ids, t_rows.shape[-1], "teacher"))
-    w_matched, w_unmatched = gold_weights(matched_weight, unmatched_weight, s_ids.numel(), t_rows.shape[-1])
-    per_token = partial(gold_per_token, pairs=(s_ids, t_ids), rest=rest, beta=beta)
-    matched, unmatched, mass = dense_sum(per_token, s_rows, t_rows, temperature=temperature,
-                                         chunk_size=chunk_size).unbind()
-    matched, unmatched = normalise(matched, mask, num_items), normalise(unmatched, mask, num_items)
-    loss = w_matched * matched + w_unmatched * unmatched
-    metrics = {"matched_jsd": matched, "unmatched_l1": unmatched, "teacher_matched_mass": mass / mask.sum().clamp_min(1)}
-    return LossOutput(loss, {key: value.detach() for key, value in metrics.items()})
+    return GOLD(**hyperparameters).compute(student_logits, teacher_native_logits, mask, vocab_pairs, num_items)
 
 
 @LOSSES.register("gold")
@@ -144,11 +121,27 @@ class GOLD(DistillationLoss):
         self.beta, self.matched_weight, self.unmatched_weight = beta, matched_weight, unmatched_weight
         self.temperature, self.chunk_size = temperature, chunk_size
 
+    def compute(self, student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor,
+                vocab_pairs: tuple[Tensor, Tensor], num_items: Tensor | float | None) -> LossOutput:
+        """The loss on tensors; arguments as `gold`."""
+        mask = mask.bool()
+        s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
+        s_ids, t_ids = (ids.to(student_logits.device) for ids in vocab_pairs)
+        if s_ids.shape != t_ids.shape:
+            raise ValueError(f"vocab_pairs must pair ids one to one, got shapes {tuple(s_ids.shape)}, "
+                             f"{tuple(t_ids.shape)}")
+        rest = (_unmatched_ids(s_ids, s_rows.shape[-1], "student"), _unmatched_ids(t_ids, t_rows.shape[-1], "teacher"))
+        w_matched, w_unmatched = gold_weights(self.matched_weight, self.unmatched_weight, s_ids.numel(),
+                                              t_rows.shape[-1])
+        per_token = partial(gold_per_token, pairs=(s_ids, t_ids), rest=rest, beta=self.beta)
+        matched, unmatched, mass = dense_sum(per_token, s_rows, t_rows, temperature=self.temperature,
+                                             chunk_size=self.chunk_size).unbind()
+        matched, unmatched = normalise(matched, mask, num_items), normalise(unmatched, mask, num_items)
+        loss = w_matched * matched + w_unmatched * unmatched
+        metrics = {"matched_jsd": matched, "unmatched_l1": unmatched,
+                   "teacher_matched_mass": mass / mask.sum().clamp_min(1)}
+        return LossOutput(loss, {key: value.detach() for key, value in metrics.items()})
+
     def forward(self, inputs: LossInputs) -> LossOutput:
-        teacher = inputs.require(TEACHER_NATIVE_LOGITS, self.registry_name)
-        pairs = inputs.require(VOCAB_PAIRS, self.registry_name)
-        out = gold(inputs.student_logits, teacher, inputs.mask, pairs, beta=self.beta,
-                   matched_weight=self.matched_weight, unmatched_weight=self.unmatched_weight,
-                   temperature=self.temperature, num_items=inputs.num_items, chunk_size=self.chunk_size)
-        out.metrics[self.registry_name] = out.loss.detach()
-        return out
+        target = inputs.require(self.registry_name, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS)
+        return self.compute(inputs.student, target.native_logits, inputs.valid, target.vocab_pairs, inputs.num_items)

@@ -1,15 +1,18 @@
 """Forward KL, reverse KL and total variation between full next-token distributions.
 
-These are the three plain divergences of distillation; each is one per-token formula on fp32 log-probs handed
-to the shared chunked path in `base.dense_divergence`, so chunking, masking, temperature and normalisation are
-written once. The per-token functions are public because other losses (top-k, mixtures) reuse them.
+These are the three plain divergences of distillation; each is one per-token formula on log-probs handed to the
+shared chunked path in `base.dense_divergence`, so chunking, masking, temperature, the student's support and the
+top-k form are written once. The per-token functions are public because other losses (top-k, mixtures) reuse them;
+the tensor functions (`forward_kl`, ...) build the module, whose `__init__` declares and checks each hyperparameter.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .base import LOSSES, DenseDivergence, dense_divergence
+from opd_lightning.target import TopK
+
+from .base import LOSSES, DenseDivergence
 
 __all__ = [
     "ForwardKL",
@@ -39,32 +42,33 @@ def tvd_per_token(s_logp: Tensor, t_logp: Tensor) -> Tensor:
     return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0,
-               num_items: Tensor | float | None = None, chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of KL(p_T ‖ p_S); logits `[B, N, V]`, mask `[B, N]`. See `dense_divergence`."""
-    return dense_divergence(forward_kl_per_token, student_logits, teacher_logits, mask, temperature=temperature,
-                            num_items=num_items, chunk_size=chunk_size)
+def forward_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+               num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of KL(p_T ‖ p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `ForwardKL`."""
+    return ForwardKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0,
-               num_items: Tensor | float | None = None, chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of KL(p_S ‖ p_T); logits `[B, N, V]`, mask `[B, N]`. See `dense_divergence`."""
-    return dense_divergence(reverse_kl_per_token, student_logits, teacher_logits, mask, temperature=temperature,
-                            num_items=num_items, chunk_size=chunk_size)
+def reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+               num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of KL(p_S ‖ p_T); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `ReverseKL`."""
+    return ReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
-def tvd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0,
-        num_items: Tensor | float | None = None, chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of the total variation distance; logits `[B, N, V]`, mask `[B, N]`."""
-    return dense_divergence(tvd_per_token, student_logits, teacher_logits, mask, temperature=temperature,
-                            num_items=num_items, chunk_size=chunk_size)
+def tvd(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+        num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of the total variation distance; logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `TotalVariation`."""
+    return TotalVariation(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
 @LOSSES.register("forward_kl")
 class ForwardKL(DenseDivergence):
     """Forward KL, KL(p_T ‖ p_S) = Σ_v p_T(v) (log p_T(v) − log p_S(v)): mode-covering; the word-level KD
     objective of Hinton et al. (2015), "Distilling the Knowledge in a Neural Network", and of SeqKD-style
-    off-policy distillation."""
+    off-policy distillation. With the teacher's top-k form the sum runs over the k tokens and one tail bucket
+    holding the rest of each model's mass: a lower bound of the full KL, equal to it at k = V."""
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return forward_kl_per_token(s_logp, t_logp)
@@ -74,7 +78,9 @@ class ForwardKL(DenseDivergence):
 class ReverseKL(DenseDivergence):
     """Reverse KL, KL(p_S ‖ p_T) = Σ_v p_S(v) (log p_S(v) − log p_T(v)): mode-seeking; the exact per-step
     objective of on-policy distillation (Gu et al. 2024, "MiniLLM"; Agarwal et al. 2024, "On-Policy
-    Distillation of Language Models: Learning from Self-Generated Mistakes")."""
+    Distillation of Language Models: Learning from Self-Generated Mistakes"). With the teacher's top-k form the sum
+    runs over the k tokens and one tail bucket (the student's mass outside them against the teacher's): a lower
+    bound of the full KL, equal to it at k = V."""
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return reverse_kl_per_token(s_logp, t_logp)
@@ -84,7 +90,8 @@ class ReverseKL(DenseDivergence):
 class TotalVariation(DenseDivergence):
     """Total variation distance, TV(p_T, p_S) = ½ Σ_v |p_T(v) − p_S(v)|: symmetric and bounded in [0, 1]
     (used for distillation by Wen et al. 2023, "f-Divergence Minimization for Sequence-Level Knowledge
-    Distillation")."""
+    Distillation"). With the teacher's top-k form: the k tokens and one tail bucket, a lower bound, exact at
+    k = V."""
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return tvd_per_token(s_logp, t_logp)

@@ -1,7 +1,7 @@
 """Divergences against a mixture of the two distributions: generalized JSD (GKD) and skew KL (DistiLLM).
 
 Comparing with a mixture M keeps the divergence finite where one model puts almost no mass, which is why GKD
-and DistiLLM use it. The mixture's log is formed in log space with `logaddexp`, never as `log(β p_T + ...)`, so
+and DistiLLM use it. With the teacher's top-k form each is computed over the k tokens and one tail bucket. The mixture's log is formed in log space with `logaddexp`, never as `log(β p_T + ...)`, so
 tiny probabilities do not underflow to log(0). Endpoints where the formula degenerates are special-cased so
 they are exactly the plain KL they equal in the limit.
 """
@@ -9,12 +9,13 @@ they are exactly the plain KL they equal in the limit.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from .base import LOSSES, DenseDivergence, dense_divergence
+from opd_lightning.target import TopK
+
+from .base import LOSSES, DenseDivergence
 from .kl import forward_kl_per_token, reverse_kl_per_token
 
 __all__ = [
@@ -69,30 +70,25 @@ def skew_reverse_kl_per_token(s_logp: Tensor, t_logp: Tensor, alpha: float) -> T
     return reverse_kl_per_token(s_logp=s_logp, t_logp=mixture_logp(s_logp, t_logp, alpha))
 
 
-def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, beta: float = 0.5,
-                    temperature: float = 1.0, num_items: Tensor | float | None = None,
-                    chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of JSD_β(p_T, p_S); logits `[B, N, V]`, mask `[B, N]`. See `GeneralizedJSD`."""
-    _check_weight("beta", beta, include_one=True)
-    return dense_divergence(partial(generalized_jsd_per_token, beta=beta), student_logits, teacher_logits, mask,
-                            temperature=temperature, num_items=num_items, chunk_size=chunk_size)
+def generalized_jsd(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of JSD_β(p_T, p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `GeneralizedJSD`."""
+    return GeneralizedJSD(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
-def skew_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, alpha: float = 0.1,
-            temperature: float = 1.0, num_items: Tensor | float | None = None, chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of KL(p_T ‖ α p_T + (1 − α) p_S); logits `[B, N, V]`, mask `[B, N]`."""
-    _check_weight("alpha", alpha, include_one=False)
-    return dense_divergence(partial(skew_kl_per_token, alpha=alpha), student_logits, teacher_logits, mask,
-                            temperature=temperature, num_items=num_items, chunk_size=chunk_size)
+def skew_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+            num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of KL(p_T ‖ α p_T + (1 − α) p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `SkewKL`."""
+    return SkewKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, alpha: float = 0.1,
-                    temperature: float = 1.0, num_items: Tensor | float | None = None,
-                    chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of KL(p_S ‖ α p_S + (1 − α) p_T); logits `[B, N, V]`, mask `[B, N]`."""
-    _check_weight("alpha", alpha, include_one=False)
-    return dense_divergence(partial(skew_reverse_kl_per_token, alpha=alpha), student_logits, teacher_logits, mask,
-                            temperature=temperature, num_items=num_items, chunk_size=chunk_size)
+def skew_reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of KL(p_S ‖ α p_S + (1 − α) p_T); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `SkewReverseKL`."""
+    return SkewReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
 @LOSSES.register("generalized_jsd")

@@ -14,41 +14,41 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TopK, token_logprobs, upcast
+
 from .base import (
     LOSSES,
-    TEACHER_LOGITS,
-    TEACHER_TOKEN_LOGPROBS,
     DistillationLoss,
     LossInputs,
     LossOutput,
     check_teacher,
     normalise,
+    on_student_support,
+    teacher_distribution,
+    topk_buckets,
 )
 from .credit import assign_credit, check_credit
 from .kl import reverse_kl_per_token
 
-__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "span_log_ratio", "teacher_logprobs_at",
-           "token_logprobs"]
+__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "span_log_ratio", "teacher_logprobs_at"]
 
 Credit = Literal["immediate", "return_to_go", "discounted", "baseline"]
 
 
-def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / T) at `ids`: rows `[n, V]`, ids `[n]` -> `[n]` fp32 (no `[n, V]` log-softmax kept)."""
-    z = logits.float() / temperature  # [n, V]
-    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
-
-
 def teacher_logprobs_at(ids: Tensor, mask: Tensor, teacher_token_logprobs: Tensor | None,
                         teacher_rows: Tensor | None, temperature: float) -> Tensor:
-    """Teacher log-probs of the valid target tokens `ids` (`[n]`), fp32 and detached.
+    """Teacher log-probs of the valid target tokens `ids` (`[n]`), detached.
 
-    Supplied `teacher_token_logprobs` (`[B, N]`) are preferred and used as given: they may come from exact
-    cross-tokenizer scoring, and are not re-tempered. Otherwise they are gathered from `teacher_rows / temperature`
-    (the valid rows `[n, V]` of the dense teacher logits, already checked by the caller).
+    At temperature 1, supplied `teacher_token_logprobs` (`[B, N]`, at temperature 1 by the target contract) are
+    preferred: they may come from exact cross-tokenizer scoring. At another temperature they are gathered from
+    `teacher_rows / temperature` (the valid rows `[n, V]` of the dense teacher logits, already checked by the caller),
+    and supplied token log-probs without dense rows are refused: they cannot be re-tempered.
     """
-    if teacher_token_logprobs is not None:
-        t_tok = teacher_token_logprobs[mask].detach().float()  # [n]
+    if teacher_token_logprobs is not None and (temperature == 1 or teacher_rows is None):
+        if temperature != 1:
+            raise ValueError(f"the teacher's token log-probs are at temperature 1 and cannot be re-tempered to "
+                             f"{temperature}: use temperature 1, or a target with dense teacher logits")
+        t_tok = upcast(teacher_token_logprobs[mask].detach())  # [n]
         check_teacher(t_tok, "teacher token log-probs")
         return t_tok
     if teacher_rows is None:
@@ -69,7 +69,7 @@ def span_log_ratio(logp: Tensor, teacher_span_logprobs: Tensor, spans: Tensor, m
     gid = rows * width + spans[mask]  # [n] span id unique across the batch
     size = mask.shape[0] * width
     student = logp.new_zeros(size).index_add_(0, gid, logp.detach())
-    teacher = logp.new_zeros(size).index_add_(0, gid, teacher_span_logprobs[mask].detach().float())
+    teacher = logp.new_zeros(size).index_add_(0, gid, upcast(teacher_span_logprobs[mask].detach()).to(logp.dtype))
     count = logp.new_zeros(size).index_add_(0, gid, torch.ones_like(logp))
     return ((teacher - student) / count.clamp_min(1))[gid]
 
@@ -81,7 +81,7 @@ def clipped_policy_loss(logp: Tensor, advantages: Tensor, old_logp: Tensor | Non
     Without `old_logp` the ratio is exp(log p − stopgrad(log p)) = 1, whose gradient is REINFORCE's A·∇log p.
     Returns the per-token loss `[n]` and where the clipped branch is taken (`[n]` bool).
     """
-    old = logp.detach() if old_logp is None else old_logp.detach().float()
+    old = logp.detach() if old_logp is None else upcast(old_logp.detach()).to(logp.dtype)
     ratio = torch.exp(logp - old)  # [n]
     unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     was_clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
@@ -94,66 +94,45 @@ def _scatter(values: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _step_reverse_kl(rows: Tensor, t_rows: Tensor | None, mask: Tensor, temperature: float) -> Tensor:
-    """Exact KL(p_S ‖ p_T) at each valid position, `[B, N]`, detached: the baseline of "baseline" credit."""
-    if t_rows is None:
-        raise ValueError("credit 'baseline' needs dense teacher_logits [B, N, V] for the exact per-step KL")
-    s_logp = torch.log_softmax(rows.float() / temperature, -1)  # [n, V]
-    t_logp = torch.log_softmax(t_rows.float() / temperature, -1)  # [n, V]
-    return _scatter(reverse_kl_per_token(s_logp, t_logp), mask)
+def _step_reverse_kl(rows: Tensor, teacher: Tensor | TopK | None, mask: Tensor, temperature: float) -> Tensor:
+    """KL(p_S ‖ p_T) at each valid position, `[B, N]`, detached: the baseline of "baseline" credit. With the top-k
+    form it is the k + 1 bucket KL (a lower bound, exact at k = V)."""
+    if teacher is None:
+        raise ValueError("credit 'baseline' needs the teacher's distribution (dense teacher_logits [B, N, V] or its "
+                         "top-k form) for the per-step KL")
+    t_rows, ids = teacher_distribution(teacher, mask, temperature, "sampled_token")
+    s_logp = torch.log_softmax(upcast(rows) / temperature, -1)  # [n, V]
+    if ids is not None:
+        s_logp = topk_buckets(s_logp, ids)
+    else:
+        t_rows = upcast(t_rows) / temperature
+    return _scatter(reverse_kl_per_token(*on_student_support(s_logp, t_rows)), mask)
 
 
 def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
-                  teacher_token_logprobs: Tensor | None = None, teacher_logits: Tensor | None = None,
-                  token_spans: Tensor | None = None, old_logprobs: Tensor | None = None, credit: Credit = "immediate", gamma: float = 0.99,
-                  clip_eps: float = 0.2, temperature: float = 1.0,
-                  num_items: Tensor | float | None = None) -> LossOutput:
-    """Clipped policy gradient with the teacher-student log-ratio as reward; see `SampledToken` for the maths.
+                  teacher_token_logprobs: Tensor | None = None, teacher_logits: Tensor | TopK | None = None,
+                  token_spans: Tensor | None = None, old_logprobs: Tensor | None = None,
+                  num_items: Tensor | float | None = None, **hyperparameters) -> LossOutput:
+    """Clipped policy gradient with the teacher-student log-ratio as reward; see `SampledToken` for the maths and
+    its `__init__` for `hyperparameters`.
 
     Args:
-        student_logits: `[B, N, V]`, carries the gradient; divided by `temperature`.
+        student_logits: `[B, N, V]`, carries the gradient; divided by the temperature.
         target_ids: `[B, N]` the sampled completion tokens y_t.
         mask: `[B, N]` True on valid completion tokens.
-        teacher_token_logprobs: `[B, N]` log p_T(y_t); if None, gathered from `teacher_logits`.
-        teacher_logits: `[B, N, V]`; needed for credit "baseline" or when token log-probs are absent.
+        teacher_token_logprobs: `[B, N]` log p_T(y_t) at temperature 1; if None, gathered from `teacher_logits`.
+        teacher_logits: `[B, N, V]`, or the top-k form (`TopK`, for "baseline" credit only); needed for credit
+            "baseline", at a temperature other than 1, or when token log-probs are absent.
         token_spans: `[B, N]` span ids when `teacher_token_logprobs` scores spans of tokens (a cross-tokenizer
             aligner's span log-likelihoods); each span's log-ratio is shared evenly by its tokens (`span_log_ratio`).
         old_logprobs: `[B, N]` log p_S(y_t) under the student that sampled the rollout; None = this student.
-        credit, gamma: temporal credit scheme and its discount (`credit.assign_credit`).
-        clip_eps: PPO clip range ε of the importance ratio.
-        temperature: softmax temperature of the student (and of dense teacher logits).
         num_items: normaliser of the optimizer step; None = `mask.sum()`.
 
     Returns:
         `LossOutput` with metrics "advantage" (mean A_t), "log_ratio" (mean a_t) and "clip_frac".
     """
-    check_credit(credit, gamma)
-    if token_spans is not None and credit == "baseline":
-        raise ValueError("credit 'baseline' needs an exact per-token teacher distribution, but the teacher scores spans "
-                         "here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
-    mask = mask.bool()
-    rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
-    t_rows = None  # [n, V] valid dense teacher rows, selected only when read
-    if teacher_logits is not None and (teacher_token_logprobs is None or credit == "baseline"):
-        t_rows = teacher_logits[mask].detach()
-        check_teacher(t_rows)
-    logp = token_logprobs(rows, ids, temperature)  # [n] carries the gradient
-    if token_spans is not None:
-        if teacher_token_logprobs is None:
-            raise ValueError("token_spans come with the spans' teacher log-probs in teacher_token_logprobs")
-        check_teacher(teacher_token_logprobs[mask].detach(), "teacher span log-probs")
-        log_ratio = span_log_ratio(logp, teacher_token_logprobs, token_spans, mask)
-    else:
-        log_ratio = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, temperature) - logp.detach()
-    rkl = _step_reverse_kl(rows.detach(), t_rows, mask, temperature) if credit == "baseline" else None
-    advantages = assign_credit(_scatter(log_ratio, mask), mask, credit, gamma=gamma, reverse_kl=rkl)[mask]  # [n]
-    old = None if old_logprobs is None else old_logprobs[mask]
-    per_token, was_clipped = clipped_policy_loss(logp, advantages, old, clip_eps)
-    loss = normalise(per_token.sum(), mask, num_items)
-    n = max(int(mask.sum()), 1)
-    metrics = {"advantage": advantages.sum() / n, "log_ratio": log_ratio.sum() / n,
-               "clip_frac": was_clipped.float().sum() / n}
-    return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+    return SampledToken(**hyperparameters).compute(student_logits, target_ids, mask, teacher_token_logprobs,
+                                                   teacher_logits, token_spans, old_logprobs, num_items)
 
 
 @LOSSES.register("sampled_token")
@@ -167,10 +146,12 @@ class SampledToken(DistillationLoss):
         L = Σ_t valid −min(r_t A_t, clip(r_t, 1 − ε, 1 + ε) A_t) / num_items.
 
     With immediate credit and fresh rollouts its gradient is an unbiased estimate of ∇ Σ_t KL_t(p_S ‖ p_T) at
-    fixed prefixes. The loss value is a surrogate, not a divergence: its sign follows the advantages.
+    fixed prefixes. The loss value is a surrogate, not a divergence: its sign follows the advantages. "baseline"
+    credit reads the teacher's distribution; with its top-k form the per-step KL is over k + 1 buckets.
     """
 
-    # `requires` is set per instance in __init__: "baseline" credit also reads dense teacher logits.
+    accepts_topk = True  # for "baseline" credit's per-step KL; the log-ratio itself reads token log-probs
+    # `requires` is set per instance in __init__: "baseline" credit also reads the teacher's distribution.
 
     def __init__(self, credit: Credit = "immediate", gamma: float = 0.99, clip_eps: float = 0.2,
                  temperature: float = 1.0) -> None:
@@ -178,12 +159,12 @@ class SampledToken(DistillationLoss):
         Args:
             credit: temporal credit of each token: "immediate" (its own log-ratio), "return_to_go" (the sum of
                 this and later log-ratios), "discounted" (that sum discounted by `gamma` per position), or
-                "baseline" (its log-ratio plus the exact per-step reverse KL, a zero-mean advantage; reads dense
-                teacher logits).
+                "baseline" (its log-ratio plus the exact per-step reverse KL, a zero-mean advantage; reads the
+                teacher's distribution).
             gamma: discount per position of "discounted" credit, in (0, 1]; unused by the other schemes.
             clip_eps: PPO clip range of the importance ratio between this student and the one that sampled.
-            temperature: softmax temperature of the student's logits (and of dense teacher logits when used);
-                supplied teacher token log-probs are taken as they are.
+            temperature: softmax temperature of the student's logits and of dense teacher logits; token log-probs
+                supplied without dense logits are at temperature 1 and refused at any other.
         """
         super().__init__()
         check_credit(credit, gamma)
@@ -194,14 +175,48 @@ class SampledToken(DistillationLoss):
         self.credit, self.gamma, self.clip_eps, self.temperature = credit, gamma, clip_eps, temperature
         self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if credit == "baseline" else set()))
 
+    def compute(self, student_logits: Tensor, target_ids: Tensor, mask: Tensor, teacher_token_logprobs: Tensor | None,
+                teacher: Tensor | TopK | None, token_spans: Tensor | None, old_logprobs: Tensor | None,
+                num_items: Tensor | float | None) -> LossOutput:
+        """The loss on tensors; arguments as `sampled_token`."""
+        if token_spans is not None and self.credit == "baseline":
+            raise ValueError("credit 'baseline' needs an exact per-token teacher distribution, but the teacher scores "
+                             "spans here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
+        mask = mask.bool()
+        rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
+        dense = teacher if isinstance(teacher, Tensor) else None
+        t_rows = None  # [n, V] valid dense teacher rows, selected only when read
+        if dense is not None and (teacher_token_logprobs is None or self.temperature != 1):
+            t_rows = dense[mask].detach()
+            check_teacher(t_rows)
+        logp = token_logprobs(rows, ids, self.temperature)  # [n] carries the gradient
+        if token_spans is not None:
+            if teacher_token_logprobs is None:
+                raise ValueError("token_spans come with the spans' teacher log-probs in teacher_token_logprobs")
+            if self.temperature != 1:
+                raise ValueError("span log-likelihoods are at temperature 1: use the sampled-token loss at temperature 1")
+            check_teacher(teacher_token_logprobs[mask].detach(), "teacher span log-probs")
+            log_ratio = span_log_ratio(logp, teacher_token_logprobs, token_spans, mask)
+        else:
+            t_tok = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, self.temperature)
+            log_ratio = t_tok.to(logp.dtype) - logp.detach()
+        rkl = _step_reverse_kl(rows.detach(), teacher, mask, self.temperature) if self.credit == "baseline" else None
+        advantages = assign_credit(_scatter(log_ratio, mask), mask, self.credit, gamma=self.gamma,
+                                   reverse_kl=rkl)[mask]  # [n]
+        old = None if old_logprobs is None else old_logprobs[mask]
+        per_token, was_clipped = clipped_policy_loss(logp, advantages.to(logp.dtype), old, self.clip_eps)
+        loss = normalise(per_token.sum(), mask, num_items)
+        n = max(int(mask.sum()), 1)
+        metrics = {"advantage": advantages.sum() / n, "log_ratio": log_ratio.sum() / n,
+                   "clip_frac": was_clipped.float().sum() / n}
+        return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
     def forward(self, inputs: LossInputs) -> LossOutput:
-        if inputs.teacher_token_logprobs is None and inputs.teacher_logits is None:
-            inputs.require(TEACHER_TOKEN_LOGPROBS, self.registry_name)
-        if self.credit == "baseline":
-            inputs.require(TEACHER_LOGITS, self.registry_name)
-        out = sampled_token(inputs.student_logits, inputs.target_ids, inputs.mask,
-                            teacher_token_logprobs=inputs.teacher_token_logprobs, teacher_logits=inputs.teacher_logits,
-                            token_spans=inputs.token_spans, old_logprobs=inputs.old_logprobs, credit=self.credit, gamma=self.gamma,
-                            clip_eps=self.clip_eps, temperature=self.temperature, num_items=inputs.num_items)
-        out.metrics[self.registry_name] = out.loss.detach()
-        return out
+        target = inputs.require(self.registry_name)
+        if target.token_logprobs is None and target.logits is None:
+            inputs.require(self.registry_name, TEACHER_TOKEN_LOGPROBS)
+        teacher = target.logits if target.logits is not None else target.topk
+        if self.credit == "baseline" and teacher is None:
+            inputs.require(self.registry_name, TEACHER_LOGITS)
+        return self.compute(inputs.student, inputs.target_ids, inputs.valid, target.token_logprobs, teacher,
+                            target.token_spans, inputs.old_logprobs, inputs.num_items)

@@ -8,11 +8,11 @@ support only. The restriction helper is public: the entropy-aware loss uses it f
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import Tensor
 
-from .base import LOSSES, DenseDivergence, dense_divergence
+from opd_lightning.target import TopK
+
+from .base import LOSSES, DenseDivergence
 from .kl import reverse_kl_per_token
 
 __all__ = ["TopKReverseKL", "check_k", "restrict_to_teacher_topk", "topk_reverse_kl", "topk_reverse_kl_per_token"]
@@ -42,13 +42,11 @@ def topk_reverse_kl_per_token(s_logp: Tensor, t_logp: Tensor, k: int) -> Tensor:
     return reverse_kl_per_token(*restrict_to_teacher_topk(s_logp, t_logp, k))
 
 
-def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, k: int = 16,
-                    temperature: float = 1.0, num_items: Tensor | float | None = None,
-                    chunk_size: int | None = None) -> Tensor:
-    """Mean over valid positions of the teacher-top-k reverse KL; logits `[B, N, V]`, mask `[B, N]`."""
-    check_k(k)
-    return dense_divergence(partial(topk_reverse_kl_per_token, k=k), student_logits, teacher_logits, mask,
-                            temperature=temperature, num_items=num_items, chunk_size=chunk_size)
+def topk_reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+    """Mean over valid positions of the teacher-top-k reverse KL; logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
+    `hyperparameters` as `TopKReverseKL`."""
+    return TopKReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
 @LOSSES.register("topk_reverse_kl")
@@ -59,7 +57,9 @@ class TopKReverseKL(DenseDivergence):
 
         L = Σ_{v∈S_k} p̃_S(v) (log p̃_S(v) − log p̃_T(v)).
 
-    The top-k set is the teacher's, never the student's; k ≥ V is exactly the full reverse KL.
+    The top-k set is the teacher's, never the student's; k ≥ V is exactly the full reverse KL. With the teacher's
+    top-k form (k' ≥ k tokens kept) the tail bucket is dropped and the first k of the teacher's tokens renormalised:
+    exactly the loss on dense logits, since only the support enters it.
     """
 
     def __init__(self, k: int = 16, temperature: float = 1.0, chunk_size: int | None = None) -> None:
@@ -75,3 +75,14 @@ class TopKReverseKL(DenseDivergence):
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return topk_reverse_kl_per_token(s_logp, t_logp, self.k)
+
+    def per_bucket(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        # the teacher's tokens only (no tail), renormalised before the top k of them are taken
+        return topk_reverse_kl_per_token(s_logp[:, :-1].log_softmax(-1), t_logp[:, :-1].log_softmax(-1), self.k)
+
+    def divergence(self, student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor,
+                   num_items: Tensor | float | None = None) -> Tensor:
+        if isinstance(teacher, TopK) and teacher.k < self.k:
+            raise ValueError(f"topk_reverse_kl with k={self.k} needs at least {self.k} of the teacher's tokens, but its "
+                             f"top-k form keeps {teacher.k}: keep more, or lower the loss's k")
+        return super().divergence(student_logits, teacher, mask, num_items)

@@ -14,16 +14,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .base import (
-    LOSSES,
-    TEACHER_NATIVE_LOGITS,
-    DistillationLoss,
-    LossInputs,
-    LossOutput,
-    check_teacher,
-    dense_sum,
-    normalise,
-)
+from opd_lightning.target import TEACHER_NATIVE_LOGITS
+
+from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, check_teacher, dense_sum, normalise
 
 __all__ = ["ULD", "sorted_l1_per_token", "uld", "uld_per_token", "valid_cross_rows"]
 
@@ -66,31 +59,16 @@ def valid_cross_rows(student_logits: Tensor, teacher_native_logits: Tensor, mask
     return student_logits[mask], teacher_rows
 
 
-def _check(distill_weight: float, ce_weight: float, temperature: float, topk: int | None) -> None:
-    if distill_weight < 0 or ce_weight < 0 or temperature <= 0:
-        raise ValueError(f"need distill_weight ≥ 0, ce_weight ≥ 0 and temperature > 0; got {distill_weight}, "
-                         f"{ce_weight}, {temperature}")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be None or a positive integer, got {topk!r}")
-
-
 def uld(student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor, target_ids: Tensor, *,
-        distill_weight: float = 1.5, ce_weight: float = 1.0, temperature: float = 1.0, topk: int | None = None,
-        num_items: Tensor | float | None = None, chunk_size: int | None = None) -> LossOutput:
-    """ULD loss over the valid positions, normalised once; see `ULD` for the formula and `ULD.__init__` for arguments.
+        num_items: Tensor | float | None = None, **hyperparameters) -> LossOutput:
+    """ULD loss over the valid positions, normalised once; see `ULD` for the formula and its `__init__` for
+    `hyperparameters`.
 
     Shapes: student logits `[B, N, V_s]`, teacher native logits `[B, N, V_t]`, mask and target ids `[B, N]`.
     Metrics "sorted_l1" and "ce" are the two parts unweighted and normalised like the loss, so that
     loss = distill_weight · sorted_l1 + ce_weight · ce.
     """
-    _check(distill_weight, ce_weight, temperature, topk)
-    mask = mask.bool()
-    s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
-    sums = dense_sum(partial(uld_per_token, topk=topk), s_rows, t_rows, target_ids[mask], temperature=temperature,
-                     chunk_size=chunk_size)  # [2]
-    l1, ce = normalise(sums, mask, num_items).unbind()
-    loss = distill_weight * l1 + ce_weight * ce
-    return LossOutput(loss, {"sorted_l1": l1.detach(), "ce": ce.detach()})
+    return ULD(**hyperparameters).compute(student_logits, teacher_native_logits, mask, target_ids, num_items)
 
 
 @LOSSES.register("uld")
@@ -127,14 +105,25 @@ class ULD(DistillationLoss):
             chunk_size: valid positions computed at a time (memory bound for large vocabularies); None = all at once.
         """
         super().__init__()
-        _check(distill_weight, ce_weight, temperature, topk)
+        if distill_weight < 0 or ce_weight < 0 or temperature <= 0:
+            raise ValueError(f"need distill_weight ≥ 0, ce_weight ≥ 0 and temperature > 0; got {distill_weight}, "
+                             f"{ce_weight}, {temperature}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+            raise ValueError(f"topk must be None or a positive integer, got {topk!r}")
         self.distill_weight, self.ce_weight, self.temperature = distill_weight, ce_weight, temperature
         self.topk, self.chunk_size = topk, chunk_size
 
+    def compute(self, student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor, target_ids: Tensor,
+                num_items: Tensor | float | None) -> LossOutput:
+        """The loss on tensors; arguments as `uld`."""
+        mask = mask.bool()
+        s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
+        sums = dense_sum(partial(uld_per_token, topk=self.topk), s_rows, t_rows, target_ids[mask],
+                         temperature=self.temperature, chunk_size=self.chunk_size)  # [2]
+        l1, ce = normalise(sums, mask, num_items).unbind()
+        loss = self.distill_weight * l1 + self.ce_weight * ce
+        return LossOutput(loss, {"sorted_l1": l1.detach(), "ce": ce.detach()})
+
     def forward(self, inputs: LossInputs) -> LossOutput:
-        teacher = inputs.require(TEACHER_NATIVE_LOGITS, self.registry_name)
-        out = uld(inputs.student_logits, teacher, inputs.mask, inputs.target_ids, distill_weight=self.distill_weight,
-                  ce_weight=self.ce_weight, temperature=self.temperature, topk=self.topk, num_items=inputs.num_items,
-                  chunk_size=self.chunk_size)
-        out.metrics[self.registry_name] = out.loss.detach()
-        return out
+        target = inputs.require(self.registry_name, TEACHER_NATIVE_LOGITS)
+        return self.compute(inputs.student, target.native_logits, inputs.valid, inputs.target_ids, inputs.num_items)

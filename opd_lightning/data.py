@@ -65,6 +65,7 @@ class PromptDataset(Dataset):
 
     def __init__(self, path: str, prompt_field: str, completion_field: str, answer_field: str,
                  limit: int | None = None) -> None:
+        self.path = path
         self.rows = load_rows(path, limit)
         if not self.rows:
             raise ValueError(f"data file {path} has no rows")
@@ -79,11 +80,20 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        return {key: row.get(field) for key, field in self.fields.items()}
+        return {**{key: row.get(field) for key, field in self.fields.items()}, "index": index}
+
+    def require(self, key: str, why: str) -> None:
+        """Raise, naming the rows and the setting, unless every row holds a non-empty `key` field."""
+        name = self.fields[key]
+        missing = [i for i, r in enumerate(self.rows) if r.get(name) in (None, "")]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(self.rows)} rows of {self.path} lack a {key} (field {name!r}; "
+                             f"first: row {missing[0]}), which this configuration reads because {why}: add it, set "
+                             f"data.{key}_field to the field that holds it, or change the configuration")
 
 
 def collate(rows: list[dict]) -> dict:
-    """Lists of strings; a field is None unless every row has it."""
+    """Lists of strings (and `index`, the rows' dataset indices); a field is None unless every row has it."""
     return {key: ([r[key] for r in rows] if all(r[key] is not None for r in rows) else None) for key in rows[0]}
 
 
@@ -163,6 +173,12 @@ class PromptDataModule(LightningDataModule):
         for split, path in self.paths.items():
             if path is not None and split not in self.datasets:
                 self.datasets[split] = PromptDataset(path, *self.fields, limit=self.limits[split])
+
+    def require_field(self, split: str, key: str, why: str) -> None:
+        """Check, at set-up, that every row of `split` ("train", "val", "test") has `key` ("completion", ...)."""
+        self.setup()
+        if split in self.datasets:
+            self.datasets[split].require(key, why)
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]

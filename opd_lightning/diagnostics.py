@@ -13,12 +13,13 @@ in fp32 under no_grad: masked positions are inert (even holding inf or NaN) and 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["Diagnostics", "output_layer_grad_coherence", "repeated_token_mask"]
+__all__ = ["Diagnostics", "DiagnosticsConfig", "output_layer_grad_coherence", "repeated_token_mask"]
 
 # The sums and counts accumulated; each metric is a ratio of two of them, name: (numerator, denominator).
 _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
@@ -31,6 +32,31 @@ _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": 
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n")}
 _CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Which `diag/*` health metrics a run computes, and what they may cost.
+
+    Args:
+        enabled: compute and log the `diag/*` metrics every training step (and `val/diag/*` per validation).
+        topk: k of `diag/topk_overlap` (mass on tokens in both models' top-k).
+        ngram: n of `diag/repetition_rate` (tokens that repeat an earlier n-gram of their completion).
+        max_positions: positions per micro-batch whose full distributions feed the entropy and top-k statistics
+            (evenly spaced; bounds their cost at large vocabularies); None: all.
+        grad_coherence_every: measure `diag/grad_coherence` every this many optimizer steps (0: never).
+    """
+
+    enabled: bool = True
+    topk: int = 8
+    ngram: int = 3
+    max_positions: int | None = 64
+    grad_coherence_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.topk < 1 or self.ngram < 1 or self.grad_coherence_every < 0:
+            raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1 and grad_coherence_every ≥ 0, got {self.topk}, "
+                             f"{self.ngram}, {self.grad_coherence_every}")
 
 
 def repeated_token_mask(completion_ids: Tensor, mask: Tensor, n: int) -> Tensor:

@@ -163,6 +163,12 @@ class LmEvalCallback(pl.Callback):
     evaluation is appended as one JSON line ``{"stage", "model", "step", "results"}`` to
     ``<trainer.log_dir or default_root_dir>/<results_file>``; ``stage`` is ``fit_start`` (the student before
     any step), ``validation`` or ``test``.
+
+    A fit resumed from a checkpoint (``trainer.ckpt_path`` set when fitting starts) skips the ``fit_start``
+    evaluation and counts the teacher as done: both were evaluated when the run first started, and evaluating
+    again would put a "fit_start" point in the middle of the history. Strategies that restore checkpoints only
+    after ``on_fit_start`` (FSDP, DeepSpeed) set ``trainer.ckpt_path`` too late for this, but the callback is not
+    meant for them (see the module docstring).
     """
 
     def __init__(
@@ -185,11 +191,13 @@ class LmEvalCallback(pl.Callback):
             batch_size: generation batch size for lm-eval.
             include_path: directory of lm-eval task YAML files; None uses the package's tasks
                 (`materialise_tasks`). lm-eval's built-in tasks are never loaded.
-            on_fit_start: evaluate the student once before the first training step (stage ``fit_start``).
+            on_fit_start: evaluate the student once before the first training step (stage ``fit_start``); not
+                done when the fit resumes from a checkpoint.
             on_validation: evaluate the student at the end of each validation epoch (not during the sanity
                 check).
             on_test: evaluate the student at the end of each test epoch.
-            evaluate_teacher: also evaluate the teacher, once per fit, at the first evaluation.
+            evaluate_teacher: also evaluate the teacher, once per fit, at the first evaluation (never in a fit
+                resumed from a checkpoint).
             results_file: name of the JSON-lines history file in the run's log directory.
         """
         super().__init__()
@@ -210,8 +218,9 @@ class LmEvalCallback(pl.Callback):
         self.history_path = Path(trainer.log_dir or trainer.default_root_dir) / self.results_file
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._teacher_done = False
-        if self.run_on_fit_start:
+        resumed = bool(trainer.ckpt_path)  # set by now, on every rank, under the strategies this callback suits
+        self._teacher_done = resumed
+        if self.run_on_fit_start and not resumed:
             self._run(trainer, pl_module, "fit_start", can_log=False)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,4 +274,4 @@ class LmEvalCallback(pl.Callback):
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
         with self.history_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-        log.info("lm-eval %s %s at step %d: %s", stage, model, trainer.global_step, results)
+        log.info("lm-eval %s %s at step %d: %s -> %s", stage, model, trainer.global_step, results, self.history_path)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
-from opd_lightning.objective import LossTerm
 
 __all__ = ["fill_student_hidden", "needs_hidden", "output_layer_input", "setup_sizes", "teacher_hidden"]
 
@@ -34,7 +33,7 @@ def output_layer_input(model: nn.Module, store: list | None) -> Iterator[None]:
         handle.remove()
 
 
-def needs_hidden(terms: Iterable[LossTerm], completions: str) -> bool:
+def needs_hidden(terms: Iterable, completions: str) -> bool:
     """Whether a loss term on `completions` ("rollout" or "gold") reads hidden states."""
     return any(HIDDEN_STATES in t.loss.requires for t in terms if t.completions == completions)
 
@@ -43,7 +42,7 @@ def _width(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[1]
 
 
-def setup_sizes(terms: Iterable[LossTerm], aligner: Aligner, student: nn.Module, teacher: nn.Module) -> None:
+def setup_sizes(terms: Iterable, aligner: Aligner, student: nn.Module, teacher: nn.Module) -> None:
     """Let every loss and the aligner create their size-dependent parameters (a no-op for most)."""
     sizes = (_width(student), _width(teacher))
     for term in terms:
@@ -57,8 +56,8 @@ def teacher_hidden(hidden: Tensor, logits: Tensor, student: nn.Module, teacher: 
                          teacher.get_input_embeddings().weight.detach())
 
 
-def fill_student_hidden(inputs: LossInputs, hidden: Tensor, student: nn.Module, teacher: nn.Module) -> None:
-    """Give a loss the student's hidden states at the completion positions and both output layers' weights."""
+def fill_student_hidden(inputs: LossInputs, hidden: Tensor, student: nn.Module) -> None:
+    """Give a loss the student's hidden states at the completion positions and its output layer's weight (the
+    teacher's side comes in the target, `TeacherTarget.hidden` and `.head`)."""
     inputs.student_hidden = hidden  # [B, N, H_S], carries the gradient
     inputs.student_head = student.get_output_embeddings().weight  # [V_S, H_S]
-    inputs.teacher_head = teacher.get_output_embeddings().weight.detach()  # [V_T, H_T], frozen

@@ -4,18 +4,31 @@
 module is built. Tokenizers come with the model unless named separately (`builtin:char` is the character-level
 tokenizer of the embedded arithmetic task). Quantized (bitsandbytes 8/4-bit) loading is offered for frozen
 teachers; LoRA is applied to students through peft.
+
+A model or tokenizer source is checked when it is loaded (not when the config is parsed, which also happens where
+the files do not exist yet, e.g. `--print_config`): a missing run directory, or one without the files
+`save_pretrained` writes, fails with a message naming the path and what was expected, instead of transformers'
+complaint that the path is not a valid hub repo id. Each load logs one line saying what was loaded.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 __all__ = ["HFModel", "LoraOptions", "apply_lora", "freeze", "keep_decoder_layers"]
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BUILTIN_TOKENIZERS = ("builtin:char", "builtin:arithmetic_bpe")
 Quantization = Literal["8bit", "nf4", "fp4"]
 
 
@@ -68,19 +81,29 @@ class HFModel:
                                  f"{self.keep_layers}")
 
     def load_tokenizer(self):
-        """The tokenizer, with a pad token (EOS when the tokenizer has none) and left padding for prompts."""
+        """The tokenizer, with a pad token (EOS when the tokenizer has none) and left padding for prompts.
+
+        Raises:
+            FileNotFoundError: when `tokenizer` (or `path`) is neither a directory holding a saved tokenizer (or
+                `gguf_file`) nor, with the hub reachable or the id in the local cache, a Hugging Face hub id.
+        """
         name = self.tokenizer or self.path
         if name is None:
             raise ValueError("a model built from `config` needs `tokenizer` (an id, a directory or builtin:char)")
-        if name in ("builtin:char", "builtin:arithmetic_bpe"):
+        if name in _BUILTIN_TOKENIZERS:
             from opd_lightning.tasks.arithmetic import bpe_tokenizer, char_tokenizer
 
             tok = char_tokenizer() if name == "builtin:char" else bpe_tokenizer()
+            log.info("built tokenizer %s (%s, vocabulary %d)", name, type(tok).__name__, len(tok))
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(name, **({"gguf_file": self.gguf_file} if self.gguf_file and
-                                                         not self.tokenizer else {}))
+            gguf_file = self.gguf_file if not self.tokenizer else None
+            source = _Source(name, "tokenizer" if self.tokenizer else "path", "tokenizer", gguf_file)
+            hub = source.check()
+            tok = source.load(AutoTokenizer.from_pretrained, hub, **({"gguf_file": gguf_file} if gguf_file else {}))
+            log.info("loaded tokenizer from %s (%s%s, vocabulary %d)", name, type(tok).__name__,
+                     f", gguf {gguf_file}" if gguf_file else "", len(tok))
         if tok.pad_token is None:
             if tok.eos_token is None:
                 raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token; add one before distilling")
@@ -89,7 +112,12 @@ class HFModel:
         return tok
 
     def load_model(self, tokenizer=None):
-        """Load (or build) the model in `dtype`, quantized if asked."""
+        """Load (or build) the model in `dtype`, quantized if asked.
+
+        Raises:
+            FileNotFoundError: when `path` is neither a directory written by `save_pretrained` (or holding
+                `gguf_file`) nor, with the hub reachable or the id in the local cache, a Hugging Face hub id.
+        """
         from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = _DTYPES[self.dtype]
@@ -105,15 +133,173 @@ class HFModel:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            hidden = getattr(model.config.get_text_config(), "hidden_size", "?")
+            log.info("built model from config (%s, hidden %s, %s, %s, seed %d)", _layers(model), hidden,
+                     _parameters(model), self.dtype, self.seed)
             return model
+        source = _Source(self.path, "path", "model", self.gguf_file, self.kwargs)
+        hub = source.check()
         kwargs = dict(self.kwargs)
         if self.gguf_file:
             kwargs["gguf_file"] = self.gguf_file
         if self.quantization is not None:
             kwargs["quantization_config"] = _bnb_config(self.quantization, dtype)
             kwargs.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": 0})
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
-        return model if self.keep_layers is None else keep_decoder_layers(model, self.keep_layers)
+            _bnb_cast_warning_once()
+        model = source.load(AutoModelForCausalLM.from_pretrained, hub, dtype=dtype, **kwargs)
+        if self.keep_layers is not None:
+            model = keep_decoder_layers(model, self.keep_layers)
+        details = [f"gguf {self.gguf_file}"] if self.gguf_file else []
+        details += [_layers(model), _parameters(model), self.dtype]
+        details += [self.quantization] if self.quantization else []
+        details += [f"keep_layers {self.keep_layers}"] if self.keep_layers is not None else []
+        log.info("loaded model from %s (%s)", self.path, ", ".join(details))
+        return model
+
+
+_MODEL_FILES = "a directory with config.json written by save_pretrained"
+_TOKENIZER_FILES = "a directory with tokenizer.json or tokenizer_config.json written by save_pretrained"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass
+class _Source:
+    """Where `from_pretrained` is about to read a model or tokenizer from, checked before it does.
+
+    Args:
+        name: the path or hub id.
+        option: the `HFModel` field that gave it (`path` or `tokenizer`), for messages.
+        kind: `model` or `tokenizer`: which files a local directory must hold.
+        gguf_file: name of a GGUF file inside `name` that stands in for those files.
+        kwargs: `from_pretrained` options; `cache_dir` and `revision` say where a hub id is cached.
+    """
+
+    name: str
+    option: str
+    kind: Literal["model", "tokenizer"]
+    gguf_file: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def expected(self) -> str:
+        """What `name` should be, as the end of an error message."""
+        files = _MODEL_FILES if self.kind == "model" else _TOKENIZER_FILES
+        builtin = "builtin:char or builtin:arithmetic_bpe, " if self.option == "tokenizer" else ""
+        gguf = ", a GGUF file inside `path` given with `gguf_file`" if self.option == "path" else ""
+        return f"expected {files}{gguf}, {builtin}or a Hugging Face hub id when online"
+
+    def fail(self, problem: str) -> FileNotFoundError:
+        return FileNotFoundError(f"cannot load the {self.kind}: `{self.option}` {self.name!r} {problem}; "
+                                 f"{self.expected()}")
+
+    def check(self) -> bool:
+        """Raise `FileNotFoundError` when `name` cannot be what is loaded; True when it is left to the hub.
+
+        A local path must be a directory holding the `kind`'s files (or `gguf_file`). A name that does not exist
+        locally passes only when it reads as a hub id (`name` or `org/name`) and the hub is online or the id is in
+        the local cache.
+        """
+        path = Path(self.name)
+        if path.exists():
+            if not path.is_dir():
+                gguf = " (a GGUF file is given as its directory in `path` and its file name in `gguf_file`)"
+                raise self.fail("is a file, not a directory" + (gguf if path.suffix == ".gguf" else ""))
+            if self.gguf_file:
+                if not (path / self.gguf_file).is_file():
+                    found = sorted(p.name for p in path.glob("*.gguf"))
+                    raise self.fail(f"holds no GGUF file {self.gguf_file!r} (GGUF files there: "
+                                    f"{', '.join(found) or 'none'})")
+                return False
+            names = ("config.json",) if self.kind == "model" else ("tokenizer.json", "tokenizer_config.json")
+            if not any((path / n).is_file() for n in names):
+                hint = " (name a tokenizer with `tokenizer`, or save one there)" if self.option == "path" and \
+                    self.kind == "tokenizer" else ""
+                raise self.fail(f"holds no {' or '.join(names)}{hint}")
+            return False
+        if not _looks_like_hub_id(self.name):
+            raise self.fail("does not exist: run the step that writes it first")
+        if _hub_offline() and not self._cached():
+            raise self.fail("does not exist locally, and as a hub id it is not in the local cache while the hub "
+                            "is offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
+        return True
+
+    def load(self, from_pretrained, hub: bool, **kwargs):
+        """`from_pretrained(name, **kwargs)`; with `hub` (what `check` returned) an `OSError` comes back with what
+        was expected appended."""
+        try:
+            return from_pretrained(self.name, **kwargs)
+        except OSError as err:
+            if not hub:
+                raise
+            raise OSError(f"{err}\ncannot load the {self.kind}: `{self.option}` {self.name!r} could not be loaded from "
+                          f"the Hugging Face hub; {self.expected()}") from err
+
+    def _cached(self) -> bool:
+        from huggingface_hub import try_to_load_from_cache
+
+        if self.gguf_file:
+            names = (self.gguf_file,)
+        else:
+            names = ("config.json",) if self.kind == "model" else ("tokenizer_config.json", "tokenizer.json")
+        options = {k: self.kwargs[k] for k in ("cache_dir", "revision") if self.kwargs.get(k) is not None}
+        try:
+            return any(isinstance(try_to_load_from_cache(self.name, n, **options), str) for n in names)
+        except ValueError:  # not a valid repo id after all
+            return False
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`name` or `org/name`: not `./x`, `/x`, `~/x`, `../x` or `a/b/c`, which can only be local paths."""
+    return _HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (the environment as read now, or at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _layers(model) -> str:
+    """`llama, 3 layers`: the model type and depth, for a log line."""
+    return f"{model.config.model_type}, {getattr(model.config.get_text_config(), 'num_hidden_layers', '?')} layers"
+
+
+def _parameters(model) -> str:
+    """`0.61M parameters` (or `1.24B parameters`), counting 4-bit packed weights as their unpacked size."""
+    count = model.num_parameters()
+    return f"{count / 1e9:.2f}B parameters" if count >= 1e9 else f"{count / 1e6:.2f}M parameters"
+
+
+_BNB_CAST = "MatMul8bitLt: inputs will be cast"
+
+
+class _FirstOnly(logging.Filter):
+    """Let through the first record whose message starts with `prefix`, drop the later ones; others pass."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def _bnb_cast_warning_once() -> None:
+    """Show bitsandbytes' "inputs will be cast to float16" notice once per process, not on every 8-bit matmul.
+
+    Recent bitsandbytes logs it through `logging`, older releases through `warnings`: both are limited.
+    """
+    warnings.filterwarnings("once", message=_BNB_CAST, category=UserWarning)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _FirstOnly) and f.prefix == _BNB_CAST for f in logger.filters):
+        logger.addFilter(_FirstOnly(_BNB_CAST))
 
 
 def keep_decoder_layers(model, keep: list[int]):

@@ -1,77 +1,64 @@
 """DistillationModule: the LightningModule that runs on-policy distillation.
 
-One optimizer step: encode the prompts, roll out (on-policy from the student with probability λ, else the
-dataset's or the teacher's completions), count the valid completion tokens of the whole step (all micro-batches,
-all ranks) for the loss normaliser, then per micro-batch score with the frozen references, run the student and
-back-propagate the weighted loss terms. Optimization is manual because the normaliser must be known before the
-first backward of the step; gradient accumulation is therefore `micro_batch_size`, not the Trainer's flag.
+One optimizer step: draw whether the step is on-policy (the same on every rank), roll out (`RolloutSource`: the
+student's samples, else the dataset's or the teacher's completions), count the valid completion tokens of the whole
+step (all micro-batches, all ranks) for the loss normaliser, then per micro-batch score with the frozen references
+(`ReferenceScorer`), run the student and back-propagate the weighted loss terms (`objective`). Optimization is manual
+because the normaliser must be known before the first backward of the step; gradient accumulation is therefore
+`rollout.micro_batch_size`, not the Trainer's flag.
 
 The teacher and the initial-student reference are kept out of the module's children: they never reach the
 optimizer, the state dict or a checkpoint. Loss terms and the aligner are children, so their own parameters (DSKD's
-projectors, its cross-model attention) are optimised and saved with the student.
-
-Where completions come from is `rollout_source.RolloutSource`, a mixin; the pure parts live in `rollout`,
-`objective`, `diagnostics` and `sharding`.
+projectors, its cross-model attention) are optimised and saved with the student. The constructor's arguments are
+recorded as plain data (`hparams`), so `DistillationModule.load_from_checkpoint(path)` rebuilds the module, the
+teacher reloaded from its recorded description.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
-from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from opd_lightning.aligners import AlignedTarget, Aligner
-from opd_lightning.diagnostics import Diagnostics, output_layer_grad_coherence
-from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer_input, setup_sizes, teacher_hidden
-from opd_lightning.losses import HIDDEN_STATES, DistillationLoss, LossInputs
+from opd_lightning.aligners import ALIGNERS, Aligner
+from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, output_layer_grad_coherence
+from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer_input, setup_sizes
+from opd_lightning.hparams import build, factory, record_hyperparameters
+from opd_lightning.losses import HIDDEN_STATES, LOSSES, DistillationLoss, LossInputs, TeacherTarget
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
-from opd_lightning.objective import LossTerm, check_pairing, fill_inputs, resolve_aligner
+from opd_lightning.objective import LossTerm, check_pairing, resolve_aligner
+from opd_lightning.reference import ReferenceScorer, completion_logits
 from opd_lightning.rollout import Rollout, SamplingConfig
-from opd_lightning.rollout_source import RolloutSource
+from opd_lightning.rollout_source import RolloutPolicy, RolloutSource, check_ranks_agree
 from opd_lightning.sharding import average_replicated_grads, clip_by_global_norm, shard_student
 
 __all__ = ["DistillationModule"]
 
+log = logging.getLogger(__name__)
 SAMPLED_DIAGNOSTICS = ("diag/grad_coherence",)
 
 
-def _completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                       completion_length: int) -> Tensor:
-    """Logits predicting the last `completion_length` tokens: `[B, N, V]`."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=completion_length + 1, use_cache=False)
-    return out.logits[:, :-1]
-
-
-class DistillationModule(RolloutSource, LightningModule):
+class DistillationModule(LightningModule):
     """Student, frozen teacher, aligner and loss terms, wired for on-policy distillation."""
 
     def __init__(
         self,
         student: HFModel,
         teacher: HFModel | None = None,
-        loss: DistillationLoss | str = "reverse_kl",
-        aligner: Aligner | str = "identity",
+        loss: DistillationLoss | str | dict = "reverse_kl",
+        aligner: Aligner | str | dict = "identity",
         extra_terms: list[LossTerm] | None = None,
         lora: LoraOptions | None = None,
         sampling: SamplingConfig | None = None,
-        on_policy_fraction: float = 1.0,
-        off_policy_source: Literal["dataset", "teacher"] = "dataset",
-        micro_batch_size: int | None = None,
+        rollout: RolloutPolicy | None = None,
+        diagnostics: DiagnosticsConfig | None = None,
+        teacher_topk: int | None = None,
         grad_clip_norm: float | None = 1.0,
-        max_length: int | None = None,
-        use_chat_template: bool = False,
-        mask_special_tokens: bool = False,
-        diagnostics: bool = True,
-        diag_topk: int = 8,
-        diag_ngram: int = 3,
-        diag_max_positions: int | None = 64,
-        grad_coherence_every: int = 20,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         extra_lr: float | None = None,
@@ -82,58 +69,48 @@ class DistillationModule(RolloutSource, LightningModule):
             student: the model to train (`path` or `config`, see `HFModel`).
             teacher: the frozen model to distil from; None for losses that need no teacher (SFT with
                 `cross_entropy`).
-            loss: the main term, against the teacher on the rollouts: a registry name or a loss instance.
-            aligner: how the teacher sees student rollouts: a registry name or an aligner instance.
+            loss: the main term, against the teacher on the rollouts: a registry name (LOSS_NAMES), a mapping
+                `{name: <registry name>, <arguments>}`, or a loss class (`class_path`/`init_args`, or
+                `--model.loss <registry name> --model.loss.<argument> <value>` on the command line).
+            aligner: how the teacher sees student rollouts, chosen like `loss` among ALIGNER_NAMES.
             extra_terms: further weighted terms (e.g. SFT on gold completions, KL to the initial student).
             lora: train LoRA adapters instead of all student weights.
-            sampling: rollout sampling settings (temperature, top-p, top-k, max new tokens, stop at EOS).
-            on_policy_fraction: λ, the probability that a training batch is rolled out by the student; otherwise
-                its completions come from `off_policy_source`. Validation and test are always on-policy.
-            off_policy_source: "dataset" (the batch's `completion` texts) or "teacher" (sequence-level KD: the
-                teacher samples the completions with `sampling`).
-            micro_batch_size: rows per forward/backward; the batch is one optimizer step (gradient
-                accumulation). None: the whole batch at once.
+            sampling: rollout sampling settings (temperature, top-p, top-k, max new tokens, stop at EOS, stop strings).
+            rollout: where each step's completions come from (λ, off-policy source), micro-batches, context limit,
+                chat template, special-token masking (see `RolloutPolicy`).
+            diagnostics: the `diag/*` health metrics (see `DiagnosticsConfig`).
+            teacher_topk: give the losses the teacher's top-k log-probs and tail mass per position instead of its
+                dense distribution (the top-k form; the losses that accept it say how they treat the tail); None:
+                dense.
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
-            max_length: context limit for prompt + completion; defaults to the student's
-                `max_position_embeddings`. Longer prompts are refused with an error.
-            use_chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
-            mask_special_tokens: leave completion positions holding special tokens other than EOS (pad, unk, BOS,
-                chat-template markers) out of every loss; they stay in the context the models read.
-            diagnostics: compute and log the `diag/*` health metrics each step (see `opd_lightning.diagnostics`).
-            diag_topk: k of the `diag/topk_overlap` diagnostic (mass on tokens in both models' top-k).
-            diag_ngram: n of the `diag/repetition_rate` diagnostic (tokens that repeat an earlier n-gram).
-            diag_max_positions: positions per micro-batch whose full distributions feed the entropy and top-k
-                diagnostics (evenly spaced; bounds their cost at large vocabularies); None: all.
-            grad_coherence_every: measure `diag/grad_coherence` every this many optimizer steps (0: never).
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
             extra_lr: learning rate of the trainable parts outside the student (DSKD's projectors, the `dskd_cma`
                 attention), as a second parameter group; None: the optimizer's own. DSKD's recipe uses 1e-3.
-            seed: seed of the rollouts' random draws (on/off-policy choice, sampling); each step's draws derive
-                from (seed, step, rank), so a resumed run continues exactly as an uninterrupted one.
+            seed: seed of the rollouts' draws: the on/off-policy choice from (seed, step), the same on every rank,
+                and each row's sampling noise from (seed, step, dataset row); a resumed run draws what an
+                uninterrupted one would.
         """
         super().__init__()
-        if not 0.0 <= on_policy_fraction <= 1.0:
-            raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        record_hyperparameters(self)
+        student, teacher, lora = build(student, HFModel), build(teacher, HFModel), build(lora, LoraOptions)
         self.automatic_optimization = False
-        self.sampling = sampling or SamplingConfig()
-        self.on_policy_fraction, self.off_policy_source = on_policy_fraction, off_policy_source
-        self.micro_batch_size, self.grad_clip_norm = micro_batch_size, grad_clip_norm
-        self.use_chat_template = use_chat_template
-        self.mask_special_tokens = mask_special_tokens
-        self.grad_coherence_every = grad_coherence_every
-        self.diagnostics = diagnostics
-        self.train_diag, self.val_diag = (Diagnostics(diag_topk, diag_ngram, diag_max_positions) for _ in range(2))
+        self.sampling = build(sampling, SamplingConfig) or SamplingConfig()
+        self.rollout_policy = build(rollout, RolloutPolicy) or RolloutPolicy()
+        self.diag_config = build(diagnostics, DiagnosticsConfig) or DiagnosticsConfig()
+        self.grad_clip_norm, self.extra_lr, self.seed = grad_clip_norm, extra_lr, seed
+        self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(scheduler)
+        config = self.diag_config
+        self.train_diag, self.val_diag = (Diagnostics(config.topk, config.ngram, config.max_positions) for _ in range(2))
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
-        self.optimizer_factory, self.scheduler_factory, self.extra_lr = optimizer, scheduler, extra_lr
-        self.seed = seed
-        self._draws = 0  # draws within the current step; reset by `_run_step`
+        if teacher_topk is not None and teacher_topk < 1:
+            raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
 
         self.student_tokenizer = student.load_tokenizer()
         base = student.load_model(self.student_tokenizer)
-        self.max_length = max_length or getattr(base.config, "max_position_embeddings", None)
+        self.max_length = self.rollout_policy.max_length or getattr(base.config, "max_position_embeddings", None)
         self._frozen: dict[str, nn.Module] = {}  # not children: no optimizer, no state dict, no checkpoint
-        self.terms = nn.ModuleList([LossTerm(loss), *(extra_terms or [])])
+        self.terms = nn.ModuleList([LossTerm(loss), *(LossTerm.of(t) for t in extra_terms or [])])
         if any(t.reference == "initial_student" for t in self.terms) and lora is None:
             self._frozen["initial_student"] = freeze(copy.deepcopy(base))
         self.student = apply_lora(base, lora) if lora is not None else base
@@ -144,16 +121,23 @@ class DistillationModule(RolloutSource, LightningModule):
         self.aligner = resolve_aligner(aligner)
         self.teacher_tokenizer = None
         needs_teacher = any(t.reference == "teacher" and t.needs_reference for t in self.terms)
-        if teacher is None and (needs_teacher or (on_policy_fraction < 1 and off_policy_source == "teacher")):
+        policy = self.rollout_policy
+        if teacher is None and (needs_teacher or (policy.on_policy_fraction < 1 and policy.off_policy_source == "teacher")):
             raise ValueError("this configuration needs a teacher (a loss term reads teacher outputs, or "
-                             "off_policy_source is 'teacher'): set model.teacher")
+                             "rollout.off_policy_source is 'teacher'): set model.teacher")
         if teacher is not None:
             self.teacher_tokenizer = teacher.load_tokenizer()
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
             self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, self._vocab_size(self.student),
                               self._vocab_size(self._frozen["teacher"]))
             setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists
-        self._needs = check_pairing(self.terms, self.aligner)  # (reference, completions) -> inputs to compute
+        self._needs = check_pairing(self.terms, self.aligner, teacher_topk)  # (reference, completions) -> inputs
+        self.scorer = ReferenceScorer(self.aligner, self.teacher, self._frozen.get("initial_student"), teacher_topk)
+        self.rollout_source = RolloutSource(self.student_tokenizer, self.teacher_tokenizer, policy, self.sampling,
+                                            same_tokenizer=self.aligner.same_tokenizer, max_length=self.max_length,
+                                            gold=any(t.completions == "gold" for t in self.terms), seed=seed)
+        log.info("distilling with %s (loss %s, aligner %s, λ = %g)", ", ".join(t.name for t in self.terms),
+                 self.terms[0].loss.registry_name, self.aligner.registry_name, policy.on_policy_fraction)
 
     # ----------------------------------------------------------------------------------------------- models
     @property
@@ -172,7 +156,7 @@ class DistillationModule(RolloutSource, LightningModule):
 
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy`, shard the student with FSDP2 (`sharding.shard_student`); the rest stays
-        whole on every rank. Generation then needs `synced_gpus`, which `_generate` sets for sharded strategies."""
+        whole on every rank. Generation then needs `synced_gpus`, which `_sharded_generation` tells."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._sharded:
@@ -180,11 +164,28 @@ class DistillationModule(RolloutSource, LightningModule):
         shard_student(self.student, self.device_mesh["data_parallel"])
         self._sharded = True
 
+    def _sharded_generation(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+
+    def setup(self, stage: str) -> None:
+        """Check, before any step, that the data carries the fields this configuration reads."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "require_field"):
+            return
+        gold = any(t.completions == "gold" for t in self.terms)
+        why = ("rollout.on_policy_fraction < 1 with off_policy_source 'dataset'" if self.rollout_policy.reads_completions()
+               else "a loss term trains on gold completions")
+        if stage == "fit" and (self.rollout_policy.reads_completions() or gold):
+            datamodule.require_field("train", "completion", why)
+        if gold:
+            datamodule.require_field({"fit": "val", "validate": "val"}.get(stage, stage), "completion", why)
+
     def on_fit_start(self) -> None:
         self._place_frozen()
         if self.logger is not None:
-            self.logger.log_hyperparams({"sampling": vars(self.sampling), "on_policy_fraction": self.on_policy_fraction,
-                                         "off_policy_source": self.off_policy_source})
+            self.logger.log_hyperparams({"sampling": vars(self.sampling), "rollout": vars(self.rollout_policy)})
 
     def on_validation_start(self) -> None:
         self._place_frozen()
@@ -192,31 +193,13 @@ class DistillationModule(RolloutSource, LightningModule):
     def on_test_start(self) -> None:
         self._place_frozen()
 
-    def _reference_target(self, reference: str, rollout: Rollout, needs: frozenset[str]) -> AlignedTarget:
-        """The reference's outputs at the completion positions, in the form the loss `needs`."""
-        grad = torch.is_grad_enabled()  # for an aligner's own parameters (hidden states only)
-        with torch.no_grad():
-            if reference == "teacher":
-                inputs = self.aligner.teacher_inputs(rollout)
-                hidden = [] if HIDDEN_STATES in needs else None
-                with output_layer_input(self.teacher, hidden):
-                    logits = _completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
-                                                inputs.position_ids, inputs.completion_length)
-                target = self.aligner.project(logits, inputs, rollout, needs)
-                self._diag.update_coverage(target.coverage)
-                if hidden:
-                    with torch.set_grad_enabled(grad):
-                        states = teacher_hidden(hidden[0], logits, self.student, self.teacher)
-                        self.aligner.project_hidden(target, states, inputs, rollout)
-                return target
-            args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
-            if self.lora is not None:
-                with self.student.disable_adapter():
-                    logits = _completion_logits(self.student, *args)
-            else:
-                logits = _completion_logits(self._frozen["initial_student"], *args)
-            ids = torch.arange(logits.shape[-1], device=logits.device)
-            return AlignedTarget(coverage=1.0, teacher_logits=logits, teacher_native_logits=logits, vocab_pairs=(ids, ids))
+    def _target(self, reference: str, rollout: Rollout, needs: frozenset[str]) -> TeacherTarget:
+        """The reference's target at the completion positions, in the forms the terms `needs`."""
+        if reference == "teacher":
+            target = self.scorer.teacher_target(rollout, needs, self.student)
+            self._diag.update_coverage(target.coverage)
+            return target
+        return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
 
     # ------------------------------------------------------------------------------------------- objective
     def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor],
@@ -231,37 +214,36 @@ class DistillationModule(RolloutSource, LightningModule):
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
                 store = [] if keep else None
                 with output_layer_input(self.student, store):
-                    student_logits[term.completions] = _completion_logits(
+                    student_logits[term.completions] = completion_logits(
                         self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
                         rollout.completion_mask.shape[1])
                 if store:
                     hidden[term.completions] = store[0][:, :-1]
+            key = (term.reference, term.completions)
+            if term.needs_reference and key not in targets:
+                targets[key] = self._target(term.reference, rollout, self._needs[key])
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
+                                teacher=targets.get(key) if term.needs_reference else None,
                                 num_items=counts[term.completions])
             if HIDDEN_STATES in term.loss.requires:
-                fill_student_hidden(inputs, hidden[term.completions], self.student, self.teacher)
-            if term.needs_reference:
-                key = (term.reference, term.completions)
-                if key not in targets:
-                    targets[key] = self._reference_target(term.reference, rollout, self._needs[key])
-                fill_inputs(inputs, targets[key])
+                fill_student_hidden(inputs, hidden[term.completions], self.student)
             out = term.loss(inputs)
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
-            metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items() if k != term.loss.registry_name})
+            metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items()})
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
         return total, metrics
 
-    def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: AlignedTarget | None, total: Tensor,
+    def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:
         """Feed the step's diagnostics: token statistics, and gradient coherence when `hidden` was captured."""
-        if not self.diagnostics:
+        if not self.diag_config.enabled:
             return
         mask = rollout.completion_mask
-        dense = target is not None and target.teacher_logits is not None and target.student_projection is None
-        self._diag.update_tokens(student_logits.detach(), target.teacher_logits if dense else None,
+        dense = target is not None and target.logits is not None and target.student_projection is None
+        self._diag.update_tokens(student_logits.detach(), target.logits if dense else None,
                                  rollout.completion_ids, mask, target.mask if dense else None)
         if hidden is not None and total.requires_grad:
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
@@ -277,16 +259,26 @@ class DistillationModule(RolloutSource, LightningModule):
                                  "from. Check sampling.max_new_tokens and the data's completions")
         return counts
 
+    def rollouts(self, batch: dict, train: bool, step: int | None = None) -> dict[str, Rollout]:
+        """The step's rollouts of `batch` (`RolloutSource`); `step` defaults to the trainer's global step."""
+        step = (self.global_step if self._trainer is not None else 0) if step is None else step
+        on_policy = self.rollout_source.on_policy(step, train)
+        if train and self.rollout_policy.mixes and self._trainer is not None and self.trainer.world_size > 1:
+            check_ranks_agree(self.trainer.strategy, on_policy, step, self.device)
+        return self.rollout_source.rollouts(batch, on_policy=on_policy, student=self.student, teacher=self.teacher,
+                                            step=step, train=train, device=self.device,
+                                            sharded=self._sharded_generation())
+
     def _run_step(self, batch: dict, train: bool) -> tuple[Tensor, dict]:
-        self._draws = 0
         self._diag = self.train_diag if train else self.val_diag
-        rollouts = self._rollouts(batch, train)
+        step = self.global_step if self._trainer is not None else 0
+        rollouts = self.rollouts(batch, train, step)
         self._diag.update_rollout(rollouts["rollout"].completion_mask, rollouts["rollout"].truncated)
-        every = self.grad_coherence_every
-        measure_step = self.diagnostics and train and every > 0 and (self.global_step if self._trainer else 0) % every == 0
+        every = self.diag_config.grad_coherence_every
+        measure_step = self.diag_config.enabled and train and every > 0 and step % every == 0
         counts = self._step_counts(rollouts)
         size = len(rollouts["rollout"])
-        micro = self.micro_batch_size or size
+        micro = self.rollout_policy.micro_batch_size or size
         scale = self.trainer.world_size if self._trainer else 1  # data-parallel averaging undone: sum / global count
         total, sums = torch.zeros((), device=self.device), defaultdict(float)
         local_tokens = rollouts["rollout"].completion_mask.sum().clamp_min(1)
@@ -384,3 +376,8 @@ class DistillationModule(RolloutSource, LightningModule):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.student_tokenizer.save_pretrained(path)
+
+
+# `--help` lists the registry names where the docstring says LOSS_NAMES and ALIGNER_NAMES.
+DistillationModule.__init__.__doc__ = DistillationModule.__init__.__doc__.replace(
+    "LOSS_NAMES", ", ".join(sorted(LOSSES))).replace("ALIGNER_NAMES", ", ".join(sorted(ALIGNERS)))

@@ -2,42 +2,66 @@
 
 OPD recipes mix terms: the distillation loss against the teacher on the student's rollouts, plus, e.g.,
 λ·SFT on gold completions and β·KL to the initial student (Stable-OPD). A `LossTerm` names one such term; the
-module computes each reference's logits once per micro-batch however many terms read them.
+module computes each reference's target once per micro-batch however many terms read it. Losses and aligners are
+given by registry name, by name with arguments (`{name: sampled_token, credit: discounted}`), by `class_path` /
+`init_args` (LightningCLI), or as instances.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from opd_lightning.aligners import ALIGNERS, AlignedTarget, Aligner, IdentityAligner
-from opd_lightning.losses import HIDDEN_STATES, LOSSES, DistillationLoss, LossInputs
+from opd_lightning.aligners import ALIGNERS, Aligner, IdentityAligner
+from opd_lightning.hparams import build_class
+from opd_lightning.losses import HIDDEN_STATES, LOSSES, TEACHER_LOGITS, TEACHER_TOPK, DistillationLoss
+from opd_lightning.registry import Registry
 
-__all__ = ["LossTerm", "check_pairing", "fill_inputs", "resolve_aligner", "resolve_loss"]
+__all__ = ["LossTerm", "check_pairing", "resolve_aligner", "resolve_loss"]
 
 Reference = Literal["teacher", "initial_student"]
 Completions = Literal["rollout", "gold"]
 
 
-def resolve_loss(loss: DistillationLoss | str) -> DistillationLoss:
-    """A loss instance, built with default arguments when given by registry name."""
-    return LOSSES.build(loss) if isinstance(loss, str) else loss
+def _resolve(spec: Any, registry: Registry, base: type) -> Any:
+    if isinstance(spec, base):
+        return spec
+    if isinstance(spec, str):
+        return registry.build(spec)
+    if isinstance(spec, dict) and "name" in spec:
+        args = {k: v for k, v in spec.items() if k != "name"}
+        cls = registry[spec["name"]]
+        try:
+            return cls(**args)
+        except TypeError as error:
+            raise TypeError(f"{registry.kind} {spec['name']!r} does not take {sorted(args)}: {error}. Its arguments "
+                            f"are listed by `opd fit --help` under {cls.__module__}.{cls.__qualname__}") from None
+    if isinstance(spec, dict) and "class_path" in spec:
+        return build_class(spec)
+    raise TypeError(f"a {registry.kind} is a registry name ({', '.join(sorted(registry))}), a mapping "
+                    f"{{name: ..., <arguments>}}, a class_path/init_args mapping or an instance; got {spec!r}")
 
 
-def resolve_aligner(aligner: Aligner | str) -> Aligner:
-    """An aligner instance, built with default arguments when given by registry name."""
-    return ALIGNERS.build(aligner) if isinstance(aligner, str) else aligner
+def resolve_loss(loss: DistillationLoss | str | dict) -> DistillationLoss:
+    """A loss instance from a registry name (default arguments), `{name: ..., **arguments}` or an instance."""
+    return _resolve(loss, LOSSES, DistillationLoss)
+
+
+def resolve_aligner(aligner: Aligner | str | dict) -> Aligner:
+    """An aligner instance from a registry name (default arguments), `{name: ..., **arguments}` or an instance."""
+    return _resolve(aligner, ALIGNERS, Aligner)
 
 
 class LossTerm(nn.Module):
     """One weighted term of the objective."""
 
-    def __init__(self, loss: DistillationLoss | str, weight: float = 1.0, reference: Reference = "teacher",
+    def __init__(self, loss: DistillationLoss | str | dict, weight: float = 1.0, reference: Reference = "teacher",
                  completions: Completions = "rollout") -> None:
         """
         Args:
-            loss: a registered loss name (built with defaults) or a loss instance (`class_path`/`init_args`).
+            loss: a registered loss name (built with defaults), a mapping `{name: ..., <arguments>}`, or a loss
+                instance (`class_path`/`init_args`).
             weight: multiplier of this term in the total loss.
             reference: whose distribution the loss compares the student with: the teacher, or a frozen copy of
                 the student as it was before training (with LoRA: the base model with the adapter disabled).
@@ -48,6 +72,11 @@ class LossTerm(nn.Module):
         self.weight = weight
         self.reference = reference
         self.completions = completions
+
+    @classmethod
+    def of(cls, term: LossTerm | dict) -> LossTerm:
+        """A term from its plain form (`{loss, weight, reference, completions}`), or the term itself."""
+        return cls(**term) if isinstance(term, dict) else term
 
     @property
     def name(self) -> str:
@@ -60,22 +89,32 @@ class LossTerm(nn.Module):
         return bool(self.loss.requires)
 
 
-def check_pairing(terms: list[LossTerm], aligner: Aligner) -> dict[tuple[str, str], frozenset[str]]:
+def check_pairing(terms: list[LossTerm], aligner: Aligner,
+                  teacher_topk: int | None = None) -> dict[tuple[str, str], frozenset[str]]:
     """What each (reference, completions) pair must provide, checked against what can provide it.
 
     The teacher's outputs come through `aligner`; the initial student shares the student's tokenizer, so its
     outputs come as the identity aligner's would, hidden states excepted (the teacher's output layer is what a
-    hidden-state loss projects into). Raises, naming the aligners that would serve, when a loss needs an input its
-    reference cannot give.
+    hidden-state loss projects into). With `teacher_topk`, the references' distributions come in their top-k form,
+    taken from a dense one, and every loss that reads a distribution must accept it. Raises, naming the aligners that
+    would serve, when a loss needs an input its reference cannot give.
     """
     needs: dict[tuple[str, str], frozenset[str]] = {}
     for term in terms:
         if not term.needs_reference:
             continue
+        requires = term.loss.requires
+        if teacher_topk is not None and TEACHER_LOGITS in requires:
+            if not term.loss.accepts_topk:
+                accepting = sorted(name for name, cls in LOSSES.items() if cls.accepts_topk)
+                raise ValueError(f"model.teacher_topk is set, but loss {term.loss.registry_name!r} needs the teacher's "
+                                 f"dense logits; losses that take the top-k form: {', '.join(accepting)}")
+            requires = requires - {TEACHER_LOGITS} | {TEACHER_TOPK}
         key = (term.reference, term.completions)
-        needs[key] = needs.get(key, frozenset()) | term.loss.requires
+        needs[key] = needs.get(key, frozenset()) | requires
         provides = aligner.provides if term.reference == "teacher" else IdentityAligner.provides - {HIDDEN_STATES}
-        missing = term.loss.requires - provides
+        provides = provides | ({TEACHER_TOPK} if TEACHER_LOGITS in provides else set())
+        missing = requires - provides
         if missing:
             serving = sorted(name for name, cls in ALIGNERS.items() if term.loss.requires <= cls.provides)
             where = (f"aligner {aligner.registry_name!r}" if term.reference == "teacher"
@@ -83,18 +122,3 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner) -> dict[tuple[str, st
             raise ValueError(f"loss {term.loss.registry_name!r} needs {sorted(missing)}, which {where} does not "
                              f"provide. Aligners that provide everything it needs: {serving or 'none'}.")
     return needs
-
-
-def fill_inputs(inputs: LossInputs, target: AlignedTarget) -> None:
-    """Copy an aligned target into a loss's inputs; positions without a target leave the loss mask."""
-    if target.student_projection is not None:
-        inputs.student_logits = target.student_projection(inputs.student_logits)
-    inputs.teacher_logits = target.teacher_logits
-    inputs.teacher_token_logprobs = target.teacher_token_logprobs
-    inputs.token_spans = target.token_spans
-    inputs.teacher_native_logits = target.teacher_native_logits
-    inputs.vocab_pairs = target.vocab_pairs
-    inputs.teacher_hidden = target.teacher_hidden
-    inputs.teacher_sequence = target.teacher_sequence
-    if target.mask is not None:
-        inputs.mask = inputs.mask & target.mask

@@ -6,10 +6,13 @@ turns them into a few PNGs and a `report.md` that says, check by check, whether 
 
 Choices: stdlib `csv` (no pandas); matplotlib's Agg canvas on a bare `Figure` (headless, and the caller's
 pyplot state and backend are never touched); one module-level `DEFAULT_THRESHOLDS` dict, overridable with
-`--threshold NAME=VALUE`; a check compares window means (first/last 10% of logged points) so one noisy step
-does not flip a verdict. Eval scores are taken as higher-is-better. The file runs past the ~200-line budget:
-reading, checking, plotting and writing are one short pipeline; if it grows, the plotting (`_panels`, `_draw`)
-is the part to move into its own module.
+`--threshold NAME=VALUE`. A resumed run writes a new `logs/version_N` (or re-logs steps after its checkpoint in
+the same one), so a run dir is read as every version joined by step, the later version or row winning a step
+both hold. Start and end of a metric are window means (first/last 10% of its finite values, `_ends`), the same
+numbers in the summary table and the health checks, so one noisy step does not flip a verdict and sparse NaN
+steps do not hide a metric. Eval scores are taken as higher-is-better. The file runs past the ~200-line
+budget: reading, checking, plotting and writing are one short pipeline; if it grows, the plotting (`_panels`,
+`_draw`) is the part to move into its own module.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "read_evals",
-           "read_metrics", "resolve_metrics"]
+           "read_metrics", "read_run", "resolve_metrics", "resolve_versions"]
 
-Series = list[tuple[int, float]]  # (step, value) in logging order
+Series = list[tuple[int, float]]  # (step, value), ordered by step
+EvalKey = tuple[str, str, int, str]  # (model, stage, step, "task/metric") of one eval score
 # Metrics that are NaN by definition on some steps (no repeated token, nothing to divide by): not a fault.
 UNDEFINED_OK = ("diag/repeat_advantage_ratio",)
 
@@ -64,7 +68,7 @@ _KEY_METRICS = re.compile(r"(train|val)/loss|((train|val)/)?diag/.*|train/rollou
 
 @dataclass
 class Check:
-    """One health verdict: `ok` is None when the metric was not logged or is undefined at the end."""
+    """One health verdict: `ok` is None when the metric was not logged or has no finite value."""
 
     name: str
     ok: bool | None
@@ -84,12 +88,13 @@ class Panel:
     hlines: list[tuple[str, float]] = field(default_factory=list)
 
 
-def resolve_metrics(path: str | os.PathLike, version: int | None = None) -> Path:
-    """Find `metrics.csv` given a run dir, its `logs` dir, a version dir or the file itself.
+def resolve_versions(path: str | os.PathLike, version: int | None = None) -> list[Path]:
+    """The `metrics.csv` files to read, oldest version first, given a run dir, its `logs` dir, a version dir or a file.
 
     Args:
-        path: where to look.
-        version: N of the `logs/version_N` to read from a run dir; None takes the highest N.
+        path: where to look; a version dir or a metrics.csv gives just that file.
+        version: N of the one `logs/version_N` to read from a run dir; None takes every version that has a
+            metrics.csv, in order of N.
 
     Raises:
         FileNotFoundError: naming the expected layout, when nothing matches.
@@ -98,23 +103,41 @@ def resolve_metrics(path: str | os.PathLike, version: int | None = None) -> Path
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {layout}, a version dir or a metrics.csv")
     if path.is_file() or (path / "metrics.csv").is_file():
-        return path if path.is_file() else path / "metrics.csv"
+        return [path if path.is_file() else path / "metrics.csv"]
     logs = path if path.name == "logs" else path / "logs"
     versions = {int(m[1]): p for p in logs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))}
     if version is not None and versions and version not in versions:
         raise FileNotFoundError(f"no {logs / f'version_{version}'}; found versions {sorted(versions)}")
-    if versions:
-        path = versions[max(versions) if version is None else version]
-    elif not path.name.startswith("version_"):
+    if not versions and not path.name.startswith("version_"):
         raise FileNotFoundError(f"no logs/version_* under {path}; expected {layout}")
-    if not (path / "metrics.csv").is_file():
-        raise FileNotFoundError(f"no metrics.csv in {path}: runs write it through Lightning's CSVLogger, the default "
-                                "logger of `opd fit` unless the config sets trainer.logger")
-    return path / "metrics.csv"
+    dirs = [versions[n] for n in sorted(versions) if version in (None, n)] or [path]
+    if not (files := [d / "metrics.csv" for d in dirs if (d / "metrics.csv").is_file()]):
+        where = dirs[0] if len(dirs) == 1 else f"any of {logs}/version_*"
+        raise FileNotFoundError(f"no metrics.csv in {where}: runs write it through Lightning's CSVLogger, the "
+                                "default logger of `opd fit` unless the config sets trainer.logger")
+    return files
+
+
+def resolve_metrics(path: str | os.PathLike, version: int | None = None) -> Path:
+    """The one `metrics.csv` of `resolve_versions` to read alone: the newest version's, or version `version`'s."""
+    return resolve_versions(path, version)[-1]
+
+
+def _join(parts: list[dict[str, Series]]) -> dict[str, Series]:
+    """Union of per-metric series, ordered by step; at a step held twice, the later part (or later point) wins."""
+    by_step: dict[str, dict[int, float]] = {}
+    for part in parts:
+        for name, series in part.items():
+            by_step.setdefault(name, {}).update(series)
+    return {name: sorted(points.items()) for name, points in by_step.items()}
 
 
 def read_metrics(csv_path: Path) -> dict[str, Series]:
-    """Per-metric (step, value) series from a CSVLogger file; blank cells are skipped, `nan` is kept."""
+    """Per-metric series from a CSVLogger file; blank cells are skipped, `nan` is kept.
+
+    A step logged twice keeps its later row: a run resumed into the same version logs the steps after its
+    checkpoint again.
+    """
     metrics: dict[str, Series] = {}
     with csv_path.open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -122,39 +145,72 @@ def read_metrics(csv_path: Path) -> dict[str, Series]:
             for name, cell in row.items():
                 if name not in ("epoch", "step", None) and cell not in ("", None):
                     metrics.setdefault(name, []).append((step, float(cell)))
-    return metrics
+    return _join([metrics])
 
 
-def read_evals(version_dir: Path, metrics: dict[str, Series]) -> dict[str, dict[str, Series]]:
-    """`{"task/metric": {"student": series, "teacher": series}}` from eval_history.jsonl, else eval* columns."""
-    evals: dict[str, dict[str, Series]] = {}
+def _eval_entries(version_dir: Path, metrics: dict[str, Series]) -> dict[EvalKey, float]:
+    """One version's eval scores from its eval_history.jsonl, else from its eval* columns (stage "")."""
+    entries: dict[EvalKey, float] = {}
     history = version_dir / "eval_history.jsonl"
     if history.is_file():
-        for line in history.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                for task, scores in entry["results"].items():
-                    for name, value in scores.items():
-                        evals.setdefault(f"{task}/{name}", {}).setdefault(entry["model"], []).append(
-                            (int(entry["step"]), float(value)))
-        return evals
+        for entry in (json.loads(line) for line in history.read_text(encoding="utf-8").splitlines() if line.strip()):
+            head = (entry["model"], entry.get("stage", ""), int(entry["step"]))
+            for task, scores in entry["results"].items():
+                entries |= {(*head, f"{task}/{name}"): float(value) for name, value in scores.items()}
+        return entries
     for name, series in metrics.items():
         prefix, _, key = name.partition("/")
         if prefix in ("eval", "eval_teacher"):
-            evals.setdefault(key, {})["student" if prefix == "eval" else "teacher"] = series
+            entries |= {("student" if prefix == "eval" else "teacher", "", step, key): v for step, v in series}
+    return entries
+
+
+def _nest(entries: dict[EvalKey, float]) -> dict[str, dict[str, Series]]:
+    """`{"task/metric": {"student": series, "teacher": series}}`, each series ordered by step."""
+    evals: dict[str, dict[str, Series]] = {}
+    for (model, _, step, key), value in sorted(entries.items(), key=lambda item: item[0][2]):
+        evals.setdefault(key, {}).setdefault(model, []).append((step, value))
     return evals
 
 
-def _window(series: Series, last: bool, frac: float = 0.1) -> float:
-    """Mean of the finite values among the first (or last) `frac` of the points, at least one point."""
+def read_evals(version_dir: Path, metrics: dict[str, Series]) -> dict[str, dict[str, Series]]:
+    """One version's evals: from `version_dir`'s eval_history.jsonl, else from the eval* columns of `metrics`."""
+    return _nest(_eval_entries(version_dir, metrics))
+
+
+def read_run(csv_paths: list[Path]) -> tuple[dict[str, Series], dict[str, dict[str, Series]]]:
+    """Metrics and evals of every file (oldest first) joined by step; a later file wins a step (and eval) both hold.
+
+    Eval entries are keyed by (model, stage, step, task/metric); each version's come from the eval_history.jsonl
+    next to its metrics.csv, else from its eval* columns.
+    """
+    parts, entries = [read_metrics(p) for p in csv_paths], {}
+    for path, part in zip(csv_paths, parts):
+        entries |= _eval_entries(path.parent, part)
+    return _join(parts), _nest(entries)
+
+
+def _ends(series: Series, frac: float = 0.1) -> tuple[float, float]:
+    """(start, end): means of the first and the last `frac` of the finite values, at least one each; NaN if none.
+
+    The one definition of a metric's start and end, shared by the summary table and the health checks.
+    """
     values = [v for _, v in series if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
     n = max(1, math.ceil(len(values) * frac))
-    chunk = values[-n:] if last else values[:n]
-    return sum(chunk) / len(chunk) if chunk else math.nan
+    return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
 def _pick(metrics: dict[str, Series], names: tuple[str, ...]) -> tuple[str, Series] | None:
     return next(((n, metrics[n]) for n in names if any(math.isfinite(v) for _, v in metrics.get(n, []))), None)
+
+
+def _not_judged(name: str, metrics: dict[str, Series], candidates: tuple[str, ...]) -> Check:
+    """The skipped verdict of a level check none of whose metrics has a finite value."""
+    if logged := [n for n in candidates if n in metrics]:  # e.g. no repeated token in any step: nothing to judge
+        return Check(name, None, f"`{logged[0]}` has no finite value (all NaN): not judged")
+    return Check(name, None, f"not logged ({', '.join(candidates)})")
 
 
 def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
@@ -164,25 +220,21 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
     for name, (candidates, bound, meaning) in CHECKS.items():
         found, limit = _pick(metrics, candidates), thresholds[name]
         if found is None:
-            out.append(Check(name, None, f"not logged ({', '.join(candidates)})"))
+            out.append(_not_judged(name, metrics, candidates))
             continue
         metric, series = found
-        tail = series[-max(1, math.ceil(len(series) * 0.1)):]
-        if not any(math.isfinite(v) for _, v in tail):  # e.g. no repeated token late in the run: nothing to judge
-            out.append(Check(name, None, f"`{metric}` is undefined (NaN) over the last 10% of its points"))
-            continue
-        end, finite = _window(series, last=True), [v for _, v in series if math.isfinite(v)]
+        end, finite = _ends(series)[1], [v for _, v in series if math.isfinite(v)]
         ok = end >= limit if bound == "min" else end <= limit
         worst = min(finite) if bound == "min" else max(finite)
         cmp = (">=" if ok else "<") if bound == "min" else ("<=" if ok else ">")
         out.append(Check(name, ok, f"{meaning}: `{metric}` ends at {end:.4g} {cmp} {limit:g} "
                                    f"({'lowest' if bound == 'min' else 'highest'} {worst:.4g})"))
     if found := _pick(metrics, CHECKS["topk_overlap"][0]):
-        start, end, limit = _window(found[1], False), _window(found[1], True), thresholds["topk_overlap_drop"]
+        (start, end), limit = _ends(found[1]), thresholds["topk_overlap_drop"]
         out.append(Check("topk_overlap_drop", start - end <= limit,
                          f"`{found[0]}` {start:.4g} -> {end:.4g} (tolerated fall {limit:g})"))
     if (found := _pick(metrics, ("train/loss",))) and len(found[1]) > 1:
-        start, end, limit = _window(found[1], False), _window(found[1], True), thresholds["loss_ratio"]
+        (start, end), limit = _ends(found[1]), thresholds["loss_ratio"]
         ratio = end / start if start else math.inf
         out.append(Check("loss_ratio", ratio < limit, f"train/loss first-10% mean {start:.4g} -> last-10% mean "
                                                       f"{end:.4g}, ratio {ratio:.3g} (must be < {limit:g})"))
@@ -243,20 +295,36 @@ def _draw(panels: list[Panel], path: Path, title: str) -> None:
     fig.savefig(path, dpi=90)
 
 
-def _markdown(csv_path: Path, out_dir: Path, metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
+def _run_dir(csv_path: Path) -> Path:
+    """RUN_DIR of RUN_DIR/logs/version_N/metrics.csv, else the file's own dir."""
+    return csv_path.parent.parent.parent if csv_path.parent.parent.name == "logs" else csv_path.parent
+
+
+def _cell(value: float, spec: str = ".4g") -> str:
+    return format(value, spec) if math.isfinite(value) else "-"
+
+
+def _summary(metrics: dict[str, Series]) -> list[str]:
+    """The summary table of the key metrics, with the start and end the health checks judge."""
+    lines = ["| metric | start: mean of first 10% of finite values | end: mean of last 10% of finite values | change |",
+             "|---|---|---|---|"]
+    for name in sorted(n for n in metrics if _KEY_METRICS.fullmatch(n)):
+        start, end = _ends(metrics[name])
+        lines.append(f"| `{name}` | {_cell(start)} | {_cell(end)} | {_cell(end - start, '+.4g')} |")
+    return lines
+
+
+def _markdown(csv_paths: list[Path], out_dir: Path, metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
               checks: list[Check], pngs: list[Path], thresholds: dict[str, float]) -> str:
     """The text of report.md: summary, evaluation table, health, plots."""
     steps = [s for series in metrics.values() for s, _ in series]
-    run_dir = csv_path.parent.parent.parent if csv_path.parent.parent.name == "logs" else csv_path.parent
-    lines = [f"# Run report: {run_dir.name}", "", f"- Run: `{run_dir}`", f"- Metrics: `{csv_path}`",
+    run_dir = _run_dir(csv_paths[-1])
+    lines = [f"# Run report: {run_dir.name}", "", f"- Run: `{run_dir}`",
+             f"- Metrics: {', '.join(f'`{p}`' for p in csv_paths)}",
              f"- Steps covered: {min(steps, default=0)} to {max(steps, default=0)}"]
-    if (config := csv_path.parent / "config.yaml").is_file():
+    if (config := csv_paths[-1].parent / "config.yaml").is_file():
         lines.append(f"- Config: [config.yaml]({Path(os.path.relpath(config, out_dir)).as_posix()})")
-    lines += ["", "## Summary", "", "First and last logged values.", "", "| metric | start | end | change |",
-              "|---|---|---|---|"]
-    for name in sorted(n for n in metrics if _KEY_METRICS.fullmatch(n)):
-        start, end = _window(metrics[name], False, 0), _window(metrics[name], True, 0)  # frac 0: one point
-        lines.append(f"| `{name}` | {start:.4g} | {end:.4g} | {end - start:+.4g} |")
+    lines += ["", "## Summary", "", "The start and end values the health checks judge; `-` where a metric has no finite value.", "", *_summary(metrics)]
     if evals:
         lines += ["", "## Evaluation", "", "| task/metric | before | after | teacher |", "|---|---|---|---|"]
         for key, models in evals.items():
@@ -292,27 +360,26 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """Entry point of `opd report`; returns the paths written (PNGs, then report.md)."""
     parser = argparse.ArgumentParser(prog="opd report", description="Plot a run's metrics.csv and check its health.")
     parser.add_argument("run_dir", help="run dir (holding logs/version_N/), a version dir, or a metrics.csv")
-    parser.add_argument("--out", type=Path, help="output dir (default: <version dir>/report)")
-    parser.add_argument("--version", type=int, help="logs/version_N to read (default: the highest N)")
+    parser.add_argument("--out", type=Path, help="output dir (default: <newest version dir read>/report)")
+    parser.add_argument("--version", type=int, help="read only logs/version_N (default: every version, joined)")
     parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                         help="override a health threshold (repeatable); defaults: "
                         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     args = parser.parse_args(argv)
     thresholds = _parse_thresholds(args.threshold)
     try:
-        csv_path = resolve_metrics(args.run_dir, args.version)
+        csv_paths = resolve_versions(args.run_dir, args.version)
     except FileNotFoundError as e:
         raise SystemExit(f"opd report: {e}") from None
-    metrics = read_metrics(csv_path)
-    evals = read_evals(csv_path.parent, metrics)
-    out_dir = args.out or csv_path.parent / "report"
+    metrics, evals = read_run(csv_paths)
+    out_dir = args.out or csv_paths[-1].parent / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for group, panels in _panels(metrics, evals, thresholds).items():
-        _draw(panels, out_dir / f"{group}.png", f"{group}: {csv_path.parent}")
+        _draw(panels, out_dir / f"{group}.png", f"{group}: {_run_dir(csv_paths[-1])}")
         written.append(out_dir / f"{group}.png")
     report = out_dir / "report.md"
-    report.write_text(_markdown(csv_path, out_dir, metrics, evals, health(metrics, evals, thresholds), written,
+    report.write_text(_markdown(csv_paths, out_dir, metrics, evals, health(metrics, evals, thresholds), written,
                                 thresholds), encoding="utf-8")
     written.append(report)
     print(f"opd report: wrote {len(written)} files to {out_dir}:", *(f"  {p}" for p in written), sep="\n")

@@ -4,6 +4,10 @@ A rollout is the unit every later stage reads: the teacher scores it, the aligne
 Prompts are left-padded to a common length P so that every completion starts at column P; the completion mask
 covers generated tokens up to and including the first EOS, never the prompt or the padding after EOS.
 Completions come from the student (on-policy), or from text (a dataset's or the teacher's: off-policy).
+
+Sampling with `row_seeds` draws each row's noise from a generator of its own (Gumbel-max: the argmax of the tempered,
+filtered logits plus Gumbel noise is an exact sample of the same distribution), so a row samples the same tokens
+whatever else shares its batch, micro-batch or rank.
 """
 
 from __future__ import annotations
@@ -13,8 +17,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "SamplingConfig", "completion_mask", "encode_prompts", "generate_rollout", "position_ids",
-           "rollout_from_texts", "rollout_from_token_lists", "stop_positions"]
+__all__ = [
+    "Rollout",
+    "RowNoiseSampler",
+    "SamplingConfig",
+    "completion_mask",
+    "encode_prompts",
+    "generate_rollout",
+    "position_ids",
+    "rollout_from_texts",
+    "rollout_from_token_lists",
+    "stop_positions",
+]
 
 
 @dataclass
@@ -106,34 +120,71 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: list[int], stop_at_eo
     return eos_before == 0, ~is_eos.any(-1)
 
 
+class RowNoiseSampler:
+    """A logits processor that turns greedy decoding into sampling with one noise stream per row.
+
+    Each step it applies the sampling warpers (temperature, top-k, top-p, in Hugging Face's order) and adds Gumbel
+    noise drawn, row by row, from a `torch.Generator` seeded with that row's seed; the greedy argmax of the result
+    is a sample from the warped distribution. A row draws exactly `V` numbers per step, so its tokens depend only on
+    its own seed and logits.
+    """
+
+    def __init__(self, sampling: SamplingConfig, row_seeds: list[int], device: torch.device) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows to sample but {len(self.generators)} row seeds")
+        noise = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float32)
+                             for g in self.generators])  # [B, V] uniform
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log(-torch.log(noise.clamp(tiny, 1 - 2**-24)))
+        return scores + gumbel.to(scores.dtype)
+
+
 @torch.no_grad()
 def generate_rollout(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, *, eos_token_ids: list[int],
-                     pad_token_id: int, synced_gpus: bool = False, tokenizer=None) -> Rollout:
+                     pad_token_id: int, synced_gpus: bool = False, tokenizer=None,
+                     row_seeds: list[int] | None = None) -> Rollout:
     """Sample completions from `model` (a Hugging Face causal LM) for left-padded prompts.
 
     The model is put in eval mode while sampling and restored afterwards. Set `synced_gpus` under sharded
     strategies (FSDP), where every rank must keep calling forward until all ranks finish. `tokenizer` (the
-    model's) is needed only for `sampling.stop`.
+    model's) is needed only for `sampling.stop`. With `row_seeds` (one per row) each row samples from its own noise
+    stream (`RowNoiseSampler`); without, from torch's global generator.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if (prompt_mask[:, -1] == 0).any():
         raise ValueError("prompts must be left-padded (the last column is padding for some rows); set the "
                          "tokenizer's padding_side='left'")
     if sampling.stop and tokenizer is None:
         raise ValueError("sampling.stop needs the model's tokenizer: pass tokenizer= to generate_rollout")
+    own_noise = sampling.do_sample and row_seeds is not None
     config = GenerationConfig(
-        do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
-        eos_token_id=list(eos_token_ids) if sampling.stop_at_eos else None,
+        do_sample=sampling.do_sample and not own_noise, max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) if sampling.stop_at_eos else None,
         stop_strings=list(sampling.stop) or None,
         **({"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
-           if sampling.do_sample else {}),
+           if sampling.do_sample and not own_noise else {}),
     )
+    extra = {"tokenizer": tokenizer} if sampling.stop else {}
+    if own_noise:
+        extra["logits_processor"] = LogitsProcessorList([RowNoiseSampler(sampling, row_seeds, prompt_ids.device)])
     was_training = model.training
     model.eval()
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             synced_gpus=synced_gpus, **({"tokenizer": tokenizer} if sampling.stop else {}))
+                             synced_gpus=synced_gpus, **extra)
     finally:
         model.train(was_training)
     prompt_length = prompt_ids.shape[1]

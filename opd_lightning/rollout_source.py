@@ -1,99 +1,177 @@
 """Where a step's completions come from: the student's samples, the dataset's, or the teacher's.
 
-`RolloutSource` is a mixin of `DistillationModule`, kept apart because it is one concept: prompt encoding,
-seeded sampling (a resumed run draws what the original would), the on/off-policy choice, teacher-written text across
-tokenizers, gold completions and special-token masking. It reads the module's `student`, `teacher`,
-`student_tokenizer`, `teacher_tokenizer`, `aligner`, `terms`, `sampling`, `on_policy_fraction`,
-`off_policy_source`, `use_chat_template`, `mask_special_tokens`, `max_length`, `seed` and `_draws`.
+`RolloutPolicy` is the typed group of options (λ, the off-policy source, micro-batches, the context limit, the chat
+template, special-token masking); `RolloutSource` carries them out, given the two tokenizers and the sampling
+settings once and the models and the step at each call, so that a reader follows a step from the module into here
+without guessing which attributes of the module it reads.
+
+Draws are keyed, not streamed (`seeding`): the on/off-policy choice by (seed, step), the same on every data-parallel
+rank, and each row's sampling noise by (seed, step, dataset row), so a resumed run draws what the uninterrupted one
+would and a row samples the same tokens on whichever rank it lands.
 """
 
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from opd_lightning.rollout import Rollout, encode_prompts, generate_rollout, rollout_from_texts
+from opd_lightning.rollout import Rollout, SamplingConfig, encode_prompts, generate_rollout, rollout_from_texts
+from opd_lightning.seeding import BRANCH, SAMPLE_EVAL, SAMPLE_TEACHER, SAMPLE_TRAIN, derive_seed, uniform
 
-__all__ = ["RolloutSource"]
+__all__ = ["RolloutPolicy", "RolloutSource", "check_ranks_agree", "completions"]
+
+
+@dataclass
+class RolloutPolicy:
+    """Which completions each step trains on, and how a step is split.
+
+    Args:
+        on_policy_fraction: λ, the probability that a training step is rolled out by the student; otherwise its
+            completions come from `off_policy_source`. Drawn per optimizer step, the same on every rank. Validation
+            and test are always on-policy.
+        off_policy_source: "dataset" (the batch's `completion` texts) or "teacher" (sequence-level KD: the teacher
+            samples the completions with the sampling settings).
+        micro_batch_size: rows per forward/backward; the batch is one optimizer step (gradient accumulation). None:
+            the whole batch at once.
+        max_length: context limit for prompt + completion; defaults to the student's `max_position_embeddings`.
+            Longer prompts are refused with an error.
+        use_chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+        mask_special_tokens: leave completion positions holding special tokens other than EOS (pad, unk, BOS,
+            chat-template markers) out of every loss; they stay in the context the models read.
+    """
+
+    on_policy_fraction: float = 1.0
+    off_policy_source: Literal["dataset", "teacher"] = "dataset"
+    micro_batch_size: int | None = None
+    max_length: int | None = None
+    use_chat_template: bool = False
+    mask_special_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"rollout.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.off_policy_source not in ("dataset", "teacher"):
+            raise ValueError(f"rollout.off_policy_source must be 'dataset' or 'teacher', got {self.off_policy_source!r}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"rollout.micro_batch_size must be at least 1, got {self.micro_batch_size}")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training steps draw between on- and off-policy (0 < λ < 1)."""
+        return 0.0 < self.on_policy_fraction < 1.0
+
+    def reads_completions(self) -> bool:
+        """Whether some training steps use the dataset's completions."""
+        return self.on_policy_fraction < 1.0 and self.off_policy_source == "dataset"
 
 
 class RolloutSource:
-    """The rollout methods of `DistillationModule` (a LightningModule: `device`, `trainer` and steps come from it)."""
+    """Turns a batch of prompts into the step's rollouts: "rollout" (scored by the loss) and, if asked, "gold"."""
 
-    def _encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        ids, mask = encode_prompts(self.student_tokenizer, prompts, chat_template=self.use_chat_template,
+    def __init__(self, student_tokenizer, teacher_tokenizer, policy: RolloutPolicy, sampling: SamplingConfig, *,
+                 same_tokenizer: bool, gold: bool, max_length: int | None, seed: int) -> None:
+        """
+        Args:
+            student_tokenizer: the student's tokenizer (left padding); every rollout is in its ids.
+            teacher_tokenizer: the teacher's, used when it writes completions in another vocabulary; None without one.
+            policy: the rollout options.
+            sampling: sampling settings of the student's and the teacher's rollouts.
+            same_tokenizer: the teacher reads the student's ids (its completions need no re-tokenising).
+            gold: also build the "gold" rollout of the dataset's completions (for terms trained on them).
+            max_length: the context limit prompts are checked against.
+            seed: the run's rollout seed.
+        """
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+        self.policy, self.sampling = policy, sampling
+        self.same_tokenizer, self.gold, self.max_length, self.seed = same_tokenizer, gold, max_length, seed
+
+    def on_policy(self, step: int, train: bool) -> bool:
+        """Whether the step rolls out on-policy: keyed by (seed, step) only, so every rank draws the same."""
+        if not train:
+            return True
+        return uniform(self.seed, BRANCH, step) < self.policy.on_policy_fraction
+
+    def row_seeds(self, purpose: int, step: int, rows: list[int]) -> list[int]:
+        """One sampling seed per row, keyed by (seed, purpose, step, dataset row)."""
+        return [derive_seed(self.seed, purpose, step, row) for row in rows]
+
+    def rollouts(self, batch: dict, *, on_policy: bool, student: nn.Module, teacher: nn.Module | None, step: int,
+                 train: bool, device: torch.device, sharded: bool = False) -> dict[str, Rollout]:
+        """The step's rollouts for `batch` (lists of strings; `index`, the dataset rows, keys the sampling noise);
+        `on_policy` as `self.on_policy(step, train)` drew it."""
+        prompt_ids, prompt_mask = self.encode_prompts(batch["prompt"], device)
+        rows = batch.get("index") or list(range(len(batch["prompt"])))
+        rollouts: dict[str, Rollout] = {}
+        if on_policy:
+            seeds = self.row_seeds(SAMPLE_TRAIN if train else SAMPLE_EVAL, step, rows)
+            rollouts["rollout"] = self.generate(student, prompt_ids, prompt_mask, seeds, sharded)
+        elif self.policy.off_policy_source == "teacher":
+            seeds = self.row_seeds(SAMPLE_TEACHER, step, rows)
+            rollouts["rollout"] = self.teacher_rollout(teacher, batch["prompt"], prompt_ids, prompt_mask, seeds, sharded)
+        else:
+            rollouts["rollout"] = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
+        if self.gold:
+            rollouts["gold"] = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
+        if self.policy.mask_special_tokens:
+            tok = self.student_tokenizer
+            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=device)
+            for rollout in rollouts.values():
+                rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
+        return rollouts
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        ids, mask = encode_prompts(self.student_tokenizer, prompts, chat_template=self.policy.use_chat_template,
                                    max_new_tokens=self.sampling.max_new_tokens, max_length=self.max_length)
-        return ids.to(self.device), mask.to(self.device)
+        return ids.to(device), mask.to(device)
 
-    def _text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str],
-                      ends: list[str] | None = None) -> Rollout:
+    def text_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, texts: list[str],
+                     ends: list[str] | None = None) -> Rollout:
         return rollout_from_texts(self.student_tokenizer, prompt_ids, prompt_mask, texts,
                                   max_new_tokens=self.sampling.max_new_tokens, ends=ends)
 
-    def _generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, seeds: list[int],
+                 sharded: bool = False) -> Rollout:
         tok = self.student_tokenizer
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
-        with self._seeded():
-            return generate_rollout(model, prompt_ids, prompt_mask, self.sampling, eos_token_ids=[tok.eos_token_id],
-                                    pad_token_id=tok.pad_token_id, synced_gpus=sharded, tokenizer=tok)
+        return generate_rollout(model, prompt_ids, prompt_mask, self.sampling, eos_token_ids=[tok.eos_token_id],
+                                pad_token_id=tok.pad_token_id, synced_gpus=sharded, tokenizer=tok, row_seeds=seeds)
 
-    @contextmanager
-    def _seeded(self):
-        """Sample with a seed derived from (seed, step, rank, batch): a resumed run draws what the original would."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._draw_seed())
-            yield
-
-    def _draw_seed(self) -> int:
-        step = self.global_step if self._trainer is not None else 0
-        rank = self.global_rank if self._trainer is not None else 0
-        self._draws += 1
-        return hash((self.seed, step, rank, self._draws)) % (2**63)
-
-    def _teacher_rollout(self, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
-        if self.aligner.same_tokenizer:
-            rollout = self._generate(self.teacher, prompt_ids, prompt_mask)
+    def teacher_rollout(self, teacher: nn.Module, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor,
+                        seeds: list[int], sharded: bool = False) -> Rollout:
+        """Completions written by the teacher (sequence-level KD), as a rollout in the student's ids."""
+        if self.same_tokenizer:
+            rollout = self.generate(teacher, prompt_ids, prompt_mask, seeds)
             rollout.on_policy = False
             return rollout
         t_tok = self.teacher_tokenizer
-        enc = t_tok(prompts, padding=True, return_tensors="pt").to(self.device)
-        with self._seeded():
-            out = generate_rollout(self.teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
-                                   eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id, tokenizer=t_tok)
+        enc = t_tok(prompts, padding=True, return_tensors="pt").to(prompt_ids.device)
+        out = generate_rollout(teacher, enc["input_ids"], enc["attention_mask"], self.sampling,
+                               eos_token_ids=[t_tok.eos_token_id], pad_token_id=t_tok.pad_token_id, tokenizer=t_tok,
+                               row_seeds=seeds)
         ids = out.completion_ids.masked_fill(~out.completion_mask, t_tok.pad_token_id)
         last = ids.gather(1, (out.completion_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
         ends = ["length" if cut else "eos" if end == t_tok.eos_token_id else "stop"
                 for cut, end in zip(out.truncated.tolist(), last.tolist(), strict=True)]
         texts = t_tok.batch_decode(ids, skip_special_tokens=True)
-        return self._text_rollout(prompt_ids, prompt_mask, texts, ends=ends)
+        return self.text_rollout(prompt_ids, prompt_mask, texts, ends=ends)
 
-    def _rollouts(self, batch: dict, train: bool) -> dict[str, Rollout]:
-        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
-        rollouts: dict[str, Rollout] = {}
-        if not train or random.Random(self._draw_seed()).random() < self.on_policy_fraction:
-            rollouts["rollout"] = self._generate(self.student, prompt_ids, prompt_mask)
-        elif self.off_policy_source == "teacher":
-            rollouts["rollout"] = self._teacher_rollout(batch["prompt"], prompt_ids, prompt_mask)
-        else:
-            rollouts["rollout"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
-        if any(t.completions == "gold" for t in self.terms):
-            rollouts["gold"] = self._text_rollout(prompt_ids, prompt_mask, self._completions(batch))
-        if self.mask_special_tokens:
-            tok = self.student_tokenizer
-            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=self.device)
-            for rollout in rollouts.values():
-                rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
-        return rollouts
 
-    @staticmethod
-    def _completions(batch: dict) -> list[str]:
-        if batch.get("completion") is None:
-            raise ValueError("off-policy or gold terms need a `completion` field in the data; add it, or use "
-                             "on_policy_fraction: 1.0 without gold terms")
-        return batch["completion"]
+def completions(batch: dict) -> list[str]:
+    """The batch's dataset completions, or an error naming the fix."""
+    if batch.get("completion") is None:
+        raise ValueError("off-policy or gold terms need a `completion` field in the data; add it, or use "
+                         "rollout.on_policy_fraction: 1.0 without gold terms")
+    return batch["completion"]
+
+
+def check_ranks_agree(strategy, on_policy: bool, step: int, device: torch.device) -> None:
+    """Raise, on every rank, if the data-parallel ranks drew different rollout sources for `step` (one all-gather):
+    the ranks would otherwise enter different collectives (a sharded generation against none) and wait forever."""
+    drawn = strategy.all_gather(torch.tensor([int(on_policy)], device=device)).flatten()
+    if not (drawn == drawn[0]).all():
+        on = [rank for rank, value in enumerate(drawn.tolist()) if value]
+        raise RuntimeError(f"data-parallel ranks disagree on step {step}'s rollout source (on-policy on ranks {on}, "
+                           "off-policy on the others): their collectives would no longer pair up. The choice must "
+                           "depend on (seed, step) only, as RolloutSource.on_policy draws it.")

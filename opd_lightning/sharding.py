@@ -1,7 +1,10 @@
 """FSDP2 for the distillation module: the student sharded, everything else whole on every rank.
 
 Lightning's `ModelParallelStrategy` gives each rank a device mesh; `shard_student` applies `fully_shard` to each
-decoder layer and then to the student. The frozen teacher stays whole. Trainable parameters outside the student
+decoder layer and then to the student. `FSDP2Strategy`, registered as the strategy name `fsdp2`
+(`--trainer.strategy fsdp2`), is that strategy set for data parallelism only (every device one data-parallel rank; its
+own default "auto" would make them tensor-parallel ranks that all read the same data) and writing one full checkpoint
+file, which resumes and rebuilds like a single-device one. The frozen teacher stays whole. Trainable parameters outside the student
 (DSKD's projectors, the `dskd_cma` attention) stay whole too: FSDP2 reduces only the gradients of modules it wraps
 and whose `forward` it sees, and those parts are called through other methods, so their gradients are averaged
 here, and clipping takes one norm over both kinds of gradient.
@@ -10,11 +13,34 @@ here, and clipping takes one norm over both kinds of gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
-__all__ = ["average_replicated_grads", "clip_by_global_norm", "shard_student"]
+__all__ = ["FSDP2Strategy", "average_replicated_grads", "clip_by_global_norm", "shard_student"]
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 data parallelism over all devices: `ModelParallelStrategy` with tensor-parallel size 1."""
+
+    def __init__(self, process_group_backend: str | None = None, timeout_minutes: float = 30.0) -> None:
+        """
+        Args:
+            process_group_backend: "gloo" (CPU) or "nccl" (GPU); None picks by accelerator.
+            timeout_minutes: how long a collective may wait for the other ranks before the run fails.
+        """
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+                         process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes))
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every device is a data-parallel rank
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 data parallelism (opd-lightning)")
 
 
 def shard_student(student: nn.Module, mesh) -> None:

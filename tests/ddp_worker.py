@@ -1,10 +1,13 @@
-"""One optimizer step on 4 rows of unequal completion length, single-process or DDP over 2 CPU processes (gloo).
+"""Optimizer steps on 4 rows of unequal completion length, single-process or data-parallel over 2 CPU processes (gloo).
 
-Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY [CASE]`
-(STRATEGY: auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy; CASE: `same`, forward KL with one tokenizer,
-`dskd_cma`, DSKD across tokenizers with its trainable attention and projectors, or `dskd_cma_clip`, the same with
-gradient clipping). Writes every trainable weight
-after the step; with SGD(lr=1) they are w - grad, so equal files mean equal global gradients.
+Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FILE DEVICES STRATEGY CASE`
+(STRATEGY: auto, ddp, or fsdp2 for FSDP2 through ModelParallelStrategy). CASE:
+- `same`: forward KL with one tokenizer, λ = 0, one step;
+- `mixed`: the same with λ = 0.5 and sampled rollouts, 6 steps (some on-policy, some on the dataset's completions);
+- `disagree`: as `mixed`, but rank 1 draws the opposite rollout source (a bug on purpose): the run must fail, saying so;
+- `dskd_cma`: DSKD across tokenizers with its trainable attention and projectors; `dskd_cma_clip`: the same with
+  gradient clipping.
+Writes every trainable weight after the last step; with SGD, equal files mean equal global gradients at every step.
 """
 
 import json
@@ -21,12 +24,15 @@ from opd_lightning.data import PromptDataModule
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
 from opd_lightning.rollout import SamplingConfig
+from opd_lightning.rollout_source import RolloutPolicy, RolloutSource
 
 ROWS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+34=", "completion": "46 and more text"},
         {"prompt": "99-9=", "completion": "90"}, {"prompt": "5+5=", "completion": "10 then some"}]
 
-
-CASES = {"same": {"tokenizer": "builtin:char", "loss": "forward_kl", "aligner": "identity"},
+SAME = {"tokenizer": "builtin:char", "loss": "forward_kl", "aligner": "identity"}
+CASES = {"same": SAME,
+         "mixed": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2},
+         "disagree": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2},
          "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
          # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
          "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
@@ -39,18 +45,18 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     spec = CASES[case]
     module = DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
                                 teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
-                                on_policy_fraction=0.0, grad_clip_norm=spec.get("clip"),
-                                sampling=SamplingConfig(max_new_tokens=20),
-                                optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+                                rollout=RolloutPolicy(on_policy_fraction=spec.get("fraction", 0.0)),
+                                grad_clip_norm=spec.get("clip"), sampling=SamplingConfig(max_new_tokens=20),
+                                optimizer=lambda params: torch.optim.SGD(params, lr=spec.get("lr", 1.0)))
     data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
-    if strategy == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
-    trainer = Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy=strategy,
+    trainer = Trainer(max_steps=spec.get("steps", 1), accelerator="cpu", devices=devices, strategy=strategy,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if case == "disagree" and devices > 1:
+        draw = RolloutSource.on_policy
+        module.rollout_source.on_policy = lambda step, train: draw(module.rollout_source, step, train) != (
+            trainer.global_rank == 1)
     trainer.fit(module, datamodule=data)
-    if devices > 1 and not isinstance(strategy, str):  # FSDP2: the student's weights really are sharded
+    if devices > 1 and strategy == "fsdp2":  # FSDP2: the student's weights really are sharded
         from torch.distributed.tensor import DTensor
 
         assert all(isinstance(p, DTensor) for p in module.student.parameters())
@@ -58,6 +64,8 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     assert any(not k.startswith("student.") for k in state) == case.startswith("dskd_cma")  # the extras are in
     if trainer.is_global_zero:
         torch.save(state, out)
+        on_policy = [module.rollout_source.on_policy(step, True) for step in range(spec.get("steps", 1))]
+        Path(out).with_suffix(".draws.json").write_text(json.dumps(on_policy))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DENSE_REFERENCES", "make_batch", "make_cross_batch", "probs", "ref_cross_entropy", "ref_dense",
+__all__ = ["DENSE_REFERENCES", "make_batch", "make_cross_batch", "probs", "ref_bucketed", "ref_cross_entropy", "ref_dense",
            "ref_entropy_aware", "ref_gold", "ref_gold_parts", "ref_sampled_token", "ref_sorted_l1", "ref_uld"]
 
 
@@ -87,6 +87,22 @@ def ref_dense(name: str, student: Tensor, teacher: Tensor, mask: Tensor, *, temp
     fn = DENSE_REFERENCES[name]
     total = sum(fn(probs(student[b, t], temperature), probs(teacher[b, t], temperature), **params)
                 for b, t in _valid(mask))
+    return total / _count(mask, num_items)
+
+
+def ref_bucketed(name: str, student: Tensor, teacher: Tensor, mask: Tensor, k: int, *, num_items=None,
+                 **params) -> Tensor:
+    """The named divergence between the k + 1 bucket distributions of the teacher's top-k form (the teacher's k most
+    likely tokens, then everything else summed), by loops over positions; float64."""
+    fn = DENSE_REFERENCES[name]
+    total = 0.0
+    for b, t in _valid(mask):
+        p_s, p_t = probs(student[b, t]), probs(teacher[b, t])
+        ids = torch.argsort(p_t, descending=True)[:k]
+        rest = torch.ones_like(p_t, dtype=torch.bool)
+        rest[ids] = False
+        total = total + fn(torch.cat([p_s[ids], p_s[rest].sum(0, keepdim=True)]),
+                           torch.cat([p_t[ids], p_t[rest].sum(0, keepdim=True)]), **params)
     return total / _count(mask, num_items)
 
 

@@ -34,19 +34,40 @@ def test_every_shipped_config_parses(path, capsys):
     assert printed["model"]["student"] and printed["trainer"]["default_root_dir"]
 
 
-def test_help_answers():
+def test_help_answers_and_lists_the_registry_names():
+    from opd_lightning.aligners import ALIGNERS
+    from opd_lightning.losses import LOSSES
+
     for args in (["--help"], ["fit", "--help"]):
         out = subprocess.run([sys.executable, "-m", "opd_lightning", *args], capture_output=True, text=True, check=True)
         assert "usage" in out.stdout.lower()
     assert "--model.loss" in out.stdout and "--model.aligner" in out.stdout
+    help_text = " ".join(out.stdout.split())  # argparse wraps long lines
+    assert ", ".join(sorted(LOSSES)) in help_text and ", ".join(sorted(ALIGNERS)) in help_text
+    assert "--model.rollout.help" in out.stdout and "--model.diagnostics.help" in out.stdout
+    group = subprocess.run([sys.executable, "-m", "opd_lightning", "fit", "--model.rollout.help", "RolloutPolicy"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "--model.rollout.on_policy_fraction" in group and "--model.rollout.micro_batch_size" in group
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "{class_path: opd_lightning.losses.GeneralizedJSD, init_args: {beta: 0.3}}"])
-def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path, loss):
+LOSS_ARGS = {
+    "name": ["--model.loss", "forward_kl"],
+    "class_path": ["--model.loss", "{class_path: opd_lightning.losses.GeneralizedJSD, init_args: {beta: 0.3}}"],
+    "name_with_dotted_args": ["--model.loss", "sampled_token", "--model.loss.credit", "discounted"],
+    "name_with_args_mapping": ["--model.loss", "{name: sampled_token, credit: discounted}"],
+}
+
+
+@pytest.mark.parametrize("form", sorted(LOSS_ARGS))
+def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path, form, caplog):
+    """Also: the console says which models were loaded and where the export and the evaluations went."""
     config = {
         "seed_everything": 0,
         "trainer": {"max_steps": 2, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run"),
-                    "log_every_n_steps": 1, "enable_checkpointing": False, "limit_val_batches": 0},
+                    "log_every_n_steps": 1, "enable_checkpointing": False, "limit_val_batches": 0,
+                    "callbacks": [{"class_path": "opd_lightning.export.ExportStudent"},
+                                  {"class_path": "opd_lightning.evaluation.LmEvalCallback",
+                                   "init_args": {"tasks": ["arithmetic"], "limit": 4, "on_fit_start": True}}]},
         "model": {"student": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                                          "num_hidden_layers": 1, "num_attention_heads": 2,
                                          "num_key_value_heads": 2, "max_position_embeddings": 32},
@@ -57,7 +78,12 @@ def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path), "--model.loss", loss])
+    with caplog.at_level("INFO", logger="opd_lightning"):
+        main(["fit", "--config", str(path), *LOSS_ARGS[form]])
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("opd_lightning"))
+    assert f"loaded model from {teacher_dir}" in said and "built model from config" in said
+    assert f"exported the student (merge_lora=True) to {tmp_path / 'run' / 'hf'}" in said
+    assert "lm-eval fit_start student at step 0" in said and "eval_history.jsonl" in said
     metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
     rows = list(csv.DictReader(metrics.open()))
     assert len([r for r in rows if r.get("train/loss")]) == 2
@@ -66,12 +92,73 @@ def test_short_run_writes_csv_metrics_in_the_run_directory(teacher_dir, tmp_path
                    "diag/entropy_teacher", "diag/completion_len", "diag/truncation_rate", "diag/repetition_rate",
                    "diag/repeat_advantage_ratio", "diag/align_coverage", "diag/grad_coherence"}
     assert diagnostics <= {k for r in rows for k, v in r.items() if v}
-    saved = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text())
-    if "class_path" in loss:
-        assert saved["model"]["loss"]["class_path"] == "opd_lightning.losses.GeneralizedJSD"
-        assert saved["model"]["loss"]["init_args"]["beta"] == 0.3
+    saved = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text())["model"]["loss"]
+    if form == "class_path":
+        assert saved == {"class_path": "opd_lightning.losses.GeneralizedJSD", "init_args": {**saved["init_args"],
+                                                                                           "beta": 0.3}}
+    elif form == "name_with_dotted_args":
+        assert saved["class_path"] == "opd_lightning.losses.sampled_token.SampledToken"
+        assert saved["init_args"]["credit"] == "discounted"
+    elif form == "name_with_args_mapping":
+        assert saved == {"name": "sampled_token", "credit": "discounted"}
     else:
-        assert saved["model"]["loss"] == loss
+        assert saved == "forward_kl"
+    if form.startswith("name_with"):  # the sampled-token loss ran, with its metrics
+        assert all(r["train/sampled_token/advantage"] for r in rows if r.get("train/loss"))
+
+
+def test_a_registry_name_with_arguments_builds_that_loss_and_names_unknown_arguments():
+    from opd_lightning.objective import resolve_aligner, resolve_loss
+
+    loss = resolve_loss({"name": "sampled_token", "credit": "discounted", "gamma": 0.9})
+    assert type(loss).__name__ == "SampledToken" and (loss.credit, loss.gamma) == ("discounted", 0.9)
+    assert resolve_aligner({"name": "mined", "topk": 3}).topk == 3
+    with pytest.raises(TypeError, match=r"loss 'forward_kl' does not take \['betta'\]"):
+        resolve_loss({"name": "forward_kl", "betta": 1})
+    with pytest.raises(KeyError, match="Did you mean 'reverse_kl'"):
+        resolve_loss({"name": "revers_kl"})
+
+
+@pytest.mark.parametrize(("old", "new"), [("on_policy_fraction", "rollout.on_policy_fraction"),
+                                          ("micro_batch_size", "rollout.micro_batch_size"),
+                                          ("mask_special_tokens", "rollout.mask_special_tokens"),
+                                          ("diag_topk", "diagnostics.topk")])
+def test_flat_options_that_moved_into_groups_fail_with_the_new_name(tmp_path, old, new):
+    with pytest.raises(ValueError, match=f"model.{old} is now model.{new}"):
+        main(["fit", "--config", str(DISTILL), f"--model.{old}", "1", "--print_config"])
+    overlay = tmp_path / "old.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {old: 1}}))
+    with pytest.raises(ValueError, match=f"old.yaml: model.{old} is now model.{new}"):
+        main(["fit", "--config", str(DISTILL), "--config", str(overlay), "--print_config"])
+    overlay.write_text(yaml.safe_dump({"model": {"diagnostics": False}}))
+    with pytest.raises(ValueError, match="diagnostics is now a group"):
+        main(["fit", "--config", str(DISTILL), "--config", str(overlay), "--print_config"])
+
+
+def readme_commands(marker: str) -> list[str]:
+    """The README's command lines (in its bash blocks) that contain `marker`, as printed."""
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if marker in line]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_the_readme_multi_device_commands_run_as_printed(teacher_dir, tmp_path, strategy):
+    """Each printed command, with overrides appended that make it small (the teacher, steps, data, no callbacks)."""
+    import shlex
+
+    (command,) = [c for c in readme_commands("--trainer.strategy") if c.endswith(f"--trainer.strategy {strategy}")]
+    argv = shlex.split(command)
+    assert argv[0] == ".venv/bin/opd"
+    small = ["--model.teacher.path", teacher_dir, "--trainer.max_steps", "2", "--trainer.default_root_dir",
+             str(tmp_path / "run"), "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0",
+             "--data.batch_size", "4", "--data.limit_train", "16"]
+    done = subprocess.run([str(REPO / argv[0]), *argv[1:], *small], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open()))
+    assert len([r for r in rows if r.get("train/loss")]) == 2
 
 
 def test_unknown_loss_name_is_an_error_naming_the_fix(teacher_dir, tmp_path):
@@ -80,7 +167,7 @@ def test_unknown_loss_name_is_an_error_naming_the_fix(teacher_dir, tmp_path):
               "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"])
 
 
-@pytest.mark.parametrize(("flag", "fix"), [("--trainer.accumulate_grad_batches=4", "model.micro_batch_size"),
+@pytest.mark.parametrize(("flag", "fix"), [("--trainer.accumulate_grad_batches=4", "model.rollout.micro_batch_size"),
                                            ("--trainer.gradient_clip_val=1.0", "model.grad_clip_norm")])
 def test_trainer_accumulation_and_clipping_point_to_the_model_options(flag, fix, tmp_path):
     with pytest.raises(ValueError, match=fix):
@@ -99,7 +186,8 @@ def test_readme_yaml_examples_parse(tmp_path, capsys):
             main(["fit", "--config", str(DISTILL), "--config", str(path), "--print_config"])
         printed.append(yaml.safe_load(capsys.readouterr().out))
     model = printed[0]["model"]
-    assert model["loss"]["init_args"]["credit"] == "discounted"
+    assert model["loss"] == {"name": "sampled_token", "credit": "discounted", "gamma": 0.95, "clip_eps": 0.2}
+    assert model["rollout"]["on_policy_fraction"] == 0.8 and model["rollout"]["micro_batch_size"] == 8
     assert [t["init_args"]["weight"] if "init_args" in t else t["weight"] for t in model["extra_terms"]] == [0.5, 0.1]
     guard = printed[1]["trainer"]["callbacks"][0]
     assert guard["class_path"] == "opd_lightning.guards.RolloutGuard" and guard["init_args"]["stop"] is True

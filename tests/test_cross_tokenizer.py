@@ -7,14 +7,20 @@ BPE teacher against a student that keeps part of its merges (the BPE-subset case
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from conftest import TINY
+from opd_lightning.losses import LOSSES, LossInputs
 from test_aligners import subset_pair
 
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
+from opd_lightning.reference import completion_logits
 from opd_lightning.rollout import SamplingConfig
+from opd_lightning.rollout_source import RolloutPolicy
 
 BATCH = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46", "4", "10", "72"]}
 
@@ -38,10 +44,10 @@ def run_step(module: DistillationModule, train: bool = True) -> tuple[torch.Tens
     return module._run_step(BATCH, train=train)
 
 
-def cross_module(teacher: str, student_tokenizer: str, loss, aligner: str, **kwargs) -> DistillationModule:
+def cross_module(teacher: str, student_tokenizer: str, loss, aligner: str, **policy) -> DistillationModule:
     return DistillationModule(student=HFModel(config=TINY, tokenizer=student_tokenizer, seed=0),
                               teacher=HFModel(path=teacher), loss=loss, aligner=aligner,
-                              sampling=SamplingConfig(max_new_tokens=6), **kwargs)
+                              sampling=SamplingConfig(max_new_tokens=6), rollout=RolloutPolicy(**policy))
 
 
 CASES = [("vocab_map", "forward_kl"), ("vocab_map", "gold"), ("vocab_map", "uld"), ("byte_spans", "forward_kl"),
@@ -78,7 +84,7 @@ def test_bpe_subset_trains_with_exact_token_likelihoods(subset_dirs):
 def test_teacher_written_completions_cross_tokenizers(teacher_dir):
     module = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "byte_spans", on_policy_fraction=0.0,
                           off_policy_source="teacher")
-    rollout = module._rollouts(BATCH, train=True)["rollout"]
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
     assert not rollout.on_policy and rollout.completion_mask.any()
     text = module.student_tokenizer.batch_decode(rollout.completion_ids.masked_fill(~rollout.completion_mask, 0),
                                                  skip_special_tokens=True)
@@ -88,15 +94,16 @@ def test_teacher_written_completions_cross_tokenizers(teacher_dir):
 def test_teacher_written_completions_end_at_stop_strings(teacher_dir):
     teacher_written = {"on_policy_fraction": 0.0, "off_policy_source": "teacher"}
     free = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "byte_spans", **teacher_written)
-    free.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False)
-    prompt_ids, prompt_mask = free._encode_prompts(BATCH["prompt"])
+    source = free.rollout_source
+    source.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False)
+    prompt_ids, prompt_mask = source.encode_prompts(BATCH["prompt"], free.device)
     enc = free.teacher_tokenizer(BATCH["prompt"], padding=True, return_tensors="pt")
     out = free.teacher.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
     texts = free.teacher_tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert all(texts), texts
-    free.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False,
-                                   stop=sorted({t[0] for t in texts}))
-    rollout = free._teacher_rollout(BATCH["prompt"], prompt_ids, prompt_mask)
+    source.sampling = SamplingConfig(do_sample=False, max_new_tokens=6, stop_at_eos=False,
+                                     stop=sorted({t[0] for t in texts}))
+    rollout = source.teacher_rollout(free.teacher, BATCH["prompt"], prompt_ids, prompt_mask, [0] * 4)
     tok = free.student_tokenizer
     got = [tok.decode(ids[mask]) for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
     assert got == [t[0] for t in texts]  # the first character only, and no EOS appended
@@ -124,9 +131,121 @@ def test_slow_tokenizers_are_refused_with_the_fix(bpe_teacher_dir):
 
 
 def test_uncovered_positions_contribute_nothing(teacher_dir):
+    """Positions the aligner leaves without a target are out of the loss: NaN written into the target there changes
+    neither the loss nor its gradient, and the loss is the forward KL summed over the covered positions only, divided
+    by all valid tokens. Dropping the intersection with the target's mask (`LossInputs.valid`) fails this."""
     module = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl", "vocab_map")
-    rollouts = module._rollouts(BATCH, train=False)
-    target = module._reference_target("teacher", rollouts["rollout"], frozenset({"teacher_logits"}))
-    assert target.mask is not None and (target.mask <= rollouts["rollout"].completion_mask).all()
-    rows = target.teacher_logits[target.mask]
+    rollout = module.rollouts(BATCH, train=False)["rollout"]  # an untrained student's tokens: many uncovered
+    target = module._target("teacher", rollout, frozenset({"teacher_logits"}))
+    mask = rollout.completion_mask
+    uncovered = mask & ~target.mask
+    assert target.mask is not None and uncovered.any() and (target.mask & mask).any()
+    assert (target.mask <= mask).all()
+    rows = target.logits[target.mask]
     torch.testing.assert_close(rows.logsumexp(-1), torch.zeros(len(rows)), atol=1e-4, rtol=0)
+
+    logits = completion_logits(module.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                               mask.shape[1]).detach()
+    loss = LOSSES.build("forward_kl")
+
+    def value_and_grad(teacher_target):
+        student = logits.clone().requires_grad_(True)
+        out = loss(LossInputs(student, rollout.completion_ids, mask, teacher=teacher_target, num_items=mask.sum()))
+        return out.loss, torch.autograd.grad(out.loss, student)[0]
+
+    value, grad = value_and_grad(target)
+    poisoned = dataclasses.replace(target, logits=target.logits.masked_fill(uncovered.unsqueeze(-1), float("nan")))
+    value2, grad2 = value_and_grad(poisoned)
+    assert torch.equal(value, value2) and torch.equal(grad, grad2)
+    assert torch.equal(grad[uncovered], torch.zeros_like(grad[uncovered]))
+    covered = target.mask & mask
+    t_logp, s_logp = target.logits[covered].double().log_softmax(-1), logits[covered].double().log_softmax(-1)
+    expected = (t_logp.exp() * (t_logp - s_logp)).sum() / mask.sum()
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+class OracleTeacher(torch.nn.Module):
+    """A teacher that knows the text: at every position all its mass (a logit of 30) is on the token its input holds
+    next, so each target an aligner builds from it must point at what the text really holds there."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits.scatter_(-1, torch.roll(input_ids, -1, dims=1).unsqueeze(-1), 30.0)
+        return types.SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+LONG = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46 and 12+34=46", "4", "10, 20", "72 sum 9"]}
+
+
+@pytest.mark.parametrize("aligner", ["vocab_map", "byte_spans", "char_level", "mined"])
+@pytest.mark.parametrize("direction", ["bpe_student", "char_student"])
+def test_aligned_targets_point_at_the_realised_next_token(teacher_dir, bpe_teacher_dir, aligner, direction):
+    """Every form an aligner fills, at every covered position, points at the student token the text holds there: the
+    dense target's argmax and the native logits' argmax spell its first byte (byte_spans: it is the token itself, and
+    each span's log-likelihood is ~0), so a target shifted by one position, or read from the wrong teacher row,
+    fails (`test_each_aligner_trains_the_student_across_tokenizers` checks only that training runs)."""
+    teacher, student = ((teacher_dir, "builtin:arithmetic_bpe") if direction == "bpe_student"
+                        else (bpe_teacher_dir, "builtin:char"))
+    module = cross_module(teacher, student, "forward_kl", aligner, on_policy_fraction=0.0)
+    module.scorer.teacher = OracleTeacher(module._vocab_size(module.teacher))
+    rollout = module.rollouts(LONG, train=True)["rollout"]  # the dataset's completions: real text
+    s_bytes, t_bytes = module.aligner.student_bytes, module.aligner.teacher_bytes
+    ids = rollout.completion_ids
+
+    def first(table, token):  # first byte of a token's spelling, 256 for EOS
+        return 256 if token == table.eos_id else table.table[token][0]
+
+    forms = module.aligner.provides & {"teacher_logits", "teacher_native_logits"}
+    target = module.scorer.teacher_target(rollout, frozenset(forms), module.student)
+    covered = target.mask & rollout.completion_mask
+    if aligner == "mined":  # approximate inside spans by design: judged where both tokenizations start a token
+        covered &= module.aligner.teacher_inputs(rollout).alignment.teacher_at_start >= 0
+    assert covered.sum() >= 8
+    for b, i in covered.nonzero().tolist():
+        want = first(s_bytes, int(ids[b, i]))
+        dense = int(target.logits[b, i].argmax())
+        assert (dense if aligner == "char_level" else first(s_bytes, dense)) == want, (b, i)
+        if aligner == "byte_spans":
+            assert dense == int(ids[b, i]), (b, i)
+        if target.native_logits is not None:
+            assert first(t_bytes, int(target.native_logits[b, i].argmax())) == want, (b, i)
+    if aligner == "byte_spans":
+        spans = module.scorer.teacher_target(rollout, frozenset({"teacher_token_logprobs"}), module.student)
+        scored = spans.token_logprobs[spans.mask & rollout.completion_mask]  # the oracle's log p of the text: ~0
+        assert len(scored) >= 8 and (scored > -1e-3).all()
+
+
+@pytest.mark.parametrize("aligner", ["identity", "vocab_map", "byte_spans", "bpe_subset", "char_level", "mined",
+                                     "dskd_cma"])
+def test_every_capability_an_aligner_declares_is_filled(teacher_dir, subset_dirs, aligner):
+    """Asked for one capability at a time, the aligner's target carries it (`TeacherTarget.filled`), for every
+    capability in its `provides`: a declared but empty capability would let a loss fall back silently."""
+    from opd_lightning.aligners import ALIGNERS
+
+    if aligner == "bpe_subset":
+        module = cross_module(subset_dirs["teacher"], subset_dirs["student"], "forward_kl", aligner,
+                              on_policy_fraction=0.0)
+    else:
+        student = "builtin:char" if aligner == "identity" else "builtin:arithmetic_bpe"
+        module = cross_module(teacher_dir, student, "dskd" if aligner == "dskd_cma" else "forward_kl", aligner,
+                              on_policy_fraction=0.0)
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
+    provides = ALIGNERS[aligner].provides
+    assert provides
+    for capability in sorted(provides):
+        target = module.aligner.project(*_teacher_outputs(module, rollout), frozenset({capability}))
+        if capability == "hidden_states":
+            target = module.scorer.teacher_target(rollout, frozenset({capability}), module.student)
+        assert capability in target.filled(), (aligner, capability)
+
+
+def _teacher_outputs(module, rollout):
+    inputs = module.aligner.teacher_inputs(rollout)
+    with torch.no_grad():
+        logits = completion_logits(module.teacher, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                                   inputs.completion_length)
+    return logits, inputs, rollout

@@ -15,6 +15,7 @@ from opd_lightning.data import PromptDataModule
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
 from opd_lightning.rollout import SamplingConfig
+from opd_lightning.rollout_source import RolloutPolicy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -72,8 +73,8 @@ def _fit(module: DistillationModule, tmp_path, steps: int = 3) -> None:
 
 def test_same_tokenizer_fit_on_cuda_with_stop_strings(teacher_dir, tmp_path):
     module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0),
-                                teacher=HFModel(path=teacher_dir), loss="reverse_kl", on_policy_fraction=1.0,
-                                sampling=SamplingConfig(max_new_tokens=6, stop=["\n"]))
+                                teacher=HFModel(path=teacher_dir), loss="reverse_kl",
+                                rollout=RolloutPolicy(on_policy_fraction=1.0), sampling=SamplingConfig(max_new_tokens=6, stop=["\n"]))
     _fit(module, tmp_path)
 
 
@@ -85,5 +86,5 @@ CROSS = [("byte_spans", "forward_kl"), ("byte_spans", "sampled_token"), ("byte_s
 def test_cross_tokenizer_fit_on_cuda(teacher_dir, aligner, loss, tmp_path):
     module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:arithmetic_bpe", seed=0),
                                 teacher=HFModel(path=teacher_dir), loss=loss, aligner=aligner,
-                                on_policy_fraction=0.5, sampling=SamplingConfig(max_new_tokens=6))
+                                rollout=RolloutPolicy(on_policy_fraction=0.5), sampling=SamplingConfig(max_new_tokens=6))
     _fit(module, tmp_path, steps=4)

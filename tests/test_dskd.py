@@ -153,7 +153,7 @@ def _cma_case(seed=0):
 def _cma(aligner, rollout, inputs, states, student_hidden):
     target = aligner.project(states.logits, inputs, rollout, frozenset({"hidden_states"}))
     aligner.project_hidden(target, states, inputs, rollout)
-    return target, target.teacher_sequence.from_student(student_hidden)
+    return target, target.sequence.from_student(student_hidden)
 
 
 def test_cma_attention_ignores_padding_on_both_sides():
@@ -163,7 +163,7 @@ def test_cma_attention_ignores_padding_on_both_sides():
     rollout, inputs, states, s_hidden = _cma_case()
     target, at_teacher = _cma(aligner, rollout, inputs, states, s_hidden)
     s_valid, t_valid = rollout.completion_mask, inputs.alignment.teacher_mask
-    assert target.teacher_hidden.shape == (2, 5, 6) and at_teacher.shape == (2, 7, 4)
+    assert target.hidden.shape == (2, 5, 6) and at_teacher.shape == (2, 7, 4)
     assert torch.equal(target.mask, s_valid) and target.coverage == 1.0
 
     # Garbage wherever either side is padding: ids, hidden states, embeddings read there.
@@ -176,7 +176,7 @@ def test_cma_attention_ignores_padding_on_both_sides():
     s_hidden2 = s_hidden.clone()
     s_hidden2[pad_s] = -1e4
     target2, at_teacher2 = _cma(aligner, rollout, inputs, states, s_hidden2)
-    torch.testing.assert_close(target2.teacher_hidden[s_valid], target.teacher_hidden[s_valid], rtol=0, atol=0)
+    torch.testing.assert_close(target2.hidden[s_valid], target.hidden[s_valid], rtol=0, atol=0)
     torch.testing.assert_close(at_teacher2[t_valid], at_teacher[t_valid], rtol=0, atol=0)
 
 

@@ -9,6 +9,7 @@ must score 1.0 and "= -> 8 -> <eos>" 0.0.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -143,13 +144,49 @@ def test_flatten_results():
     assert flatten_results(raw) == {"t": {"exact_match": 0.5, "acc/strict": 1.0}}
 
 
-def test_evaluate_random_model_without_context_length_in_config(tok):
-    model = tiny_llama(tok).train()
-    model.model.layers[0].eval()  # per-module flags must come back as they were
+def greedy_exact_match(model, tok, task_yaml: Path, limit: int) -> float:
+    """Exact match of `model` on the first `limit` test documents, computed from the task's YAML alone.
+
+    Renders ``doc_to_text``/``doc_to_target`` on each document of the test split, generates greedily one prompt
+    at a time (no padding) for ``max_gen_toks`` tokens, decodes without special tokens, cuts at each ``until``
+    string and compares to the target: what lm-eval's ``generate_until`` and ``exact_match`` do.
+    """
+    import jinja2
+
+    task = yaml.safe_load(task_yaml.read_text())
+    gen = task["generation_kwargs"]
+    lines = Path(task["dataset_kwargs"]["data_files"][task["test_split"]]).read_text(encoding="utf-8").splitlines()
+    right = 0
+    for doc in map(json.loads, lines[:limit]):
+        prompt = jinja2.Template(task["doc_to_text"]).render(**doc)
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen["max_gen_toks"],
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        for stop in gen["until"]:
+            text = text.split(stop)[0]
+        right += text == jinja2.Template(task["doc_to_target"]).render(**doc)
+    return right / limit
+
+
+def test_evaluate_shipped_task_exactly_without_context_length_in_config(tok, tmp_path):
+    """The shipped arithmetic task scores exactly what greedy decoding of its test prompts earns.
+
+    The model answers "98", then a newline and more digits, to every prompt: right on exactly one of the first
+    eight test documents ("33+65="). The expected score is computed independently from the task's YAML and data
+    (`greedy_exact_match`). Scoring every answer wrong (or right), lm-eval reading a wrong field or the validation
+    split, taking other documents than the first eight, or not cutting at the ``until`` newline fails this. The
+    config has no ``max_position_embeddings`` (lm-eval must take ``max_length``), and the model's per-module
+    training flags must come back as they were.
+    """
+    model = bigram_llama(tok, {"=": "9", "9": "8", "8": "\n", "\n": "9"}).eval()
+    expected = greedy_exact_match(model, tok, materialise_tasks(tmp_path) / "arithmetic.yaml", limit=8)
+    assert expected == 1 / 8  # not a vacuous 0 or 1: the computation above does tell right from wrong
+    model.train()
+    model.model.layers[0].eval()
     del model.config.max_position_embeddings
     results = evaluate_model(model, tok, ["arithmetic"], limit=8, max_length=64)
-    assert list(results) == ["arithmetic"] and list(results["arithmetic"]) == ["exact_match"]
-    assert 0.0 <= results["arithmetic"]["exact_match"] <= 1.0
+    assert results == {"arithmetic": {"exact_match": expected}}
     assert model.training and model.model.layers[1].training and not model.model.layers[0].training
 
 
@@ -280,3 +317,53 @@ def test_sequence_problems_are_correct_and_the_splits_disjoint():
         assert step in STEPS and terms[2] - terms[1] == step and int(row["answer"]) == terms[2] + step
     with pytest.raises(ValueError, match="unknown builtin data"):
         load_rows("builtin:sequences/dev")
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_callback_skips_fit_start_and_teacher_when_resuming(tok, tmp_path, monkeypatch, caplog):
+    """A fit resumed from a checkpoint adds no "fit_start" entry and no teacher entry to the history.
+
+    A real Trainer writes a checkpoint after one step and a second Trainer resumes from it; evaluation itself is
+    replaced by a recorder, which keeps the test cheap. Evaluating at fit start regardless of ``trainer.ckpt_path``,
+    or forgetting that the teacher was done, fails this, as does an INFO line that does not say where the results
+    went.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from opd_lightning import evaluation
+
+    evaluated = []
+
+    def fake_evaluate(model, tokenizer, tasks, **kwargs):
+        evaluated.append("teacher" if model is module.teacher else "student")
+        return {"arithmetic": {"exact_match": 0.5}}
+
+    monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
+    module = StubModule(tiny_llama(tok, seed=1), tok, tiny_llama(tok, seed=2))
+
+    def fit(max_steps, ckpt_path=None):
+        callback = LmEvalCallback(on_fit_start=True, evaluate_teacher=True)
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                             callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+                             num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return callback
+
+    first = fit(1)
+    assert evaluated == ["student", "teacher", "student"]
+    evaluated.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opd_lightning.evaluation"):
+        resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert evaluated == ["student"]
+    assert resumed.history_path == first.history_path == tmp_path / "eval_history.jsonl"
+    history = [json.loads(line) for line in first.history_path.read_text().splitlines()]
+    assert [(h["stage"], h["model"], h["step"]) for h in history] == [
+        ("fit_start", "student", 0),
+        ("fit_start", "teacher", 0),
+        ("validation", "student", 1),
+        ("validation", "student", 2),  # the resumed fit: no fit_start, no teacher
+    ]
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "opd_lightning.evaluation"]
+    results = {"arithmetic": {"exact_match": 0.5}}
+    assert records == [(logging.INFO, f"lm-eval validation student at step 2: {results} -> {first.history_path}")]

@@ -10,7 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 from loss_reference import make_batch, make_cross_batch, probs, ref_gold, ref_gold_parts, ref_sorted_l1, ref_uld
-from opd_lightning.losses import LOSSES, LossInputs, cross_entropy, generalized_jsd, gold, sorted_l1_per_token, uld
+from opd_lightning.losses import (
+    LOSSES,
+    LossInputs,
+    TeacherTarget,
+    cross_entropy,
+    generalized_jsd,
+    gold,
+    sorted_l1_per_token,
+    uld,
+)
 
 B, N, VS, VT, K = 3, 7, 23, 31, 15
 PAD = -1e4  # a logit whose probability is exactly 0 in fp32: a vocabulary row that is never predicted
@@ -178,7 +187,7 @@ def test_chunked_equals_unchunked(name):
 
 # --------------------------------------------------------------------------------- masking and errors
 def _module_inputs(student, teacher, target, mask, pairs):
-    return LossInputs(student, target, mask, teacher_native_logits=teacher, vocab_pairs=pairs)
+    return LossInputs(student, target, mask, teacher=TeacherTarget(native_logits=teacher, vocab_pairs=pairs))
 
 
 @pytest.mark.parametrize("name", ["uld", "gold"])

@@ -15,6 +15,7 @@ from loss_reference import make_batch, ref_cross_entropy, ref_dense, ref_entropy
 from opd_lightning.losses import (
     LOSSES,
     LossInputs,
+    TeacherTarget,
     cross_entropy,
     entropy_aware,
     forward_kl,
@@ -84,7 +85,7 @@ def test_chunked_module_equals_unchunked_entropy_aware():
 
     def run(s, chunk_size):
         return LOSSES.build("entropy_aware", entropy_threshold=2.5, k=6, chunk_size=chunk_size)(
-            LossInputs(s, target, mask, teacher_logits=teacher))
+            LossInputs(s, target, mask, teacher=TeacherTarget(logits=teacher)))
 
     whole, chunked = grad_of(run, student, None), grad_of(run, student, 4)
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-7)
@@ -151,9 +152,9 @@ def test_temporal_credit_by_hand(credit, source):
     mask = torch.tensor([[True, True, True, False]])
     token = torch.log(torch.tensor([[0.8, 0.2, 0.8, 0.2]]))
     loss = LOSSES.build("sampled_token", credit=credit, gamma=0.5)
-    inputs = LossInputs(student, target, mask, teacher_logits=teacher if source == "teacher_logits" or
-                        credit == "baseline" else None, teacher_token_logprobs=token if source == "token_logprobs"
-                        else None)
+    inputs = LossInputs(student, target, mask, teacher=TeacherTarget(
+        logits=teacher if source == "teacher_logits" or credit == "baseline" else None,
+        token_logprobs=token if source == "token_logprobs" else None))
     out = loss(inputs)
     (grad,) = torch.autograd.grad(out.loss, student)
     advantages = torch.tensor(HAND_ADVANTAGES[credit])

@@ -20,6 +20,7 @@ from opd_lightning.losses import (
     VOCAB_PAIRS,
     LossInputs,
     TeacherSequence,
+    TeacherTarget,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -63,10 +64,10 @@ def inputs_for(student, teacher, target, mask, **extra) -> LossInputs:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, *target.shape, HIDDEN, generator=g)  # [2, B, N, H]: student, teacher
     heads = torch.randn(2, student.shape[-1], HIDDEN, generator=g)  # [2, V, H]
-    return LossInputs(student, target, mask, teacher_logits=teacher, teacher_token_logprobs=token,
-                      teacher_native_logits=teacher, vocab_pairs=(ids, ids), student_hidden=hidden[0],
-                      teacher_hidden=hidden[1], teacher_sequence=TeacherSequence(teacher), student_head=heads[0],
-                      teacher_head=heads[1], **extra)
+    target_ = TeacherTarget(logits=teacher, token_logprobs=token, native_logits=teacher, vocab_pairs=(ids, ids),
+                            hidden=hidden[1], sequence=TeacherSequence(teacher), head=heads[1])
+    return LossInputs(student, target, mask, teacher=target_, student_hidden=hidden[0], student_head=heads[0],
+                      **extra)
 
 
 def value_and_grad(loss, student, teacher, target, mask, **extra):

@@ -1,13 +1,22 @@
-"""HFModel: a student cut from a pretrained model by keeping some of its decoder layers."""
+"""HFModel: a student cut from a pretrained model by keeping some of its decoder layers; paths checked before
+transformers reads them; bitsandbytes' per-matmul cast notice shown once; one log line per load."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
+import warnings
 
 import pytest
 import torch
 
 from opd_lightning.models import HFModel
+
+EXPECTED_MODEL = ("a directory with config.json written by save_pretrained, a GGUF file inside `path` given with "
+                  "`gguf_file`, or a Hugging Face hub id when online")
+LOADERS = [pytest.param(lambda spec: spec.load_tokenizer(), id="tokenizer"),
+           pytest.param(lambda spec: spec.load_model(), id="model")]
 
 FOUR_LAYERS = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -90,3 +99,160 @@ def test_prepare_names_the_package_to_install_and_reuses_its_cache(tmp_path, mon
     assert real_models.prepare_tokenizer("gemma3", tmp_path) == tmp_path
     with pytest.raises(ValueError, match="did you mean 'gemma3'"):
         real_models.prepare_model("gemma", tmp_path)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The hub switched on, with `from_pretrained` replaced by a stand-in that records its call and raises OSError
+    as transformers does for an unknown repo (so nothing reaches the network)."""
+    import huggingface_hub.constants
+    import transformers
+
+    calls = []
+
+    def unknown_repo(name, **kwargs):
+        calls.append(name)
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unknown_repo)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unknown_repo)
+    return calls
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_a_missing_run_directory_fails_naming_it_and_what_was_expected(load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in ("runs/nope/hf", str(tmp_path / "runs" / "nope" / "hf"), "./hf", "../hf", "~/hf"):
+        with pytest.raises(FileNotFoundError) as error:
+            load(HFModel(path=path))
+        message = str(error.value)
+        assert f"`path` {path!r} does not exist: run the step that writes it first" in message
+        assert "expected a directory with " in message and "or a Hugging Face hub id when online" in message
+    with pytest.raises(FileNotFoundError, match=EXPECTED_MODEL):
+        HFModel(path="runs/nope/hf").load_model()
+
+
+def test_a_directory_must_hold_what_save_pretrained_writes_or_the_gguf_file(teacher_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json; expected a directory with config.json"):
+        HFModel(path=str(empty)).load_model()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json or tokenizer_config.json"):
+        HFModel(path=str(empty)).load_tokenizer()
+    (empty / "other.gguf").write_bytes(b"")
+    for load in (HFModel.load_model, HFModel.load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"holds no GGUF file 'model.gguf' \(GGUF files there: other.gguf"):
+            load(HFModel(path=str(empty), gguf_file="model.gguf"))
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        HFModel(path=str(empty / "other.gguf")).load_model()
+
+    model_only = tmp_path / "model_only"  # a model without its tokenizer: the tokenizer is named separately
+    shutil.copytree(teacher_dir, model_only)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_only / name).unlink(missing_ok=True)
+    assert HFModel(path=str(model_only)).load_model().config.num_hidden_layers == 2
+    with pytest.raises(FileNotFoundError, match="name a tokenizer with `tokenizer`"):
+        HFModel(path=str(model_only)).load_tokenizer()
+    assert HFModel(path=str(model_only), tokenizer=teacher_dir).load_tokenizer().pad_token is not None
+    with pytest.raises(FileNotFoundError, match=r"`tokenizer` 'runs/tok' does not exist.*builtin:char"):
+        HFModel(config={"hidden_size": 32}, tokenizer="runs/tok").load_tokenizer()
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_an_uncached_hub_id_fails_early_while_the_hub_is_offline(load, monkeypatch):
+    import huggingface_hub.constants
+
+    for name in ("nope", "org/nope"):
+        with pytest.raises(FileNotFoundError, match=f"{name!r} does not exist locally, .* the hub is offline"):
+            load(HFModel(path=name))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    with pytest.raises(FileNotFoundError, match="the hub is offline"):
+        load(HFModel(path="org/nope"))
+
+
+def test_a_cached_hub_id_loads_while_offline(teacher_dir, tmp_path):
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(teacher_dir, snapshot)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    model = HFModel(path="org/tiny", kwargs={"cache_dir": str(tmp_path)}).load_model()
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_online_a_hub_id_is_left_to_transformers_and_its_error_explained(load, online):
+    with pytest.raises(OSError) as error:
+        load(HFModel(path="org/nope"))
+    assert online == ["org/nope"]
+    assert str(error.value).startswith("org/nope is not a local folder and is not a valid model identifier\n")
+    assert "`path` 'org/nope' could not be loaded from the Hugging Face hub; expected a directory" in str(error.value)
+    assert isinstance(error.value.__cause__, OSError)
+    for path in ("runs/nope/hf", "./nope", "../nope"):  # local paths never reach the hub
+        with pytest.raises(FileNotFoundError, match="does not exist: run the step that writes it first"):
+            load(HFModel(path=path))
+    assert online == ["org/nope"]
+
+
+def test_builtin_tokenizers_need_no_files(online):
+    for name in ("builtin:char", "builtin:arithmetic_bpe"):
+        assert HFModel(config={"hidden_size": 32}, tokenizer=name).load_tokenizer().pad_token is not None
+    assert online == []
+
+
+def test_8bit_cast_notice_is_shown_once_not_on_every_forward(teacher_dir, char_tok, caplog):
+    """bitsandbytes tells, on every 8-bit matmul of float32 inputs, that they are cast to float16 (through `logging`
+    in recent releases, `warnings` in older ones): loading with `quantization` lets the first one through only."""
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the filter installed by loading takes precedence over this one
+            with caplog.at_level(logging.INFO, logger="opd_lightning.models"):
+                model = HFModel(path=teacher_dir, quantization="8bit").load_model()
+            assert model.is_loaded_in_8bit
+            prompt = char_tok(["12+34=", "9-3="], padding=True, return_tensors="pt")
+            with torch.no_grad():
+                for _ in range(5):
+                    model(**prompt)
+            for _ in range(3):  # as older releases tell it
+                warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+                              stacklevel=1)
+    finally:
+        logger.removeHandler(handler)
+    assert f"loaded model from {teacher_dir} (llama, 2 layers, " in caplog.text and "float32, 8bit)" in caplog.text
+    for told in (records, [str(w.message) for w in caught]):
+        shown = [m for m in told if m.startswith("MatMul8bitLt: inputs will be cast")]
+        assert len(shown) <= 1, shown
+
+
+def test_each_load_logs_what_was_loaded(four_layer_dir, char_tok, caplog):
+    with caplog.at_level(logging.INFO, logger="opd_lightning.models"):
+        built = HFModel(config=FOUR_LAYERS, tokenizer="builtin:char", seed=3).load_model(char_tok)
+        HFModel(config=FOUR_LAYERS, tokenizer="builtin:char").load_tokenizer()
+        HFModel(path=str(four_layer_dir)).load_tokenizer()
+        cut = HFModel(path=str(four_layer_dir), keep_layers=[0, 2], dtype="bfloat16").load_model()
+    lines = [r.getMessage() for r in caplog.records if r.name == "opd_lightning.models"]
+    tokenizer = f"{type(char_tok).__name__}, vocabulary {len(char_tok)}"
+
+    def millions(model):
+        return f"{model.num_parameters() / 1e6:.2f}"
+
+    assert lines == [
+        f"built model from config (llama, 4 layers, hidden 32, {millions(built)}M parameters, float32, seed 3)",
+        f"built tokenizer builtin:char ({tokenizer})",
+        f"loaded tokenizer from {four_layer_dir} ({tokenizer})",
+        f"loaded model from {four_layer_dir} (llama, 2 layers, {millions(cut)}M parameters, bfloat16, keep_layers [0, 2])",
+    ]
+    assert cut.num_parameters() < built.num_parameters()

@@ -14,18 +14,25 @@ from opd_lightning.models import HFModel, LoraOptions
 from opd_lightning.module import DistillationModule
 from opd_lightning.objective import LossTerm
 from opd_lightning.rollout import SamplingConfig
+from opd_lightning.rollout_source import RolloutPolicy
 
 BATCH = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46", "4", "10", "72"],
          "answer": ["46", "4", "10", "72"]}
 
 
+POLICY = {"on_policy_fraction", "off_policy_source", "micro_batch_size", "max_length", "use_chat_template",
+          "mask_special_tokens"}
+
+
 def make_module(teacher_dir, **overrides):
+    """A tiny module; rollout-policy options may be given flat here (they go into `RolloutPolicy`)."""
     args = {"student": HFModel(config=TINY, tokenizer="builtin:char", seed=0),
-                "teacher": HFModel(path=teacher_dir), "loss": "reverse_kl",
-                "sampling": SamplingConfig(max_new_tokens=4),
-                "optimizer": lambda params: torch.optim.AdamW(params, lr=1e-3)}
+            "teacher": HFModel(path=teacher_dir), "loss": "reverse_kl",
+            "sampling": SamplingConfig(max_new_tokens=4),
+            "optimizer": lambda params: torch.optim.AdamW(params, lr=1e-3)}
+    policy = {k: overrides.pop(k) for k in list(overrides) if k in POLICY}
     args.update(overrides)
-    return DistillationModule(**args)
+    return DistillationModule(**args, rollout=RolloutPolicy(**policy))
 
 
 def fit(module, tmp_path, max_steps=2, **trainer_args):
@@ -57,21 +64,22 @@ def test_teacher_is_never_in_the_checkpoint_or_optimizer(teacher_dir):
 
 def test_on_policy_fraction_mixes_rollouts(teacher_dir):
     module = make_module(teacher_dir, on_policy_fraction=0.5, seed=3)
-    flags = [module._rollouts(BATCH, train=True)["rollout"].on_policy for _ in range(40)]
+    flags = [module.rollouts(BATCH, train=True, step=step)["rollout"].on_policy for step in range(40)]
     assert 8 <= sum(flags) <= 32
-    off = make_module(teacher_dir, on_policy_fraction=0.0)._rollouts(BATCH, train=True)["rollout"]
+    assert flags == [module.rollouts(BATCH, train=True, step=step)["rollout"].on_policy for step in range(40)]
+    off = make_module(teacher_dir, on_policy_fraction=0.0).rollouts(BATCH, train=True)["rollout"]
     tok = off_tok = module.student_tokenizer
     expected = [off_tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in BATCH["completion"]]
     got = [row[mask].tolist() for row, mask in zip(off.completion_ids, off.completion_mask, strict=True)]
     assert not off.on_policy and got == expected
-    assert all(make_module(teacher_dir)._rollouts(BATCH, train=True)["rollout"].on_policy for _ in range(5))
+    assert all(make_module(teacher_dir).rollouts(BATCH, train=True, step=s)["rollout"].on_policy for s in range(5))
 
 
 def test_sequence_kd_uses_teacher_completions(teacher_dir):
     greedy = SamplingConfig(do_sample=False, max_new_tokens=4)
     module = make_module(teacher_dir, on_policy_fraction=0.0, off_policy_source="teacher", sampling=greedy)
-    rollout = module._rollouts(BATCH, train=True)["rollout"]
-    ids, mask = module._encode_prompts(BATCH["prompt"])
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
+    ids, mask = module.rollout_source.encode_prompts(BATCH["prompt"], module.device)
     direct = module.teacher.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
                                      pad_token_id=0, eos_token_id=module.student_tokenizer.eos_token_id)
     n = rollout.completion_ids.shape[1]
@@ -82,10 +90,10 @@ def test_sequence_kd_uses_teacher_completions(teacher_dir):
 def test_stop_strings_end_student_rollouts(teacher_dir):
     greedy = SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False)
     module = make_module(teacher_dir, sampling=greedy)
-    free, tok = module._rollouts(BATCH, train=True)["rollout"], module.student_tokenizer
+    free, tok = module.rollouts(BATCH, train=True)["rollout"], module.student_tokenizer
     firsts = sorted({tok.decode(row[:1]) for row in free.completion_ids})  # each row's first character
     stopped = make_module(teacher_dir, sampling=SamplingConfig(do_sample=False, max_new_tokens=4, stop_at_eos=False,
-                                                               stop=firsts))._rollouts(BATCH, train=True)["rollout"]
+                                                               stop=firsts)).rollouts(BATCH, train=True)["rollout"]
     assert free.completion_mask.sum(1).tolist() == [4] * 4
     assert stopped.completion_mask.sum(1).tolist() == [1] * 4 and not stopped.truncated.any()
     assert torch.equal(stopped.completion_ids[:, 0], free.completion_ids[:, 0])
@@ -143,12 +151,25 @@ def test_lora_kl_to_initial_student_uses_the_base_model(teacher_dir):
     assert metrics["loss/reverse_kl@initial_student"].abs() < 1e-6  # LoRA B starts at zero
 
 
-@pytest.mark.parametrize("quantization", ["8bit", "nf4"])
-def test_quantized_teacher_on_cpu(teacher_dir, tmp_path, quantization):
-    module = make_module(teacher_dir, teacher=HFModel(path=teacher_dir, quantization=quantization))
+@pytest.mark.parametrize(("quantization", "limit"), [("8bit", 0.01), ("nf4", 0.05)])
+def test_quantized_teacher_on_cpu(teacher_dir, tmp_path, quantization, limit):
+    """The quantized teacher is the one that scores: its distributions differ from the full-precision teacher's by
+    the quantization error only (8-bit ~6e-4, nf4 ~9e-3 in total variation here; another random teacher: ~0.12), yet
+    do differ, and a step trains on them. Loading it unquantized, or scoring with another model, fails this."""
+    full = make_module(teacher_dir, on_policy_fraction=0.0)
+    module = make_module(teacher_dir, teacher=HFModel(path=teacher_dir, quantization=quantization),
+                         on_policy_fraction=0.0)
     assert module.teacher.is_quantized
+    rollout = full.rollouts(BATCH, train=True)["rollout"]
+    needs, mask = frozenset({"teacher_logits"}), rollout.completion_mask
+    p = full._target("teacher", rollout, needs).logits[mask].softmax(-1)
+    q = module._target("teacher", rollout, needs).logits[mask].softmax(-1)
+    tv = 0.5 * (p - q).abs().sum(-1)
+    assert 0 < tv.max() < limit
+    before = copy.deepcopy(module.student.state_dict())
     trainer = fit(module, tmp_path, max_steps=1)
     assert trainer.global_step == 1
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("rows", [8, 12], ids=["epoch_boundary", "mid_epoch"])
@@ -190,14 +211,14 @@ def test_unknown_loss_name_suggests_the_closest():
 def test_bad_inputs_get_clear_errors(teacher_dir):
     module = make_module(teacher_dir, on_policy_fraction=0.0)
     with pytest.raises(ValueError, match="completion 1 of the batch is empty"):
-        module._rollouts(dict(BATCH, completion=["4", "", "1", "2"]), train=True)
+        module.rollouts(dict(BATCH, completion=["4", "", "1", "2"]), train=True)
     with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
-        module._rollouts(dict(BATCH, prompt=["1+1=" * 20] * 4), train=True)
+        module.rollouts(dict(BATCH, prompt=["1+1=" * 20] * 4), train=True)
     with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
-        module._rollouts(dict(BATCH, prompt=[""] * 4), train=True)
+        module.rollouts(dict(BATCH, prompt=[""] * 4), train=True)
     with pytest.raises(ValueError, match="need a `completion` field"):
-        module._rollouts(dict(BATCH, completion=None), train=True)
-    rollout = module._rollouts(BATCH, train=True)["rollout"]
+        module.rollouts(dict(BATCH, completion=None), train=True)
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
     rollout.completion_mask[:] = False
     with pytest.raises(ValueError, match="every completion token of this step's rollout batch is masked"):
         module._step_counts({"rollout": rollout})
@@ -215,7 +236,8 @@ def test_nan_teacher_logits_are_refused(teacher_dir):
 
 def test_sft_without_teacher(tmp_path):
     module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char"), teacher=None,
-                                loss="cross_entropy", on_policy_fraction=0.0, sampling=SamplingConfig(max_new_tokens=4),
+                                loss="cross_entropy", rollout=RolloutPolicy(on_policy_fraction=0.0),
+                                sampling=SamplingConfig(max_new_tokens=4),
                                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     module.manual_backward = lambda loss: loss.backward()
     first, _ = module._run_step(BATCH, train=False)
@@ -226,8 +248,8 @@ def test_sft_without_teacher(tmp_path):
 
 def test_special_token_masking_drops_special_tokens_but_not_eos(teacher_dir):
     tok_batch = dict(BATCH, completion=["4<unk>6", "4", "1<pad>", "2"])
-    plain = make_module(teacher_dir, on_policy_fraction=0.0)._rollouts(tok_batch, train=True)["rollout"]
-    masked = make_module(teacher_dir, on_policy_fraction=0.0, mask_special_tokens=True)._rollouts(tok_batch,
+    plain = make_module(teacher_dir, on_policy_fraction=0.0).rollouts(tok_batch, train=True)["rollout"]
+    masked = make_module(teacher_dir, on_policy_fraction=0.0, mask_special_tokens=True).rollouts(tok_batch,
                                                                                                    train=True)["rollout"]
     tok = make_module(teacher_dir).student_tokenizer
     specials = torch.isin(plain.completion_ids, torch.tensor([tok.unk_token_id, tok.pad_token_id]))

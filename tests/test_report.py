@@ -56,18 +56,32 @@ def synthetic_run(root: Path, healthy: bool) -> Path:
             rows.append({"epoch": 0, "step": step, "val/loss": rows[-1]["train/loss"], "val/diag/topk_overlap": 0.8})
     rows.append({"epoch": 0, "step": 99, "eval/arithmetic/exact_match": scores[1]})
     write_metrics(version_dir, rows)
-    history = [("fit_start", "student", 0, scores[0]), ("fit_start", "teacher", 0, 0.9),
-               ("validation", "student", 99, scores[1])]
+    write_history(version_dir, [("fit_start", "student", 0, scores[0]), ("fit_start", "teacher", 0, 0.9),
+                                ("validation", "student", 99, scores[1])])
+    (version_dir / "config.yaml").write_text("seed_everything: 0\n")
+    return root
+
+
+def write_history(version_dir: Path, history: list[tuple[str, str, int, float]]) -> None:
+    """eval_history.jsonl lines from (stage, model, step, arithmetic exact_match) tuples."""
     (version_dir / "eval_history.jsonl").write_text("".join(
         json.dumps({"stage": s, "model": m, "step": st, "results": {"arithmetic": {"exact_match": v}}}) + "\n"
         for s, m, st, v in history))
-    (version_dir / "config.yaml").write_text("seed_everything: 0\n")
-    return root
 
 
 def loss_only_run(version_dir: Path, last_step: int) -> None:
     """Only train/loss, every 5 steps from 0 to `last_step`."""
     write_metrics(version_dir, [{"epoch": 0, "step": s, "train/loss": 1 / (s + 1)} for s in range(0, last_step + 1, 5)])
+
+
+def summary_row(md: str, metric: str) -> list[str]:
+    """The start, end and change cells of `metric` in the summary table."""
+    row = next(ln for ln in md.splitlines() if ln.startswith(f"| `{metric}` |"))
+    return [cell.strip() for cell in row.split("|")[2:-1]]
+
+
+def health_line(md: str, check: str) -> str:
+    return next(ln for ln in md.split("## Health", 1)[1].splitlines() if f"**{check}**" in ln)
 
 
 def health_marks(md: str) -> dict[str, str]:
@@ -143,6 +157,11 @@ def test_version_selection_and_accepted_paths(tmp_path):
         return next(ln for ln in md.splitlines() if ln.startswith("- Steps covered"))
 
     assert steps_covered([str(run_dir)]).endswith("to 100")
+    metrics_line = next(ln for ln in (run_dir / "logs" / "version_10" / "report" / "report.md").read_text().splitlines()
+                        if ln.startswith("- Metrics:"))
+    assert metrics_line == "- Metrics: " + ", ".join(f"`{run_dir / 'logs' / f'version_{v}' / 'metrics.csv'}`"
+                                                    for v in (0, 2, 10))
+    assert report.resolve_metrics(run_dir) == run_dir / "logs" / "version_10" / "metrics.csv"
     assert steps_covered([str(run_dir), "--version", "2"]).endswith("to 20")
     assert steps_covered([str(run_dir / "logs" / "version_0")]).endswith("to 10")
     assert steps_covered([str(run_dir / "logs" / "version_0" / "metrics.csv"), "--out", str(tmp_path / "o")]).endswith(
@@ -179,9 +198,79 @@ def test_opd_report_subcommand_dispatches_before_lightning_cli(tmp_path, capsys)
     assert_valid_png(tmp_path / "logs" / "version_0" / "report" / "loss.png")
 
 
-def test_a_metric_undefined_at_the_end_is_not_judged(tmp_path):
-    from opd_lightning.report import health
+def test_a_resumed_run_is_read_across_every_version(tmp_path):
+    """Catches reading only the newest logs/version_N: version_0 (steps 0-9) and version_1 (resumed, steps 5-14,
+    other values at 5-9) must be joined by step, version_1 winning, and so must their eval histories."""
+    run_dir, logs = tmp_path / "run", tmp_path / "run" / "logs"
+    write_metrics(logs / "version_0", [{"epoch": 0, "step": s, "train/loss": 1.0 + s} for s in range(10)])
+    write_metrics(logs / "version_1", [{"epoch": 0, "step": s, "train/loss": 100.0 + s} for s in range(5, 15)])
+    write_history(logs / "version_0", [("fit_start", "student", 0, 0.1), ("validation", "student", 5, 0.2)])
+    write_history(logs / "version_1", [("validation", "student", 5, 0.25), ("validation", "student", 14, 0.5)])
+    for version in (0, 1):
+        (logs / f"version_{version}" / "config.yaml").write_text(f"seed_everything: {version}\n")
 
-    series = [(step, 5.0 if step < 5 else math.nan) for step in range(50)]
-    check = {c.name: c for c in health({"diag/repeat_advantage_ratio": series}, {}, report.DEFAULT_THRESHOLDS)}
-    assert check["repeat_advantage_ratio"].ok is None
+    files = report.resolve_versions(run_dir)
+    assert files == [logs / "version_0" / "metrics.csv", logs / "version_1" / "metrics.csv"]
+    assert report.resolve_versions(logs) == files
+    metrics, evals = report.read_run(files)
+    assert metrics["train/loss"] == [(s, 1.0 + s) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 15)]
+    assert evals["arithmetic/exact_match"]["student"] == [(0, 0.1), (5, 0.25), (14, 0.5)]
+
+    md = report.main([str(run_dir)])[-1].read_text()
+    assert "Steps covered: 0 to 14" in md
+    assert f"- Metrics: `{files[0]}`, `{files[1]}`" in md
+    assert "[config.yaml](../config.yaml)" in md  # written to version_1/report: the newest version's config
+    assert "| arithmetic/exact_match | 0.1 (step 0) | 0.5 (step 14) | - |" in md
+    assert summary_row(md, "train/loss")[:2] == ["1.5", "113.5"]  # 15 points: windows of 2, (1+2)/2, (113+114)/2
+    single = report.main([str(run_dir), "--version", "0", "--out", str(tmp_path / "v0")])[-1].read_text()
+    assert "Steps covered: 0 to 9" in single and f"- Metrics: `{files[0]}`\n" in single
+
+
+def test_a_step_logged_twice_in_one_file_keeps_the_later_row(tmp_path):
+    """Catches keeping both rows of a step re-logged in one metrics.csv (a run resumed into the same version): the
+    later row wins, so NaNs of the abandoned attempt no longer count."""
+    rows = [{"epoch": 0, "step": s, "train/loss": math.nan if s >= 5 else 1.0} for s in range(10)]
+    write_metrics(tmp_path / "logs" / "version_0", rows + [{"epoch": 0, "step": s, "train/loss": 0.5} for s in
+                                                           range(5, 10)])
+    metrics = report.read_metrics(report.resolve_metrics(tmp_path))
+    assert metrics["train/loss"] == [(s, 1.0) for s in range(5)] + [(s, 0.5) for s in range(5, 10)]
+    md = report.main([str(tmp_path)])[-1].read_text()
+    assert health_marks(md)["nan"] == report.HEALTHY
+    assert summary_row(md, "train/loss") == ["1", "0.5", "-0.5"]
+
+
+def test_a_metric_nan_at_the_end_is_judged_on_its_finite_values(tmp_path):
+    """Catches the health check calling a metric undefined when its raw tail is NaN while the table shows finite
+    values: a sparsely defined diag/repeat_advantage_ratio is judged, quoting the table's end; only a metric with no
+    finite value at all is not judged."""
+    sparse = {3: 13.85, 17: 14.2, 30: 15.01}  # the last 10% of the 50 raw points are all NaN
+    write_metrics(tmp_path / "logs" / "version_0", [
+        {"epoch": 0, "step": s, "diag/repeat_advantage_ratio": sparse.get(s, math.nan), "diag/grad_coherence": math.nan}
+        for s in range(50)])
+    md = report.main([str(tmp_path)])[-1].read_text()
+    assert summary_row(md, "diag/repeat_advantage_ratio") == ["13.85", "15.01", "+1.16"]
+    line = health_line(md, "repeat_advantage_ratio")
+    assert line.startswith(f"- {report.CROSSED} ") and "`diag/repeat_advantage_ratio` ends at 15.01 > 2" in line
+    assert summary_row(md, "diag/grad_coherence") == ["-", "-", "-"]
+    assert health_marks(md)["grad_coherence"] == report.SKIPPED
+    assert "`diag/grad_coherence` has no finite value" in health_line(md, "grad_coherence")
+    assert "`diag/grad_coherence` has 50 NaN/inf" in health_line(md, "nan")  # NaN counting is unchanged
+    assert "repeat_advantage_ratio` has" not in health_line(md, "nan")
+
+
+def test_table_and_health_agree_on_start_and_end(tmp_path):
+    """Catches the table quoting the last logged point while the health check judges the last-10% mean: a
+    truncation rate whose last point (0.25) is not its last-10% mean (0.125) shows 0.125 in both, and so do
+    the train/loss start and end of the loss_ratio check."""
+    truncation = [0.05] * 18 + [0.0, 0.25]
+    write_metrics(tmp_path / "logs" / "version_0", [
+        {"epoch": 0, "step": s, "diag/truncation_rate": t, "train/loss": 2.0 - 0.05 * s}
+        for s, t in enumerate(truncation)])
+    md = report.main([str(tmp_path)])[-1].read_text()
+    start, end, _ = summary_row(md, "diag/truncation_rate")
+    assert (start, end) == ("0.05", "0.125")
+    line = health_line(md, "truncation_rate")
+    assert line.startswith(f"- {report.HEALTHY} ") and f"`diag/truncation_rate` ends at {end} <= 0.2" in line
+    start, end, _ = summary_row(md, "train/loss")
+    assert f"first-10% mean {start} -> last-10% mean {end}," in health_line(md, "loss_ratio")
+    assert "end: mean of last 10% of finite values" in md and "start: mean of first 10% of finite values" in md

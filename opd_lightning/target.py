@@ -1,0 +1,141 @@
+"""What a teacher hands a loss: the one contract that `opd_lightning.losses` and `opd_lightning.aligners` share.
+
+An aligner (or, later, a teacher cache or a served teacher) produces a `TeacherTarget` at the student's completion
+positions; a loss consumes it. Both packages import this module and it imports neither, so the contract is written
+once: the capability names a loss may require and an aligner may provide, the target dataclass with its forms, and
+the helpers both sides need (`token_logprobs`, `upcast`).
+
+Forms of a target (each filled only when a loss asks for the capability that names it, see `FIELDS`):
+- dense: logits in the student's vocabulary (or in a shared space, with `student_projection`), `[B, N, V]`;
+- top-k: the teacher's k most likely student-vocabulary ids, their log-probs and the log of the mass left outside
+  them (`TopK`), `[B, N, k]`: what a cache or a server can afford to keep;
+- token log-probs: the teacher's log-prob of each student token, or of the span it ends (`token_spans`), `[B, N]`;
+- native: the teacher's logits in its own vocabulary at the aligned positions, with the pairs of same-text ids;
+- hidden states: the teacher's last hidden states at (or attended from) each student position, its logits at its own
+  positions and its output layer.
+
+Token log-probs, top-k log-probs and their tail are at the temperature they record (1 unless said): a loss at
+another temperature reads the dense form, or refuses a form it cannot re-temper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["CAPABILITIES", "FIELDS", "HIDDEN_STATES", "TEACHER_LOGITS", "TEACHER_NATIVE_LOGITS", "TEACHER_TOKEN_LOGPROBS",
+           "TEACHER_TOPK", "VOCAB_PAIRS", "TeacherSequence", "TeacherTarget", "TopK", "token_logprobs", "upcast"]
+
+TEACHER_LOGITS = "teacher_logits"  # dense teacher logits in the student's vocabulary, [B, N, V]
+TEACHER_TOPK = "teacher_topk"  # the teacher's top-k ids (student vocabulary), log-probs and tail mass, [B, N, k]
+TEACHER_TOKEN_LOGPROBS = "teacher_token_logprobs"  # teacher log-prob of each target token (or span), [B, N]
+TEACHER_NATIVE_LOGITS = "teacher_native_logits"  # teacher logits in its own vocabulary, [B, N, V_teacher]
+VOCAB_PAIRS = "vocab_pairs"  # (student ids [K], teacher ids [K]): tokens with the same text in both vocabularies
+HIDDEN_STATES = "hidden_states"  # the teacher's last hidden states, logits at its own positions and output layer
+CAPABILITIES = (TEACHER_LOGITS, TEACHER_TOPK, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS,
+                HIDDEN_STATES)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16 and bf16 to fp32; fp32 and fp64 stay as they are (a float64 reference stays exact)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T) at `ids`: rows `[..., V]`, ids `[...]` -> `[...]`, at least fp32, no `[..., V]`
+    log-softmax kept."""
+    z = upcast(logits) / temperature  # [..., V]
+    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+
+
+@dataclass
+class TopK:
+    """The teacher's k most likely tokens at each position, in the student's vocabulary, and the mass outside them.
+
+    `ids` are sorted by descending log-prob; `tail` is log(1 − Σ exp(logprobs)), −inf when the k tokens hold all the
+    mass. Everything is at `temperature` (the teacher's softmax temperature when the top-k were taken).
+    """
+
+    ids: Tensor  # [B, N, k] long
+    logprobs: Tensor  # [B, N, k]
+    tail: Tensor  # [B, N]
+    temperature: float = 1.0
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> TopK:
+        """Top-k of dense logits `[B, N, V]` (k is clipped to V), with the exact tail mass."""
+        logp = torch.log_softmax(upcast(logits) / temperature, -1)  # [B, N, V]
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # [B, N] mass outside, no cancellation
+        return cls(top.indices, top.values, tail, temperature)
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def buckets(self) -> Tensor:
+        """The teacher's distribution over k + 1 buckets (the k tokens, then the tail): `[B, N, k + 1]` log-probs."""
+        return torch.cat([self.logprobs, self.tail.unsqueeze(-1)], dim=-1)
+
+
+@dataclass
+class TeacherSequence:
+    """The teacher's outputs at its own completion positions, for losses that score in the teacher's space there."""
+
+    logits: Tensor  # [B, M, V_teacher] the teacher's logits at its M completion positions
+    mask: Tensor | None = None  # [B, M] bool; None: the teacher's positions are the student's (M = N, the loss mask)
+    from_student: Callable[[Tensor], Tensor] | None = None  # [B, N, H] at student positions -> [B, M, H]; None: same
+
+
+@dataclass
+class TeacherTarget:
+    """The teacher's outputs at the student's completion positions `[B, N]`; each form is filled when asked for.
+
+    Positions where `mask` is False have no target; losses leave them out (they still count in the step's token
+    normaliser, so an uncovered token contributes zero rather than re-weighting the others).
+    """
+
+    coverage: float = 1.0  # share of valid student completion tokens with a target
+    mask: Tensor | None = None  # [B, N] bool; None: every position has a target
+    logits: Tensor | None = None  # [B, N, V] dense, in the student's vocabulary (or the space of student_projection)
+    topk: TopK | None = None  # the top-k form, ids in the student's vocabulary
+    token_logprobs: Tensor | None = None  # [B, N] log p_T of each student token (of its span with token_spans)
+    token_spans: Tensor | None = None  # [B, N] span id; the span's log-prob sits on its last token
+    native_logits: Tensor | None = None  # [B, N, V_teacher] the teacher's own logits at the aligned position
+    vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
+    hidden: Tensor | None = None  # [B, N, H_teacher] hidden state at (or attended from) each student position
+    sequence: TeacherSequence | None = None  # the teacher's logits at its own positions and the way there
+    head: Tensor | None = None  # [V_teacher, H_teacher] the frozen teacher's output layer weight
+    mass_coverage: float | None = None  # mean teacher probability mass the projection kept
+    student_projection: Callable[[Tensor], Tensor] | None = None  # maps student logits into `logits`' space
+
+    def filled(self) -> frozenset[str]:
+        """The capabilities this target carries (every field `FIELDS` names for it is set)."""
+        return frozenset(c for c, names in FIELDS.items() if all(getattr(self, n) is not None for n in names))
+
+    def check(self, needs: frozenset[str], source: str) -> None:
+        """Raise unless every capability in `needs` is filled, naming `source` (e.g. "aligner 'vocab_map'")."""
+        missing = sorted(needs - self.filled())
+        if missing:
+            raise ValueError(f"{source} was asked for {missing} but its target leaves them empty: a capability it "
+                             "declares must be filled (this is a bug in that aligner or teacher source)")
+
+    def with_topk(self, k: int, temperature: float = 1.0) -> TeacherTarget:
+        """This target with its dense form replaced by the top-k form (`TopK.from_logits`)."""
+        if self.logits is None:
+            raise ValueError("a top-k form is taken from dense teacher logits, and this target has none")
+        return replace(self, logits=None, topk=TopK.from_logits(self.logits, k, temperature))
+
+
+# Which fields carry each capability.
+FIELDS: dict[str, tuple[str, ...]] = {
+    TEACHER_LOGITS: ("logits",),
+    TEACHER_TOPK: ("topk",),
+    TEACHER_TOKEN_LOGPROBS: ("token_logprobs",),
+    TEACHER_NATIVE_LOGITS: ("native_logits",),
+    VOCAB_PAIRS: ("vocab_pairs",),
+    HIDDEN_STATES: ("hidden", "sequence"),
+}
