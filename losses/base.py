@@ -297,6 +297,21 @@ class DenseDivergence(DistillationLoss):
         """The divergence per row of `[n, k + 1]` top-k bucket log-probs (the tail last); default `per_token`."""
         return self.per_token(s_logp, t_logp)
 
+    @classmethod
+    def as_function(cls) -> Callable[..., Tensor]:
+        """The loss as a tensor function `fn(student_logits, teacher, mask, *, num_items=None, **hyperparameters)`:
+        logits `[B, N, V]`, the teacher's dense logits or its `TopK` form, mask `[B, N]`; the hyperparameters are
+        those of `cls.__init__`, declared and checked there once."""
+
+        def function(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
+                     num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
+            return cls(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
+
+        function.__name__ = function.__qualname__ = cls.registry_name
+        function.__doc__ = (f"Mean over valid positions of `{cls.__name__}` (its docstring gives the formula); logits "
+                            f"`[B, N, V]`, teacher logits or `TopK`, mask `[B, N]`; hyperparameters as `{cls.__name__}`.")
+        return function
+
     def divergence(self, student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor,
                    num_items: Tensor | float | None = None) -> Tensor:
         """The normalised loss for dense teacher logits `[B, N, V]` or a top-k form, as the pure functions compute."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from opd_lightning.target import TopK
-
 from .base import LOSSES, DenseDivergence
 
 __all__ = [
@@ -42,25 +40,7 @@ def tvd_per_token(s_logp: Tensor, t_logp: Tensor) -> Tensor:
     return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
 
 
-def forward_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-               num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of KL(p_T ‖ p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `ForwardKL`."""
-    return ForwardKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
-
-def reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-               num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of KL(p_S ‖ p_T); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `ReverseKL`."""
-    return ReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
-
-
-def tvd(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-        num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of the total variation distance; logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `TotalVariation`."""
-    return TotalVariation(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
 @LOSSES.register("forward_kl")
@@ -95,3 +75,8 @@ class TotalVariation(DenseDivergence):
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return tvd_per_token(s_logp, t_logp)
+
+
+forward_kl = ForwardKL.as_function()
+reverse_kl = ReverseKL.as_function()
+tvd = TotalVariation.as_function()

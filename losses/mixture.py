@@ -13,8 +13,6 @@ import math
 import torch
 from torch import Tensor
 
-from opd_lightning.target import TopK
-
 from .base import LOSSES, DenseDivergence
 from .kl import forward_kl_per_token, reverse_kl_per_token
 
@@ -70,25 +68,7 @@ def skew_reverse_kl_per_token(s_logp: Tensor, t_logp: Tensor, alpha: float) -> T
     return reverse_kl_per_token(s_logp=s_logp, t_logp=mixture_logp(s_logp, t_logp, alpha))
 
 
-def generalized_jsd(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of JSD_β(p_T, p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `GeneralizedJSD`."""
-    return GeneralizedJSD(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
-
-def skew_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-            num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of KL(p_T ‖ α p_T + (1 − α) p_S); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `SkewKL`."""
-    return SkewKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
-
-
-def skew_reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of KL(p_S ‖ α p_S + (1 − α) p_T); logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `SkewReverseKL`."""
-    return SkewReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
 
 
 @LOSSES.register("generalized_jsd")
@@ -158,3 +138,8 @@ class SkewReverseKL(DenseDivergence):
 
     def per_token(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return skew_reverse_kl_per_token(s_logp, t_logp, self.alpha)
+
+
+generalized_jsd = GeneralizedJSD.as_function()
+skew_kl = SkewKL.as_function()
+skew_reverse_kl = SkewReverseKL.as_function()

@@ -42,12 +42,6 @@ def topk_reverse_kl_per_token(s_logp: Tensor, t_logp: Tensor, k: int) -> Tensor:
     return reverse_kl_per_token(*restrict_to_teacher_topk(s_logp, t_logp, k))
 
 
-def topk_reverse_kl(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, *,
-                    num_items: Tensor | float | None = None, **hyperparameters) -> Tensor:
-    """Mean over valid positions of the teacher-top-k reverse KL; logits `[B, N, V]` (or a `TopK`), mask `[B, N]`;
-    `hyperparameters` as `TopKReverseKL`."""
-    return TopKReverseKL(**hyperparameters).divergence(student_logits, teacher, mask, num_items)
-
 
 @LOSSES.register("topk_reverse_kl")
 class TopKReverseKL(DenseDivergence):
@@ -86,3 +80,6 @@ class TopKReverseKL(DenseDivergence):
             raise ValueError(f"topk_reverse_kl with k={self.k} needs at least {self.k} of the teacher's tokens, but its "
                              f"top-k form keeps {teacher.k}: keep more, or lower the loss's k")
         return super().divergence(student_logits, teacher, mask, num_items)
+
+
+topk_reverse_kl = TopKReverseKL.as_function()

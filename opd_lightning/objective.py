@@ -15,7 +15,14 @@ from torch import nn
 
 from opd_lightning.aligners import ALIGNERS, Aligner, IdentityAligner
 from opd_lightning.hparams import build_class
-from opd_lightning.losses import HIDDEN_STATES, LOSSES, TEACHER_LOGITS, TEACHER_TOPK, DistillationLoss
+from opd_lightning.losses import (
+    HIDDEN_STATES,
+    LOSSES,
+    TEACHER_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    TEACHER_TOPK,
+    DistillationLoss,
+)
 from opd_lightning.registry import Registry
 
 __all__ = ["LossTerm", "check_pairing", "resolve_aligner", "resolve_loss"]
@@ -104,12 +111,14 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
         if not term.needs_reference:
             continue
         requires = term.loss.requires
-        if teacher_topk is not None and TEACHER_LOGITS in requires:
-            if not term.loss.accepts_topk:
+        if teacher_topk is not None:
+            dense = requires - {TEACHER_TOKEN_LOGPROBS} - ({TEACHER_LOGITS} if term.loss.accepts_topk else set())
+            if dense:
                 accepting = sorted(name for name, cls in LOSSES.items() if cls.accepts_topk)
                 raise ValueError(f"model.teacher_topk is set, but loss {term.loss.registry_name!r} needs the teacher's "
-                                 f"dense logits; losses that take the top-k form: {', '.join(accepting)}")
-            requires = requires - {TEACHER_LOGITS} | {TEACHER_TOPK}
+                                 f"dense outputs ({', '.join(sorted(dense))}); losses that take the top-k form: "
+                                 f"{', '.join(accepting)}")
+            requires = requires - {TEACHER_LOGITS} | ({TEACHER_TOPK} if TEACHER_LOGITS in requires else set())
         key = (term.reference, term.completions)
         needs[key] = needs.get(key, frozenset()) | requires
         provides = aligner.provides if term.reference == "teacher" else IdentityAligner.provides - {HIDDEN_STATES}

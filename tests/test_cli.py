@@ -191,3 +191,67 @@ def test_readme_yaml_examples_parse(tmp_path, capsys):
     assert [t["init_args"]["weight"] if "init_args" in t else t["weight"] for t in model["extra_terms"]] == [0.5, 0.1]
     guard = printed[1]["trainer"]["callbacks"][0]
     assert guard["class_path"] == "opd_lightning.guards.RolloutGuard" and guard["init_args"]["stop"] is True
+
+
+def test_readme_python_examples_run():
+    import re
+
+    for block in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL):
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 -- the README's own examples
+
+
+def _callbacks(paths: list[str], capsys) -> list[str]:
+    with pytest.raises(SystemExit):
+        main(["fit", *paths, "--print_config"])
+    return [c["class_path"] for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"] or []]
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if config_stack(p)[:2] == ["--config", str(DISTILL)]],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_overlays_keep_the_base_configs_callbacks(path, capsys):
+    """An overlay replaces the callback list when it names one: it must still export (and evaluate) as the base
+    config does, e.g. `quantized_teacher.yaml` once dropped ExportStudent."""
+    base = _callbacks(["--config", str(DISTILL)], capsys)
+    assert "opd_lightning.export.ExportStudent" in base
+    assert set(base) <= set(_callbacks(config_stack(path), capsys))
+
+
+def test_the_progress_bar_counts_optimizer_steps_out_of_max_steps(teacher_dir, tmp_path):
+    from lightning.pytorch import Trainer
+    from test_module import make_module
+
+    from opd_lightning.data import PromptDataModule
+    from opd_lightning.progress import StepProgressBar
+
+    bar = StepProgressBar()
+    totals = []
+
+    class Watch(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            totals.append((bar.train_progress_bar.n, bar.train_progress_bar.total))
+
+    trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar, Watch()])
+    trainer.fit(make_module(teacher_dir), datamodule=PromptDataModule(batch_size=4, limit_train=8, val=None, test=None))
+    assert trainer.current_epoch >= 2  # two steps an epoch: the bar went on across epochs
+    assert totals == [(step, 5) for step in range(1, 6)]
+
+
+def test_data_without_the_fields_the_configuration_reads_fails_at_set_up(teacher_dir, tmp_path):
+    from lightning.pytorch import Trainer
+    from test_module import make_module
+
+    from opd_lightning.data import PromptDataModule
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"prompt": "{i}+1="}}\n' for i in range(8)))
+    module = make_module(teacher_dir, on_policy_fraction=0.5)
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"8 of 8 rows of .*prompts.jsonl lack a completion .*on_policy_fraction < 1"):
+        trainer.fit(module, datamodule=PromptDataModule(train=str(data), val=None, test=None, batch_size=4))
+    assert trainer.global_step == 0  # refused before any step, not at the first off-policy one
+    on_policy = make_module(teacher_dir, on_policy_fraction=1.0)  # reads no completion: runs
+    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(
+        on_policy, datamodule=PromptDataModule(train=str(data), val=None, test=None, batch_size=4))

@@ -257,3 +257,22 @@ def test_special_token_masking_drops_special_tokens_but_not_eos(teacher_dir):
     assert torch.equal(masked.completion_mask, plain.completion_mask & ~specials)
     eos = plain.completion_ids == tok.eos_token_id
     assert masked.completion_mask[eos].all()
+
+
+def test_teacher_topk_hands_the_losses_the_topk_form(teacher_dir):
+    """With every token kept the step is the dense step; with fewer it differs (the tail is one bucket); a loss that
+    needs dense logits is refused when the module is built, naming the losses that take the form."""
+    def step(**kwargs):
+        module = make_module(teacher_dir, on_policy_fraction=0.0, loss="forward_kl", **kwargs)
+        module.manual_backward = lambda loss: loss.backward()
+        loss, _ = module._run_step(BATCH, train=True)
+        return loss, torch.cat([p.grad.flatten() for p in module.student.parameters()])
+
+    vocab = len(make_module(teacher_dir).student_tokenizer)
+    dense, full, few = step(), step(teacher_topk=vocab + 8), step(teacher_topk=3)
+    torch.testing.assert_close(full[0], dense[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(full[1], dense[1], rtol=1e-4, atol=1e-8)
+    assert few[0] < dense[0]  # a lower bound of the dense forward KL
+    with pytest.raises(ValueError, match=r"teacher_topk is set, but loss 'gold' needs the teacher's dense outputs "
+                                         r"\(teacher_native_logits, vocab_pairs\); losses that take the top-k form"):
+        make_module(teacher_dir, loss="gold", teacher_topk=4)

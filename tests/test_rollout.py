@@ -154,3 +154,51 @@ def test_text_completions_end_with_eos_a_stop_string_or_the_length_limit(char_to
     assert out.truncated.tolist() == [False, False, True]  # cut by the limit, though shorter than the widest row
     with pytest.raises(ValueError, match="unknown completion ends"):
         rollout_from_texts(char_tok, prompts[:1], torch.ones_like(prompts[:1]), ["1"], max_new_tokens=4, ends=["done"])
+
+
+def test_seeds_come_from_a_documented_function_with_pinned_values():
+    """`derive_seed` is NumPy's SeedSequence (stable across versions and platforms), not Python's `hash()`: its values
+    are pinned here, so a change of function (or of its key order) is caught."""
+    import numpy as np
+
+    from opd_lightning.seeding import BRANCH, SAMPLE_TRAIN, derive_seed, uniform
+
+    state = np.random.SeedSequence([0, SAMPLE_TRAIN, 3, 7]).generate_state(2, np.uint32)
+    assert derive_seed(0, SAMPLE_TRAIN, 3, 7) == (int(state[0]) << 31) ^ int(state[1])
+    assert derive_seed(0, SAMPLE_TRAIN, 3, 7) == 3785146406930564232
+    assert round(uniform(0, BRANCH, 5), 12) == round(float(np.random.default_rng(
+        np.random.SeedSequence([0, BRANCH, 5])).random()), 12)
+    assert len({derive_seed(0, SAMPLE_TRAIN, step, row) for step in range(20) for row in range(20)}) == 400
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(-1, 2)
+
+
+def test_the_on_off_policy_draw_depends_on_the_step_only():
+    from opd_lightning.rollout_source import RolloutPolicy, RolloutSource
+
+    source = RolloutSource(None, None, RolloutPolicy(on_policy_fraction=0.5), SamplingConfig(), same_tokenizer=True,
+                           gold=False, max_length=None, seed=4)
+    draws = [source.on_policy(step, train=True) for step in range(200)]
+    assert draws == [source.on_policy(step, train=True) for step in range(200)]  # no hidden state between calls
+    assert 70 < sum(draws) < 130
+    assert all(source.on_policy(step, train=False) for step in range(20))  # evaluation is always on-policy
+
+
+def test_row_noise_sampling_draws_from_the_warped_distribution_and_per_row():
+    """Gumbel-max with per-row generators: the tokens' frequencies match softmax(logits / T) after top-k, and a row's
+    tokens do not depend on which other rows share its batch."""
+    from opd_lightning.rollout import RowNoiseSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    sampling = SamplingConfig(temperature=1.5, top_k=4)
+    n = 20000
+    sampler = RowNoiseSampler(sampling, list(range(n)), torch.device("cpu"))
+    picks = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    want = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -float("inf"), 3.0]) / 1.5, -1)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    assert freq[3] == 0  # outside the top-k
+    torch.testing.assert_close(freq, want.double(), atol=0.015, rtol=0)  # ~4 standard errors
+    alone = RowNoiseSampler(sampling, [11], torch.device("cpu"))(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+    batch = RowNoiseSampler(sampling, [5, 11], torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long),
+                                                                   logits.expand(2, -1).clone())
+    assert torch.equal(alone[0], batch[1])
