@@ -12,6 +12,7 @@ here, and clipping takes one norm over both kinds of gradient.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -37,6 +38,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every device is a data-parallel rank
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None):
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except IndexError as error:  # Lightning re-keys optimizer states by their first entry, which may not exist
+            frames = traceback.extract_tb(error.__traceback__)
+            if frames and frames[-1].name == "_rekey_optimizer_state_if_needed":
+                raise ValueError(f"{checkpoint_path}: its optimizer keeps no state (e.g. SGD without momentum), which "
+                                 "Lightning's FSDP2 checkpoint loader cannot restore; use an optimizer with state "
+                                 "(AdamW, SGD with momentum) or resume under ddp") from error
+            raise
 
 
 if "fsdp2" not in StrategyRegistry:

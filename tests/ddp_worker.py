@@ -5,6 +5,8 @@ Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FI
 - `same`: forward KL with one tokenizer, λ = 0, one step;
 - `mixed`: the same with λ = 0.5 and sampled rollouts, 6 steps (some on-policy, some on the dataset's completions);
 - `disagree`: as `mixed`, but rank 1 draws the opposite rollout source (a bug on purpose): the run must fail, saying so;
+- `resume`: as `mixed`, but stopped after 3 steps with a checkpoint, and resumed from it to step 6;
+  `resume_stateless`: the same with plain SGD, whose empty optimizer state Lightning's FSDP2 loader cannot restore;
 - `dskd_cma`: DSKD across tokenizers with its trainable attention and projectors; `dskd_cma_clip`: the same with
   gradient clipping.
 Writes every trainable weight after the last step; with SGD, equal files mean equal global gradients at every step.
@@ -33,9 +35,32 @@ SAME = {"tokenizer": "builtin:char", "loss": "forward_kl", "aligner": "identity"
 CASES = {"same": SAME,
          "mixed": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2},
          "disagree": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2},
+         "resume": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1, "momentum": 0.9},  # an optimizer with state
+         "resume_stateless": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1},  # plain SGD keeps no state
          "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
          # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
          "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
+
+
+def build(teacher_dir: str, spec: dict) -> DistillationModule:
+    return DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
+                              teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
+                              rollout=RolloutPolicy(on_policy_fraction=spec.get("fraction", 0.0)),
+                              grad_clip_norm=spec.get("clip"), sampling=SamplingConfig(max_new_tokens=20),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=spec.get("lr", 1.0),
+                                                                       momentum=spec.get("momentum", 0.0)))
+
+
+def fit(module, data_file: Path, devices: int, strategy: str, steps: int, ckpt: str | None = None) -> Trainer:
+    data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
+    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if getattr(module, "disagree", False):
+        draw = RolloutSource.on_policy
+        module.rollout_source.on_policy = lambda step, train: draw(module.rollout_source, step, train) != (
+            trainer.global_rank == 1)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return trainer
 
 
 def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "same") -> None:
@@ -43,19 +68,16 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     data_file = Path(out).with_suffix(".jsonl")
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     spec = CASES[case]
-    module = DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
-                                teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
-                                rollout=RolloutPolicy(on_policy_fraction=spec.get("fraction", 0.0)),
-                                grad_clip_norm=spec.get("clip"), sampling=SamplingConfig(max_new_tokens=20),
-                                optimizer=lambda params: torch.optim.SGD(params, lr=spec.get("lr", 1.0)))
-    data = PromptDataModule(train=str(data_file), val=None, test=None, batch_size=4 // devices)
-    trainer = Trainer(max_steps=spec.get("steps", 1), accelerator="cpu", devices=devices, strategy=strategy,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    if case == "disagree" and devices > 1:
-        draw = RolloutSource.on_policy
-        module.rollout_source.on_policy = lambda step, train: draw(module.rollout_source, step, train) != (
-            trainer.global_rank == 1)
-    trainer.fit(module, datamodule=data)
+    module = build(teacher_dir, spec)
+    module.disagree = case == "disagree" and devices > 1
+    steps = spec.get("steps", 1)
+    if case.startswith("resume") and devices > 1:  # stop half-way with a checkpoint, then go on from it in a new module
+        ckpt = str(Path(out).with_suffix(".ckpt"))
+        fit(module, data_file, devices, strategy, steps // 2).save_checkpoint(ckpt)
+        module = build(teacher_dir, spec)
+        trainer = fit(module, data_file, devices, strategy, steps, ckpt=ckpt)
+    else:
+        trainer = fit(module, data_file, devices, strategy, steps)
     if devices > 1 and strategy == "fsdp2":  # FSDP2: the student's weights really are sharded
         from torch.distributed.tensor import DTensor
 
@@ -64,7 +86,7 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     assert any(not k.startswith("student.") for k in state) == case.startswith("dskd_cma")  # the extras are in
     if trainer.is_global_zero:
         torch.save(state, out)
-        on_policy = [module.rollout_source.on_policy(step, True) for step in range(spec.get("steps", 1))]
+        on_policy = [module.rollout_source.on_policy(step, True) for step in range(steps)]
         Path(out).with_suffix(".draws.json").write_text(json.dumps(on_policy))
 
 
