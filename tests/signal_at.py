@@ -7,9 +7,10 @@ from lightning.pytorch import Callback
 
 
 class SignalAt(Callback):
-    def __init__(self, step: int = 3, name: str = "SIGINT") -> None:
-        self.step, self.signum = step, getattr(signal, name)
+    def __init__(self, step: int = 3, name: str = "SIGINT", rank: int | None = None) -> None:
+        """Signal `name` to this process after optimizer step `step`, on global rank `rank` only (None: every rank)."""
+        self.step, self.signum, self.rank = step, getattr(signal, name), rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)

@@ -29,16 +29,18 @@ TESTS = Path(__file__).parent
 STEPS = 6
 
 
-def write_config(tmp_path: Path, teacher_dir: str, root: Path, callbacks: list | None = None) -> Path:
+def write_config(tmp_path: Path, teacher_dir: str, root: Path, callbacks: list | None = None,
+                 evaluate: bool = True) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {"max_steps": STEPS, "accelerator": "cpu", "default_root_dir": str(root), "log_every_n_steps": 1,
                     "enable_checkpointing": False, "check_val_every_n_epoch": None, "val_check_interval": STEPS,
                     "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                    "callbacks": [{"class_path": "opd_lightning.export.ExportStudent"},
-                                  {"class_path": "opd_lightning.evaluation.LmEvalCallback",
-                                   "init_args": {"tasks": ["arithmetic"], "limit": 8, "on_fit_start": True,
-                                                 "evaluate_teacher": True}}, *(callbacks or [])]},
+                    "callbacks": [*([{"class_path": "opd_lightning.export.ExportStudent"},
+                                     {"class_path": "opd_lightning.evaluation.LmEvalCallback",
+                                      "init_args": {"tasks": ["arithmetic"], "limit": 8, "on_fit_start": True,
+                                                    "evaluate_teacher": True}}] if evaluate else []),
+                                  *(callbacks or [])]},
         "model": {"student": {"config": dict(TINY, max_position_embeddings=32), "tokenizer": "builtin:char"},
                   "teacher": {"path": teacher_dir}, "loss": "forward_kl", "rollout": {"on_policy_fraction": 0.5},
                   "sampling": {"max_new_tokens": 4}},
@@ -94,6 +96,28 @@ def test_interrupted_then_resumed_by_last_ends_as_the_uninterrupted_run(teacher_
     exported = load_file(root / "hf" / "model.safetensors")
     for name, value in load_file(tmp_path / "straight" / "hf" / "model.safetensors").items():
         torch.testing.assert_close(exported[name], value, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_a_data_parallel_run_stops_on_every_rank_when_one_rank_is_signalled(teacher_dir, tmp_path):
+    """Rank 1 alone gets SIGINT: both ranks stop after the same step (their flags are all-reduced), one checkpoint is
+    written, and `--ckpt_path last` under DDP ends with the uninterrupted DDP run's metrics."""
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    config = write_config(tmp_path, teacher_dir, tmp_path / "straight", evaluate=False)
+    straight = opd("fit", "--config", str(config), *ddp)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    root = tmp_path / "interrupted"
+    stop = {"class_path": "signal_at.SignalAt", "init_args": {"step": 2, "name": "SIGINT", "rank": 1}}
+    stopped = opd("fit", "--config", str(write_config(tmp_path, teacher_dir, root, [stop], evaluate=False)), *ddp)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    resumed = opd("fit", "--config", str(write_config(tmp_path, teacher_dir, root, evaluate=False)), *ddp,
+                  "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = metrics(tmp_path / "straight"), metrics(root)
+    assert len(got) == len(want)
+    for a, b in zip(want, got, strict=True):
+        for key, value in a.items():
+            if value:
+                assert float(b[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9, nan_ok=True), (a["step"], key)
 
 
 def test_resume_by_last_without_a_checkpoint_fails_naming_the_run(teacher_dir, tmp_path):
