@@ -113,14 +113,15 @@ CHUNK_ROWS = 16  # teacher rows read at a time: [16, 262k] fp32 is 17 MB, small 
 
 
 def token_logprobs_chunked(logits: Tensor, ids: Tensor) -> Tensor:
-    """log softmax(logits)[ids] `[B, M]` from `[B, M, V]` logits, `CHUNK_ROWS` rows at a time: views of the logits
-    only, no `[B, M, V]` copy (they are often a non-contiguous slice of a model's output)."""
+    """log softmax(logits)[ids] `[B, M]` from `[B, M, V]` logits, about `CHUNK_ROWS` positions at a time: views of
+    the logits only, no `[B, M, V]` copy (they are often a non-contiguous slice of a model's output)."""
     dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(ids.shape, dtype=dtype, device=logits.device)
-    for b in range(ids.shape[0]):
+    rows = max(1, CHUNK_ROWS // max(ids.shape[1], 1))  # batch rows per chunk when completions are short
+    for b in range(0, ids.shape[0], rows):
         for start in range(0, ids.shape[1], CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            out[b, rows] = token_logprobs(logits[b, rows], ids[b, rows])
+            at = (slice(b, b + rows), slice(start, start + CHUNK_ROWS))
+            out[at] = token_logprobs(logits[at], ids[at])
     return out
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from opd_lightning.registry import Registry
-from opd_lightning.target import FIELDS, TEACHER_LOGITS, TeacherTarget, TopK, upcast
+from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, TopK, upcast
 
 __all__ = [
     "LOG_ZERO",
@@ -44,6 +44,7 @@ __all__ = [
     "check_teacher",
     "dense_divergence",
     "dense_sum",
+    "log_probs",
     "normalise",
     "on_student_support",
     "teacher_distribution",
@@ -86,8 +87,9 @@ class LossInputs:
         if self.teacher is None:
             raise ValueError(f"loss {loss!r} needs a teacher target, but the inputs carry none; the training module "
                              "fills `teacher` when the loss lists capabilities in `requires`.")
+        filled = self.teacher.filled()
         for capability in capabilities:
-            if any(getattr(self.teacher, name) is None for name in FIELDS[capability]):
+            if capability not in filled:
                 raise ValueError(f"loss {loss!r} needs {capability!r}, but the teacher's target has none; the training "
                                  f"module fills it when the loss lists {capability!r} in `requires`.")
         return self.teacher
@@ -179,18 +181,27 @@ def topk_buckets(s_logp: Tensor, ids: Tensor) -> Tensor:
     return torch.cat([s_logp.gather(-1, ids), tail], dim=-1)
 
 
-def _chunk_sum(fn: PerToken, temperature: float, s_logits: Tensor, t_rows: Tensor, topk_ids: Tensor | None,
-               *extras: Tensor) -> Tensor:
-    s_logp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)  # [n, V_s], at least fp32
-    if topk_ids is not None:  # t_rows are the teacher's k + 1 bucket log-probs, already at the temperature
+def log_probs(s_logits: Tensor, t_rows: Tensor, temperature: float,
+              topk_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Both models' log-probs at `temperature`, at least fp32, as every dense divergence compares them.
+
+    `t_rows` are the teacher's logits, or with `topk_ids` `[n, k]` its `[n, k + 1]` bucket log-probs (already at the
+    temperature), when the student's rows become buckets too (`topk_buckets`). Equal widths are compared on the
+    student's support (`on_student_support`); different widths are two vocabularies (cross-tokenizer losses).
+    """
+    s_logp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)  # [n, V_s]
+    if topk_ids is not None:
         s_logp, t_scores = topk_buckets(s_logp, topk_ids), upcast(t_rows)
     else:
         t_scores = upcast(t_rows) / temperature  # [n, V_t]
     if s_logp.shape[-1] == t_scores.shape[-1]:
-        s_logp, t_logp = on_student_support(s_logp, t_scores)
-    else:  # two vocabularies (cross-tokenizer losses): no column correspondence to restrict by
-        t_logp = torch.log_softmax(t_scores, dim=-1)
-    return fn(s_logp, t_logp, *extras).sum(0)
+        return on_student_support(s_logp, t_scores)
+    return s_logp, torch.log_softmax(t_scores, dim=-1)
+
+
+def _chunk_sum(fn: PerToken, temperature: float, s_logits: Tensor, t_rows: Tensor, topk_ids: Tensor | None,
+               *extras: Tensor) -> Tensor:
+    return fn(*log_probs(s_logits, t_rows, temperature, topk_ids), *extras).sum(0)
 
 
 def dense_sum(per_token: PerToken, student_rows: Tensor, teacher_rows: Tensor, *row_extras: Tensor,
@@ -229,7 +240,7 @@ def teacher_distribution(teacher: Tensor | TopK, mask: Tensor, temperature: floa
         rows, ids = teacher.logprobs[mask].detach(), teacher.ids[mask]  # [n, k]
         check_teacher(rows, "teacher top-k log-probs")
         tail = teacher.tail[mask].detach()  # [n]; -inf when the k tokens hold all the mass
-        if torch.isnan(tail).any() or torch.isposinf(tail).any():
+        if (torch.isnan(tail) | torch.isposinf(tail)).any():
             raise ValueError("the teacher's top-k tail mass holds NaN or +inf: check how the top-k were computed")
         return torch.cat([rows, tail.unsqueeze(-1)], -1), ids
     rows = teacher[mask].detach()  # [n, V]
@@ -255,9 +266,9 @@ def dense_divergence(
     the `[n, V]` intermediates of one chunk are alive at a time, in the forward and in the backward pass; values and
     gradients equal the unchunked result.
     """
-    expected = teacher.ids.shape[:-1] if isinstance(teacher, TopK) else teacher.shape
-    if (isinstance(teacher, TopK) and tuple(expected) != tuple(student_logits.shape[:-1])) or (
-            not isinstance(teacher, TopK) and student_logits.shape != teacher.shape):
+    topk = isinstance(teacher, TopK)
+    expected, got = (teacher.ids.shape[:-1], student_logits.shape[:-1]) if topk else (teacher.shape, student_logits.shape)
+    if tuple(got) != tuple(expected):
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(expected)} differ: project "
                          "the teacher into the student's vocabulary with an aligner first.")
     mask = mask.bool()
@@ -320,8 +331,7 @@ class DenseDivergence(DistillationLoss):
                                 chunk_size=self.chunk_size, loss=self.registry_name)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        target = inputs.require(self.registry_name)
-        teacher = target.logits if target.logits is not None else target.topk
+        teacher = inputs.require(self.registry_name).distribution
         if teacher is None:
             inputs.require(self.registry_name, TEACHER_LOGITS)  # neither form: raises, naming the loss
         return LossOutput(self.divergence(inputs.student, teacher, inputs.valid, inputs.num_items))

@@ -149,7 +149,7 @@ class EntropyAware(DistillationLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         target = inputs.require(self.registry_name)
-        teacher = target.logits if target.logits is not None else target.topk
+        teacher = target.distribution
         if teacher is None:
             inputs.require(self.registry_name, TEACHER_LOGITS)
         return self.compute(inputs.student, inputs.target_ids, teacher, inputs.valid, target.token_logprobs,

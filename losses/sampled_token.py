@@ -22,10 +22,9 @@ from .base import (
     LossInputs,
     LossOutput,
     check_teacher,
+    log_probs,
     normalise,
-    on_student_support,
     teacher_distribution,
-    topk_buckets,
 )
 from .credit import assign_credit, check_credit
 from .kl import reverse_kl_per_token
@@ -101,12 +100,7 @@ def _step_reverse_kl(rows: Tensor, teacher: Tensor | TopK | None, mask: Tensor, 
         raise ValueError("credit 'baseline' needs the teacher's distribution (dense teacher_logits [B, N, V] or its "
                          "top-k form) for the per-step KL")
     t_rows, ids = teacher_distribution(teacher, mask, temperature, "sampled_token")
-    s_logp = torch.log_softmax(upcast(rows) / temperature, -1)  # [n, V]
-    if ids is not None:
-        s_logp = topk_buckets(s_logp, ids)
-    else:
-        t_rows = upcast(t_rows) / temperature
-    return _scatter(reverse_kl_per_token(*on_student_support(s_logp, t_rows)), mask)
+    return _scatter(reverse_kl_per_token(*log_probs(rows, t_rows, temperature, ids)), mask)
 
 
 def sampled_token(student_logits: Tensor, target_ids: Tensor, mask: Tensor, *,
@@ -215,7 +209,7 @@ class SampledToken(DistillationLoss):
         target = inputs.require(self.registry_name)
         if target.token_logprobs is None and target.logits is None:
             inputs.require(self.registry_name, TEACHER_TOKEN_LOGPROBS)
-        teacher = target.logits if target.logits is not None else target.topk
+        teacher = target.distribution
         if self.credit == "baseline" and teacher is None:
             inputs.require(self.registry_name, TEACHER_LOGITS)
         return self.compute(inputs.student, inputs.target_ids, inputs.valid, target.token_logprobs, teacher,

@@ -28,6 +28,11 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def spec_of(obj: Any) -> dict:
     """`{name: <registry name>, <hyperparameters>}` of a registered loss or aligner instance (else `class_path` and
     `init_args`); hyperparameters are read back from the attributes named like the `__init__` arguments."""
@@ -44,8 +49,6 @@ def spec_of(obj: Any) -> dict:
 
 def plain(value: Any) -> Any:
     """`value` as YAML-able data (see the module docstring); raises `NoPlainForm` where there is none."""
-    from torch import nn
-
     from opd_lightning.aligners import Aligner
     from opd_lightning.losses import DistillationLoss
     from opd_lightning.objective import LossTerm
@@ -67,16 +70,12 @@ def plain(value: Any) -> Any:
         return {"class_path": _path(value)}
     if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
         return {"class_path": _path(value.func), "init_args": plain(value.keywords)}
-    if isinstance(value, nn.Module):
-        raise NoPlainForm(f"a {type(value).__name__} module has no plain form")
     raise NoPlainForm(f"{value!r} has no plain form")
 
 
 def build_class(spec: dict, *args: Any) -> Any:
     """Import `spec["class_path"]` and call it with `args` and `spec["init_args"]`."""
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(*args, **spec.get("init_args", {}))
+    return _import(spec["class_path"])(*args, **spec.get("init_args", {}))
 
 
 def build(value: Any, cls: type) -> Any:
@@ -89,9 +88,7 @@ def build(value: Any, cls: type) -> Any:
 def factory(value: Any) -> Any:
     """An optimizer or scheduler factory from its plain form (`{class_path, init_args}`), else `value` itself."""
     if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return functools.partial(cls, **value.get("init_args", {}))
+        return functools.partial(_import(value["class_path"]), **value.get("init_args", {}))
     return value
 
 

@@ -174,7 +174,7 @@ class DistillationModule(LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "require_field"):
             return
-        gold = any(t.completions == "gold" for t in self.terms)
+        gold = self.rollout_source.gold
         why = ("rollout.on_policy_fraction < 1 with off_policy_source 'dataset'" if self.rollout_policy.reads_completions()
                else "a loss term trains on gold completions")
         if stage == "fit" and (self.rollout_policy.reads_completions() or gold):

@@ -112,6 +112,11 @@ class TeacherTarget:
     mass_coverage: float | None = None  # mean teacher probability mass the projection kept
     student_projection: Callable[[Tensor], Tensor] | None = None  # maps student logits into `logits`' space
 
+    @property
+    def distribution(self) -> Tensor | TopK | None:
+        """The teacher's distribution in the form this target carries it: dense logits, else the top-k form."""
+        return self.logits if self.logits is not None else self.topk
+
     def filled(self) -> frozenset[str]:
         """The capabilities this target carries (every field `FIELDS` names for it is set)."""
         return frozenset(c for c, names in FIELDS.items() if all(getattr(self, n) is not None for n in names))
