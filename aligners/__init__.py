@@ -10,6 +10,7 @@ from .byte_spans import ByteSpanAligner
 from .bytes import TokenBytes, byte_level_alphabet, char_byte_offsets
 from .char_level import BYTE_CLASSES, CharLevelAligner, byte_class_ids, to_byte_logprobs
 from .dskd_cma import DskdCmaAligner
+from .exact_spans import ExactSpanAligner
 from .identity import IdentityAligner
 from .mined import MinEdAligner, edit_distances, min_edit_pairs
 from .spans import SpanAlignment, TextView, align_ends, retokenise
@@ -25,6 +26,7 @@ __all__ = [
     "ByteSpanAligner",
     "CharLevelAligner",
     "DskdCmaAligner",
+    "ExactSpanAligner",
     "IdentityAligner",
     "MinEdAligner",
     "SpanAlignment",

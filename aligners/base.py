@@ -40,6 +40,7 @@ class TeacherInputs:
     position_ids: Tensor  # [B, T_teacher]
     completion_length: int  # M: number of trailing positions whose predictions the aligner needs
     alignment: Any = None  # aligner-specific state for `project` (e.g. the byte-span alignment)
+    branches: Any = None  # `branches.BranchQueries` over the main pass, for aligners that set `queries_teacher`
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Aligner(abc.ABC):
     provides: frozenset[str] = frozenset()
     #: True when the teacher reads the student's token ids unchanged (its completions can be reused as is).
     same_tokenizer = False
+    #: True when `project` queries the teacher beyond its main pass (`TeacherInputs.branches` is then filled).
+    queries_teacher = False
 
     @abc.abstractmethod
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:

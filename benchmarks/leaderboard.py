@@ -65,19 +65,19 @@ def _key(result: dict) -> tuple:
     return result["pair"], result["loss"], result["seed"], result["steps"]
 
 
-def run(pair: str, loss: str, seed: int, steps: int) -> dict:
-    out = ROOT / pair / loss / f"seed_{seed}"
-    extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
-    aligner = aligner_for(pair, loss)
-    if aligner:
-        extra += ["--model.aligner", aligner]
-    args = [sys.executable, "-m", "opd_lightning", "fit", "--config", PAIRS[pair]["config"],
-            "--config", str(ROOT / "overlay.yaml"), "--model.loss", loss, "--seed_everything", str(seed),
-            "--model.seed", str(seed), "--model.student.seed", str(seed), "--data.seed", str(seed),
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-            "--model.scheduler.init_args.total_steps", str(steps), "--trainer.default_root_dir", str(out), *extra]
-    key = {"pair": pair, "loss": loss, "seed": seed, "steps": steps, "aligner": aligner or "identity",
-           "date": str(datetime.date.today())}
+def seed_args(seed: int) -> list[str]:
+    """The options that seed a quickstart run: Lightning's, the rollout draws', the student's and the data's."""
+    return ["--seed_everything", str(seed), "--model.seed", str(seed), "--model.student.seed", str(seed),
+            "--data.seed", str(seed)]
+
+
+def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict) -> dict:
+    """One `opd fit` into `out` (emptied first), `steps` optimizer steps, one thread; its lm-eval score, wall time
+    and the means of `DIAGNOSTICS` over its last 50 logged steps, merged into `key`."""
+    args = [sys.executable, "-m", "opd_lightning", "fit", *config_args, "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps), "--model.scheduler.init_args.total_steps", str(steps),
+            "--trainer.default_root_dir", str(out)]
+    key = {**key, "steps": steps, "date": str(datetime.date.today())}
     shutil.rmtree(out, ignore_errors=True)  # a run into a used folder would log to version_1 and be read stale
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -92,7 +92,20 @@ def run(pair: str, loss: str, seed: int, steps: int) -> dict:
     for name in DIAGNOSTICS:
         values = [float(r[name]) for r in rows if r.get(name)][-50:]  # mean of the last 50 logged steps
         diag[name] = statistics.mean(values) if values else float("nan")
-    return {**key, "wall_s": wall, "score": history[-1]["results"]["arithmetic"]["exact_match"], **diag}
+    scores = {entry["model"]: entry["results"]["arithmetic"]["exact_match"] for entry in history}  # the last each
+    teacher = {"teacher_score": scores["teacher"]} if "teacher" in scores else {}
+    return {**key, "wall_s": wall, "score": scores["student"], **teacher, **diag}
+
+
+def run(pair: str, loss: str, seed: int, steps: int) -> dict:
+    extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
+    aligner = aligner_for(pair, loss)
+    if aligner:
+        extra += ["--model.aligner", aligner]
+    args = ["--config", PAIRS[pair]["config"], "--config", str(ROOT / "overlay.yaml"), "--model.loss", loss,
+            *seed_args(seed), *extra]
+    return fit_and_score(args, ROOT / pair / loss / f"seed_{seed}", steps,
+                         {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"})
 
 
 def _fmt(value: float, digits: int = 3) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner, dense_token_logprobs
+from opd_lightning.aligners.branches import BranchQueries
 from opd_lightning.hidden import output_layer_input, teacher_hidden
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import HIDDEN_STATES, TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_TOPK, TeacherTarget
@@ -24,12 +25,18 @@ __all__ = ["ReferenceScorer", "completion_logits"]
 
 
 def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      completion_length: int) -> Tensor:
+                      completion_length: int, keep_cache: bool = False):
     """Logits predicting the last `completion_length` tokens: `[B, N, V]` (the prompt's positions are never
-    projected through the output layer)."""
+    projected through the output layer); with `keep_cache`, also the pass's KV cache."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=completion_length + 1, use_cache=False)
-    return out.logits[:, :-1]
+                logits_to_keep=completion_length + 1, use_cache=keep_cache)
+    if not keep_cache:
+        return out.logits[:, :-1]
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} returned no KV cache with use_cache=True; an aligner that queries "
+                         "the teacher off the realised path (exact_spans) needs a Hugging Face causal LM teacher")
+    return out.logits[:, :-1], cache
 
 
 class ReferenceScorer:
@@ -61,7 +68,10 @@ class ReferenceScorer:
             hidden = [] if HIDDEN_STATES in needs else None
             with output_layer_input(self.teacher, hidden):
                 logits = completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                                           inputs.completion_length)
+                                           inputs.completion_length, keep_cache=self.aligner.queries_teacher)
+            if self.aligner.queries_teacher:
+                logits, cache = logits
+                inputs.branches = BranchQueries(self.teacher, cache, inputs.attention_mask, inputs.position_ids)
             target = self.aligner.project(logits, inputs, rollout, asked)
             if hidden:
                 with torch.set_grad_enabled(grad):

@@ -75,6 +75,24 @@ def bpe_teacher_dir(tmp_path_factory, bpe_tok_dir):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def subset_dirs(tmp_path_factory):
+    """Tiny teacher with a byte-level BPE, and a student tokenizer keeping 30% of its merges."""
+    from test_aligners import subset_pair
+
+    from opd_lightning.models import HFModel
+
+    student_tok, teacher_tok = subset_pair(0.3)
+    paths = {}
+    for name, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        path = tmp_path_factory.mktemp(name)
+        tok.save_pretrained(path)
+        paths[name] = str(path)
+    source = HFModel(config=TINY, tokenizer=paths["teacher"], seed=3)
+    source.load_model(source.load_tokenizer()).save_pretrained(paths["teacher"])
+    return paths
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "real_tokenizers" in getattr(item, "fixturenames", ()):

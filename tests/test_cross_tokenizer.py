@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import TINY
 from opd_lightning.losses import LOSSES, LossInputs
-from test_aligners import subset_pair
 
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
@@ -23,20 +22,6 @@ from opd_lightning.rollout import SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy
 
 BATCH = {"prompt": ["12+34=", "7-3=", "5+5=", "81-9="], "completion": ["46", "4", "10", "72"]}
-
-
-@pytest.fixture(scope="module")
-def subset_dirs(tmp_path_factory):
-    """Tiny teacher with a byte-level BPE, and a student tokenizer keeping 30% of its merges."""
-    student_tok, teacher_tok = subset_pair(0.3)
-    paths = {}
-    for name, tok in (("student", student_tok), ("teacher", teacher_tok)):
-        path = tmp_path_factory.mktemp(name)
-        tok.save_pretrained(path)
-        paths[name] = str(path)
-    source = HFModel(config=TINY, tokenizer=paths["teacher"], seed=3)
-    source.load_model(source.load_tokenizer()).save_pretrained(paths["teacher"])
-    return paths
 
 
 def run_step(module: DistillationModule, train: bool = True) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,135 @@
+"""Where the transfer across tokenizers is lost: the quickstart's cross-tokenizer distillation, rows that differ only
+in the teacher's target.
+
+    .venv/bin/python -m benchmarks.ablation_cross [--rows ...] [--seeds 0 1 2] [--steps 1500] [--parallel 2]
+
+Every row is `configs/quickstart/distill_cross.yaml` (the byte-level BPE student, forward KL, λ = 0.5, 1,500 steps)
+with one change:
+- `byte_spans`: the shipped aligner (off the realised path a longer student token gets its first teacher token's
+  mass);
+- `exact_spans`: the exact target, every student token's likelihood of its text under the teacher, branches and
+  depth unbounded (equal to the brute-force enumeration with full teacher calls: tests/test_exact_spans.py);
+- `oracle`: a teacher with the student's own tokenizer (`configs/quickstart/teacher_bpe.yaml`, trained here once
+  when missing) through `identity`: what one tokenizer gives, judged by student/teacher ratio;
+- `sft`: SFT on gold (λ = 0, no teacher signal), the baseline every distillation row must beat.
+Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
+`runs/ablation/results.json`) are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the
+table into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks.leaderboard import TEACHER, fit_and_score, seed_args
+from benchmarks.quickstart import machine, record
+
+ROOT = Path("runs/ablation")
+ORACLE = ROOT / "teacher_bpe" / "hf"
+ORACLE_CONFIG = "configs/quickstart/teacher_bpe.yaml"
+CONFIG = "configs/quickstart/distill_cross.yaml"
+OVERLAY = """trainer:
+  callbacks:
+    - class_path: opd_lightning.evaluation.LmEvalCallback
+      init_args: {tasks: [arithmetic], evaluate_teacher: true}
+"""
+ROWS = {
+    "byte_spans": ("byte_spans (shipped)", []),
+    "exact_spans": ("exact target (exact_spans, unbounded)",
+                    ["--model.aligner", "{name: exact_spans, branches: null, depth: null}"]),
+    "oracle": ("oracle: BPE teacher, identity", ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]),
+    "sft": ("SFT on gold (λ = 0)", ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0"]),
+}
+
+
+def train_oracle() -> None:
+    """The oracle teacher: the student's tokenizer, trained on gold until it scores like the character teacher."""
+    if (ORACLE / "config.json").exists():
+        return
+    args = [sys.executable, "-m", "opd_lightning", "fit", "--config", "configs/quickstart/teacher.yaml",
+            "--config", ORACLE_CONFIG, "--trainer.default_root_dir", str(ORACLE.parent)]
+    subprocess.run(args, check=True)
+
+
+def run(row: str, seed: int, steps: int) -> dict:
+    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *ROWS[row][1]]
+    return fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
+
+
+def table(results: list[dict], oracle_ratio: float | None) -> str:
+    header = ("| target | student after (seeds) | mean ± std | teacher | student / teacher | of the oracle's ratio | "
+              "coverage | wall s/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for row, (label, _) in ROWS.items():
+        runs = [r for r in results if r["row"] == row and "score" in r]
+        if not runs:
+            continue
+        scores = [r["score"] for r in runs]
+        teacher = statistics.mean(r["teacher_score"] for r in runs) if row != "sft" else None
+        ratio = statistics.mean(scores) / teacher if teacher else None
+        share = f"{ratio / oracle_ratio:.2f}" if ratio and oracle_ratio else "–"
+        coverage = statistics.mean(r["diag/align_coverage"] for r in runs)
+        lines.append(f"| {label} | {', '.join(f'{s:.3f}' for s in scores)} | {statistics.mean(scores):.3f} ± "
+                     f"{statistics.stdev(scores) if len(scores) > 1 else 0.0:.3f} | "
+                     f"{f'{teacher:.3f}' if teacher else '–'} | {f'{ratio:.3f}' if ratio else '–'} | {share} | "
+                     f"{coverage:.3f} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    return "\n".join(lines)
+
+
+def _recorded(store: Path) -> dict[tuple, dict]:
+    """Finished runs in `store`, by (row, seed, steps)."""
+    runs = json.loads(store.read_text()) if store.exists() else []
+    return {(r["row"], r["seed"], r["steps"]): r for r in runs if "score" in r}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--rerun", action="store_true")
+    args = parser.parse_args()
+    if not (TEACHER / "config.json").exists():
+        raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
+    ROOT.mkdir(parents=True, exist_ok=True)
+    (ROOT / "overlay.yaml").write_text(OVERLAY)
+    if "oracle" in args.rows:
+        train_oracle()
+    store = ROOT / "results.json"
+    done = _recorded(store)
+    jobs = [(row, seed) for row in args.rows for seed in args.seeds if args.rerun or (row, seed, args.steps) not in done]
+    print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for result in pool.map(lambda job: run(*job, args.steps), jobs):
+            if "score" in result:
+                done = {**_recorded(store), **done, (result["row"], result["seed"], args.steps): result}
+            store.write_text(json.dumps(list(done.values()), indent=2))  # merged: other invocations may be writing
+            print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "wall_s", "error")}), flush=True)
+    done = {**_recorded(store), **done}
+    results = [r for (_, seed, steps), r in done.items() if steps == args.steps and seed in args.seeds]
+    oracle = [r for r in results if r["row"] == "oracle"]
+    oracle_ratio = (statistics.mean(r["score"] for r in oracle) / statistics.mean(r["teacher_score"] for r in oracle)
+                    if oracle else None)
+    dates = sorted({r["date"] for r in results})
+    text = f"""## Across tokenizers: where the transfer is lost
+
+Command: `.venv/bin/python -m benchmarks.ablation_cross --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`.
+Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
+Every row is `{CONFIG}` ({args.steps} steps, forward KL, λ = 0.5, the byte-level BPE student) with only the target
+changed; the student starts at 0.000. "Of the oracle's ratio" divides a row's student/teacher ratio by the oracle
+row's. Coverage: the share of student completion tokens with a target (`diag/align_coverage`, last 50 steps).
+
+{table(results, oracle_ratio)}"""
+    print(text)
+    record(text, "ablation_cross")
+
+
+if __name__ == "__main__":
+    main()
