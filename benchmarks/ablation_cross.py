@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import TEACHER, fit_and_score, seed_args
+from benchmarks.leaderboard import TEACHER, _fmt, fit_and_score, seed_args
 from benchmarks.quickstart import machine, record
 
 ROOT = Path("runs/ablation")
@@ -64,8 +65,8 @@ def run(row: str, seed: int, steps: int) -> dict:
 
 def table(results: list[dict], oracle_ratio: float | None) -> str:
     header = ("| target | student after (seeds) | mean ± std | teacher | student / teacher | of the oracle's ratio | "
-              "coverage | wall s/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+              "coverage | non-canonical rollouts | wall s/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _) in ROWS.items():
         runs = [r for r in results if r["row"] == row and "score" in r]
         if not runs:
@@ -75,10 +76,11 @@ def table(results: list[dict], oracle_ratio: float | None) -> str:
         ratio = statistics.mean(scores) / teacher if teacher else None
         share = f"{ratio / oracle_ratio:.2f}" if ratio and oracle_ratio else "–"
         coverage = statistics.mean(r["diag/align_coverage"] for r in runs)
+        noncanonical = statistics.mean(r.get("diag/noncanonical_rate", math.nan) for r in runs)
         lines.append(f"| {label} | {', '.join(f'{s:.3f}' for s in scores)} | {statistics.mean(scores):.3f} ± "
                      f"{statistics.stdev(scores) if len(scores) > 1 else 0.0:.3f} | "
                      f"{f'{teacher:.3f}' if teacher else '–'} | {f'{ratio:.3f}' if ratio else '–'} | {share} | "
-                     f"{coverage:.3f} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
+                     f"{coverage:.3f} | {_fmt(noncanonical)} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines)
 
 
@@ -124,7 +126,9 @@ Command: `.venv/bin/python -m benchmarks.ablation_cross --seeds {' '.join(map(st
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
 Every row is `{CONFIG}` ({args.steps} steps, forward KL, λ = 0.5, the byte-level BPE student) with only the target
 changed; the student starts at 0.000. "Of the oracle's ratio" divides a row's student/teacher ratio by the oracle
-row's. Coverage: the share of student completion tokens with a target (`diag/align_coverage`, last 50 steps).
+row's. Coverage: the share of student completion tokens with a target (`diag/align_coverage`); non-canonical rollouts: the
+share of on-policy completions whose tokens are not the student tokenizer's encoding of their text
+(`diag/noncanonical_rate`); both means over each run's last 50 logged steps.
 
 {table(results, oracle_ratio)}"""
     print(text)

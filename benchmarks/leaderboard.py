@@ -40,7 +40,7 @@ from benchmarks.quickstart import machine, record
 ROOT = Path("runs/leaderboard")
 TEACHER = Path("runs/quickstart/teacher/hf")
 DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
-               "diag/align_coverage")
+               "diag/align_coverage", "diag/noncanonical_rate")
 OVERLAY = """trainer:
   callbacks:
     - class_path: opd_lightning.evaluation.LmEvalCallback

@@ -19,18 +19,21 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["Diagnostics", "DiagnosticsConfig", "output_layer_grad_coherence", "repeated_token_mask"]
+__all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_layer_grad_coherence",
+           "repeated_token_mask"]
 
 # The sums and counts accumulated; each metric is a ratio of two of them, name: (numerator, denominator).
 _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
           "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
-          "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled")
+          "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled", "noncanonical",
+          "noncanonical_n")
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
           "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
-          "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n")}
+          "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
+          "noncanonical_rate": ("noncanonical", "noncanonical_n")}
 _CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
 
 
@@ -57,6 +60,17 @@ class DiagnosticsConfig:
         if self.topk < 1 or self.ngram < 1 or self.grad_coherence_every < 0:
             raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1 and grad_coherence_every ≥ 0, got {self.topk}, "
                              f"{self.ngram}, {self.grad_coherence_every}")
+
+
+def noncanonical_rows(tokenizer, completion_ids: Tensor, mask: Tensor) -> Tensor:
+    """`[B]` bool: completions (`[B, N]` ids, valid where `mask`; a trailing EOS aside) whose tokens are not the
+    tokenizer's encoding of their own text."""
+    eos = tokenizer.eos_token_id
+    rows = [ids[m].tolist() for ids, m in zip(completion_ids.cpu(), mask.bool().cpu(), strict=True)]
+    rows = [r[:-1] if r and r[-1] == eos else r for r in rows]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    canonical = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([r != c for r, c in zip(rows, canonical, strict=True)], dtype=torch.bool)
 
 
 def repeated_token_mask(completion_ids: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -192,6 +206,9 @@ class Diagnostics(nn.Module):
     - `repeat_advantage_ratio`: mean `a_t` on repeated tokens over mean `a_t` on the others (Luo et al. 2026:
       4-9x), from the sums of the whole accumulation; NaN when either group is empty or the second mean is 0.
     - `align_coverage`, `grad_coherence`: means of the values given (see `output_layer_grad_coherence`).
+    - `noncanonical_rate`: share of on-policy completions whose tokens differ from the student tokenizer's own
+      encoding of their text (`noncanonical_rows`): the student wrote the text by another path, e.g. "4", "6" for
+      "46", which a teacher with another tokenizer reads as the same text.
 
     `compute()` syncs across ranks, so every rank must call it (log its values without `sync_dist`); it returns
     only the metrics whose count is positive since the last `reset()`.
@@ -266,6 +283,10 @@ class Diagnostics(nn.Module):
     def update_rollout(self, completion_mask: Tensor, truncated: Tensor) -> None:
         """Length and truncation of a rollout: `completion_mask [B, N]`, `truncated [B]` bool."""
         self._add(rows=truncated.numel(), completion_len=completion_mask.bool().sum(), truncated=truncated.bool().sum())
+
+    def update_noncanonical(self, rows: Tensor) -> None:
+        """Which on-policy completions `[B]` (bool) the student's tokenizer would spell differently."""
+        self._add(noncanonical=rows.sum(), noncanonical_n=rows.numel())
 
     def update_coverage(self, value: float | Tensor) -> None:
         """One alignment coverage value (share of completion tokens with an exact teacher target)."""

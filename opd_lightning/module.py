@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from opd_lightning.aligners import ALIGNERS, Aligner
-from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, output_layer_grad_coherence
+from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, noncanonical_rows, output_layer_grad_coherence
 from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer_input, setup_sizes
 from opd_lightning.hparams import build, factory, record_hyperparameters
 from opd_lightning.losses import HIDDEN_STATES, LOSSES, DistillationLoss, LossInputs, TeacherTarget
@@ -273,7 +273,11 @@ class DistillationModule(LightningModule):
         self._diag = self.train_diag if train else self.val_diag
         step = self.global_step if self._trainer is not None else 0
         rollouts = self.rollouts(batch, train, step)
-        self._diag.update_rollout(rollouts["rollout"].completion_mask, rollouts["rollout"].truncated)
+        rollout = rollouts["rollout"]
+        self._diag.update_rollout(rollout.completion_mask, rollout.truncated)
+        if self.diag_config.enabled and rollout.on_policy:
+            self._diag.update_noncanonical(noncanonical_rows(self.student_tokenizer, rollout.completion_ids,
+                                                             rollout.completion_mask))
         every = self.diag_config.grad_coherence_every
         measure_step = self.diag_config.enabled and train and every > 0 and step % every == 0
         counts = self._step_counts(rollouts)

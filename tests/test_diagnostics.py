@@ -224,3 +224,18 @@ def test_max_positions_subsamples_distribution_statistics_only():
     entropy = -(student.log_softmax(-1).exp() * student.log_softmax(-1)).sum(-1).flatten()[picked].mean()
     torch.testing.assert_close(b["diag/entropy_student"], entropy)
     assert not torch.isclose(a["diag/entropy_student"], b["diag/entropy_student"])
+
+
+def test_noncanonical_rows_flag_completions_the_tokenizer_would_spell_otherwise():
+    from opd_lightning.diagnostics import noncanonical_rows
+    from opd_lightning.tasks.arithmetic import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    c, eos = tok.convert_tokens_to_ids, tok.eos_token_id
+    ids = torch.tensor([[c("4"), c("6"), eos], [c("46"), eos, 0], [c("13"), c("6"), eos], [c("61"), c("3"), 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    # "4","6" spells "46" (one token); "13","6" is how the tokenizer writes "136", and "6","13" how it writes "613"
+    assert noncanonical_rows(tok, ids, mask).tolist() == [True, False, False, True]
+    diag = Diagnostics()
+    diag.update_noncanonical(noncanonical_rows(tok, ids, mask))
+    assert float(diag.compute()["diag/noncanonical_rate"]) == 0.5
