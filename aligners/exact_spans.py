@@ -135,8 +135,8 @@ class ExactSpanAligner(TextAligner):
         start_tokens = queries.tokens
         prompt = view.input_ids.shape[1] - view.teacher_ids.shape[1]
         m = view.teacher_ids.shape[1]
-        t_ids, t_len = view.teacher_ids.cpu(), view.teacher_mask.sum(-1).tolist()
-        root_pos = inputs.position_ids.cpu()
+        t_ids, t_len = view.teacher_ids.cpu().numpy(), view.teacher_mask.sum(-1).tolist()
+        root_pos = inputs.position_ids.cpu().numpy()
         device = teacher_logits.device
         out = torch.zeros(len(roots), self.student_vocab_size + 1, dtype=torch.float64)  # last column: dropped
         level, logits = roots, teacher_logits[[r.row for r in roots], [r.root for r in roots]]
@@ -160,21 +160,23 @@ class ExactSpanAligner(TextAligner):
                 fallback = table.fallback.where(table.fallback >= 0, self.student_vocab_size)
                 out.index_put_((targets[:, None].expand_as(child), fallback.expand_as(child)),
                                child.masked_fill(expand, 0.0), accumulate=True)
-                for a, o in expand.nonzero().tolist():
+                chosen = expand.nonzero().tolist()
+                masses = child[expand].tolist()
+                open_ids = table.open_ids.tolist()
+                for (a, o), mass in zip(chosen, masses, strict=True):
                     parent = level[members[a]]
-                    x = int(table.open_ids[o])
+                    x = open_ids[o]
                     node = _Node(out=parent.out, row=parent.row, root=parent.root, depth=parent.depth + 1,
-                                 state=table.states[o], mass=float(child[a, o]),
+                                 state=table.states[o], mass=mass,
                                  realised=parent.realised and self._realised_next(parent, t_ids, t_len) == x,
-                                 keys_end=parent.keys_end, ancestors=parent.ancestors)
-                    position = int(root_pos[parent.row, prompt + parent.root - 1]) + node.depth
-                    if parent.slot >= 0:
-                        node.ancestors = (*parent.ancestors, parent.slot)
+                                 keys_end=parent.keys_end,
+                                 ancestors=(*parent.ancestors, parent.slot) if parent.slot >= 0 else parent.ancestors)
                     at = parent.root + node.depth
-                    if node.realised and at < min(t_len[parent.row], m):  # the main pass already scored it
+                    if node.realised and at <= t_len[parent.row] and at < m:  # the main pass already scored it
                         node.keys_end = prompt + at
                     else:
                         node.realised = False
+                        position = int(root_pos[parent.row, prompt + parent.root - 1]) + node.depth
                         branch_nodes.append((node, Branch(node.row, node.keys_end, node.ancestors, x, position)))
                     nxt.append(node)
             if branch_nodes:
@@ -190,11 +192,11 @@ class ExactSpanAligner(TextAligner):
         self.last_query_tokens = queries.tokens - start_tokens
         return out[:, : self.student_vocab_size].float()
 
-    def _realised_next(self, node: _Node, t_ids: Tensor, t_len: list[int]) -> int:
+    def _realised_next(self, node: _Node, t_ids, t_len: list[int]) -> int:
         at = node.root + node.depth
         return int(t_ids[node.row, at]) if at < t_len[node.row] else -1
 
-    def _choose(self, child: Tensor, members: list[int], level: list[_Node], table: CoverTable, t_ids: Tensor,
+    def _choose(self, child: Tensor, members: list[int], level: list[_Node], table: CoverTable, t_ids,
                 t_len: list[int]) -> Tensor:
         """Which open children `[k, o]` to expand: the realised one, and the `branches` most likely others."""
         expand = torch.zeros(child.shape, dtype=torch.bool)

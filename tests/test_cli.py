@@ -18,8 +18,14 @@ DISTILL = REPO / "configs" / "quickstart" / "distill.yaml"
 
 
 def config_stack(path: Path) -> list[str]:
-    """Overlay configs (those that say to run after another) are parsed on top of the quickstart distillation."""
-    header = path.read_text().split("\n", 10)
+    """Overlay configs (those that say to run after another) are parsed on top of the config their header names
+    first (`opd fit --config BASE --config OVERLAY`), or of the quickstart distillation."""
+    header = path.read_text().split("\n", 10)[:10]
+    rel = str(path.relative_to(REPO))
+    for line in header:
+        words = line.split()
+        if "--config" in words and rel in words and words.index(rel) > words.index("--config") + 1:
+            return ["--config", str(REPO / words[words.index("--config") + 1]), "--config", str(path)]
     base = [] if path.parent.name == "quickstart" or not any("--config" in h and "quickstart" in h for h in header) \
         else ["--config", str(DISTILL)]
     return [*base, "--config", str(path)]
