@@ -17,6 +17,7 @@ from .spans import SpanAlignment, TextView, align_ends, retokenise
 from .text import TextAligner, vocab_pairs
 from .trie import TokenTrie, prefixless_encoder
 from .vocab_map import VocabMapAligner
+from .xtoken import XTokenAligner, piece_weights, projection_entries
 
 __all__ = [
     "ALIGNERS",
@@ -37,6 +38,7 @@ __all__ = [
     "TokenBytes",
     "TokenTrie",
     "VocabMapAligner",
+    "XTokenAligner",
     "align_ends",
     "bpe_subset_problem",
     "byte_class_ids",
@@ -47,7 +49,9 @@ __all__ = [
     "fit_vocab",
     "keep_merges",
     "min_edit_pairs",
+    "piece_weights",
     "prefixless_encoder",
+    "projection_entries",
     "retokenise",
     "to_byte_logprobs",
     "vocab_pairs",

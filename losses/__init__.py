@@ -12,6 +12,7 @@ from opd_lightning.target import (
     TEACHER_TOKEN_LOGPROBS,
     TEACHER_TOPK,
     VOCAB_PAIRS,
+    VOCAB_PROJECTION,
     TeacherSequence,
     TeacherTarget,
     TopK,
@@ -62,6 +63,7 @@ from .mixture import (
 from .sampled_token import SampledToken, clipped_policy_loss, sampled_token
 from .topk import TopKReverseKL, restrict_to_teacher_topk, topk_reverse_kl, topk_reverse_kl_per_token
 from .uld import ULD, sorted_l1_per_token, uld, uld_per_token
+from .xtoken import XTokenHKL, XTokenPKL, pkl_per_token, project_logprobs, top_ranked_pairs, xtoken_hkl, xtoken_pkl
 
 __all__ = [
     "CREDITS",
@@ -76,6 +78,7 @@ __all__ = [
     "TEACHER_TOPK",
     "ULD",
     "VOCAB_PAIRS",
+    "VOCAB_PROJECTION",
     "CrossEntropy",
     "DenseDivergence",
     "DistillationLoss",
@@ -93,6 +96,8 @@ __all__ = [
     "TopK",
     "TopKReverseKL",
     "TotalVariation",
+    "XTokenHKL",
+    "XTokenPKL",
     "assign_credit",
     "check_teacher",
     "clipped_policy_loss",
@@ -110,6 +115,8 @@ __all__ = [
     "gold_per_token",
     "normalise",
     "on_student_support",
+    "pkl_per_token",
+    "project_logprobs",
     "restrict_to_teacher_topk",
     "reverse_kl",
     "reverse_kl_per_token",
@@ -121,6 +128,7 @@ __all__ = [
     "sorted_l1_per_token",
     "teacher_entropy",
     "token_logprobs",
+    "top_ranked_pairs",
     "topk_buckets",
     "topk_forward_kl_per_token",
     "topk_reverse_kl",
@@ -129,4 +137,6 @@ __all__ = [
     "tvd_per_token",
     "uld",
     "uld_per_token",
+    "xtoken_hkl",
+    "xtoken_pkl",
 ]

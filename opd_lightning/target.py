@@ -10,7 +10,8 @@ Forms of a target (each filled only when a loss asks for the capability that nam
 - top-k: the teacher's k most likely student-vocabulary ids, their log-probs and the log of the mass left outside
   them (`TopK`), `[B, N, k]`: what a cache or a server can afford to keep;
 - token log-probs: the teacher's log-prob of each student token, or of the span it ends (`token_spans`), `[B, N]`;
-- native: the teacher's logits in its own vocabulary at the aligned positions, with the pairs of same-text ids;
+- native: the teacher's logits in its own vocabulary at the aligned positions, with the pairs of same-text ids, or
+  with a sparse projection between the two vocabularies (`vocab_projection`, X-Token's W);
 - hidden states: the teacher's last hidden states at (or attended from) each student position, its logits at its own
   positions and its output layer.
 
@@ -27,16 +28,20 @@ import torch
 from torch import Tensor
 
 __all__ = ["CAPABILITIES", "FIELDS", "HIDDEN_STATES", "TEACHER_LOGITS", "TEACHER_NATIVE_LOGITS", "TEACHER_TOKEN_LOGPROBS",
-           "TEACHER_TOPK", "VOCAB_PAIRS", "TeacherSequence", "TeacherTarget", "TopK", "token_logprobs", "upcast"]
+           "TEACHER_TOPK", "VOCAB_PAIRS", "VOCAB_PROJECTION", "TeacherSequence", "TeacherTarget", "TopK",
+           "token_logprobs", "upcast"]
 
 TEACHER_LOGITS = "teacher_logits"  # dense teacher logits in the student's vocabulary, [B, N, V]
 TEACHER_TOPK = "teacher_topk"  # the teacher's top-k ids (student vocabulary), log-probs and tail mass, [B, N, k]
 TEACHER_TOKEN_LOGPROBS = "teacher_token_logprobs"  # teacher log-prob of each target token (or span), [B, N]
 TEACHER_NATIVE_LOGITS = "teacher_native_logits"  # teacher logits in its own vocabulary, [B, N, V_teacher]
 VOCAB_PAIRS = "vocab_pairs"  # (student ids [K], teacher ids [K]): tokens with the same text in both vocabularies
+# A sparse projection W [V_s, V_t] from student to teacher tokens, as its E nonzero entries (X-Token):
+# (student ids [E], teacher ids [E], weights [E]); each student row sums to 1 or is empty.
+VOCAB_PROJECTION = "vocab_projection"
 HIDDEN_STATES = "hidden_states"  # the teacher's last hidden states, logits at its own positions and output layer
 CAPABILITIES = (TEACHER_LOGITS, TEACHER_TOPK, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS,
-                HIDDEN_STATES)
+                VOCAB_PROJECTION, HIDDEN_STATES)
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -106,6 +111,7 @@ class TeacherTarget:
     token_spans: Tensor | None = None  # [B, N] span id; the span's log-prob sits on its last token
     native_logits: Tensor | None = None  # [B, N, V_teacher] the teacher's own logits at the aligned position
     vocab_pairs: tuple[Tensor, Tensor] | None = None  # (student ids [K], teacher ids [K]) with the same text
+    vocab_projection: tuple[Tensor, Tensor, Tensor] | None = None  # W's (student ids, teacher ids, weights), [E] each
     hidden: Tensor | None = None  # [B, N, H_teacher] hidden state at (or attended from) each student position
     sequence: TeacherSequence | None = None  # the teacher's logits at its own positions and the way there
     head: Tensor | None = None  # [V_teacher, H_teacher] the frozen teacher's output layer weight
@@ -142,5 +148,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     TEACHER_TOKEN_LOGPROBS: ("token_logprobs",),
     TEACHER_NATIVE_LOGITS: ("native_logits",),
     VOCAB_PAIRS: ("vocab_pairs",),
+    VOCAB_PROJECTION: ("vocab_projection",),
     HIDDEN_STATES: ("hidden", "sequence"),
 }

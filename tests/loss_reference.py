@@ -13,8 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DENSE_REFERENCES", "make_batch", "make_cross_batch", "probs", "ref_bucketed", "ref_cross_entropy", "ref_dense",
-           "ref_entropy_aware", "ref_gold", "ref_gold_parts", "ref_sampled_token", "ref_sorted_l1", "ref_uld"]
+__all__ = ["DENSE_REFERENCES", "make_batch", "make_cross_batch", "make_projection", "probs", "ref_bucketed",
+           "ref_cross_entropy", "ref_dense", "ref_entropy_aware", "ref_gold", "ref_gold_parts", "ref_sampled_token",
+           "ref_sorted_l1", "ref_top_ranked_pairs", "ref_uld", "ref_xtoken_hkl", "ref_xtoken_pkl"]
 
 
 def make_batch(b: int, n: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 2.0):
@@ -216,3 +217,68 @@ def ref_gold(student: Tensor, teacher: Tensor, mask: Tensor, pairs: tuple[Tensor
                                             pairs, beta)
         total = total + matched_weight * matched + unmatched_weight * unmatched
     return total / _count(mask, num_items)
+
+
+def make_projection(v_s: int, v_t: int, *, seed: int = 0, unreachable: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """A random sparse W [v_s, v_t] as (student ids, teacher ids, float32 weights): each row empty (about 1 in 7),
+    one-hot (1 in 7), or 2 to 3 teacher ids with random weights summing to 1; the last `unreachable` teacher ids are
+    in no row."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols, weights = [], [], []
+    for s in range(v_s):
+        kind = int(torch.randint(0, 7, (1,), generator=g))
+        if kind == 0:
+            continue
+        width = 1 if kind == 1 else int(torch.randint(2, 4, (1,), generator=g))
+        ids = torch.randperm(v_t - unreachable, generator=g)[:width]
+        w = torch.rand(width, generator=g) + 0.05
+        rows += [s] * width
+        cols += ids.tolist()
+        weights += (w / w.sum()).tolist()
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(weights, dtype=torch.float32)
+
+
+def ref_xtoken_pkl(student: Tensor, teacher: Tensor, mask: Tensor, projection: tuple[Tensor, Tensor, Tensor], *,
+                   beta: float = 0.0, temperature: float = 1.0, num_items=None) -> Tensor:
+    """P-KL by loops: q(t) = Σ over W's entries (s, t, w) of p_S(s)·w, both sides restricted to the reached t and
+    renormalised there, then the generalized JSD (β = 0 / 1: forward / reverse KL); float64."""
+    entries = list(zip(*(x.tolist() for x in projection), strict=True))
+    v_t = teacher.shape[-1]
+    total = 0.0
+    for b, t in _valid(mask):
+        p_s, p_t = probs(student[b, t], temperature), probs(teacher[b, t], temperature)
+        q = [sum((p_s[s] * w for s, c, w in entries if c == col), p_s.new_zeros(())) for col in range(v_t)]
+        reached = [col for col in range(v_t) if q[col] > 0]
+        q_r = torch.stack([q[col] for col in reached])
+        q_r, t_r = q_r / q_r.sum(), p_t[reached] / p_t[reached].sum()
+        if beta == 0:
+            total = total + _kl(t_r, q_r)
+        elif beta == 1:
+            total = total + _kl(q_r, t_r)
+        else:
+            total = total + DENSE_REFERENCES["generalized_jsd"](q_r, t_r, beta)
+    return total / _count(mask, num_items)
+
+
+def ref_top_ranked_pairs(projection: tuple[Tensor, Tensor, Tensor], threshold: float) -> tuple[Tensor, Tensor]:
+    """H-KL's pairs by brute force: each row's largest weight (ties: lower teacher id) if ≥ threshold, then each
+    teacher id kept for the row with the largest such weight (ties: lower student id)."""
+    best: dict[int, tuple[float, int]] = {}
+    for s, c, w in zip(*(x.tolist() for x in projection), strict=True):
+        if s not in best or (w, -c) > (best[s][0], -best[s][1]):
+            best[s] = (w, c)
+    owner: dict[int, tuple[float, int]] = {}
+    for s, (w, c) in sorted(best.items()):
+        if w >= threshold and (c not in owner or w > owner[c][0]):
+            owner[c] = (w, s)
+    pairs = sorted((s, c) for c, (_, s) in owner.items())
+    return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+def ref_xtoken_hkl(student: Tensor, teacher: Tensor, mask: Tensor, projection: tuple[Tensor, Tensor, Tensor], *,
+                   threshold: float = 0.6, beta: float = 0.0, matched_weight: float = 1.0,
+                   unmatched_weight: float = 1.0, temperature: float = 1.0, num_items=None) -> Tensor:
+    """H-KL: the GOLD reference on the brute-force pairs."""
+    return ref_gold(student, teacher, mask, ref_top_ranked_pairs(projection, threshold), beta=beta,
+                    matched_weight=matched_weight, unmatched_weight=unmatched_weight, temperature=temperature,
+                    num_items=num_items)

@@ -18,6 +18,7 @@ from opd_lightning.losses import (
     TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     VOCAB_PAIRS,
+    VOCAB_PROJECTION,
     LossInputs,
     TeacherSequence,
     TeacherTarget,
@@ -56,8 +57,9 @@ def build(name: str, **kwargs):
 def inputs_for(student, teacher, target, mask, **extra) -> LossInputs:
     """Every field a loss may read; teacher token log-probs are gathered from the teacher logits.
 
-    Cross-tokenizer fields describe a teacher with the student's vocabulary: its native logits are `teacher`, and
-    every token is paired with itself. Hidden states and output layers are fixed random tensors of width `HIDDEN`.
+    Cross-tokenizer fields describe a teacher with the student's vocabulary: its native logits are `teacher`, every
+    token is paired with itself, and the vocabulary projection W is the identity. Hidden states and output layers
+    are fixed random tensors of width `HIDDEN`.
     """
     token = torch.log_softmax(teacher.float(), -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ids = torch.arange(student.shape[-1])
@@ -65,7 +67,8 @@ def inputs_for(student, teacher, target, mask, **extra) -> LossInputs:
     hidden = torch.randn(2, *target.shape, HIDDEN, generator=g)  # [2, B, N, H]: student, teacher
     heads = torch.randn(2, student.shape[-1], HIDDEN, generator=g)  # [2, V, H]
     target_ = TeacherTarget(logits=teacher, token_logprobs=token, native_logits=teacher, vocab_pairs=(ids, ids),
-                            hidden=hidden[1], sequence=TeacherSequence(teacher), head=heads[1])
+                            vocab_projection=(ids, ids, torch.ones(len(ids))), hidden=hidden[1],
+                            sequence=TeacherSequence(teacher), head=heads[1])
     return LossInputs(student, target, mask, teacher=target_, student_hidden=hidden[0], student_head=heads[0],
                       **extra)
 
@@ -80,7 +83,7 @@ def value_and_grad(loss, student, teacher, target, mask, **extra):
 def test_registry_holds_exactly_the_documented_losses():
     assert set(LOSSES) == {"forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
                            "topk_reverse_kl", "sampled_token", "entropy_aware", "cross_entropy", "uld", "gold",
-                           "dskd"}
+                           "dskd", "xtoken_pkl", "xtoken_hkl"}
     with pytest.raises(UnknownNameError, match="Did you mean 'reverse_kl'"):
         LOSSES.build("revers_kl")
 
@@ -171,6 +174,7 @@ def test_requires_declares_what_is_read():
     assert LOSSES.build("entropy_aware").requires == {TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS}
     assert LOSSES["uld"].requires == {TEACHER_NATIVE_LOGITS}
     assert LOSSES["gold"].requires == {TEACHER_NATIVE_LOGITS, VOCAB_PAIRS}
+    assert LOSSES["xtoken_pkl"].requires == LOSSES["xtoken_hkl"].requires == {TEACHER_NATIVE_LOGITS, VOCAB_PROJECTION}
 
 
 # ------------------------------------------------------------------------------------------------ limits
