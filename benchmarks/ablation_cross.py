@@ -11,7 +11,10 @@ with one change:
   depth unbounded (equal to the brute-force enumeration with full teacher calls: tests/test_exact_spans.py);
 - `oracle`: a teacher with the student's own tokenizer (`configs/quickstart/teacher_bpe.yaml`, trained here once
   when missing) through `identity`: what one tokenizer gives, judged by student/teacher ratio;
-- `sft`: SFT on gold (λ = 0, no teacher signal), the baseline every distillation row must beat.
+- `sft`: SFT on gold (λ = 0, no teacher signal), the baseline every distillation row must beat;
+- `exact_spans_sft`: the exact target plus SFT on the gold completions of every step (an extra loss term);
+- `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
+  separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
 `runs/ablation/results.json`) are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the
 table into benchmarks/RESULTS.md.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -39,13 +43,24 @@ OVERLAY = """trainer:
   callbacks:
     - class_path: opd_lightning.evaluation.LmEvalCallback
       init_args: {tasks: [arithmetic], evaluate_teacher: true}
+    - class_path: opd_lightning.export.ExportStudent   # <run>/hf, for looking at what the student writes
 """
+EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null}"]
+ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {
     "byte_spans": ("byte_spans (shipped)", []),
-    "exact_spans": ("exact target (exact_spans, unbounded)",
-                    ["--model.aligner", "{name: exact_spans, branches: null, depth: null}"]),
-    "oracle": ("oracle: BPE teacher, identity", ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]),
+    "exact_spans": ("exact target (exact_spans, unbounded)", EXACT),
+    "oracle": ("oracle: BPE teacher, identity", ORACLE_ARGS),
     "sft": ("SFT on gold (λ = 0)", ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0"]),
+    # The exact target with SFT on the gold completions of every step added (weight 1): the teacher's hedges on
+    # hard problems, spread over whole-number tokens, pulled back towards the gold answer.
+    "exact_spans_sft": ("exact target + SFT on gold (weight 1)",
+                        [*EXACT, "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
+    # The same targets on the gold completions only (λ = 0): what the on-policy half of the steps adds or costs.
+    "exact_spans_gold": ("exact target, gold completions only (λ = 0)",
+                         [*EXACT, "--model.rollout.on_policy_fraction", "0.0"]),
+    "oracle_gold": ("oracle, gold completions only (λ = 0)",
+                    [*ORACLE_ARGS, "--model.rollout.on_policy_fraction", "0.0"]),
 }
 
 
@@ -55,7 +70,7 @@ def train_oracle() -> None:
         return
     args = [sys.executable, "-m", "opd_lightning", "fit", "--config", "configs/quickstart/teacher.yaml",
             "--config", ORACLE_CONFIG, "--trainer.default_root_dir", str(ORACLE.parent)]
-    subprocess.run(args, check=True)
+    subprocess.run(args, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run(row: str, seed: int, steps: int) -> dict:
@@ -75,13 +90,19 @@ def table(results: list[dict], oracle_ratio: float | None) -> str:
         teacher = statistics.mean(r["teacher_score"] for r in runs) if row != "sft" else None
         ratio = statistics.mean(scores) / teacher if teacher else None
         share = f"{ratio / oracle_ratio:.2f}" if ratio and oracle_ratio else "–"
-        coverage = statistics.mean(r["diag/align_coverage"] for r in runs)
-        noncanonical = statistics.mean(r.get("diag/noncanonical_rate", math.nan) for r in runs)
+        coverage, noncanonical = (_mean([r.get(k, math.nan) for r in runs])
+                                  for k in ("diag/align_coverage", "diag/noncanonical_rate"))
         lines.append(f"| {label} | {', '.join(f'{s:.3f}' for s in scores)} | {statistics.mean(scores):.3f} ± "
                      f"{statistics.stdev(scores) if len(scores) > 1 else 0.0:.3f} | "
                      f"{f'{teacher:.3f}' if teacher else '–'} | {f'{ratio:.3f}' if ratio else '–'} | {share} | "
-                     f"{coverage:.3f} | {_fmt(noncanonical)} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
+                     f"{_fmt(coverage)} | {_fmt(noncanonical)} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the values that are numbers (a metric a run did not log is NaN), NaN when none is."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.mean(known) if known else math.nan
 
 
 def _recorded(store: Path) -> dict[tuple, dict]:
@@ -97,16 +118,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--no-run", action="store_true", help="only write the table of the runs recorded")
     args = parser.parse_args()
     if not (TEACHER / "config.json").exists():
         raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
     ROOT.mkdir(parents=True, exist_ok=True)
     (ROOT / "overlay.yaml").write_text(OVERLAY)
-    if "oracle" in args.rows:
+    if any(row.startswith("oracle") for row in args.rows) and not args.no_run:
         train_oracle()
     store = ROOT / "results.json"
     done = _recorded(store)
-    jobs = [(row, seed) for row in args.rows for seed in args.seeds if args.rerun or (row, seed, args.steps) not in done]
+    jobs = [] if args.no_run else [(row, seed) for row in args.rows for seed in args.seeds
+                                   if args.rerun or (row, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         for result in pool.map(lambda job: run(*job, args.steps), jobs):
@@ -115,14 +138,16 @@ def main() -> None:
             store.write_text(json.dumps(list(done.values()), indent=2))  # merged: other invocations may be writing
             print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "wall_s", "error")}), flush=True)
     done = {**_recorded(store), **done}
-    results = [r for (_, seed, steps), r in done.items() if steps == args.steps and seed in args.seeds]
+    results = [r for (row, seed, steps), r in done.items()
+               if steps == args.steps and seed in args.seeds and row in args.rows]
     oracle = [r for r in results if r["row"] == "oracle"]
     oracle_ratio = (statistics.mean(r["score"] for r in oracle) / statistics.mean(r["teacher_score"] for r in oracle)
                     if oracle else None)
     dates = sorted({r["date"] for r in results})
     text = f"""## Across tokenizers: where the transfer is lost
 
-Command: `.venv/bin/python -m benchmarks.ablation_cross --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`.
+Command: `.venv/bin/python -m benchmarks.ablation_cross --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`
+(each row's seeds are listed; rows with fewer seeds than asked had not run yet).
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
 Every row is `{CONFIG}` ({args.steps} steps, forward KL, λ = 0.5, the byte-level BPE student) with only the target
 changed; the student starts at 0.000. "Of the oracle's ratio" divides a row's student/teacher ratio by the oracle

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from aligner_reference import brute_force_next_token
 
 TEACHER = Path("runs/quickstart/teacher/hf")
+ORACLE = Path("runs/ablation/teacher_bpe/hf")  # the ablation's teacher with the student's tokenizer
 ALIGNERS_COMPARED = {
     "byte_spans": {}, "vocab_map": {}, "mined": {},
     "exact_spans (branches 2, depth 1)": {"branches": 2, "depth": 1},
@@ -122,6 +123,38 @@ def measure(name: str, options: dict, teacher, teacher_tok, student_tok, batches
     return row
 
 
+def against_oracle(student_tok, teacher, teacher_tok, rollout: Rollout) -> str:
+    """The exact target from the character teacher against the oracle teacher's own distribution (same student
+    tokenizer, same score), per completion position of the gold answers: how differently two equally accurate
+    teachers spread their mass over the student's tokens."""
+    source = HFModel(path=str(ORACLE))
+    oracle_tok = source.load_tokenizer()
+    oracle = source.load_model(oracle_tok).eval()
+    targets = []
+    for model, tok, name in ((teacher, teacher_tok, "exact_spans"), (oracle, oracle_tok, "identity")):
+        aligner = ALIGNERS.build(name, **({"branches": None, "depth": None} if name == "exact_spans" else {}))
+        aligner.bind(student_tok, tok, len(student_tok), model.config.vocab_size)
+        target = ReferenceScorer(aligner, model, None).teacher_target(rollout, frozenset({TEACHER_LOGITS}), None)
+        targets.append(target.logits[..., : len(student_tok)].double().log_softmax(-1))
+    exact, own = targets
+    ids = rollout.completion_ids.unsqueeze(-1)
+    kl = (exact.exp() * (exact - own)).sum(-1)
+    p_exact, p_own = exact.gather(-1, ids).squeeze(-1).exp(), own.gather(-1, ids).squeeze(-1).exp()
+    agree = exact.argmax(-1) == own.argmax(-1)
+    header = ("| completion position | positions | KL(exact ‖ oracle) | p(gold token): exact | oracle | same argmax | "
+              "second-best > 0.1: exact | oracle |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for i in range(rollout.completion_mask.shape[1]):
+        m = rollout.completion_mask[:, i]
+        if not m.any():
+            continue
+        second = [t[:, i].exp().topk(2, -1).values[:, 1][m] for t in (exact, own)]
+        lines.append(f"| {i} | {int(m.sum())} | {kl[:, i][m].mean():.3f} | {p_exact[:, i][m].mean():.3f} | "
+                     f"{p_own[:, i][m].mean():.3f} | {agree[:, i][m].double().mean():.3f} | "
+                     f"{(second[0] > 0.1).double().mean():.3f} | {(second[1] > 0.1).double().mean():.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=32)
@@ -158,6 +191,14 @@ teacher target of `exact_spans` (main forward, re-tokenisation, branch queries, 
 batch; "teacher forward" is the main forward alone.
 
 {chr(10).join(lines)}"""
+    if (ORACLE / "config.json").exists():
+        text += f"""
+
+The exact target against the oracle teacher (`{ORACLE}`, the student's own tokenizer, trained by
+`benchmarks.ablation_cross` to the character teacher's score) on the {args.rows} gold answers, per completion
+position (0: the answer's first token; then EOS or its second token):
+
+{against_oracle(student_tok, teacher, teacher_tok, batches["gold"])}"""
     print(text)
     if not args.no_record:
         record(text, "exact_targets")
