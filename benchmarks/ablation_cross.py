@@ -22,7 +22,6 @@ table into benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import TEACHER, _fmt, fit_and_score, seed_args
+from benchmarks.leaderboard import _fmt, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
 
 ROOT = Path("runs/ablation")
@@ -112,18 +111,11 @@ def _recorded(store: Path) -> dict[tuple, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = run_parser(steps=1500)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--no-run", action="store_true", help="only write the table of the runs recorded")
     args = parser.parse_args()
-    if not (TEACHER / "config.json").exists():
-        raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
-    ROOT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "overlay.yaml").write_text(OVERLAY)
+    prepare(ROOT, OVERLAY)
     if any(row.startswith("oracle") for row in args.rows) and not args.no_run:
         train_oracle()
     store = ROOT / "results.json"

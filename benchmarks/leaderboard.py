@@ -65,6 +65,24 @@ def _key(result: dict) -> tuple:
     return result["pair"], result["loss"], result["seed"], result["steps"]
 
 
+def run_parser(steps: int) -> argparse.ArgumentParser:
+    """The options every quickstart benchmark of many runs takes: seeds, steps, parallel runs, rerun."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run is recorded")
+    return parser
+
+
+def prepare(root: Path, overlay: str) -> None:
+    """Check that the quickstart teacher exists, and write the runs' config overlay into `root`."""
+    if not (TEACHER / "config.json").exists():
+        raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "overlay.yaml").write_text(overlay)
+
+
 def seed_args(seed: int) -> list[str]:
     """The options that seed a quickstart run: Lightning's, the rollout draws', the student's and the data's."""
     return ["--seed_everything", str(seed), "--model.seed", str(seed), "--model.student.seed", str(seed),
@@ -165,18 +183,11 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = run_parser(steps=1000)
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["same", "cross"])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=sorted(LOSSES))
-    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run is recorded")
     args = parser.parse_args()
-    if not (TEACHER / "config.json").exists():
-        raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
-    ROOT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "overlay.yaml").write_text(OVERLAY)
+    prepare(ROOT, OVERLAY)
     store = ROOT / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
     done = {_key(r): r for r in recorded if "score" in r}
