@@ -15,6 +15,8 @@ per student token, no spans), so that both describe the same distribution.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
@@ -28,8 +30,8 @@ from opd_lightning.target import (
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
-from .text import TextAligner, mass_to_logits, project_chunks, softmax_, span_logprobs
-from .trie import TokenTrie
+from .text import TextAligner, chunk_rows, fused_softmax_, mass_to_logits, span_logprobs
+from .trie import TokenTrie, sum_columns
 
 __all__ = ["ByteSpanAligner"]
 
@@ -64,29 +66,74 @@ class ByteSpanAligner(TextAligner):
                              token_spans=spans)
 
     def _dense(self, teacher_logits: Tensor, view, rollout: Rollout, needs: frozenset[str]) -> TeacherTarget:
-        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
-        realised, lengths = view.teacher_ids.tolist(), view.teacher_mask.sum(-1).tolist()
-
-        normalisers: dict[tuple[int, int], Tensor] = {}
-
-        def spread(rows: Tensor, batch: Tensor, _: Tensor, teacher_pos: Tensor) -> tuple[Tensor, Tensor]:
-            starts = list(zip(batch.tolist(), teacher_pos.tolist(), strict=True))
-            probs = softmax_(rows)  # [c, V_t]
-            in_chunk = {start: k for k, start in enumerate(starts)}
-
-            def probs_at(b: int, pos: int, ids: Tensor) -> Tensor:  # a few tokens at a later position of row b
-                if (b, pos) in in_chunk:  # usually the next row of this chunk, already normalised
-                    return probs[in_chunk[b, pos], ids]
-                if (b, pos) not in normalisers:
-                    normalisers[b, pos] = teacher_logits[b, pos].float().logsumexp(-1)
-                return (teacher_logits[b, pos, ids].float() - normalisers[b, pos]).exp()
-
-            mass = self.lookahead.project(probs, starts, realised, lengths, probs_at, self.student_vocab_size)
-            return mass_to_logits(mass)  # [c, V_s]
-
-        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, spread,
-                                                   native=TEACHER_NATIVE_LOGITS in needs)
+        at = view.teacher_at_start.masked_fill(~rollout.completion_mask, -1)  # [B, N]
+        batch, pos = (at >= 0).nonzero(as_tuple=True)
+        starts = tuple(x.cpu().numpy() for x in (batch, pos, at[batch, pos]))  # host copies for the bookkeeping
+        walks = self.lookahead.plan(view.teacher_ids.cpu().numpy(), view.teacher_mask.sum(-1).cpu().numpy(),
+                                    starts[0], starts[2], device=teacher_logits.device)
+        mass, q, native = first_level(teacher_logits, starts, at.shape[1], walks.queries, self.lookahead.root_map,
+                                      self.student_vocab_size, TEACHER_NATIVE_LOGITS in needs)  # [B, N, V_s]
+        start, column, value = self.lookahead.flow(walks, q)
+        flat = mass.view(-1, self.student_vocab_size)  # [B * N, V_s]
+        rows = (batch * at.shape[1] + pos)[start]
+        flat.view(-1).index_add_(0, rows * self.student_vocab_size + column, value)
+        touched = rows.unique()
+        flat[touched] = flat[touched].clamp_min_(0)  # rounding in the subtractions
+        kept = torch.cat([mass_to_logits(block)[1] for block in flat.split(chunk_rows(flat.shape[1]))])  # in place
+        logp, valid, kept = mass, kept.view(at.shape) > 0, kept.view(at.shape)[batch, pos]  # log-probs [B, N, V_s]
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)
+
+
+def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_student: int,
+                queries: tuple[np.ndarray, ...], root_map: Tensor, size: int,
+                native: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One pass over the teacher rows the projection reads: first-level student-token masses at the starts, and the
+    probabilities the lookahead's walks read (at the starts and at the later positions the walks reach).
+
+    Each row is soft-maxed once, a chunk of rows at a time, whether a start, a walk position or both; the row
+    bookkeeping is done on the host.
+
+    Args:
+        teacher_logits: `[B, M, V_t]`.
+        starts: (row [n], student position [n], teacher position [n]) of each start, in (row, position) order.
+        n_student: N, the student's completion length.
+        queries: (row [Q], teacher position [Q], teacher id [Q]) probabilities to read (`Walks.queries`).
+        root_map: `[V_t]` where each teacher token's mass goes at the first level (-1: nowhere).
+        size: the student's vocabulary size.
+        native: also return the teacher's own logits at the starts.
+
+    Returns:
+        (masses `[B, N, size]`, zero off the starts; probabilities `[Q]`; native logits `[B, N, V_t]` or None).
+    """
+    device, (big_b, big_m, v_t) = teacher_logits.device, teacher_logits.shape
+    out = torch.zeros(big_b, n_student, size, device=device)
+    own = torch.zeros(big_b, n_student, v_t, device=device) if native else None
+    start_key, query_key = starts[0] * big_m + starts[2], queries[0] * big_m + queries[1]
+    keys = np.unique(np.concatenate([start_key, query_key]))  # [R] sorted teacher rows to read
+    start_at, query_at = np.searchsorted(keys, start_key), np.searchsorted(keys, query_key)
+    order = np.argsort(query_at, kind="stable")
+    q = torch.zeros(len(query_key), device=device)
+    step = chunk_rows(v_t)
+    bounds = np.arange(0, len(keys) + step, step)
+    s_lo, q_lo = np.searchsorted(start_at, bounds), np.searchsorted(query_at[order], bounds)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    for c in range(len(bounds) - 1):
+        lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
+        rows = teacher_logits[t(key // big_m), t(key % big_m)].float()  # [c, V_t] a copy
+        local = start_at[s] - lo
+        same = len(local) == len(key) and (local == np.arange(len(key))).all()  # every row a start, once
+        b, i, local = t(starts[0][s]), t(starts[1][s]), t(local)
+        if own is not None:
+            own[b, i] = rows if same else rows[local]
+        probs = fused_softmax_(rows)[0]
+        full = sum_columns(probs, root_map, size, keep_skipped=True)  # [c, size + 1]: the columns sum to the row
+        total = full.sum(-1, keepdim=True)  # exact row sums (the fused softmax's own are fp32-sequential)
+        read = order[q_lo[c] : q_lo[c + 1]]
+        at = t(query_at[read] - lo)
+        q[t(read)] = probs[at, t(queries[2][read])] / total[at, 0]
+        full = full[:, :size].div_(total)
+        out[b, i] = full if same else full[local]
+    return out, q, own

@@ -23,7 +23,7 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .text import LOG_FLOOR, TextAligner, project_chunks
+from .text import LOG_FLOOR, TextAligner, fused_softmax_, project_chunks
 from .trie import sum_columns
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
@@ -41,7 +41,12 @@ def byte_class_ids(table: TokenBytes) -> Tensor:
 
 def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
     """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
-    mass = sum_columns(torch.softmax(upcast(logits), -1), classes, BYTE_CLASSES)  # [..., 257]
+    return _byte_logprobs(torch.softmax(upcast(logits), -1), classes)
+
+
+def _byte_logprobs(probs: Tensor, classes: Tensor) -> Tensor:
+    """`to_byte_logprobs` from next-token probabilities (summing to one up to a common factor per row)."""
+    mass = sum_columns(probs, classes, BYTE_CLASSES)  # [..., 257]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
 
@@ -74,8 +79,8 @@ class CharLevelAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
-        def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
-            return to_byte_logprobs(rows, self.teacher_classes), rows.new_ones(rows.shape[0])
+        def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:  # rows: the chunk's own copy, soft-maxed in place
+            return _byte_logprobs(fused_softmax_(rows)[0], self.teacher_classes), rows.new_ones(rows.shape[0])
 
         target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes)  # [B, N, 257]
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,

@@ -20,7 +20,8 @@ from .bytes import TokenBytes
 from .spans import TextView, retokenise
 from .trie import prefixless_encoder
 
-__all__ = ["LOG_FLOOR", "TextAligner", "mass_to_logits", "project_chunks", "softmax_", "span_logprobs", "vocab_pairs"]
+__all__ = ["LOG_FLOOR", "TextAligner", "chunk_rows", "fused_softmax_", "log_normaliser_", "mass_to_logits",
+           "project_chunks", "softmax_", "span_logprobs", "vocab_pairs"]
 
 
 def softmax_(rows: Tensor) -> Tensor:
@@ -29,13 +30,37 @@ def softmax_(rows: Tensor) -> Tensor:
     return rows.div_(rows.sum(-1, keepdim=True))
 
 
+def fused_softmax_(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last axis of rows that are the caller's own copy, and each row's sum: `([c, V], [c])`.
+
+    One fused kernel (a max pass, an exp-and-sum pass, a scaling pass) costs about half of `softmax_`'s five passes
+    over a 262k vocabulary, but its sum runs sequentially in fp32 and is off by up to ~2e-5 there; the returned row
+    sums (pairwise) are not, so dividing what is derived from the rows by them restores an exact normalisation on a
+    smaller tensor. On the CPU it writes over `rows` (the kernel reads each element before writing it).
+    """
+    probs = torch.softmax(rows, -1, out=rows) if rows.device.type == "cpu" else torch.softmax(rows, -1)
+    return probs, probs.sum(-1)
+
+
+# Teacher logits read at a time: 2**25 fp32 values (128 MB, 128 rows of a 262k vocabulary). Per chunk the projection
+# makes a dozen tensor calls; on two shared cores each parallel call can wait on a descheduled thread, and chunks of
+# 16 rows (base.CHUNK_ROWS) made `vocab_map` six times slower than chunks of 128 on the real pair; larger chunks
+# gained little more. The memory is small beside the `[B, N, V_s]` target.
+CHUNK_ELEMENTS = 2**25
+
+
+def chunk_rows(width: int) -> int:
+    """Rows per chunk for rows `width` wide: `CHUNK_ELEMENTS` values, and at least `CHUNK_ROWS` rows."""
+    return max(CHUNK_ROWS, CHUNK_ELEMENTS // max(width, 1))
+
+
 def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
                    fn: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
                    native: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Project the teacher's rows at the valid positions of `index` a chunk at a time.
 
     Copying every aligned row out of `[B, M, V_teacher]` logits at once, then soft-maxing the copy, would allocate
-    (and page in) two more tensors of the logits' size; one chunk of `CHUNK_ROWS` rows at a time keeps the extra
+    (and page in) two more tensors of the logits' size; one chunk of rows at a time (`chunk_rows`) keeps the extra
     memory small and the work the same. Outputs start as zeros (lazily allocated pages), and only valid rows are
     written.
 
@@ -55,9 +80,9 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     shape = (*index.shape, width)
     out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
     own = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device) if native else None
-    kept = []
-    for start in range(0, len(batch), CHUNK_ROWS):
-        b, i, t = (x[start : start + CHUNK_ROWS] for x in (batch, pos, teacher_pos))
+    kept, step = [], chunk_rows(max(teacher_logits.shape[-1], width))
+    for start in range(0, len(batch), step):
+        b, i, t = (x[start : start + step] for x in (batch, pos, teacher_pos))
         rows = teacher_logits[b, t].float()  # [c, V_teacher] a copy
         if own is not None:
             own[b, i] = rows
@@ -152,8 +177,22 @@ def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     """Renormalise projected probability masses `[n, V]` to log-probs floored at `LOG_FLOOR`.
 
     Returns (log-probs `[n, V]`, the mass each row kept `[n]`). Rows that kept no mass come back as uniform logits
-    (the caller masks them). Works in place on `mass`.
+    (the caller masks them). Works in place on `mass`. Masses are raised to the smallest normal float before the log:
+    the floor is above its log, so nothing changes, and the log of zeros and subnormals, several times slower, is
+    never taken.
     """
     kept = mass.sum(-1)  # [n]
-    logp = mass.div_(kept.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(-1)).log_().clamp_min_(LOG_FLOOR)
+    tiny = torch.finfo(mass.dtype).tiny
+    logp = mass.div_(kept.clamp_min(tiny).unsqueeze(-1)).clamp_min_(tiny).log_().clamp_min_(LOG_FLOOR)
     return logp.masked_fill_((kept <= 0).unsqueeze(-1), 0.0), kept
+
+
+def log_normaliser_(rows: Tensor) -> Tensor:
+    """log Σ exp over the last axis, `[c]`, of rows that are the caller's own copy (overwritten with their softmax).
+
+    Half the time of `logsumexp` at a 262k vocabulary: one fused softmax, whose largest probability is exactly
+    1 / (its own sum) and whose pairwise sum corrects that sum's rounding, plus three cheap reductions.
+    """
+    top = rows.amax(-1)
+    probs, total = fused_softmax_(rows)
+    return top - probs.amax(-1).log() + total.log()

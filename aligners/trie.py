@@ -18,7 +18,6 @@ share is reported as the projection's mass coverage.
 
 from __future__ import annotations
 
-import bisect
 import json
 import weakref
 
@@ -31,14 +30,15 @@ from .bytes import TokenBytes, byte_level_alphabet
 __all__ = ["TokenTrie", "decompose", "prefixless_encoder", "sum_columns"]
 
 
-def sum_columns(values: Tensor, index: Tensor, size: int) -> Tensor:
+def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False) -> Tensor:
     """Sum the last axis of `values` `[..., V]` into `size` columns: column `index[v]` `[V]`, skipped where -1.
 
-    Skipped entries go to one extra column that is dropped, cheaper than selecting the others first.
+    Skipped entries go to one extra column that is dropped, cheaper than selecting the others first; with
+    `keep_skipped` it is kept (`[..., size + 1]`), so that the columns sum to the whole of each row.
     """
     index = index[: values.shape[-1]].to(values.device)
     out = values.new_zeros(*values.shape[:-1], size + 1).index_add_(-1, index.where(index >= 0, size), values)
-    return out[..., :size]
+    return out if keep_skipped else out[..., :size]
 
 
 def _without_prefix(node):
@@ -111,7 +111,9 @@ class TokenTrie:
     """Decompositions of the teacher vocabulary into student tokens, sorted for range queries.
 
     Teacher ids are sorted by their decomposition, so the tokens whose decomposition starts with a path P form one
-    contiguous range, and each child P·u a contiguous sub-range: masses are differences of a cumulative sum.
+    contiguous range, and each child P·u a contiguous sub-range: masses are differences of a cumulative sum. The
+    ranges of many paths are found at once, one depth at a time: at depth d the sorted rows are numbered by their
+    prefix of length d (`groups`), so (group, next id) is a sorted key that `searchsorted` narrows each range by.
     """
 
     def __init__(self, teacher: TokenBytes, student: TokenBytes, student_tokenizer, student_vocab_size: int) -> None:
@@ -127,45 +129,69 @@ class TokenTrie:
             self.table[row, : len(path)] = path
         self.first = torch.tensor([-1 if d is None else d[0] for d in decomps], dtype=torch.long)  # [V_t]
         self.student_vocab_size = student_vocab_size
+        self.groups, self.group_starts = _prefix_groups(self.table)
+        self.keys = self.groups[: width + 1] * (student_vocab_size + 1) + self.table.T + 1  # [L + 1, K] sorted rows
 
     def marginal(self, probs: Tensor) -> Tensor:
         """First-student-token masses `[n, V_s]` of teacher distributions `probs` `[n, V_t]` (rows sum to ≤ 1)."""
         return sum_columns(probs, self.first, self.student_vocab_size)
 
-    def children(self, path: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Children of `path`: (student ids, range starts, range ends) in sorted order."""
-        lo = bisect.bisect_left(self.sorted_paths, path)
-        hi = bisect.bisect_left(self.sorted_paths, (*path[:-1], path[-1] + 1)) if path else len(self.sorted_paths)
-        column = self.table[lo:hi, len(path)]  # next student id of each token in range; -1 when D(v) == path
-        starts = np.flatnonzero(np.diff(column, prepend=-2)) + lo
-        ids = self.table[starts, len(path)]
-        ends = np.append(starts[1:], hi)
-        keep = ids >= 0
-        return ids[keep], starts[keep], ends[keep]
+    def children(self, paths: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Children of many paths (`[n, L]` -1 padded, `[n]` lengths): (path index, student id, range start, range
+        end), each `[e]`, in sorted order."""
+        size, n = len(self.table), len(paths)
+        if not size:
+            return (np.zeros(0, dtype=np.int64),) * 4
+        lo, hi = np.zeros(n, dtype=np.int64), np.full(n, size, dtype=np.int64)
+        for d in range(int(lengths.max(initial=0))):  # narrow each range to the rows continuing the path at depth d
+            on = np.flatnonzero((lengths > d) & (hi > lo))
+            key = self.groups[d, lo[on]] * (self.student_vocab_size + 1) + paths[on, d] + 1
+            lo[on], hi[on] = np.searchsorted(self.keys[d], key, "left"), np.searchsorted(self.keys[d], key, "right")
+        found = hi > lo
+        below = lengths + 1  # children are the groups one level below a path, inside its range
+        first = np.where(found, self.groups[below, np.minimum(lo, size - 1)], 0)
+        count = np.where(found, self.groups[below, np.maximum(hi - 1, 0)] - first + 1, 0)
+        path = np.repeat(np.arange(len(lo)), count)
+        group = first[path] + np.arange(len(path)) - (np.cumsum(count) - count)[path]
+        starts, ends = (self.group_starts[below[path], group + k] for k in (0, 1))
+        ids = self.table[starts, lengths[path]]
+        keep = ids >= 0  # the row where D(v) == P has no next student token
+        return path[keep], ids[keep], starts[keep], ends[keep]
 
     def conditional(self, probs: Tensor, paths: list[tuple[int, ...]]) -> Tensor:
         """Next-student-token distributions `[n, V_s]` given the student tokens `paths[r]` already inside the teacher
         token predicted by row r of `probs` (`[n, V_t]`). Rows with an empty path are `marginal`."""
         out = self.marginal(probs)
-        deep = [r for r, p in enumerate(paths) if p]
-        if not deep:
+        lengths = np.array([len(p) for p in paths], dtype=np.int64)
+        deep = np.flatnonzero(lengths > 0)
+        if not len(deep):
             return out
-        rows, ids, lo, hi = [], [], [], []
-        for r in deep:
-            c_ids, c_lo, c_hi = self.children(paths[r])
-            rows.append(np.full(len(c_ids), r))
-            ids.append(c_ids)
-            lo.append(c_lo)
-            hi.append(c_hi)
-        rows_t, ids_t = (torch.from_numpy(np.concatenate(x)).to(probs.device) for x in (rows, ids))
-        lo_t, hi_t = (torch.from_numpy(np.concatenate(x)).to(probs.device) for x in (lo, hi))
-        deep_t = torch.tensor(deep, device=probs.device)
+        padded = np.full((len(deep), int(lengths.max()) + 1), -1, dtype=np.int64)  # [d, L]
+        for k, r in enumerate(deep):
+            padded[k, : lengths[r]] = paths[r]
+        local, ids, lo, hi = (torch.from_numpy(x).to(probs.device) for x in self.children(padded, lengths[deep]))
+        deep_t = torch.from_numpy(deep).to(probs.device)
         sorted_probs = probs[deep_t][:, self.order.to(probs.device)]  # [d, K]
         cs = torch.nn.functional.pad(sorted_probs.double().cumsum(-1), (1, 0))  # [d, K + 1]
-        local = torch.searchsorted(deep_t, rows_t)  # row of cs for each child
-        mass = (cs[local, hi_t] - cs[local, lo_t]).to(probs.dtype)  # [children]
-        out[deep_t] = 0
-        out.index_put_((rows_t, ids_t), mass, accumulate=True)
-        total = out[deep_t].sum(-1, keepdim=True)
-        out[deep_t] = out[deep_t] / total.clamp_min(torch.finfo(probs.dtype).tiny)
+        mass = (cs[local, hi] - cs[local, lo]).to(probs.dtype)  # [children]
+        inside = torch.zeros(len(deep), self.student_vocab_size, dtype=probs.dtype, device=probs.device)
+        inside.view(-1).index_add_(0, local * self.student_vocab_size + ids, mass)
+        out[deep_t] = inside / inside.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
         return out
+
+
+def _prefix_groups(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Number the sorted rows of `table` `[K, W]` by their prefix of each length d = 0..W+1: (`groups[d, row]`
+    `[W + 2, K]`, `starts[d, g]`: first row of group g, then K, padded with K, `[W + 2, K + 1]`)."""
+    k, w = table.shape
+    new = np.zeros((w + 2, k), dtype=bool)  # new[d, r]: row r's prefix of length d differs from row r - 1's
+    if k:
+        new[:, 0] = True
+        for d in range(1, w + 2):
+            new[d, 1:] = new[d - 1, 1:] | (table[1:, min(d, w) - 1] != table[:-1, min(d, w) - 1])
+    groups = np.cumsum(new, axis=1) - 1
+    starts = np.full((w + 2, k + 1), k, dtype=np.int64)
+    for d in range(w + 2):
+        at = np.flatnonzero(new[d])
+        starts[d, : len(at)] = at
+    return groups, starts

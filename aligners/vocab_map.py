@@ -23,7 +23,7 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import LOG_FLOOR, TextAligner, project_chunks
+from .text import LOG_FLOOR, TextAligner, log_normaliser_, project_chunks
 
 __all__ = ["VocabMapAligner"]
 
@@ -58,11 +58,12 @@ class VocabMapAligner(TextAligner):
         s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
 
         def matched(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
-            same = rows[:, t_ids]  # [c, K] logits of the tokens both vocabularies spell
-            lse = same.logsumexp(-1, keepdim=True)  # [c, 1]
-            out = rows.new_full((rows.shape[0], self.student_vocab_size), LOG_FLOOR)
-            out[:, s_ids] = (same - lse).clamp_min(LOG_FLOOR)
-            return out, (lse.squeeze(-1) - rows.logsumexp(-1)).exp()
+            n = len(rows)  # gather and scatter with expanded indices: several times faster than `rows[:, t_ids]`
+            same = rows.gather(1, t_ids.expand(n, -1))  # [c, K] logits of the tokens both vocabularies spell
+            lse = log_normaliser_(same.clone()).unsqueeze(-1)  # [c, 1]
+            out = rows.new_full((n, self.student_vocab_size), LOG_FLOOR)
+            out.scatter_(1, s_ids.expand(n, -1), (same - lse).clamp_min_(LOG_FLOOR))
+            return out, (lse.squeeze(-1) - log_normaliser_(rows)).exp()
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, matched,
                                                    native=TEACHER_NATIVE_LOGITS in needs)

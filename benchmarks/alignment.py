@@ -1,17 +1,21 @@
-"""Every cross-tokenizer aligner side by side: exactness, coverage, time per 1,000 tokens and peak memory.
+"""Every cross-tokenizer aligner side by side: exactness, coverage, time per 1,000 tokens against TRL's GOLD, peak memory.
 
     .venv/bin/python -m benchmarks.alignment [--pairs synthetic_10 synthetic_90 real] [--rows 16] [--tokens 256]
+        [--min-time 2] [--no-record]
 
 Pairs: the real SmolLM2-135M student against the Gemma-3-270M teacher (`make real-models`), and synthetic
 byte-level BPE pairs where the student keeps 10% and 90% of the teacher's merges (an 8,000-token teacher trained
 here on the text bank below). Each batch is `--rows` completions of `--tokens` student tokens cut from the text
 bank (code, prose, CJK, emoji, accents, numbers, whitespace runs). The timed part is what an aligner adds to a
 training step: `teacher_inputs` (re-tokenisation and span alignment) plus `project` (targets at the student's
-positions, for a dense same-vocabulary loss), median of three runs; peak memory is the process's resident-set
-peak above its level before the call. On the real pair the teacher's logits come from a real Gemma-3-270M forward
-pass on the same batch, which is timed too: the speed target is align + project under 10% of that forward pass.
+positions, for a dense same-vocabulary loss), the median of `torch.utils.benchmark.Timer.blocked_autorange` over at
+least `--min-time` seconds and three runs. The baseline, timed on the same batch and the same teacher logits in the
+same run, is what TRL's GOLD trainer (trl 1.16, `use_uld_loss`, its defaults) does for alignment in a step
+(`gold_alignment`); "× GOLD" is its time over the aligner's. Peak memory is the process's resident-set peak above
+its level before a call (the largest of three calls). On the real pair the teacher's logits come from a real
+Gemma-3-270M forward pass on the same batch, which is timed too: the speed target is align + project under 10% of
+that forward pass. `--no-record` prints the tables without writing them into `benchmarks/RESULTS.md`.
 
-Peak memory is the largest of the three runs' peaks (the first run's allocations are reused by the next two).
 Exactness is measured against the brute-force references of `tests/aligner_reference.py` where a method claims
 exactness (`bpe_subset`: teacher likelihood of the next student token; `char_level`: next-byte distributions), as
 the share of spans whose bytes agree on both sides (`byte_spans`, `vocab_map`), and is "approximate" for `mined`.
@@ -21,17 +25,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from opd_lightning.aligners import ALIGNERS, TeacherHidden, keep_merges, prefixless_encoder
 from opd_lightning.losses import HIDDEN_STATES, TEACHER_LOGITS
+from torch.utils.benchmark import Timer
 
 from benchmarks.quickstart import machine, record
 from opd_lightning.rollout import Rollout
@@ -150,7 +156,20 @@ def exactness(name: str, aligner, student, teacher, inputs, target, logits: torc
     return "approximate (nearest spelling, top-k)"
 
 
-def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor | None,
+def timed(step: Callable[[], object], min_time: float) -> tuple[float, float]:
+    """Median and peak memory (MB above the start) of `step()`: one call under the memory probe, then
+    `blocked_autorange` over at least `min_time` seconds and three calls."""
+    with peak_rss() as memory:
+        start = time.perf_counter()
+        step()
+        once = time.perf_counter() - start
+    with peak_rss() as again:
+        timing = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=max(min_time, 3 * once))
+    return timing.median, max(memory["extra_mb"], again["extra_mb"])
+
+
+def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor, min_time: float,
             hidden_sizes: tuple[int, int] = (64, 64)) -> dict:
     aligner = ALIGNERS.build(name)
     start = time.perf_counter()
@@ -159,35 +178,90 @@ def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor 
     except ValueError as error:
         return {"aligner": name, "refused": str(error).split(". Use")[0]}
     bind_s = time.perf_counter() - start
-    inputs = aligner.teacher_inputs(rollout)
-    if logits is None:  # synthetic pair: random teacher logits of the right shape
-        logits = torch.randn(len(rollout), inputs.completion_length, len(teacher),
-                             generator=torch.Generator().manual_seed(0))
     needs = frozenset({HIDDEN_STATES if name == "dskd_cma" else TEACHER_LOGITS})
     if name == "dskd_cma":  # its target is attention over the teacher's hidden states
         aligner.setup(*hidden_sizes)
-        hidden = torch.randn(len(rollout), inputs.completion_length, hidden_sizes[1])
+        hidden = torch.randn(len(rollout), logits.shape[1], hidden_sizes[1])
         tables = torch.randn(len(student), hidden_sizes[0]), torch.randn(len(teacher), hidden_sizes[1])
         states = TeacherHidden(hidden, logits, *tables)
-    times, peaks = [], []
-    for _ in range(3):
-        with peak_rss() as memory, torch.no_grad():
-            start = time.perf_counter()
-            inputs = aligner.teacher_inputs(rollout)
-            target = aligner.project(logits, inputs, rollout, needs)
-            if name == "dskd_cma":
-                aligner.project_hidden(target, states, inputs, rollout)
-            times.append(time.perf_counter() - start)
-        peaks.append(memory)
+
+    @torch.no_grad()
+    def step():
+        inputs = aligner.teacher_inputs(rollout)
+        target = aligner.project(logits, inputs, rollout, needs)
+        if name == "dskd_cma":
+            aligner.project_hidden(target, states, inputs, rollout)
+        return inputs, target
+
+    inputs, target = step()
+    seconds, peak_mb = timed(step, min_time)
     tokens = int(rollout.completion_mask.sum())
-    return {"aligner": name, "bind_s": bind_s, "seconds": statistics.median(times),
-            "per_1k_ms": 1000 * statistics.median(times) / tokens * 1000, "coverage": target.coverage,
-            "mass": target.mass_coverage, "peak_mb": max(p["extra_mb"] for p in peaks),
+    return {"aligner": name, "bind_s": bind_s, "seconds": seconds, "per_1k_ms": 1000 * seconds / tokens * 1000,
+            "coverage": target.coverage, "mass": target.mass_coverage, "peak_mb": peak_mb,
             "exactness": exactness(name, aligner, student, teacher, inputs, target, logits, rollout)}
 
 
+def gold_alignment(student, teacher, rollout: Rollout, logits: torch.Tensor,
+                   student_probs: torch.Tensor | None = None) -> tuple[Callable[[], object], str]:
+    """What a TRL GOLD step does for alignment on this batch (trl 1.16, `GOLDTrainer` with `use_uld_loss`, the
+    config's defaults), as a function to time, and a note on how it was run.
+
+    GOLD's own code, called as its trainer calls it: the student's byte offsets from its token pieces
+    (`_maybe_add_completion_byte_offsets`), the texts decoded, the teacher's inputs re-tokenised from them
+    (`build_teacher_inputs_from_texts`), then per row the teacher's completion softmax, the byte-offset groups
+    (`_align_by_byte_offsets`) and the merge of each group's probabilities (`_merge_probabilities_with_alignment_groups`,
+    the default "observed" strategy). The teacher's completion logits are this benchmark's (the same rows, so the
+    same work). With `student_probs` (`[B, N, V_s]`, the student's softmax, which any loss computes and is not timed)
+    the student's groups are merged too, as GOLD does before its loss sorts both sides. GOLD refuses teachers whose
+    tokenizer is not byte-level BPE (Gemma's); there its offsets are computed with that check lifted, by its own
+    normalisation.
+    """
+    import trl.experimental.gold.gold_trainer as gold
+    import trl.experimental.utils as gold_utils
+    from trl.experimental.gold.gold_config import GOLDConfig
+
+    config = SimpleNamespace(**{k: f.default for k, f in GOLDConfig.__dataclass_fields__.items()
+                                if k.startswith("uld_") or k in ("use_extended_uld", "beta")})
+    uld = gold.ULDLoss(config)
+    trainer = SimpleNamespace(use_uld_loss=True, teacher_tokenizer=teacher, uld_loss_fn=uld, _tokenizer=student)
+    byte_level = gold_utils.is_byte_level_tokenizer
+    note = "" if byte_level(teacher.backend_tokenizer) else \
+        "GOLD refuses this teacher (not byte-level BPE); timed with that check lifted"
+    p = rollout.prompt_length
+    labels = rollout.sequences.clone()
+    labels[:, :p] = -100
+
+    def step() -> list[torch.Tensor]:
+        batch = {"input_ids": rollout.sequences, "labels": labels}
+        gold.GOLDTrainer._maybe_add_completion_byte_offsets(trainer, batch)
+        prompts, texts = student.batch_decode(rollout.sequences[:, :p]), student.batch_decode(rollout.completion_ids)
+        gold_utils.is_byte_level_tokenizer = lambda backend: True  # read by encode_with_byte_offsets
+        try:
+            t_ids, t_labels, _, t_offsets = gold.build_teacher_inputs_from_texts(teacher, prompts, texts)
+        finally:
+            gold_utils.is_byte_level_tokenizer = byte_level
+        (s_at, s_size), (t_at, t_size) = (uld._get_start_and_size_answers(x) for x in (labels, t_labels))
+        merged = []
+        for i in range(len(rollout)):
+            s_n, t_n = s_size[i] - 1, min(t_size[i] - 1, logits.shape[1])  # uld_skip_{student,teacher}_eos
+            probs = torch.nn.functional.softmax(logits[i, :t_n] / uld.teacher_temperature, dim=-1)
+            groups = uld._align_by_byte_offsets(batch["byte_offsets"][i, s_at[i] : s_at[i] + s_n].tolist(),
+                                                t_offsets[i, t_at[i] : t_at[i] + t_n].tolist())
+            paired = [(s, t) for s, t in zip(*groups, strict=False) if s and t]
+            merged.append(uld._merge_probabilities_with_alignment_groups(probs, [t for _, t in paired],
+                                                                         t_ids[i, t_at[i] : t_at[i] + t_n].tolist()))
+            if student_probs is not None:
+                ids = rollout.sequences[i, s_at[i] : s_at[i] + s_n].tolist()
+                merged.append(uld._merge_probabilities_with_alignment_groups(student_probs[i, :s_n],
+                                                                             [s for s, _ in paired], ids))
+        return merged
+
+    return step, note
+
+
 def real_teacher_logits(student, teacher, rollout: Rollout) -> tuple[torch.Tensor, float]:
-    """Gemma-3-270M's logits on the batch as the aligners present it, and the forward pass's wall time."""
+    """Gemma-3-270M's logits on the batch as the aligners present it, and the forward pass's wall time (the faster
+    of two passes, which makes an aligner's share of it the larger)."""
     from opd_lightning.models import HFModel
     from opd_lightning.real_models import prepare_model
     from opd_lightning.reference import completion_logits
@@ -196,15 +270,19 @@ def real_teacher_logits(student, teacher, rollout: Rollout) -> tuple[torch.Tenso
     aligner = ALIGNERS.build("byte_spans")
     aligner.bind(student, teacher, len(student), len(teacher))
     inputs = aligner.teacher_inputs(rollout)
-    with torch.no_grad():
-        start = time.perf_counter()
-        logits = completion_logits(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                                    inputs.completion_length)
-        forward_s = time.perf_counter() - start
-    return logits, forward_s
+    times = []
+    for _ in range(2):
+        logits = None  # the first pass's logits are freed before the second's
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits = completion_logits(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                                        inputs.completion_length)
+            times.append(time.perf_counter() - start)
+    return logits, min(times)
 
 
-def run_pair(pair: str, bank: str, rows: int, tokens: int) -> tuple[list[dict], float | None]:
+def run_pair(pair: str, bank: str, rows: int, tokens: int, min_time: float,
+             names: tuple[str, ...] = ALIGNER_NAMES) -> tuple[list[dict], float | None]:
     if pair == "real":
         from transformers import AutoTokenizer
 
@@ -215,22 +293,43 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int) -> tuple[list[dict], 
     else:
         student, teacher = synthetic_pair(bank, int(pair.split("_")[1]) / 100)
     rollout = make_rollout(student, bank, rows, tokens)
-    logits, forward_s = real_teacher_logits(student, teacher, rollout) if pair == "real" else (None, None)
+    if pair == "real":
+        logits, forward_s = real_teacher_logits(student, teacher, rollout)
+    else:  # random teacher logits of the right shape
+        aligner = ALIGNERS.build("byte_spans")
+        aligner.bind(student, teacher, len(student), len(teacher))
+        m = aligner.teacher_inputs(rollout).completion_length
+        logits, forward_s = torch.randn(rows, m, len(teacher), generator=torch.Generator().manual_seed(0)), None
     sizes = HIDDEN.get(pair, (64, 64))
-    return [measure(name, student, teacher, rollout, logits, sizes) for name in ALIGNER_NAMES], forward_s
+    results = [measure(name, student, teacher, rollout, logits, min_time, sizes) for name in names]
+    tokens_n, gold = int(rollout.completion_mask.sum()), []
+    student_probs = torch.softmax(torch.randn(rows, tokens, len(student), generator=torch.Generator().manual_seed(1)), -1)
+    for side, probs in (("both sides: the baseline", student_probs), ("the teacher's side alone", None)):
+        step, note = gold_alignment(student, teacher, rollout, logits, probs)
+        seconds, peak_mb = timed(step, min_time)
+        gold.append({"aligner": f"GOLD (TRL 1.16), {side}", "seconds": seconds, "per_1k_ms": 1e6 * seconds / tokens_n,
+                     "peak_mb": peak_mb, "note": note})
+    del student_probs
+    for r in results:
+        r["vs_gold"] = gold[0]["seconds"] / r["seconds"] if "seconds" in r else None
+    return results + gold, forward_s
 
 
 def table(pair: str, results: list[dict], forward_s: float | None) -> str:
-    lines = ["| aligner | exactness | coverage | mass kept | ms / 1k tokens | peak MB | bind s |" + (
-        " vs teacher forward |" if forward_s else ""), "|---|---|---|---|---|---|---|" + ("---|" if forward_s else "")]
+    head = "| aligner | exactness | coverage | mass kept | ms / 1k tokens | × GOLD | peak MB | bind s |"
+    lines = [head + (" vs teacher forward |" if forward_s else ""), "|---" * (8 + bool(forward_s)) + "|"]
     for r in results:
+        share = f" {100 * r['seconds'] / forward_s:.1f}% |" if forward_s and "seconds" in r else (
+            " |" if forward_s else "")
         if "refused" in r:
-            lines.append(f"| {r['aligner']} | refused: {r['refused']} |  |  |  |  |  |" + (" |" if forward_s else ""))
-            continue
-        mass = "" if r["mass"] is None else f"{r['mass']:.3f}"
-        ratio = f" {100 * r['seconds'] / forward_s:.1f}% |" if forward_s else ""
-        lines.append(f"| {r['aligner']} | {r['exactness']} | {r['coverage']:.3f} | {mass} | {r['per_1k_ms']:.0f} | "
-                     f"{r['peak_mb']:.0f} | {r['bind_s']:.1f} |{ratio}")
+            lines.append(f"| {r['aligner']} | refused: {r['refused']} |  |  |  |  |  |  |" + share)
+        elif "note" in r:
+            lines.append(f"| {r['aligner']} | {r['note']} |  |  | {r['per_1k_ms']:.0f} | "
+                         f"{results[-2]['seconds'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |  |" + share)
+        else:
+            mass = "" if r["mass"] is None else f"{r['mass']:.3f}"
+            lines.append(f"| {r['aligner']} | {r['exactness']} | {r['coverage']:.3f} | {mass} | {r['per_1k_ms']:.0f} | "
+                         f"{r['vs_gold']:.1f} | {r['peak_mb']:.0f} | {r['bind_s']:.1f} |" + share)
     return "\n".join(lines)
 
 
@@ -239,12 +338,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", nargs="+", default=["synthetic_10", "synthetic_90", "real"])
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per aligner, at least")
+    parser.add_argument("--aligners", nargs="+", default=list(ALIGNER_NAMES), choices=ALIGNER_NAMES)
+    parser.add_argument("--no-record", action="store_true", help="print the tables only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     np.random.seed(0)
     bank = text_bank()
     for pair in args.pairs:  # each pair is recorded in its own block, so pairs can be re-run one at a time
-        results, forward_s = run_pair(pair, bank, args.rows, args.tokens)
+        results, forward_s = run_pair(pair, bank, args.rows, args.tokens, args.min_time, tuple(args.aligners))
         title = ("SmolLM2-135M student, Gemma-3-270M teacher" if pair == "real" else
                  f"Synthetic byte-level BPE: the student keeps {pair.removeprefix('synthetic_')}% of the teacher's merges")
         extra = f"\n\nGemma-3-270M forward pass on the same batch: {forward_s:.2f} s." if forward_s else ""
@@ -255,7 +357,9 @@ Date: {datetime.date.today()}. Machine: {machine()}, fp32.
 
 {table(pair, results, forward_s)}{extra}"""
         print(section, flush=True)
-        record(section, f"alignment_{pair}")
+        if not args.no_record and tuple(args.aligners) == ALIGNER_NAMES:
+            record(section, f"alignment_{pair}")
+
 
 if __name__ == "__main__":
     main()
