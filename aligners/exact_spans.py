@@ -60,18 +60,23 @@ class ExactSpanAligner(TextAligner):
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
     queries_teacher = True
 
-    def __init__(self, branches: int | None = 8, depth: int | None = 4) -> None:
+    def __init__(self, branches: int | None = 8, depth: int | None = 4, min_mass: float = 0.0) -> None:
         """
         Args:
             branches: off-path children expanded per tree node, the most likely first (the realised child is always
                 expanded); None: every child that can still spell a longer student token.
             depth: teacher tokens the tree may go below an aligned position; None: until every branch is decided.
+            min_mass: off-path children are expanded only where the teacher's probability of their path from the
+                aligned position is at least this; the mass of those left out (at most this much each) goes to the
+                first student token of their text. 0: no threshold.
         """
         super().__init__()
         for name, value in (("branches", branches), ("depth", depth)):
             if value is not None and value < 0:
                 raise ValueError(f"exact_spans: {name} must be >= 0 or null (unbounded), got {value}")
-        self.branches, self.depth = branches, depth
+        if not 0.0 <= min_mass < 1.0:
+            raise ValueError(f"exact_spans: min_mass must be in [0, 1), got {min_mass}")
+        self.branches, self.depth, self.min_mass = branches, depth, min_mass
         self.cover: Cover | None = None
         self.last_query_tokens = 0  # teacher tokens queried off the main pass in the last `project`
 
@@ -206,7 +211,7 @@ class ExactSpanAligner(TextAligner):
         for a, k in enumerate(members):
             if level[k].realised and (o := column.get(self._realised_next(level[k], t_ids, t_len))) is not None:
                 expand[a, o] = True
-        others = child.masked_fill(expand, 0.0)
+        others = child.masked_fill(expand | (child < self.min_mass), 0.0)
         if self.branches is None:
             expand |= others > 0
         elif self.branches > 0:

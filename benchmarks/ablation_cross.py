@@ -9,8 +9,8 @@ with one change:
   mass);
 - `exact_spans`: the exact target, every student token's likelihood of its text under the teacher, branches and
   depth unbounded (equal to the brute-force enumeration with full teacher calls: tests/test_exact_spans.py);
-- `oracle`: a teacher with the student's own tokenizer (`configs/quickstart/teacher_bpe.yaml`, trained here once
-  when missing) through `identity`: what one tokenizer gives, judged by student/teacher ratio;
+- `oracle`: a teacher with the student's own tokenizer (`configs/quickstart/teacher_bpe.yaml`, trained once when
+  missing, `benchmarks/teachers.py`) through `identity`: what one tokenizer gives, judged by student/teacher ratio;
 - `sft`: SFT on gold (λ = 0, no teacher signal), the baseline every distillation row must beat;
 - `exact_spans_sft`: the exact target plus SFT on the gold completions of every step (an extra loss term);
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.leaderboard import _fmt, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
+from benchmarks.teachers import teacher_dir, trained_teacher
 
 ROOT = Path("runs/ablation")
-ORACLE = ROOT / "teacher_bpe" / "hf"
-ORACLE_CONFIG = "configs/quickstart/teacher_bpe.yaml"
+ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
 OVERLAY = """trainer:
   callbacks:
@@ -61,15 +58,6 @@ ROWS = {
     "oracle_gold": ("oracle, gold completions only (λ = 0)",
                     [*ORACLE_ARGS, "--model.rollout.on_policy_fraction", "0.0"]),
 }
-
-
-def train_oracle() -> None:
-    """The oracle teacher: the student's tokenizer, trained on gold until it scores like the character teacher."""
-    if (ORACLE / "config.json").exists():
-        return
-    args = [sys.executable, "-m", "opd_lightning", "fit", "--config", "configs/quickstart/teacher.yaml",
-            "--config", ORACLE_CONFIG, "--trainer.default_root_dir", str(ORACLE.parent)]
-    subprocess.run(args, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run(row: str, seed: int, steps: int) -> dict:
@@ -117,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     prepare(ROOT, OVERLAY)
     if any(row.startswith("oracle") for row in args.rows) and not args.no_run:
-        train_oracle()
+        trained_teacher("builtin:arithmetic_bpe")
     store = ROOT / "results.json"
     done = _recorded(store)
     jobs = [] if args.no_run else [(row, seed) for row in args.rows for seed in args.seeds

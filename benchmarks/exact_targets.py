@@ -28,6 +28,7 @@ from opd_lightning.aligners import ALIGNERS, prefixless_encoder
 from torch.utils import benchmark
 
 from benchmarks.quickstart import machine, record
+from benchmarks.teachers import teacher_dir
 from opd_lightning.models import HFModel
 from opd_lightning.reference import ReferenceScorer, completion_logits
 from opd_lightning.rollout import Rollout
@@ -38,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from aligner_reference import brute_force_next_token
 
 TEACHER = Path("runs/quickstart/teacher/hf")
-ORACLE = Path("runs/ablation/teacher_bpe/hf")  # the ablation's teacher with the student's tokenizer
+ORACLE = teacher_dir("builtin:arithmetic_bpe")  # the ablation's teacher with the student's tokenizer
 ALIGNERS_COMPARED = {
     "byte_spans": {}, "vocab_map": {}, "mined": {},
     "exact_spans (branches 2, depth 1)": {"branches": 2, "depth": 1},
     "exact_spans (defaults: branches 8, depth 4)": {},
     "exact_spans (unbounded)": {"branches": None, "depth": None},
+    "exact_spans (min_mass 1e-3, unbounded otherwise)": {"branches": None, "depth": None, "min_mass": 1e-3},
+    "exact_spans (min_mass 1e-4, unbounded otherwise)": {"branches": None, "depth": None, "min_mass": 1e-4},
 }
 
 

@@ -28,7 +28,6 @@ __all__ = ["HFModel", "LoraOptions", "apply_lora", "freeze", "keep_decoder_layer
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BUILTIN_TOKENIZERS = ("builtin:char", "builtin:arithmetic_bpe")
 Quantization = Literal["8bit", "nf4", "fp4"]
 
 
@@ -42,7 +41,8 @@ class HFModel:
             `{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}`; `vocab_size` defaults to the
             tokenizer's size.
         tokenizer: tokenizer id or directory; defaults to `path`. `builtin:char` is the embedded arithmetic
-            task's character tokenizer, `builtin:arithmetic_bpe` a byte-level BPE trained on the same task.
+            task's character tokenizer, `builtin:arithmetic_bpe` a byte-level BPE trained on the same task, `builtin:arithmetic_bpe_<percent>`
+            that BPE keeping only the first `percent`% of its merges (e.g. `builtin:arithmetic_bpe_10`).
         dtype: weights' dtype: float32, bfloat16 or float16.
         quantization: bitsandbytes weight quantization for frozen models: 8bit, nf4 or fp4; None for none.
         gguf_file: name of a GGUF file inside `path` to load (dequantized to `dtype`).
@@ -90,10 +90,10 @@ class HFModel:
         name = self.tokenizer or self.path
         if name is None:
             raise ValueError("a model built from `config` needs `tokenizer` (an id, a directory or builtin:char)")
-        if name in _BUILTIN_TOKENIZERS:
-            from opd_lightning.tasks.arithmetic import bpe_tokenizer, char_tokenizer
+        from opd_lightning.tasks.arithmetic import builtin_tokenizer
 
-            tok = char_tokenizer() if name == "builtin:char" else bpe_tokenizer()
+        tok = builtin_tokenizer(name) if name.startswith("builtin:") else None
+        if tok is not None:
             log.info("built tokenizer %s (%s, vocabulary %d)", name, type(tok).__name__, len(tok))
         else:
             from transformers import AutoTokenizer
@@ -183,7 +183,7 @@ class _Source:
     def expected(self) -> str:
         """What `name` should be, as the end of an error message."""
         files = _MODEL_FILES if self.kind == "model" else _TOKENIZER_FILES
-        builtin = "builtin:char or builtin:arithmetic_bpe, " if self.option == "tokenizer" else ""
+        builtin = "builtin:char, builtin:arithmetic_bpe(_<percent>), " if self.option == "tokenizer" else ""
         gguf = ", a GGUF file inside `path` given with `gguf_file`" if self.option == "path" else ""
         return f"expected {files}{gguf}, {builtin}or a Hugging Face hub id when online"
 

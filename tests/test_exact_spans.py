@@ -122,6 +122,31 @@ def test_bounded_trees_approach_the_exact_target(teacher_dir):
     assert gaps[0] > gaps[1] > gaps[2] > gaps[3] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_min_mass_moves_at_most_the_mass_it_leaves_out(teacher_dir):
+    """Off-path children below `min_mass` are not queried: their mass goes to the first student token of their text,
+    so the target moves from the exact one by at most what was left out (total variation ≤ min_mass · children per
+    node · tree levels), with fewer teacher tokens queried; `min_mass` 0 is the exact target itself."""
+    pair = (teacher_dir, "builtin:arithmetic_bpe")
+    batch = {"prompt": BATCH["prompt"], "completion": ["46", "136", "10", "7"]}
+
+    def target(**options):
+        module = _module(pair, "exact_spans", branches=None, depth=None, **options)
+        rollout = module.rollouts(batch, train=True)["rollout"]
+        got = module.scorer.teacher_target(rollout, frozenset({TEACHER_LOGITS}), module.student)
+        return got.logits.double().exp(), got.mask & rollout.completion_mask, module.aligner.last_query_tokens
+
+    exact, mask, exact_tokens = target()
+    same, _, same_tokens = target(min_mass=0.0)
+    torch.testing.assert_close(same, exact)
+    assert same_tokens == exact_tokens
+    pruned, pruned_mask, pruned_tokens = target(min_mass=1e-2)
+    assert torch.equal(pruned_mask, mask) and pruned_tokens < exact_tokens
+    tv = 0.5 * (pruned - exact).abs().sum(-1)[mask]
+    assert 0 < float(tv.max()) <= 1e-2 * 10 * 2  # ten digits per node, two levels below a position on this pair
+    with pytest.raises(ValueError, match="min_mass must be in"):
+        ALIGNERS.build("exact_spans", min_mass=1.0)
+
+
 def test_tree_queries_equal_one_full_forward_per_branch(teacher_dir, char_tok):
     from transformers import AutoModelForCausalLM
 

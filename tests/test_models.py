@@ -199,9 +199,23 @@ def test_online_a_hub_id_is_left_to_transformers_and_its_error_explained(load, o
 
 
 def test_builtin_tokenizers_need_no_files(online):
-    for name in ("builtin:char", "builtin:arithmetic_bpe"):
+    for name in ("builtin:char", "builtin:arithmetic_bpe", "builtin:arithmetic_bpe_10"):
         assert HFModel(config={"hidden_size": 32}, tokenizer=name).load_tokenizer().pad_token is not None
     assert online == []
+
+
+def test_builtin_bpe_subsets_keep_a_share_of_the_merges_in_order():
+    from opd_lightning.aligners import bpe_subset_problem
+
+    full = HFModel(config={}, tokenizer="builtin:arithmetic_bpe").load_tokenizer()
+    few, most = (HFModel(config={}, tokenizer=f"builtin:arithmetic_bpe_{p}").load_tokenizer() for p in (10, 90))
+    assert len(few) < len(most) < len(full)
+    assert bpe_subset_problem(few, full) is None and bpe_subset_problem(most, full) is None
+    assert few.tokenize("97*8=776") == ["9", "7", "*", "8", "=", "7", "7", "6"]  # digits stay apart
+    assert most.tokenize("97*8=776") == full.tokenize("97*8=776") == ["97", "*", "8", "=", "77", "6"]
+    assert few.padding_side == "left" and few.eos_token == full.eos_token
+    with pytest.raises(ValueError, match="percentage from 1 to 99"):
+        HFModel(config={}, tokenizer="builtin:arithmetic_bpe_0").load_tokenizer()
 
 
 def test_8bit_cast_notice_is_shown_once_not_on_every_forward(teacher_dir, char_tok, caplog):

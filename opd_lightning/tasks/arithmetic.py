@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import random
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +105,34 @@ def bpe_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
                                    padding_side="left", clean_up_tokenization_spaces=False)
+
+
+BUILTIN_TOKENIZERS = ("builtin:char", "builtin:arithmetic_bpe", "builtin:arithmetic_bpe_<percent>")
+
+
+def builtin_tokenizer(name: str) -> PreTrainedTokenizerFast | None:
+    """The embedded tokenizer called `name`, or None when `name` is not one (`BUILTIN_TOKENIZERS`).
+
+    `builtin:char` is `char_tokenizer()`, `builtin:arithmetic_bpe` is `bpe_tokenizer()`, and
+    `builtin:arithmetic_bpe_<percent>` (1 to 99) keeps only the first `percent`% of that BPE's merges
+    (`aligners.keep_merges`): an ordered BPE subset of it, for distillation between two BPE vocabularies of the same
+    family (e.g. `builtin:arithmetic_bpe_10` splits most numbers into digits, `_90` keeps nearly all of them whole).
+    """
+    if name == "builtin:char":
+        return char_tokenizer()
+    if name == "builtin:arithmetic_bpe":
+        return bpe_tokenizer()
+    match = re.fullmatch(r"builtin:arithmetic_bpe_(\d+)", name)
+    if match is None:
+        return None
+    percent = int(match.group(1))
+    if not 1 <= percent <= 99:
+        raise ValueError(f"{name}: the share of merges kept is a percentage from 1 to 99, got {percent}")
+    from opd_lightning.aligners import keep_merges
+
+    tok = keep_merges(bpe_tokenizer(), percent / 100)
+    tok.padding_side, tok.clean_up_tokenization_spaces = "left", False
+    return tok
 
 
 def make_problems(
