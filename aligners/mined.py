@@ -96,6 +96,7 @@ class MinEdAligner(TextAligner):
             raise ValueError(f"topk must be at least 1, got {topk}")
         self.topk, self.max_token_bytes = topk, max_token_bytes
         self._nearest: dict[int, int] = {}
+        self._table: Tensor | None = None  # nearest student token per teacher id, -2 where not searched yet
 
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
         super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
@@ -108,6 +109,7 @@ class MinEdAligner(TextAligner):
             matrix = np.frombuffer(b"".join(d for _, d in items), dtype=np.uint8).reshape(len(items), length)
             self._buckets[length] = (np.array([i for i, _ in items]), matrix)
         self._nearest = dict(zip(self.pairs[1].tolist(), self.pairs[0].tolist(), strict=True))  # exact spellings
+        self._table = None
 
     def nearest(self, teacher_id: int) -> int:
         """The student token nearest in edit distance to a teacher token (cached; -1 if it spells nothing).
@@ -136,23 +138,42 @@ class MinEdAligner(TextAligner):
         return best_id
 
     def _aligned_positions(self, view, rollout: Rollout) -> Tensor:
-        """Teacher completion index paired with each student token by MinED inside its span (-1: none)."""
-        out = torch.full_like(view.student_span, -1).cpu()
-        s_span, t_span = view.student_span.cpu(), view.teacher_span.cpu()
+        """Teacher completion index paired with each student token by MinED inside its span (-1: none).
+
+        A span with one token on either side pairs every student token with the span's first teacher token (it
+        starts where the span starts), for all spans at once; only spans with several tokens on both sides run the
+        dynamic programme, one span at a time.
+        """
+        s_span, t_span = view.student_span.cpu(), view.teacher_span.cpu()  # [B, N], [B, M]
+        rows, width = s_span.shape[0], int(max(s_span.max(), t_span.max(), 0)) + 2  # last column: no span
+        s_key, t_key = (torch.where(x >= 0, x, width - 1) for x in (s_span, t_span))
+        m = t_span.shape[1]
+        first = torch.full((rows, width), m, dtype=torch.long).scatter_reduce_(
+            1, t_key, torch.arange(m).expand(rows, -1), "amin")  # [B, spans] first teacher token of each span
+        count = lambda key: torch.zeros(rows, width, dtype=torch.long).scatter_add_(1, key, torch.ones_like(key))
+        s_count, t_count = count(s_key), count(t_key)
+        out = first.gather(1, s_key).masked_fill_((s_span < 0) | (t_count.gather(1, s_key) == 0), -1)  # [B, N]
+        many = (s_count > 1) & (t_count > 1)
+        many[:, -1] = False
         ids, t_ids = rollout.completion_ids.cpu(), view.teacher_ids.cpu()
-        for b in range(s_span.shape[0]):
-            for span in range(int(s_span[b].max()) + 1):
-                s_idx = (s_span[b] == span).nonzero().squeeze(-1)
-                t_idx = (t_span[b] == span).nonzero().squeeze(-1)
-                if not len(s_idx) or not len(t_idx):
-                    continue
-                if len(s_idx) == 1 or len(t_idx) == 1:  # the span's first teacher token starts where it starts
-                    out[b, s_idx] = t_idx[0]
-                    continue
-                s_text = [self.student_bytes.table[i] or b"" for i in ids[b, s_idx].tolist()]
-                t_text = [self.teacher_bytes.table[i] or b"" for i in t_ids[b, t_idx].tolist()]
-                out[b, s_idx] = t_idx[torch.tensor(min_edit_pairs(s_text, t_text))]
+        for b, span in many.nonzero().tolist():  # N:M spans only
+            s_idx = (s_span[b] == span).nonzero().squeeze(-1)
+            t_idx = (t_span[b] == span).nonzero().squeeze(-1)
+            s_text = [self.student_bytes.table[i] or b"" for i in ids[b, s_idx].tolist()]
+            t_text = [self.teacher_bytes.table[i] or b"" for i in t_ids[b, t_idx].tolist()]
+            out[b, s_idx] = t_idx[torch.tensor(min_edit_pairs(s_text, t_text))]
         return out.to(view.student_span.device)
+
+    def nearest_table(self, teacher_ids: Tensor) -> Tensor:
+        """`nearest` of each of `teacher_ids` (any shape), searched once per teacher id, gathered from a table."""
+        if self._table is None:
+            self._table = torch.full((max(self.teacher_vocab_size, 1),), -2, dtype=torch.long)  # -2: not searched
+            for v, u in self._nearest.items():
+                self._table[v] = u
+        flat = teacher_ids.reshape(-1).cpu()
+        for v in flat[self._table[flat] == -2].unique().tolist():
+            self._table[v] = self.nearest(v)
+        return self._table[flat].reshape(teacher_ids.shape).to(teacher_ids.device)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:
@@ -160,8 +181,7 @@ class MinEdAligner(TextAligner):
 
         def nearest_topk(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
             top = softmax_(rows).topk(min(self.topk, rows.shape[-1]), -1)  # values, indices [c, k]
-            mapped = torch.tensor([[self.nearest(v) for v in row] for row in top.indices.tolist()],
-                                  dtype=torch.long, device=rows.device).reshape(top.indices.shape)  # [c, k]
+            mapped = self.nearest_table(top.indices)  # [c, k]
             mass = rows.new_zeros(rows.shape[0], self.student_vocab_size)
             mass.scatter_add_(1, mapped.clamp_min(0), top.values * (mapped >= 0))
             return mass_to_logits(mass)
