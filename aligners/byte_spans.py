@@ -30,7 +30,7 @@ from opd_lightning.target import (
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
-from .text import TextAligner, chunk_rows, fused_softmax_, mass_to_logits, span_logprobs
+from .text import TextAligner, chunk_rows, fused_softmax_, gather_rows, mass_to_logits, put_rows_, span_logprobs
 from .trie import TokenTrie, sum_columns
 
 __all__ = ["ByteSpanAligner"]
@@ -120,14 +120,15 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     bounds = np.arange(0, len(keys) + step, step)
     s_lo, q_lo = np.searchsorted(start_at, bounds), np.searchsorted(query_at[order], bounds)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    buffer = torch.empty(min(step, len(keys)), v_t, device=device)
     for c in range(len(bounds) - 1):
         lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
-        rows = teacher_logits[t(key // big_m), t(key % big_m)].float()  # [c, V_t] a copy
+        rows = gather_rows(teacher_logits, t(key // big_m), t(key % big_m), buffer)  # [c, V_t] a copy
         local = start_at[s] - lo
         same = len(local) == len(key) and (local == np.arange(len(key))).all()  # every row a start, once
         b, i, local = t(starts[0][s]), t(starts[1][s]), t(local)
         if own is not None:
-            own[b, i] = rows if same else rows[local]
+            put_rows_(own, b, i, rows if same else rows[local])
         probs = fused_softmax_(rows)[0]
         full = sum_columns(probs, root_map, size, keep_skipped=True)  # [c, size + 1]: the columns sum to the row
         total = full.sum(-1, keepdim=True)  # exact row sums (the fused softmax's own are fp32-sequential)
@@ -135,5 +136,5 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         at = t(query_at[read] - lo)
         q[t(read)] = probs[at, t(queries[2][read])] / total[at, 0]
         full = full[:, :size].div_(total)
-        out[b, i] = full if same else full[local]
+        put_rows_(out, b, i, full if same else full[local])
     return out, q, own

@@ -52,6 +52,11 @@ ROWS = {
     # hard problems, spread over whole-number tokens, pulled back towards the gold answer.
     "exact_spans_sft": ("exact target + SFT on gold (weight 1)",
                         [*EXACT, "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
+    # The exact target's k most likely student tokens kept exactly and the rest of its mass as one bucket, the
+    # student free in how it spreads its own rest: the teacher's mode without the shape of its hedges.
+    "exact_spans_top1": ("exact target, top-1 + tail bucket", [*EXACT, "--model.teacher_topk", "1"]),
+    "exact_spans_top3": ("exact target, top-3 + tail bucket", [*EXACT, "--model.teacher_topk", "3"]),
+    "oracle_top1": ("oracle, top-1 + tail bucket", [*ORACLE_ARGS, "--model.teacher_topk", "1"]),
     # The same targets on the gold completions only (λ = 0): what the on-policy half of the steps adds or costs.
     "exact_spans_gold": ("exact target, gold completions only (λ = 0)",
                          [*EXACT, "--model.rollout.on_policy_fraction", "0.0"]),

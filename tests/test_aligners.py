@@ -343,3 +343,24 @@ def test_mined_nearest_spelling_is_a_true_nearest_neighbour(toks):
             continue
         best = min(_levenshtein(data, b) for b in s_table if b)
         assert _levenshtein(data, s_table[aligner.nearest(v)]) == best, teacher.convert_ids_to_tokens(v)
+
+
+def test_gather_rows_and_put_rows_equal_advanced_indexing():
+    from opd_lightning.aligners.text import gather_rows, put_rows_
+
+    base = torch.randn(5, 5, 11, generator=torch.Generator().manual_seed(0))
+    batch, pos = torch.tensor([2, 0, 0, 1]), torch.tensor([3, 0, 2, 3])
+    cases = {"contiguous": base, "sliced like completion logits": base[:, :-1], "offset slice": base[:, 1:],
+             "bf16": base[:, :-1].bfloat16(), "transposed": base.transpose(0, 1)}
+    for name, values in cases.items():
+        want = values[batch, pos].float()
+        torch.testing.assert_close(gather_rows(values, batch, pos), want, msg=name)
+        buffer = torch.full((6, 11), float("nan"))
+        got = gather_rows(values, batch, pos, buffer)
+        torch.testing.assert_close(got, want, msg=name)
+        assert got.data_ptr() == buffer.data_ptr(), name  # written into the buffer, not a fresh tensor
+    out, want = torch.zeros(3, 4, 11), torch.zeros(3, 4, 11)
+    rows = torch.randn(4, 11)
+    put_rows_(out, batch, pos, rows)
+    want[batch, pos] = rows
+    torch.testing.assert_close(out, want)
