@@ -67,13 +67,41 @@ ROWS = {
 
 def run(row: str, seed: int, steps: int) -> dict:
     args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *ROWS[row][1]]
-    return fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
+    result = fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
+    hf = ROOT / row / f"seed_{seed}" / "hf"
+    return {**result, **error_kinds(hf)} if "score" in result and (hf / "config.json").exists() else result
+
+
+def error_kinds(hf: Path) -> dict[str, float]:
+    """How a saved student misses on the 500 test problems, greedy as lm-eval decodes: shares of problems answered
+    right, off by 1 or 2 (a neighbour), off by a multiple of ten up to 30 (a wrong tens digit), or otherwise."""
+    import torch
+
+    from opd_lightning.models import HFModel
+    from opd_lightning.tasks.arithmetic import load_problems
+
+    problems = load_problems("test")
+    spec = HFModel(path=str(hf))
+    tokenizer = spec.load_tokenizer()
+    model = spec.load_model(tokenizer).eval()
+    enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    kinds = {"right": 0, "neighbour": 0, "tens": 0, "other": 0}
+    for problem, text in zip(problems, texts, strict=True):
+        gap = int(text.strip()) - int(problem["completion"]) if text.strip().lstrip("-").isdigit() else None
+        kind = ("right" if gap == 0 else "neighbour" if gap is not None and abs(gap) <= 2 else
+                "tens" if gap is not None and gap % 10 == 0 and abs(gap) <= 30 else "other")
+        kinds[kind] += 1
+    return {f"errors/{k}": v / len(problems) for k, v in kinds.items()}
 
 
 def table(results: list[dict], oracle_ratio: float | None) -> str:
     header = ("| target | student after (seeds) | mean ± std | teacher | student / teacher | of the oracle's ratio | "
-              "coverage | non-canonical rollouts | wall s/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+              "coverage | non-canonical rollouts | misses: ±1-2 / tens digit / other | wall s/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _) in ROWS.items():
         runs = [r for r in results if r["row"] == row and "score" in r]
         if not runs:
@@ -82,12 +110,13 @@ def table(results: list[dict], oracle_ratio: float | None) -> str:
         teacher = statistics.mean(r["teacher_score"] for r in runs) if row != "sft" else None
         ratio = statistics.mean(scores) / teacher if teacher else None
         share = f"{ratio / oracle_ratio:.2f}" if ratio and oracle_ratio else "–"
-        coverage, noncanonical = (_mean([r.get(k, math.nan) for r in runs])
-                                  for k in ("diag/align_coverage", "diag/noncanonical_rate"))
+        coverage, noncanonical, *misses = (_mean([r.get(k, math.nan) for r in runs]) for k in (
+            "diag/align_coverage", "diag/noncanonical_rate", "errors/neighbour", "errors/tens", "errors/other"))
         lines.append(f"| {label} | {', '.join(f'{s:.3f}' for s in scores)} | {statistics.mean(scores):.3f} ± "
                      f"{statistics.stdev(scores) if len(scores) > 1 else 0.0:.3f} | "
                      f"{f'{teacher:.3f}' if teacher else '–'} | {f'{ratio:.3f}' if ratio else '–'} | {share} | "
-                     f"{_fmt(coverage)} | {_fmt(noncanonical)} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
+                     f"{_fmt(coverage)} | {_fmt(noncanonical)} | {' / '.join(_fmt(m, 2) for m in misses)} | "
+                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines)
 
 
@@ -123,6 +152,11 @@ def main() -> None:
             store.write_text(json.dumps(list(done.values()), indent=2))  # merged: other invocations may be writing
             print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "wall_s", "error")}), flush=True)
     done = {**_recorded(store), **done}
+    for key, result in done.items():  # runs recorded before the misses were counted
+        hf = ROOT / result["row"] / f"seed_{result['seed']}" / "hf"
+        if "errors/right" not in result and result["steps"] == args.steps and (hf / "config.json").exists():
+            done[key] = {**result, **error_kinds(hf)}
+    store.write_text(json.dumps(list(done.values()), indent=2))
     results = [r for (row, seed, steps), r in done.items()
                if steps == args.steps and seed in args.seeds and row in args.rows]
     oracle = [r for r in results if r["row"] == "oracle"]

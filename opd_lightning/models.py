@@ -52,6 +52,11 @@ class HFModel:
             teacher. Embeddings, final norm and head are kept whole; `config.num_hidden_layers` (and a per-layer
             `config.layer_types`) follow, and each kept layer's `layer_idx` is renumbered so that the KV cache
             used in generation indexes the new layers. None keeps every layer.
+        remap_vocab: with `path` and a `tokenizer` other than the model's own: rebuild the input embeddings and
+            output layer for `tokenizer`, each of its tokens taking the model's row of the token with the same text
+            (the same string, else the same UTF-8 bytes; the model's tokenizer is read from `path`), the rest the
+            mean row. A student with a smaller or another vocabulary, initialised from a pretrained model, e.g. one
+            keeping a share of its BPE merges.
         kwargs: extra keyword arguments for `from_pretrained` (e.g. `attn_implementation`).
     """
 
@@ -63,6 +68,7 @@ class HFModel:
     gguf_file: str | None = None
     seed: int = 0
     keep_layers: list[int] | None = None
+    remap_vocab: bool = False
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +78,9 @@ class HFModel:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
         if self.quantization is not None and self.path is None:
             raise ValueError("quantization needs a pretrained `path`: save the model with save_pretrained first")
+        if self.remap_vocab and (self.path is None or self.tokenizer is None):
+            raise ValueError("remap_vocab rebuilds a pretrained model's embeddings for another tokenizer: it needs "
+                             "both `path` and `tokenizer`")
         if self.keep_layers is not None:
             if self.path is None:
                 raise ValueError("keep_layers selects layers of a pretrained model: it needs `path`, not `config`")
@@ -149,10 +158,14 @@ class HFModel:
         model = source.load(AutoModelForCausalLM.from_pretrained, hub, dtype=dtype, **kwargs)
         if self.keep_layers is not None:
             model = keep_decoder_layers(model, self.keep_layers)
+        if self.remap_vocab:
+            own = HFModel(path=self.path, gguf_file=self.gguf_file, kwargs=self.kwargs).load_tokenizer()
+            found = remap_vocabulary(model, own, tokenizer if tokenizer is not None else self.load_tokenizer())
         details = [f"gguf {self.gguf_file}"] if self.gguf_file else []
         details += [_layers(model), _parameters(model), self.dtype]
         details += [self.quantization] if self.quantization else []
         details += [f"keep_layers {self.keep_layers}"] if self.keep_layers is not None else []
+        details += [f"vocabulary remapped to {self.tokenizer}, {found} tokens found"] if self.remap_vocab else []
         log.info("loaded model from %s (%s)", self.path, ", ".join(details))
         return model
 
@@ -300,6 +313,54 @@ def _bnb_cast_warning_once() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _FirstOnly) and f.prefix == _BNB_CAST for f in logger.filters):
         logger.addFilter(_FirstOnly(_BNB_CAST))
+
+
+def remap_vocabulary(model, own_tokenizer, tokenizer) -> int:
+    """Give `model` (in place) input embeddings and an output layer for `tokenizer`, initialised from its rows for
+    `own_tokenizer`: each token takes the row of the token with the same string, else the same UTF-8 bytes, else the
+    mean row. The config's vocabulary size and special-token ids follow `tokenizer`. Returns how many tokens found
+    a row.
+    """
+    from opd_lightning.aligners.bytes import TokenBytes
+
+    own_vocab = own_tokenizer.get_vocab()
+    own_bytes = TokenBytes.from_tokenizer(own_tokenizer)
+    by_bytes = {data: i for i, data in reversed(list(enumerate(own_bytes.table))) if data}
+    new_bytes = TokenBytes.from_tokenizer(tokenizer)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    rows = torch.full((len(tokenizer),), -1, dtype=torch.long)
+    for token, i in vocab:
+        j = own_vocab.get(token, -1)
+        if j < 0 and i < len(new_bytes) and new_bytes.table[i]:
+            j = by_bytes.get(new_bytes.table[i], -1)
+        rows[i] = j
+    found = rows >= 0
+
+    def rebuilt(weight: torch.Tensor) -> torch.Tensor:  # [V_own, H] -> [V_new, H]
+        out = weight.detach().mean(0, keepdim=True).expand(len(rows), -1).clone()
+        out[found] = weight.detach()[rows[found]]
+        return out
+
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embeddings = torch.nn.Embedding(len(rows), model.get_input_embeddings().weight.shape[1],
+                                    dtype=model.get_input_embeddings().weight.dtype)
+    embeddings.weight.data.copy_(rebuilt(model.get_input_embeddings().weight))
+    head = model.get_output_embeddings()
+    model.set_input_embeddings(embeddings)
+    if head is not None:
+        new_head = torch.nn.Linear(head.in_features, len(rows), bias=head.bias is not None, dtype=head.weight.dtype)
+        new_head.weight = embeddings.weight if tied else torch.nn.Parameter(rebuilt(head.weight))
+        if head.bias is not None:
+            new_head.bias.data.copy_(rebuilt(head.bias.unsqueeze(-1)).squeeze(-1))
+        model.set_output_embeddings(new_head)
+    config = model.config.get_text_config()
+    config.vocab_size = len(rows)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(config, name, getattr(tokenizer, name))
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, getattr(tokenizer, name))
+    return int(found.sum())
 
 
 def keep_decoder_layers(model, keep: list[int]):

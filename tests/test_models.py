@@ -270,3 +270,30 @@ def test_each_load_logs_what_was_loaded(four_layer_dir, char_tok, caplog):
         f"loaded model from {four_layer_dir} (llama, 2 layers, {millions(cut)}M parameters, bfloat16, keep_layers [0, 2])",
     ]
     assert cut.num_parameters() < built.num_parameters()
+
+
+def test_remap_vocab_gives_a_pretrained_model_a_subset_tokenizer(tmp_path):
+    """Each token of the new tokenizer keeps the pretrained row of the same token; the output layer stays tied; the
+    remapped model generates, saves and loads back with the new vocabulary."""
+    full = HFModel(config={}, tokenizer="builtin:arithmetic_bpe").load_tokenizer()
+    source = HFModel(config=dict(FOUR_LAYERS, tie_word_embeddings=True), tokenizer="builtin:arithmetic_bpe", seed=1)
+    model = source.load_model(full)
+    model.save_pretrained(tmp_path / "src")
+    full.save_pretrained(tmp_path / "src")
+    spec = HFModel(path=str(tmp_path / "src"), tokenizer="builtin:arithmetic_bpe_10", remap_vocab=True)
+    small = spec.load_tokenizer()
+    student = spec.load_model(small)
+    assert student.get_input_embeddings().weight.shape[0] == len(small) < len(full)
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    old, new = model.get_input_embeddings().weight, student.get_input_embeddings().weight
+    for token in ("7", "12", "+", "<eos>"):
+        torch.testing.assert_close(new[small.convert_tokens_to_ids(token)], old[full.convert_tokens_to_ids(token)])
+    assert student.config.vocab_size == len(small) and student.config.eos_token_id == small.eos_token_id
+    enc = small(["12+34="], return_tensors="pt")
+    out = student.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=small.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3 and int(out.max()) < len(small)
+    student.save_pretrained(tmp_path / "student")
+    again = HFModel(path=str(tmp_path / "student"), tokenizer="builtin:arithmetic_bpe_10").load_model(small)
+    torch.testing.assert_close(again.get_input_embeddings().weight, new)
+    with pytest.raises(ValueError, match="needs both `path` and `tokenizer`"):
+        HFModel(path=str(tmp_path / "src"), remap_vocab=True)
