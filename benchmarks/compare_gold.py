@@ -1,38 +1,43 @@
-"""TRL's GOLD trainer against this library on the quickstart's cross-tokenizer distillation, everything else equal.
+"""TRL's GOLD trainer against this library across tokenizers, everything else equal.
 
-    .venv/bin/python -m benchmarks.compare_gold [--rows trl_gold opd_gold opd_best] [--steps 1500] [--seeds 0 1 2]
-        [--out runs/compare_gold] [--best-aligner ...] [--best-loss ...] [--teacher-steps N] [--rerun] [--no-record]
+    .venv/bin/python -m benchmarks.compare_gold [--comparison quickstart|smollm2_10|smollm2_90]
+        [--rows trl_gold opd_gold opd_best] [--steps 1500] [--seeds 0 1 2] [--out DIR] [--best-aligner ...]
+        [--best-loss ...] [--teacher-steps N] [--rerun] [--no-record]
 
 GOLD (Patiño et al. 2025, `trl.experimental.gold.GOLDTrainer`) is the reference implementation of on-policy
 distillation across tokenizers, so it is the baseline a claim about this library's cross-tokenizer path has to
-beat, in the same run, on the same machine. Rows:
+beat, in the same run, on the same machine. Comparisons (`--comparison`):
+- `quickstart`: `configs/quickstart/distill_cross.yaml`, a fresh byte-level BPE student on the arithmetic task;
+- `smollm2_10`, `smollm2_90`: `configs/real/smollm2_same_tokenizer.yaml` + `configs/real/sequences.yaml`,
+  SmolLM2-135M-Instruct teaching the 15-layer student cut from it, whose tokenizer keeps only the first 10% or 90% of
+  SmolLM2's merges (`keep_merges`, written to `<out>/student_tokenizer`; the student's embeddings are remapped to it
+  with `remap_vocab`), on the `sequences` task. Both tokenizers are byte-level BPE, which GOLD accepts.
+Rows:
 - `trl_gold`: `GOLDTrainer` with its ULD cross-tokenizer loss and the hybrid matched/unmatched loss, as GOLD's
   documentation recommends for different tokenizers (`use_uld_loss`, `uld_use_hybrid_loss`, weights 0.6 / 0.4);
 - `opd_gold`: this library's `gold` loss (the same hybrid, same β and weights) through the `byte_spans` aligner;
-- `opd_best`: this library with the aligner and loss of `--best-aligner` / `--best-loss` (default: the exact
-  target, `exact_spans` with branches and depth unbounded, and forward KL).
-Everything that can be shared is: the student (`configs/quickstart/distill_cross.yaml`'s fresh Llama with the
-byte-level BPE tokenizer, built by the same code with the same seed), the teacher, the 20,000 training rows (the
-gold completion closed by the student's EOS, tokenised as the library does, checked row by row in the TRL run), the
-batch, λ, the sampling settings, the optimizer and its schedule (TRL gets a torch AdamW and a `WarmupCosine` built
-from the config, as the library builds them), gradient clipping, the seeds, fp32 and one thread. What cannot be
-made equal is printed with the table ("not equal: ..., because ...").
+- `opd_best`: this library with the comparison's best aligner and loss (`--best-aligner` / `--best-loss` override).
+Everything that can be shared is: the student (built by the same code from the same config and seed), the teacher,
+the training rows (the gold completion closed by the student's EOS, tokenised as the library does, checked row by
+row in the TRL run), the batch, λ, the sampling settings, the optimizer and its schedule (TRL gets a torch AdamW and a
+`WarmupCosine` built from the config, as the library builds them), gradient clipping, the seeds, fp32 and one thread.
+What cannot be made equal is printed with the table ("not equal: ..., because ...").
 
-The teacher: GOLD aligns by byte offsets and accepts only ByteLevel tokenizers, which the quickstart's character
+The quickstart's teacher: GOLD aligns by byte offsets and accepts only ByteLevel tokenizers, which its character
 teacher (`builtin:char`, WordLevel with a Fuse decoder) is not; the script checks this with TRL's own encoder. When
 TRL refuses it, a teacher with a byte-level tokenizer without merges (one token per byte: the same segmentation of
 this task's ASCII text as the character tokenizer) is trained here once with `configs/quickstart/teacher.yaml`
 (`--teacher-steps` shortens it for smoke tests) into `<out>/teacher` and serves all three rows. The TRL row runs in
 a worker process of this script (`--worker gold`), as the library's rows run in `opd fit` processes.
 
-Measures, taken the same way for every row: the score is lm-eval's exact match on the 500 test problems, computed
+Measures, taken the same way for every row: the score is lm-eval's exact match on the task's test problems, computed
 by `opd_lightning.evaluation.evaluate_model` (the function `LmEvalCallback` runs on in-memory models) on each run's
 saved `hf` directory; seconds per optimizer step is the wall time from the start of the first step to the end of the
 last, divided by the steps (start-up, saving and evaluation excluded); peak memory is the training process's
 `ru_maxrss` read at the end of its last step, before any evaluation (the library's runs evaluate in-process after
 that step, so a whole-process peak would charge lm-eval to them only). Runs go one at a time; finished runs (same
 row, settings, seed, steps and teacher, in `<out>/results.json`) are reused unless `--rerun`. Writes the table into
-benchmarks/RESULTS.md unless `--no-record`.
+benchmarks/RESULTS.md (one block per comparison) unless `--no-record`.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,16 +67,37 @@ from benchmarks.quickstart import machine, record
 CONFIG = "configs/quickstart/distill_cross.yaml"
 TEACHER_CONFIG = "configs/quickstart/teacher.yaml"
 CHAR_TEACHER = Path("runs/quickstart/teacher/hf")
-TRAIN = "builtin:arithmetic/train"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One side-by-side comparison: the library's configs, the task, and the student's tokenizer."""
+
+    configs: tuple[str, ...]  # `opd fit --config` files, in order
+    task: str  # lm-eval task scored, against its gold answers
+    limit: int | None  # test documents scored (None: all)
+    merges: float | None  # None: the config's student; else the teacher's tokenizer keeping this share of merges
+    best: str  # --model.aligner and --model.loss of the `opd_best` row (when not given on the command line)
+    description: str
+
+
+COMPARISONS = {
+    "quickstart": Comparison((CONFIG,), "arithmetic", None, None, "{name: exact_spans, branches: null, depth: null, "
+                          "min_mass: 0} forward_kl", "the quickstart's fresh byte-level BPE student"),
+    **{f"smollm2_{p}": Comparison(("configs/real/smollm2_same_tokenizer.yaml", "configs/real/sequences.yaml"),
+                               "sequences", 300, p / 100, "bpe_subset reverse_kl",
+                               f"the 15-layer SmolLM2 student of the real config with a tokenizer keeping {p}% of "
+                               "SmolLM2's merges (embeddings remapped, `remap_vocab`)")
+       for p in (10, 90)},
+}
 GOLD_HYBRID = {"beta": 0.5, "matched_weight": 0.6, "unmatched_weight": 0.4}  # TRL's β default, GOLD docs' weights
-DEFAULTS = {"out": Path("runs/compare_gold"), "best_aligner": "{name: exact_spans, branches: null, depth: null}",
-            "best_loss": "forward_kl", "teacher_steps": None}  # options the recorded command leaves out when unchanged
+DEFAULTS = {"out": None, "best_aligner": None, "best_loss": None, "teacher_steps": None}  # left out when unchanged
 ROWS = {"trl_gold": "GOLD (TRL `GOLDTrainer`, ULD hybrid)", "opd_gold": "opd-lightning `gold`",
         "opd_best": "opd-lightning, best"}
 OVERLAY = """trainer:
   callbacks:
     - class_path: opd_lightning.evaluation.LmEvalCallback
-      init_args: {tasks: [arithmetic]}
+      init_args: {{tasks: [{task}], limit: {limit}}}
     - class_path: opd_lightning.export.ExportStudent
     - class_path: benchmarks.compare_gold.StepTimer
 """
@@ -106,6 +133,9 @@ NOT_EQUAL = [
     ("peak memory: each process holds its own framework (Lightning; TRL with accelerate and datasets), because "
      "the frameworks are what is compared; the models and batches are the same"),
 ]
+STOP_NOT_EQUAL = ("stop strings: the config stops sampling at a newline or comma, but TRL's generation has no stop "
+                  "strings, so the library's rows run with `--model.sampling.stop []` and both write up to the "
+                  "config's new tokens (lm-eval cuts the answer at the same characters either way)")
 TRL_SET = ("TRL options set off their defaults to match the library: top_p and top_k from the config's sampling "
            "(GOLD: 0.95 and 0), "
            "uld_token_merge_strategy `bayesian` (the default `observed` reads each answer token's logits, which "
@@ -153,9 +183,34 @@ class StepTimer(Callback):
         self.clock.write(Path(trainer.default_root_dir) / "steps.json")
 
 
-def distill_config() -> dict:
-    """The quickstart cross-tokenizer config, the one source of every shared setting."""
-    return yaml.safe_load(Path(CONFIG).read_text())
+def distill_config(comparison: Comparison) -> dict:
+    """The comparison's configs merged as `opd fit` merges them, the one source of every shared setting."""
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    config: dict = {}
+    for path in comparison.configs:
+        config = merge(config, yaml.safe_load(Path(path).read_text()))
+    return config
+
+
+def student_overrides(comparison: Comparison, out: Path) -> list[str]:
+    """`opd fit` options that give the student the comparison's tokenizer (a share of the teacher's merges, written
+    once into `<out>/student_tokenizer`), with its embeddings remapped; none for the quickstart."""
+    if comparison.merges is None:
+        return []
+    directory = out / "student_tokenizer"
+    if not (directory / "tokenizer.json").exists():
+        from opd_lightning.aligners import keep_merges
+
+        from opd_lightning.models import HFModel
+
+        teacher = HFModel(**distill_config(comparison)["model"]["teacher"]).load_tokenizer()
+        keep_merges(teacher, comparison.merges).save_pretrained(directory)
+    return ["--model.student.tokenizer", str(directory), "--model.student.remap_vocab", "true",
+            "--model.sampling.stop", "[]"]  # TRL's generation has no stop strings
 
 
 def grad_clip_norm(model: dict) -> float | None:
@@ -193,25 +248,34 @@ def gold_refusal(tokenizer) -> str | None:
     return None
 
 
-def score_dir(path: Path) -> float:
-    """lm-eval exact match of the saved model in `path` on the arithmetic test split, loaded as the library loads."""
+def score_dir(path: Path, comparison: Comparison) -> float:
+    """lm-eval exact match of the saved model in `path` on the comparison's test split, loaded as the library loads."""
     from opd_lightning.evaluation import evaluate_model
     from opd_lightning.models import HFModel
 
     spec = HFModel(path=str(path))
     tokenizer = spec.load_tokenizer()
-    return evaluate_model(spec.load_model(tokenizer), tokenizer, ["arithmetic"])["arithmetic"]["exact_match"]
+    scores = evaluate_model(spec.load_model(tokenizer), tokenizer, [comparison.task], limit=comparison.limit)
+    return scores[comparison.task]["exact_match"]
 
 
-def shared_teacher(out: Path, teacher_steps: int | None) -> dict:
-    """The teacher of every row: the quickstart's character teacher if GOLD accepts its tokenizer, else a byte-level
-    one trained here (`<out>/teacher`, reused while its step count matches)."""
+def shared_teacher(out: Path, teacher_steps: int | None, comparison: Comparison) -> dict:
+    """The teacher of every row: the config's teacher if GOLD accepts its tokenizer; for the quickstart, whose
+    character teacher it refuses, a byte-level one trained here (`<out>/teacher`, reused while its step count
+    matches)."""
+    from opd_lightning.models import HFModel
     from opd_lightning.tasks.arithmetic import char_tokenizer
 
+    if comparison.merges is not None:
+        spec = HFModel(**distill_config(comparison)["model"]["teacher"])
+        refusal = gold_refusal(spec.load_tokenizer())
+        if refusal:
+            raise SystemExit(f"TRL's GOLD refuses the teacher {spec.path}: {refusal}")
+        return {"path": spec.path, "name": f"{spec.path}", "refusal": None, "score": score_dir(Path(spec.path), comparison)}
     refusal = gold_refusal(char_tokenizer())
     if refusal is None:
         return {"path": str(CHAR_TEACHER), "name": "quickstart character teacher", "refusal": None,
-                "score": score_dir(CHAR_TEACHER)}
+                "score": score_dir(CHAR_TEACHER, comparison)}
     steps = teacher_steps or yaml.safe_load(Path(TEACHER_CONFIG).read_text())["trainer"]["max_steps"]
     root, hf = out / "teacher", out / "teacher" / "hf"
     info = root / "teacher.json"
@@ -227,39 +291,45 @@ def shared_teacher(out: Path, teacher_steps: int | None) -> dict:
                     "--trainer.max_steps", str(steps), "--model.scheduler.init_args.total_steps", str(steps)],
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     teacher = {"path": str(hf), "name": f"byte-level teacher ({TEACHER_CONFIG}, {steps} steps)", "steps": steps,
-               "refusal": refusal, "score": score_dir(hf)}
+               "refusal": refusal, "score": score_dir(hf, comparison)}
     info.write_text(json.dumps(teacher, indent=2))
     return teacher
 
 
-def _measured(result: dict, run_dir: Path) -> dict:
+def _measured(result: dict, run_dir: Path, comparison: Comparison) -> dict:
     """`result` with the step clock's numbers and the score of the saved student (or the error if there is none)."""
     if "error" in result:
         return result
     steps_file, hf = run_dir / "steps.json", run_dir / "hf"
     if not steps_file.exists() or not (hf / "config.json").exists():
         return {**result, "error": f"no {steps_file} or {hf}: the run did not finish"}
-    return {**result, **json.loads(steps_file.read_text()), "score": score_dir(hf)}
+    return {**result, **json.loads(steps_file.read_text()), "score": score_dir(hf, comparison)}
 
 
-def run_opd(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: dict) -> dict:
+def run_opd(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: dict,
+            comparison: Comparison) -> dict:
     """One library row through `opd fit` (leaderboard's `fit_and_score`), then its saved student scored."""
     run_dir = out / row / f"seed_{seed}"
-    args = ["--config", CONFIG, "--config", str(out / "overlay.yaml"), "--model.teacher.path", teacher["path"],
-            "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], *seed_args(seed)]
+    args = [arg for path in comparison.configs for arg in ("--config", path)]
+    args += ["--config", str(out / "overlay.yaml"), "--model.teacher.path", teacher["path"],
+             "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], *seed_args(seed),
+             *student_overrides(comparison, out)]
     result = fit_and_score(args, run_dir, steps, _key(row, setting, seed, teacher))
     if "score" in result:
         result["score_in_fit"] = result.pop("score")  # LmEvalCallback's, on the in-memory student: a cross-check
-    return _measured(result, run_dir)
+    return _measured(result, run_dir, comparison)
 
 
-def run_trl(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: dict) -> dict:
+def run_trl(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: dict,
+            comparison: Comparison) -> dict:
     """The TRL row in a worker process of this script, then its saved student scored."""
     run_dir = out / row / f"seed_{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    name = next(k for k, v in COMPARISONS.items() if v == comparison)
+    student_overrides(comparison, out)  # writes the student's tokenizer, which the worker reads
     args = [sys.executable, "-m", "benchmarks.compare_gold", "--worker", "gold", "--seeds", str(seed), "--steps",
-            str(steps), "--out", str(run_dir), "--teacher", teacher["path"]]
+            str(steps), "--out", str(run_dir), "--teacher", teacher["path"], "--comparison", name]
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
@@ -267,7 +337,7 @@ def run_trl(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
               "wall_s": time.perf_counter() - start}
     if done.returncode:
         result["error"] = done.stderr[-2000:]
-    return _measured(result, run_dir)
+    return _measured(result, run_dir, comparison)
 
 
 def _key(row: str, setting: dict, seed: int, teacher: dict) -> dict:
@@ -280,23 +350,32 @@ def _class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _trl_dataset():
+def train_rows(config: dict) -> str:
+    """The training data the config reads (the data module's default when it names none)."""
+    import inspect
+
+    from opd_lightning.data import PromptDataModule
+
+    return config.get("data", {}).get("train") or inspect.signature(PromptDataModule).parameters["train"].default
+
+
+def _trl_dataset(train: str):
     """The training rows as TRL's prompt/completion dataset (GOLD appends the student's EOS, as the library does)."""
     from datasets import Dataset
 
     from opd_lightning.data import load_rows
 
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in load_rows(TRAIN)])
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in load_rows(train)])
 
 
-def tokenisation_mismatches(prepared, tokenizer) -> int:
+def tokenisation_mismatches(prepared, tokenizer, train: str) -> int:
     """Rows whose ids or completion boundary in TRL's prepared dataset differ from the library's encoding (prompt
     as `encode_prompts` encodes it, completion as `rollout_from_texts` does, then EOS)."""
     from opd_lightning.aligners import prefixless_encoder
 
     from opd_lightning.data import load_rows
 
-    rows = load_rows(TRAIN)
+    rows = load_rows(train)
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
     completions = prefixless_encoder(tokenizer).encode_batch([r["completion"] for r in rows], add_special_tokens=False)
     bad = 0
@@ -306,8 +385,8 @@ def tokenisation_mismatches(prepared, tokenizer) -> int:
     return bad
 
 
-def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str) -> None:
-    """Train the `trl_gold` row in this process: the quickstart student, the shared teacher, GOLD's hybrid ULD."""
+def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str, comparison: Comparison) -> None:
+    """Train the `trl_gold` row in this process: the comparison's student, the shared teacher, GOLD's hybrid ULD."""
     import datasets
     from transformers import TrainerCallback
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
@@ -316,11 +395,16 @@ def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str) -> None
     from opd_lightning.rollout import SamplingConfig
 
     datasets.disable_progress_bars()
-    config = distill_config()
+    config = distill_config(comparison)
     model, sampling = config["model"], SamplingConfig(**config["model"]["sampling"])
-    student_spec = HFModel(config=model["student"]["config"], tokenizer=model["student"]["tokenizer"], seed=seed)
+    student = dict(model["student"])
+    if comparison.merges is not None:  # as `student_overrides` sets it for the library's rows
+        student.update(tokenizer=str(run_dir.parent.parent / "student_tokenizer"), remap_vocab=True)
+    else:
+        student["seed"] = seed
+    student_spec = HFModel(**student)
     tokenizer = student_spec.load_tokenizer()
-    student = student_spec.load_model(tokenizer)
+    student = student_spec.load_model(tokenizer)  # the library's default context limit: the student's
     teacher = HFModel(path=teacher_path).load_model()
     optimizer = _class(model["optimizer"]["class_path"])(student.parameters(), **model["optimizer"]["init_args"])
     scheduler = _class(model["scheduler"]["class_path"])(optimizer, **{**model["scheduler"]["init_args"],
@@ -330,7 +414,7 @@ def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str) -> None
         gradient_accumulation_steps=1, lmbda=model["rollout"]["on_policy_fraction"], beta=GOLD_HYBRID["beta"],
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
         max_completion_length=sampling.max_new_tokens,
-        max_length=model["student"]["config"]["max_position_embeddings"], use_uld_loss=True,
+        max_length=model["rollout"].get("max_length") or student.config.max_position_embeddings, use_uld_loss=True,
         uld_use_hybrid_loss=True, uld_hybrid_matched_weight=GOLD_HYBRID["matched_weight"],
         uld_hybrid_unmatched_weight=GOLD_HYBRID["unmatched_weight"], uld_token_merge_strategy="bayesian",
         uld_skip_student_eos=False, uld_skip_teacher_eos=False, teacher_tokenizer_name_or_path=teacher_path,
@@ -346,9 +430,10 @@ def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str) -> None
         def on_step_end(self, args, state, control, **kwargs):
             clock.finish(bool(trainer._buffered_on_policy and trainer._buffered_on_policy[0]))
 
+    train = train_rows(config)
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-                          train_dataset=_trl_dataset(), optimizers=(optimizer, scheduler), callbacks=[Timer()])
-    mismatches = tokenisation_mismatches(trainer.train_dataset, tokenizer)
+                          train_dataset=_trl_dataset(train), optimizers=(optimizer, scheduler), callbacks=[Timer()])
+    mismatches = tokenisation_mismatches(trainer.train_dataset, tokenizer, train)
     trainer.train()
     clock.write(run_dir / "steps.json", tokenisation_mismatches=mismatches)
     trainer.save_model(str(run_dir / "hf"))
@@ -403,31 +488,34 @@ def checks(results: list[dict]) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def report(args: argparse.Namespace, results: list[dict], settings: dict, teacher: dict) -> str:
-    config = distill_config()
+def report(args: argparse.Namespace, results: list[dict], settings: dict, teacher: dict,
+           comparison: Comparison) -> str:
+    config = distill_config(comparison)
     model = config["model"]
     optimizer = model["optimizer"]["init_args"]
     why = (f" TRL's GOLD refuses the quickstart's character teacher (\"{teacher['refusal']}\"), so every row uses "
            "this byte-level one." if teacher.get("refusal") else "")
     dates = sorted({r["date"] for r in results})
-    options = {"--out": args.out, "--best-aligner": args.best_aligner, "--best-loss": args.best_loss,
+    options = {"--out": args.given_out, "--best-aligner": args.best_aligner, "--best-loss": args.best_loss,
                "--teacher-steps": args.teacher_steps}
     extra = "".join(f" {name} {shlex.quote(str(value))}" for name, value in options.items()
                     if value != DEFAULTS[name.removeprefix("--").replace("-", "_")])
-    command = (f".venv/bin/python -m benchmarks.compare_gold --rows {' '.join(args.rows)} --steps {args.steps} "
-               f"--seeds {' '.join(map(str, args.seeds))}{extra}")
-    not_equal = "\n".join(f"- not equal: {item}." for item in NOT_EQUAL)
-    return f"""## GOLD (TRL) against opd-lightning, across tokenizers
+    command = (f".venv/bin/python -m benchmarks.compare_gold --comparison {args.comparison} --rows "
+               f"{' '.join(args.rows)} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}{extra}")
+    not_equal = [*NOT_EQUAL, *([STOP_NOT_EQUAL] if "stop" in model["sampling"] else [])]
+    not_equal_text = "\n".join(f"- not equal: {item}." for item in not_equal)
+    scored = f"the first {comparison.limit}" if comparison.limit else "all the"
+    return f"""## GOLD (TRL) against opd-lightning, across tokenizers: {args.comparison}
 
 Command: `{command}`.
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs one at a time, one thread each (OMP_NUM_THREADS=1), fp32.
-Setting: `{CONFIG}` (fresh byte-level BPE student, λ = {model['rollout']['on_policy_fraction']}, batch \
-{config['data']['batch_size']}, temperature {model['sampling']['temperature']}, {model['sampling']['max_new_tokens']} \
-new tokens, AdamW {optimizer['lr']} with the config's warm-up, gradient clipping {grad_clip_norm(model)}), \
-{args.steps} optimizer steps.
+Setting: `{' + '.join(comparison.configs)}`, {comparison.description}; λ = {model['rollout']['on_policy_fraction']}, \
+batch {config['data']['batch_size']}, temperature {model['sampling']['temperature']}, \
+{model['sampling']['max_new_tokens']} new tokens, AdamW {optimizer['lr']} with the config's warm-up, gradient \
+clipping {grad_clip_norm(model)}, {args.steps} optimizer steps.
 Teacher for every row: {teacher['name']}, exact match {teacher['score']:.3f}.{why}
-Score: lm-eval exact match on the 500 test problems, `opd_lightning.evaluation.evaluate_model` on each run's saved
-`hf` directory. s / step: wall time from the first optimizer step's start to the last one's end, over the steps. Peak
+Score: lm-eval exact match on {scored} test problems of `{comparison.task}`, `opd_lightning.evaluation.evaluate_model` on
+each run's saved `hf` directory. s / step: wall time from the first optimizer step's start to the last one's end, over the steps. Peak
 RSS: the training process's `ru_maxrss` at the end of its last step. On-policy share: the steps that rolled out.
 Wall s/run: the whole training process, start-up included (and, in the library's rows, its in-fit lm-eval check).
 
@@ -436,7 +524,7 @@ Wall s/run: the whole training process, start-up included (and, in the library's
 {TRL_SET}.
 
 {checks(results)}
-{not_equal}"""
+{not_equal_text}"""
 
 
 def _recorded(store: Path) -> dict[tuple, dict]:
@@ -450,12 +538,15 @@ def _identity(result: dict) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comparison", choices=list(COMPARISONS), default="quickstart")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=DEFAULTS["out"])
-    parser.add_argument("--best-aligner", default=DEFAULTS["best_aligner"], help="--model.aligner of the opd_best row")
-    parser.add_argument("--best-loss", default=DEFAULTS["best_loss"], help="--model.loss of the opd_best row")
+    parser.add_argument("--out", type=Path, default=DEFAULTS["out"], help="default: runs/compare_gold/<comparison>")
+    parser.add_argument("--best-aligner", default=DEFAULTS["best_aligner"],
+                        help="--model.aligner of the opd_best row (default: the comparison's)")
+    parser.add_argument("--best-loss", default=DEFAULTS["best_loss"],
+                        help="--model.loss of the opd_best row (default: the comparison's)")
     parser.add_argument("--teacher-steps", type=int, default=DEFAULTS["teacher_steps"],
                         help=f"steps of the byte-level teacher, when one is trained (default: {TEACHER_CONFIG}'s)")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run is recorded")
@@ -463,17 +554,22 @@ def main() -> None:
     parser.add_argument("--worker", choices=["gold"], help=argparse.SUPPRESS)  # one TRL run, in its own process
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    comparison = COMPARISONS[args.comparison]
+    args.given_out = args.out
+    args.out = args.out or Path("runs/compare_gold") / args.comparison
+    best_aligner, best_loss = comparison.best.rsplit(" ", 1)
+    best_aligner, best_loss = args.best_aligner or best_aligner, args.best_loss or best_loss
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; lm-eval and datasets must not look online
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     torch.set_num_threads(1)  # scoring in this process runs on one thread, as the runs do
     if args.worker:
-        gold_worker(args.seeds[0], args.steps, args.out, args.teacher)
+        gold_worker(args.seeds[0], args.steps, args.out, args.teacher, comparison)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overlay.yaml").write_text(OVERLAY)
-    teacher = shared_teacher(args.out, args.teacher_steps)
-    settings = row_settings(args.best_aligner, args.best_loss)
+    (args.out / "overlay.yaml").write_text(OVERLAY.format(task=comparison.task, limit=comparison.limit or "null"))
+    teacher = shared_teacher(args.out, args.teacher_steps, comparison)
+    settings = row_settings(best_aligner, best_loss)
     store = args.out / "results.json"
     done = _recorded(store)
     wanted = {row: {seed: _identity({**_key(row, settings[row], seed, teacher), "steps": args.steps})
@@ -483,16 +579,16 @@ def main() -> None:
             if wanted[row][seed] in done and not args.rerun:
                 continue
             run = run_trl if row == "trl_gold" else run_opd
-            result = run(row, settings[row], seed, args.steps, args.out, teacher)
+            result = run(row, settings[row], seed, args.steps, args.out, teacher, comparison)
             done[_identity(result)] = result
             store.write_text(json.dumps(list(done.values()), indent=2))
             print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "step_s", "peak_rss_mb", "error")}),
                   flush=True)
     results = [done[identity] for seeds in wanted.values() for identity in seeds.values() if identity in done]
-    text = report(args, results, settings, teacher)
+    text = report(args, results, settings, teacher, comparison)
     print(text)
     if not args.no_record:
-        record(text, "compare_gold")
+        record(text, f"compare_gold_{args.comparison}")
 
 
 if __name__ == "__main__":
