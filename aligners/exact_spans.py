@@ -5,7 +5,7 @@ begins with another teacher token than the realised one gets only that first tok
 when the rollout wrote "46"). Here the walk branches: at an aligned position the teacher's continuations form a tree,
 and every branch that can still spell a longer student token is queried one teacher token further
 (`branches.BranchQueries`: one forward per tree level over the main pass's KV cache, each node one token), until the
-text decides the student's next token.
+text decides the student's next token; branches less likely than `min_mass` are left unqueried.
 
 The target at a student position is the teacher's distribution over the student's next token, defined by the text
 the teacher would write (the relative cover of Lossless Vocabulary Reduction, arXiv 2510.08102, for any pair):
@@ -15,8 +15,8 @@ the student tokenizer's encoding of s (of the text up to EOS, when the teacher s
 the same text are summed, so this is the teacher's likelihood of text, not of one tokenization. At a student token
 that starts inside a teacher token, the tree starts at that teacher token, keeps only continuations that spell the
 bytes already written since it began, and the target is renormalised over them (for a BPE-subset pair this is the
-exact scoring of arXiv 2512.14954). With `branches` and `depth` unbounded the target equals the brute-force one
-(tests/aligner_reference.py); a node left unexpanded gives its mass to the first student token of its text, which is
+exact scoring of arXiv 2512.14954). With `branches` and `depth` unbounded and `min_mass` 0 the target equals the
+brute-force one (tests/aligner_reference.py); a node left unexpanded gives its mass to the first student token of its text, which is
 `byte_spans`' rule (a branch still spelling bytes already written is dropped instead).
 """
 
@@ -60,7 +60,7 @@ class ExactSpanAligner(TextAligner):
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
     queries_teacher = True
 
-    def __init__(self, branches: int | None = 8, depth: int | None = 4, min_mass: float = 0.0) -> None:
+    def __init__(self, branches: int | None = 8, depth: int | None = 4, min_mass: float = 1e-4) -> None:
         """
         Args:
             branches: off-path children expanded per tree node, the most likely first (the realised child is always
@@ -68,7 +68,8 @@ class ExactSpanAligner(TextAligner):
             depth: teacher tokens the tree may go below an aligned position; None: until every branch is decided.
             min_mass: off-path children are expanded only where the teacher's probability of their path from the
                 aligned position is at least this; the mass of those left out (at most this much each) goes to the
-                first student token of their text. 0: no threshold.
+                first student token of their text. 0: no threshold. The default queries about a tenth of the
+                branches of an unbounded tree, 0.002 nats from the exact target (benchmarks/RESULTS.md).
         """
         super().__init__()
         for name, value in (("branches", branches), ("depth", depth)):

@@ -41,7 +41,7 @@ OVERLAY = """trainer:
       init_args: {tasks: [arithmetic], evaluate_teacher: true}
     - class_path: opd_lightning.export.ExportStudent   # <run>/hf, for looking at what the student writes
 """
-EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null}"]
+EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {
     "byte_spans": ("byte_spans (shipped)", []),

@@ -75,6 +75,7 @@ class Comparison:
 
     configs: tuple[str, ...]  # `opd fit --config` files, in order
     task: str  # lm-eval task scored, against its gold answers
+    metric: str  # the task's score, as `evaluate_model` names it
     limit: int | None  # test documents scored (None: all)
     merges: float | None  # None: the config's student; else the teacher's tokenizer keeping this share of merges
     best: str  # --model.aligner and --model.loss of the `opd_best` row (when not given on the command line)
@@ -82,10 +83,10 @@ class Comparison:
 
 
 COMPARISONS = {
-    "quickstart": Comparison((CONFIG,), "arithmetic", None, None, "{name: exact_spans, branches: null, depth: null, "
+    "quickstart": Comparison((CONFIG,), "arithmetic", "exact_match", None, None, "{name: exact_spans, branches: null, depth: null, "
                           "min_mass: 0} forward_kl", "the quickstart's fresh byte-level BPE student"),
     **{f"smollm2_{p}": Comparison(("configs/real/smollm2_same_tokenizer.yaml", "configs/real/sequences.yaml"),
-                               "sequences", 300, p / 100, "bpe_subset reverse_kl",
+                               "sequences", "exact_match/strict", 300, p / 100, "bpe_subset reverse_kl",
                                f"the 15-layer SmolLM2 student of the real config with a tokenizer keeping {p}% of "
                                "SmolLM2's merges (embeddings remapped, `remap_vocab`)")
        for p in (10, 90)},
@@ -256,7 +257,7 @@ def score_dir(path: Path, comparison: Comparison) -> float:
     spec = HFModel(path=str(path))
     tokenizer = spec.load_tokenizer()
     scores = evaluate_model(spec.load_model(tokenizer), tokenizer, [comparison.task], limit=comparison.limit)
-    return scores[comparison.task]["exact_match"]
+    return scores[comparison.task][comparison.metric]
 
 
 def shared_teacher(out: Path, teacher_steps: int | None, comparison: Comparison) -> dict:
@@ -314,7 +315,8 @@ def run_opd(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
     args += ["--config", str(out / "overlay.yaml"), "--model.teacher.path", teacher["path"],
              "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], *seed_args(seed),
              *student_overrides(comparison, out)]
-    result = fit_and_score(args, run_dir, steps, _key(row, setting, seed, teacher))
+    result = fit_and_score(args, run_dir, steps, _key(row, setting, seed, teacher), comparison.task,
+                           comparison.metric)
     if "score" in result:
         result["score_in_fit"] = result.pop("score")  # LmEvalCallback's, on the in-memory student: a cross-check
     return _measured(result, run_dir, comparison)
@@ -514,7 +516,7 @@ batch {config['data']['batch_size']}, temperature {model['sampling']['temperatur
 {model['sampling']['max_new_tokens']} new tokens, AdamW {optimizer['lr']} with the config's warm-up, gradient \
 clipping {grad_clip_norm(model)}, {args.steps} optimizer steps.
 Teacher for every row: {teacher['name']}, exact match {teacher['score']:.3f}.{why}
-Score: lm-eval exact match on {scored} test problems of `{comparison.task}`, `opd_lightning.evaluation.evaluate_model` on
+Score: lm-eval `{comparison.metric}` on {scored} test problems of `{comparison.task}`, `opd_lightning.evaluation.evaluate_model` on
 each run's saved `hf` directory. s / step: wall time from the first optimizer step's start to the last one's end, over the steps. Peak
 RSS: the training process's `ru_maxrss` at the end of its last step. On-policy share: the steps that rolled out.
 Wall s/run: the whole training process, start-up included (and, in the library's rows, its in-fit lm-eval check).

@@ -42,11 +42,11 @@ TEACHER = Path("runs/quickstart/teacher/hf")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")  # the ablation's teacher with the student's tokenizer
 ALIGNERS_COMPARED = {
     "byte_spans": {}, "vocab_map": {}, "mined": {},
-    "exact_spans (branches 2, depth 1)": {"branches": 2, "depth": 1},
-    "exact_spans (defaults: branches 8, depth 4)": {},
-    "exact_spans (unbounded)": {"branches": None, "depth": None},
+    "exact_spans (branches 2, depth 1, min_mass 0)": {"branches": 2, "depth": 1, "min_mass": 0.0},
+    "exact_spans (branches 8, depth 4, min_mass 0)": {"min_mass": 0.0},
+    "exact_spans (defaults: branches 8, depth 4, min_mass 1e-4)": {},
     "exact_spans (min_mass 1e-3, unbounded otherwise)": {"branches": None, "depth": None, "min_mass": 1e-3},
-    "exact_spans (min_mass 1e-4, unbounded otherwise)": {"branches": None, "depth": None, "min_mass": 1e-4},
+    "exact_spans (unbounded: min_mass 0)": {"branches": None, "depth": None, "min_mass": 0.0},
 }
 
 
@@ -135,7 +135,8 @@ def against_oracle(student_tok, teacher, teacher_tok, rollout: Rollout) -> str:
     oracle = source.load_model(oracle_tok).eval()
     targets = []
     for model, tok, name in ((teacher, teacher_tok, "exact_spans"), (oracle, oracle_tok, "identity")):
-        aligner = ALIGNERS.build(name, **({"branches": None, "depth": None} if name == "exact_spans" else {}))
+        unbounded = {"branches": None, "depth": None, "min_mass": 0.0}
+        aligner = ALIGNERS.build(name, **(unbounded if name == "exact_spans" else {}))
         aligner.bind(student_tok, tok, len(student_tok), model.config.vocab_size)
         target = ReferenceScorer(aligner, model, None).teacher_target(rollout, frozenset({TEACHER_LOGITS}), None)
         targets.append(target.logits[..., : len(student_tok)].double().log_softmax(-1))

@@ -89,9 +89,10 @@ def seed_args(seed: int) -> list[str]:
             "--data.seed", str(seed)]
 
 
-def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict) -> dict:
-    """One `opd fit` into `out` (emptied first), `steps` optimizer steps, one thread; its lm-eval score, wall time
-    and the means of `DIAGNOSTICS` over its last 50 logged steps, merged into `key`."""
+def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict, task: str = "arithmetic",
+                  metric: str = "exact_match") -> dict:
+    """One `opd fit` into `out` (emptied first), `steps` optimizer steps, one thread; its lm-eval score (`metric`
+    of `task`), wall time and the means of `DIAGNOSTICS` over its last 50 logged steps, merged into `key`."""
     args = [sys.executable, "-m", "opd_lightning", "fit", *config_args, "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--model.scheduler.init_args.total_steps", str(steps),
             "--trainer.default_root_dir", str(out)]
@@ -110,7 +111,7 @@ def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict) -> d
     for name in DIAGNOSTICS:
         values = [float(r[name]) for r in rows if r.get(name)][-50:]  # mean of the last 50 logged steps
         diag[name] = statistics.mean(values) if values else float("nan")
-    scores = {entry["model"]: entry["results"]["arithmetic"]["exact_match"] for entry in history}  # the last each
+    scores = {entry["model"]: entry["results"][task][metric] for entry in history}  # the last of each model
     teacher = {"teacher_score": scores["teacher"]} if "teacher" in scores else {}
     return {**key, "wall_s": wall, "score": scores["student"], **teacher, **diag}
 

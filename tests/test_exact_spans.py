@@ -59,7 +59,7 @@ def _brute(module, rollout, inputs, b, i):
 
 @pytest.mark.parametrize("pair", ["char_to_bpe", "bpe_to_char", "subset"])
 def test_unbounded_exact_spans_equal_the_brute_force_target(teacher_dir, bpe_teacher_dir, subset_dirs, pair):
-    module = _module(_pair(pair, teacher_dir, bpe_teacher_dir, subset_dirs), "exact_spans", branches=None, depth=None)
+    module = _module(_pair(pair, teacher_dir, bpe_teacher_dir, subset_dirs), "exact_spans", branches=None, depth=None, min_mass=0.0)
     completions = {"char_to_bpe": ["46", "136", "10", "7"], "bpe_to_char": ["46 and", "the", "world", "12+34"],
                    "subset": [" distillation", " hello world", " the teacher", " student"]}
     batch = {"prompt": BATCH["prompt"], "completion": completions[pair]}
@@ -83,7 +83,7 @@ def test_unbounded_exact_spans_equal_the_brute_force_target(teacher_dir, bpe_tea
 
 def test_byte_spans_differs_from_the_exact_target_off_the_realised_path(teacher_dir):
     pair = (teacher_dir, "builtin:arithmetic_bpe")
-    exact, spans = _module(pair, "exact_spans", branches=None, depth=None), _module(pair, "byte_spans")
+    exact, spans = _module(pair, "exact_spans", branches=None, depth=None, min_mass=0.0), _module(pair, "byte_spans")
     batch = {"prompt": ["12+34="], "completion": ["46"]}
     want = exact.scorer.teacher_target(exact.rollouts(batch, train=True)["rollout"], frozenset({TEACHER_LOGITS}),
                                        exact.student).logits[0, 0].exp()
@@ -106,14 +106,14 @@ def test_bounded_trees_approach_the_exact_target(teacher_dir):
         got = module.scorer.teacher_target(rollout, frozenset({TEACHER_LOGITS}), module.student)
         return got.logits.double().log_softmax(-1), got.mask & rollout.completion_mask, module.aligner
 
-    exact, mask, _ = target(branches=None, depth=None)
+    exact, mask, _ = target(branches=None, depth=None, min_mass=0.0)
 
     def kl(logp):
         return float((exact.exp() * (exact - logp)).sum(-1)[mask].mean())
 
     gaps = []
     for options in ({"branches": 0, "depth": 0}, {"branches": 2, "depth": 1}, {"branches": 4, "depth": 2},
-                    {"branches": None, "depth": None}):
+                    {"branches": None, "depth": None, "min_mass": 0.0}):
         logp, covered, aligner = target(**options)
         assert torch.equal(covered, mask)
         gaps.append(kl(logp))
@@ -130,7 +130,7 @@ def test_min_mass_moves_at_most_the_mass_it_leaves_out(teacher_dir):
     batch = {"prompt": BATCH["prompt"], "completion": ["46", "136", "10", "7"]}
 
     def target(**options):
-        module = _module(pair, "exact_spans", branches=None, depth=None, **options)
+        module = _module(pair, "exact_spans", branches=None, depth=None, **{"min_mass": 0.0, **options})
         rollout = module.rollouts(batch, train=True)["rollout"]
         got = module.scorer.teacher_target(rollout, frozenset({TEACHER_LOGITS}), module.student)
         return got.logits.double().exp(), got.mask & rollout.completion_mask, module.aligner.last_query_tokens
