@@ -57,6 +57,9 @@ ROWS = {
     "exact_spans_top1": ("exact target, top-1 + tail bucket", [*EXACT, "--model.teacher_topk", "1"]),
     "exact_spans_top3": ("exact target, top-3 + tail bucket", [*EXACT, "--model.teacher_topk", "3"]),
     "oracle_top1": ("oracle, top-1 + tail bucket", [*ORACLE_ARGS, "--model.teacher_topk", "1"]),
+    "exact_spans_top1_sft": ("exact target, top-1 + tail bucket, + SFT on gold (weight 1)",
+                             [*EXACT, "--model.teacher_topk", "1", "--model.extra_terms",
+                              "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     # The same targets on the gold completions only (λ = 0): what the on-policy half of the steps adds or costs.
     "exact_spans_gold": ("exact target, gold completions only (λ = 0)",
                          [*EXACT, "--model.rollout.on_policy_fraction", "0.0"]),

@@ -87,6 +87,21 @@ def refusal(pair: Pair, row: str) -> str | None:
     return None
 
 
+RUNS_CSV = Path(__file__).with_name("aligner_leaderboard_runs.csv")
+
+
+def committed_runs() -> list[dict]:
+    """The runs recorded in `aligner_leaderboard_runs.csv` (committed with the tables), so that a fresh clone
+    continues the leaderboard instead of running it again."""
+    if not RUNS_CSV.exists():
+        return []
+    runs = []
+    for r in csv.DictReader(RUNS_CSV.open()):
+        run = {k: (v if k in ("pair", "row", "date") else float(v) if v else math.nan) for k, v in r.items()}
+        runs.append({**run, "seed": int(run["seed"]), "steps": int(run["steps"])})
+    return runs
+
+
 def run(pair_name: str, row: str, seed: int, steps: int) -> dict:
     pair, (aligner, loss) = PAIRS[pair_name], ROWS[row]
     teacher = teacher_dir(pair.student if row == "oracle" else pair.teacher)
@@ -101,7 +116,7 @@ def summary(runs: list[dict]) -> dict:
     scores = [r["score"] for r in runs]
     out = {"mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
            "scores": scores, "wall_s": statistics.mean(r["wall_s"] for r in runs)}
-    teachers = [r["teacher_score"] for r in runs if "teacher_score" in r]
+    teachers = [r["teacher_score"] for r in runs if not math.isnan(r.get("teacher_score", math.nan))]
     out["teacher"] = statistics.mean(teachers) if teachers else math.nan
     out |= {k: statistics.mean(r.get(k, math.nan) for r in runs) for k in DIAGNOSTICS}
     return out
@@ -185,7 +200,8 @@ def main() -> None:
     prepare(ROOT, OVERLAY)
     store = ROOT / "results.json"
     key = lambda r: (r["pair"], r["row"], r["seed"], r["steps"])
-    done = {key(r): r for r in (json.loads(store.read_text()) if store.exists() else []) if "score" in r}
+    done = {key(r): r for r in [*committed_runs(), *(json.loads(store.read_text()) if store.exists() else [])]
+            if "score" in r}
     refused = {(p, row): refusal(PAIRS[p], row) for p in args.pairs for row in args.rows}
     jobs = [] if args.no_run else [(p, row, seed) for seed in args.seeds for p in args.pairs for row in args.rows
                                    if not refused[p, row] and (args.rerun or (p, row, seed, args.steps) not in done)]
@@ -212,10 +228,10 @@ def main() -> None:
                       f"(`{PAIRS[p].teacher}`), student tokenizer `{PAIRS[p].student}`.\n\n{text}")
     plot(per_pair, Path(__file__).with_name("aligner_leaderboard.png"))
     columns = ["pair", "row", "seed", "steps", "score", "teacher_score", "wall_s", *DIAGNOSTICS, "date"]
-    with Path(__file__).with_name("aligner_leaderboard_runs.csv").open("w", newline="") as handle:
+    with RUNS_CSV.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for rows in per_pair.values() for runs in rows.values() for r in runs if "score" in r)
+        writer.writerows(done[k] for k in sorted(done))  # every finished run, of any selection
     dates = sorted({r["date"] for rows in per_pair.values() for runs in rows.values() for r in runs if "date" in r})
     newline = "\n"
     text = f"""## Aligner leaderboard
