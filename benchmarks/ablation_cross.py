@@ -28,19 +28,14 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import _fmt, fit_and_score, prepare, run_parser, seed_args
+from benchmarks.leaderboard import _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
 ROOT = Path("runs/ablation")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
-OVERLAY = """trainer:
-  callbacks:
-    - class_path: opd_lightning.evaluation.LmEvalCallback
-      init_args: {tasks: [arithmetic], evaluate_teacher: true}
-    - class_path: opd_lightning.export.ExportStudent   # <run>/hf, for looking at what the student writes
-"""
+OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each student misses
 EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {

@@ -33,17 +33,13 @@ from pathlib import Path
 from opd_lightning.aligners import ALIGNERS, bpe_subset_problem
 from opd_lightning.losses import LOSSES
 
-from benchmarks.leaderboard import DIAGNOSTICS, _fmt, fit_and_score, prepare, run_parser, seed_args
+from benchmarks.leaderboard import DIAGNOSTICS, _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
 ROOT = Path("runs/aligner_leaderboard")
 CONFIG = "configs/quickstart/distill_cross.yaml"
-OVERLAY = """trainer:
-  callbacks:
-    - class_path: opd_lightning.evaluation.LmEvalCallback
-      init_args: {tasks: [arithmetic], evaluate_teacher: true}
-"""
+OVERLAY = eval_overlay(evaluate_teacher=True)
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,18 @@ ROOT = Path("runs/leaderboard")
 TEACHER = Path("runs/quickstart/teacher/hf")
 DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
                "diag/align_coverage", "diag/noncanonical_rate")
-OVERLAY = """trainer:
-  callbacks:
-    - class_path: opd_lightning.evaluation.LmEvalCallback
-      init_args: {tasks: [arithmetic]}
-"""
+
+
+def eval_overlay(evaluate_teacher: bool = False, export: bool = False) -> str:
+    """The config overlay of a benchmark's runs: lm-eval's arithmetic score after the last step (and the teacher's),
+    and the student saved to `<run>/hf` with `export`."""
+    callbacks = ["    - class_path: opd_lightning.evaluation.LmEvalCallback",
+                 f"      init_args: {{tasks: [arithmetic], evaluate_teacher: {str(evaluate_teacher).lower()}}}"]
+    callbacks += ["    - class_path: opd_lightning.export.ExportStudent"] if export else []
+    return "\n".join(["trainer:", "  callbacks:", *callbacks]) + "\n"
+
+
+OVERLAY = eval_overlay()
 PAIRS = {
     "same": {"config": "configs/quickstart/distill.yaml", "aligners": {},
              "title": "same tokenizer (one token per character)"},
