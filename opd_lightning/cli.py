@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -140,8 +140,8 @@ class OPDCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         for i, callback in enumerate(trainer.callbacks):  # Lightning's default bar counts batches per epoch
-            if type(callback) is TQDMProgressBar:
-                trainer.callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate)
+            if type(callback) in (TQDMProgressBar, RichProgressBar):  # Rich is the default where rich is installed
+                trainer.callbacks[i] = StepProgressBar(refresh_rate=getattr(callback, "refresh_rate", 1))
         if self.subcommand == "fit":
             trainer.callbacks.append(Interruptible())
         return trainer

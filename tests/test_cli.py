@@ -261,3 +261,24 @@ def test_data_without_the_fields_the_configuration_reads_fails_at_set_up(teacher
     Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=tmp_path).fit(
         on_policy, datamodule=PromptDataModule(train=str(data), val=None, test=None, batch_size=4))
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich installed", "tqdm only"])
+def test_the_cli_trainer_counts_optimizer_steps_whichever_bar_lightning_picks(teacher_dir, tmp_path, monkeypatch,
+                                                                              rich):
+    """Lightning picks RichProgressBar where `rich` is installed (transformers brings it) and TQDM elsewhere; the
+    CLI replaces either with the step bar."""
+    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.trainer.connectors import callback_connector
+
+    from opd_lightning.cli import OPDCLI
+    from opd_lightning.data import PromptDataModule
+    from opd_lightning.module import DistillationModule
+    from opd_lightning.progress import StepProgressBar
+
+    monkeypatch.setattr(callback_connector, "_RICH_AVAILABLE", rich)
+    cli = OPDCLI(DistillationModule, PromptDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", str(DISTILL), "--model.teacher.path", str(teacher_dir), "--trainer.default_root_dir",
+        str(tmp_path), "--trainer.callbacks", "[]"])
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert [type(b) for b in bars] == [StepProgressBar]
