@@ -5,14 +5,18 @@ in the teacher's target.
 
 Every row is `configs/quickstart/distill_cross.yaml` (the byte-level BPE student, forward KL, λ = 0.5, 1,500 steps)
 with one change:
-- `byte_spans`: the shipped aligner (off the realised path a longer student token gets its first teacher token's
-  mass);
+- `byte_spans`: the config's aligner before this ablation (off the realised path a longer student token gets its
+  first teacher token's mass);
 - `exact_spans`: the exact target, every student token's likelihood of its text under the teacher, branches and
   depth unbounded (equal to the brute-force enumeration with full teacher calls: tests/test_exact_spans.py);
 - `oracle`: a teacher with the student's own tokenizer (`configs/quickstart/teacher_bpe.yaml`, trained once when
   missing, `benchmarks/teachers.py`) through `identity`: what one tokenizer gives, judged by student/teacher ratio;
 - `sft`: SFT on gold (λ = 0, no teacher signal), the baseline every distillation row must beat;
 - `exact_spans_sft`: the exact target plus SFT on the gold completions of every step (an extra loss term);
+- `exact_spans_top1`, `exact_spans_top3`, `oracle_top1`: the exact target's (or the oracle's) k most likely student
+  tokens kept and the rest of its mass as one bucket (`model.teacher_topk`): the teacher's mode and confidence
+  without the shape of its other guesses; `exact_spans_top1_sft` adds SFT on gold to the top-1;
+- `shipped`: the config as it ships, `exact_spans` at its default bounds with `teacher_topk: 1`;
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
   separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
@@ -39,7 +43,7 @@ OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each
 EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {
-    "byte_spans": ("byte_spans (shipped)", []),
+    "byte_spans": ("byte_spans (the config's aligner before this table)", ["--model.aligner", "byte_spans"]),
     "exact_spans": ("exact target (exact_spans, unbounded)", EXACT),
     "oracle": ("oracle: BPE teacher, identity", ORACLE_ARGS),
     "sft": ("SFT on gold (λ = 0)", ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0"]),
@@ -51,6 +55,8 @@ ROWS = {
     # student free in how it spreads its own rest: the teacher's mode without the shape of its hedges.
     "exact_spans_top1": ("exact target, top-1 + tail bucket", [*EXACT, "--model.teacher_topk", "1"]),
     "exact_spans_top3": ("exact target, top-3 + tail bucket", [*EXACT, "--model.teacher_topk", "3"]),
+    # What the config ships now: exact_spans at its default bounds (branches below 1e-4 unqueried) with top-1.
+    "shipped": ("**shipped: exact_spans (default bounds), top-1 + tail bucket**", []),
     "oracle_top1": ("oracle, top-1 + tail bucket", [*ORACLE_ARGS, "--model.teacher_topk", "1"]),
     "exact_spans_top1_sft": ("exact target, top-1 + tail bucket, + SFT on gold (weight 1)",
                              [*EXACT, "--model.teacher_topk", "1", "--model.extra_terms",
@@ -64,7 +70,8 @@ ROWS = {
 
 
 def run(row: str, seed: int, steps: int) -> dict:
-    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *ROWS[row][1]]
+    dense = [] if row == "shipped" else ["--model.teacher_topk", "null"]  # a row's own top-k comes after
+    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *dense, *ROWS[row][1]]
     result = fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
     hf = ROOT / row / f"seed_{seed}" / "hf"
     return {**result, **error_kinds(hf)} if "score" in result and (hf / "config.json").exists() else result

@@ -102,7 +102,8 @@ def run(pair_name: str, row: str, seed: int, steps: int) -> dict:
     pair, (aligner, loss) = PAIRS[pair_name], ROWS[row]
     teacher = teacher_dir(pair.student if row == "oracle" else pair.teacher)
     args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), "--model.student.tokenizer", pair.student,
-            "--model.teacher.path", str(teacher), "--model.loss", loss, *seed_args(seed)]
+            "--model.teacher.path", str(teacher), "--model.loss", loss, "--model.teacher_topk", "null",
+            *seed_args(seed)]
     args += ["--model.rollout.on_policy_fraction", "0.0"] if aligner is None else ["--model.aligner", aligner]
     return fit_and_score(args, ROOT / pair_name / row / f"seed_{seed}", steps,
                          {"pair": pair_name, "row": row, "seed": seed})

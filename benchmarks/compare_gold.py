@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.compare_gold [--comparison quickstart|smollm2_10|smollm2_90]
         [--rows trl_gold opd_gold opd_best] [--steps 1500] [--seeds 0 1 2] [--out DIR] [--best-aligner ...]
-        [--best-loss ...] [--teacher-steps N] [--rerun] [--no-record]
+        [--best-loss ...] [--best-topk K] [--teacher-steps N] [--rerun] [--no-record]
 
 GOLD (Patiño et al. 2025, `trl.experimental.gold.GOLDTrainer`) is the reference implementation of on-policy
 distillation across tokenizers, so it is the baseline a claim about this library's cross-tokenizer path has to
@@ -16,7 +16,8 @@ Rows:
 - `trl_gold`: `GOLDTrainer` with its ULD cross-tokenizer loss and the hybrid matched/unmatched loss, as GOLD's
   documentation recommends for different tokenizers (`use_uld_loss`, `uld_use_hybrid_loss`, weights 0.6 / 0.4);
 - `opd_gold`: this library's `gold` loss (the same hybrid, same β and weights) through the `byte_spans` aligner;
-- `opd_best`: this library with the comparison's best aligner and loss (`--best-aligner` / `--best-loss` override).
+- `opd_best`: this library with the comparison's best aligner, loss and teacher top-k (`--best-aligner`,
+  `--best-loss`, `--best-topk` override them).
 Everything that can be shared is: the student (built by the same code from the same config and seed), the teacher,
 the training rows (the gold completion closed by the student's EOS, tokenised as the library does, checked row by
 row in the TRL run), the batch, λ, the sampling settings, the optimizer and its schedule (TRL gets a torch AdamW and a
@@ -78,21 +79,21 @@ class Comparison:
     metric: str  # the task's score, as `evaluate_model` names it
     limit: int | None  # test documents scored (None: all)
     merges: float | None  # None: the config's student; else the teacher's tokenizer keeping this share of merges
-    best: str  # --model.aligner and --model.loss of the `opd_best` row (when not given on the command line)
+    best: tuple[str, str, int | None]  # aligner, loss and teacher_topk of the `opd_best` row (unless given as options)
     description: str
 
 
 COMPARISONS = {
-    "quickstart": Comparison((CONFIG,), "arithmetic", "exact_match", None, None, "{name: exact_spans, branches: null, depth: null, "
-                          "min_mass: 0} forward_kl", "the quickstart's fresh byte-level BPE student"),
+    "quickstart": Comparison((CONFIG,), "arithmetic", "exact_match", None, None, ("exact_spans", "forward_kl", 1), "the quickstart's fresh byte-level BPE student"),
     **{f"smollm2_{p}": Comparison(("configs/real/smollm2_same_tokenizer.yaml", "configs/real/sequences.yaml"),
-                               "sequences", "exact_match/strict", 300, p / 100, "bpe_subset reverse_kl",
+                               "sequences", "exact_match/strict", 300, p / 100, ("bpe_subset", "reverse_kl", None),
                                f"the 15-layer SmolLM2 student of the real config with a tokenizer keeping {p}% of "
                                "SmolLM2's merges (embeddings remapped, `remap_vocab`)")
        for p in (10, 90)},
 }
 GOLD_HYBRID = {"beta": 0.5, "matched_weight": 0.6, "unmatched_weight": 0.4}  # TRL's β default, GOLD docs' weights
-DEFAULTS = {"out": None, "best_aligner": None, "best_loss": None, "teacher_steps": None}  # left out when unchanged
+DEFAULTS = {"out": None, "best_aligner": None, "best_loss": None, "best_topk": None,
+            "teacher_steps": None}  # options left out of the recorded command when unchanged
 ROWS = {"trl_gold": "GOLD (TRL `GOLDTrainer`, ULD hybrid)", "opd_gold": "opd-lightning `gold`",
         "opd_best": "opd-lightning, best"}
 OVERLAY = """trainer:
@@ -313,8 +314,8 @@ def run_opd(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
     run_dir = out / row / f"seed_{seed}"
     args = [arg for path in comparison.configs for arg in ("--config", path)]
     args += ["--config", str(out / "overlay.yaml"), "--model.teacher.path", teacher["path"],
-             "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], *seed_args(seed),
-             *student_overrides(comparison, out)]
+             "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], "--model.teacher_topk",
+             str(setting.get("topk") or "null"), *seed_args(seed), *student_overrides(comparison, out)]
     result = fit_and_score(args, run_dir, steps, _key(row, setting, seed, teacher), comparison.task,
                            comparison.metric)
     if "score" in result:
@@ -343,7 +344,8 @@ def run_trl(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
 
 
 def _key(row: str, setting: dict, seed: int, teacher: dict) -> dict:
-    return {"row": row, "setting": f"{setting['aligner']} + {setting['loss']}", "seed": seed,
+    topk = f" (teacher top-{setting['topk']})" if setting.get("topk") else ""
+    return {"row": row, "setting": f"{setting['aligner']} + {setting['loss']}{topk}", "seed": seed,
             "teacher": teacher["name"]}
 
 
@@ -466,13 +468,15 @@ def table(results: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
-def row_settings(best_aligner: str, best_loss: str) -> dict:
+def row_settings(best_aligner: str, best_loss: str, best_topk: int | None) -> dict:
     gold = json.dumps({"name": "gold", **GOLD_HYBRID})
     hybrid = ", ".join(f"{k} {v}" for k, v in GOLD_HYBRID.items())
     return {"trl_gold": {"aligner": "trl_byte_offsets", "loss": gold,
                          "label": f"TRL byte-offset groups (`bayesian`) + ULD hybrid ({hybrid})"},
             "opd_gold": {"aligner": "byte_spans", "loss": gold, "label": f"byte_spans + gold ({hybrid})"},
-            "opd_best": {"aligner": best_aligner, "loss": best_loss, "label": f"`{best_aligner}` + `{best_loss}`"}}
+            "opd_best": {"aligner": best_aligner, "loss": best_loss, "topk": best_topk,
+                         "label": f"`{best_aligner}` + `{best_loss}`" + (f", teacher top-{best_topk}" if best_topk
+                                                                          else "")}}
 
 
 def checks(results: list[dict]) -> str:
@@ -499,6 +503,7 @@ def report(args: argparse.Namespace, results: list[dict], settings: dict, teache
            "this byte-level one." if teacher.get("refusal") else "")
     dates = sorted({r["date"] for r in results})
     options = {"--out": args.given_out, "--best-aligner": args.best_aligner, "--best-loss": args.best_loss,
+               "--best-topk": args.best_topk,
                "--teacher-steps": args.teacher_steps}
     extra = "".join(f" {name} {shlex.quote(str(value))}" for name, value in options.items()
                     if value != DEFAULTS[name.removeprefix("--").replace("-", "_")])
@@ -549,6 +554,8 @@ def main() -> None:
                         help="--model.aligner of the opd_best row (default: the comparison's)")
     parser.add_argument("--best-loss", default=DEFAULTS["best_loss"],
                         help="--model.loss of the opd_best row (default: the comparison's)")
+    parser.add_argument("--best-topk", type=int, default=DEFAULTS["best_topk"],
+                        help="--model.teacher_topk of the opd_best row (default: the comparison's; 0: none)")
     parser.add_argument("--teacher-steps", type=int, default=DEFAULTS["teacher_steps"],
                         help=f"steps of the byte-level teacher, when one is trained (default: {TEACHER_CONFIG}'s)")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run is recorded")
@@ -559,8 +566,9 @@ def main() -> None:
     comparison = COMPARISONS[args.comparison]
     args.given_out = args.out
     args.out = args.out or Path("runs/compare_gold") / args.comparison
-    best_aligner, best_loss = comparison.best.rsplit(" ", 1)
+    best_aligner, best_loss, best_topk = comparison.best
     best_aligner, best_loss = args.best_aligner or best_aligner, args.best_loss or best_loss
+    best_topk = best_topk if args.best_topk is None else args.best_topk or None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; lm-eval and datasets must not look online
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -571,7 +579,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overlay.yaml").write_text(OVERLAY.format(task=comparison.task, limit=comparison.limit or "null"))
     teacher = shared_teacher(args.out, args.teacher_steps, comparison)
-    settings = row_settings(best_aligner, best_loss)
+    settings = row_settings(best_aligner, best_loss, best_topk)
     store = args.out / "results.json"
     done = _recorded(store)
     wanted = {row: {seed: _identity({**_key(row, settings[row], seed, teacher), "steps": args.steps})

@@ -129,7 +129,7 @@ def run(pair: str, loss: str, seed: int, steps: int) -> dict:
     if aligner:
         extra += ["--model.aligner", aligner]
     args = ["--config", PAIRS[pair]["config"], "--config", str(ROOT / "overlay.yaml"), "--model.loss", loss,
-            *seed_args(seed), *extra]
+            "--model.teacher_topk", "null", *seed_args(seed), *extra]  # every loss on the whole target
     return fit_and_score(args, ROOT / pair / loss / f"seed_{seed}", steps,
                          {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"})
 

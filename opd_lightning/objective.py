@@ -116,7 +116,8 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
             if dense:
                 accepting = sorted(name for name, cls in LOSSES.items() if cls.accepts_topk)
                 raise ValueError(f"model.teacher_topk is set, but loss {term.loss.registry_name!r} needs the teacher's "
-                                 f"dense outputs ({', '.join(sorted(dense))}); losses that take the top-k form: "
+                                 f"dense outputs ({', '.join(sorted(dense))}): set model.teacher_topk to null "
+                                 f"(--model.teacher_topk null) for it; losses that take the top-k form: "
                                  f"{', '.join(accepting)}")
             requires = requires - {TEACHER_LOGITS} | ({TEACHER_TOPK} if TEACHER_LOGITS in requires else set())
         key = (term.reference, term.completions)

@@ -274,5 +274,6 @@ def test_teacher_topk_hands_the_losses_the_topk_form(teacher_dir):
     torch.testing.assert_close(full[1], dense[1], rtol=1e-4, atol=1e-8)
     assert few[0] < dense[0]  # a lower bound of the dense forward KL
     with pytest.raises(ValueError, match=r"teacher_topk is set, but loss 'gold' needs the teacher's dense outputs "
-                                         r"\(teacher_native_logits, vocab_pairs\); losses that take the top-k form"):
+                                         r"\(teacher_native_logits, vocab_pairs\): set model.teacher_topk to null "
+                                         r"\(--model.teacher_topk null\) for it; losses that take the top-k form"):
         make_module(teacher_dir, loss="gold", teacher_topk=4)
