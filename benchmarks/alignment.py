@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from opd_lightning.aligners import ALIGNERS, TeacherHidden, keep_merges, prefixless_encoder
-from opd_lightning.losses import HIDDEN_STATES, TEACHER_LOGITS
+from opd_lightning.losses import HIDDEN_STATES, TEACHER_LOGITS, TEACHER_NATIVE_LOGITS, VOCAB_PROJECTION
 from torch.utils.benchmark import Timer
 
 from benchmarks.quickstart import machine, record
@@ -45,7 +45,7 @@ from opd_lightning.rollout import Rollout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from aligner_reference import first_byte_distribution, spell_with_model, subset_conditional
 
-ALIGNER_NAMES = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined", "dskd_cma")
+ALIGNER_NAMES = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined", "dskd_cma", "xtoken")
 HIDDEN = {"real": (576, 640)}  # (student, teacher) hidden sizes: SmolLM2-135M, Gemma-3-270M; synthetic pairs use 64
 EXTRA_TEXT = [
     "東京は日本の首都です。人口は約1400万人で、世界最大級の都市圏を形成している。",
@@ -153,6 +153,8 @@ def exactness(name: str, aligner, student, teacher, inputs, target, logits: torc
         return f"max abs error {error:.1e} ({len(where)} positions)"
     if name == "dskd_cma":
         return "learned (soft attention; no exact target)"
+    if name == "xtoken":
+        return "a fixed projection W (no target in the student's vocabulary)"
     return "approximate (nearest spelling, top-k)"
 
 
@@ -178,7 +180,8 @@ def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor,
     except ValueError as error:
         return {"aligner": name, "refused": str(error).split(". Use")[0]}
     bind_s = time.perf_counter() - start
-    needs = frozenset({HIDDEN_STATES if name == "dskd_cma" else TEACHER_LOGITS})
+    needs = frozenset({HIDDEN_STATES} if name == "dskd_cma" else {TEACHER_LOGITS} if name != "xtoken" else
+                      {TEACHER_NATIVE_LOGITS, VOCAB_PROJECTION})  # xtoken: the teacher's own logits and its W
     if name == "dskd_cma":  # its target is attention over the teacher's hidden states
         aligner.setup(*hidden_sizes)
         hidden = torch.randn(len(rollout), logits.shape[1], hidden_sizes[1])
