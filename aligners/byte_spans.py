@@ -30,7 +30,16 @@ from opd_lightning.target import (
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
-from .text import TextAligner, chunk_rows, fused_softmax_, gather_rows, mass_to_logits, put_rows_, span_logprobs
+from .text import (
+    TextAligner,
+    chunk_rows,
+    fused_softmax_,
+    gather_rows,
+    mass_to_logits,
+    put_rows_,
+    scratch,
+    span_logprobs,
+)
 from .trie import TokenTrie, sum_columns
 
 __all__ = ["ByteSpanAligner"]
@@ -120,7 +129,7 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     bounds = np.arange(0, len(keys) + step, step)
     s_lo, q_lo = np.searchsorted(start_at, bounds), np.searchsorted(query_at[order], bounds)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    buffer = torch.empty(min(step, len(keys)), v_t, device=device)
+    buffer = scratch(min(step, len(keys)), v_t, device)
     for c in range(len(bounds) - 1):
         lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
         rows = gather_rows(teacher_logits, t(key // big_m), t(key % big_m), buffer)  # [c, V_t] a copy

@@ -21,7 +21,7 @@ from .spans import TextView, retokenise
 from .trie import prefixless_encoder
 
 __all__ = ["LOG_FLOOR", "TextAligner", "chunk_rows", "fused_softmax_", "gather_rows", "log_normaliser_",
-           "mass_to_logits", "project_chunks", "put_rows_", "softmax_", "span_logprobs", "vocab_pairs"]
+           "mass_to_logits", "project_chunks", "put_rows_", "scratch", "softmax_", "span_logprobs", "vocab_pairs"]
 
 
 def softmax_(rows: Tensor) -> Tensor:
@@ -47,6 +47,24 @@ def fused_softmax_(rows: Tensor) -> tuple[Tensor, Tensor]:
 # 16 rows (base.CHUNK_ROWS) made `vocab_map` six times slower than chunks of 128 on the real pair; larger chunks
 # gained little more. The memory is small beside the `[B, N, V_s]` target.
 CHUNK_ELEMENTS = 2**25
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A reused `[rows, width]` work buffer (contents undefined), one per device and dtype, kept between calls.
+
+    The projections copy each chunk of teacher rows into a buffer of up to `CHUNK_ELEMENTS` values before soft-maxing
+    it in place. Allocated afresh on every call, a buffer that size comes from the operating system each time (the
+    allocator maps large blocks directly) and is paged in while written: on the synthetic benchmark batch that page
+    faulting cost eight times the copy itself. Kept, it costs its size (128 MB at most) for the life of the process.
+    Not re-entrant: a caller must be done with the buffer before the next call on the same device.
+    """
+    key, need = (torch.device(device), dtype), rows * width
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < need:
+        buffer = _SCRATCH[key] = torch.empty(max(need, 1), dtype=dtype, device=device)
+    return buffer[:need].view(rows, width)
 
 
 def chunk_rows(width: int) -> int:
@@ -106,7 +124,7 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
     own = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device) if native else None
     kept, step = [], chunk_rows(max(teacher_logits.shape[-1], width))
-    buffer = torch.empty(min(step, len(batch)), teacher_logits.shape[-1], device=teacher_logits.device)
+    buffer = scratch(min(step, len(batch)), teacher_logits.shape[-1], teacher_logits.device)
     for start in range(0, len(batch), step):
         b, i, t = (x[start : start + step] for x in (batch, pos, teacher_pos))
         rows = gather_rows(teacher_logits, b, t, buffer)  # [c, V_teacher] a copy

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 from opd_lightning.demo import main as demo
 
@@ -47,6 +48,11 @@ def main() -> None:
     timings = json.loads(Path("runs/quickstart/timings.json").read_text())
     cross_s = json.loads(Path("runs/quickstart_cross/timings.json").read_text())["distill_stage_s"]
     total = timings["teacher_stage_s"] + timings["distill_stage_s"] + cross_s
+    model = yaml.safe_load(Path("configs/quickstart/distill_cross.yaml").read_text())["model"]
+    topk = model.get("teacher_topk")
+    recipe = (f"aligner `{model['aligner']}`, loss `{model['loss']}`, "
+              + (f"teacher top-{topk} + tail bucket" if topk else "the whole teacher target")
+              + " (the best row of \"Across tokenizers: where the transfer is lost\" below)")
     record(f"""## Quickstart (`make demo`)
 
 Command: `.venv/bin/python -m benchmarks.quickstart` (runs what `make demo` runs). Date: {datetime.date.today()}.
@@ -61,7 +67,7 @@ Same tokenizer (`configs/quickstart/distill.yaml`, `runs/quickstart/eval.json`):
 {_table(same)}
 
 Across tokenizers (`configs/quickstart/distill_cross.yaml`, `runs/quickstart_cross/eval.json`): the character-level
-teacher into a student with a byte-level BPE tokenizer, aligner `byte_spans`:
+teacher into a student with a byte-level BPE tokenizer; {recipe}:
 
 | model | score |
 |---|---|

@@ -364,3 +364,16 @@ def test_gather_rows_and_put_rows_equal_advanced_indexing():
     put_rows_(out, batch, pos, rows)
     want[batch, pos] = rows
     torch.testing.assert_close(out, want)
+
+
+def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
+    from opd_lightning.aligners.text import scratch
+
+    a = scratch(3, 7, torch.device("cpu"))
+    assert a.shape == (3, 7) and a.dtype == torch.float32 and a.is_contiguous()
+    b = scratch(2, 5, "cpu")  # smaller: the same memory again
+    assert b.shape == (2, 5) and b.data_ptr() == a.data_ptr()
+    big = scratch(40, 50, "cpu")  # larger than what is held: a new buffer, kept for the next call
+    assert big.shape == (40, 50) and scratch(1, 2, "cpu").data_ptr() == big.data_ptr()
+    other = scratch(2, 5, "cpu", torch.float64)
+    assert other.dtype == torch.float64 and other.data_ptr() != big.data_ptr()
