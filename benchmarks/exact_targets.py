@@ -199,7 +199,7 @@ batch; "teacher forward" is the main forward alone.
         text += f"""
 
 The exact target against the oracle teacher (`{ORACLE}`, the student's own tokenizer, trained by
-`benchmarks.ablation_cross` to the character teacher's score) on the {args.rows} gold answers, per completion
+`benchmarks/teachers.py` to the character teacher's score) on the {args.rows} gold answers, per completion
 position (0: the answer's first token; then EOS or its second token):
 
 {against_oracle(student_tok, teacher, teacher_tok, batches["gold"])}"""
