@@ -37,6 +37,7 @@ from .credit import CREDITS, assign_credit, discounted_returns
 from .cross_entropy import CrossEntropy, cross_entropy
 from .dskd import DSKD, dskd
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
+from .fused import HiddenRows, fused_dense_divergence, fused_dense_sum
 from .gold import GOLD, gold, gold_per_token
 from .kl import (
     ForwardKL,
@@ -85,6 +86,7 @@ __all__ = [
     "EntropyAware",
     "ForwardKL",
     "GeneralizedJSD",
+    "HiddenRows",
     "LossInputs",
     "LossOutput",
     "ReverseKL",
@@ -109,6 +111,8 @@ __all__ = [
     "entropy_aware",
     "forward_kl",
     "forward_kl_per_token",
+    "fused_dense_divergence",
+    "fused_dense_sum",
     "generalized_jsd",
     "generalized_jsd_per_token",
     "gold",

@@ -1,0 +1,162 @@
+"""A fused output layer for the dense losses: the student's `[n, V]` logits are never held whole.
+
+`fused_dense_sum` takes the student's final hidden states `[n, H]` and its output layer (`weight` `[V, H]`, optional
+`bias` `[V]`) instead of its logits. Chunk by chunk of positions it projects the hidden states, computes the loss
+term on that chunk exactly as `dense_sum` does (`_chunk_sum`: the same log-softmax, temperature, top-k buckets and
+support rules), and takes the chunk's gradient with respect to its logits at once; from it the gradients of the
+hidden states (`g @ W`) and of the output layer (`gᵀ h`, `Σ g`) are accumulated, and the chunk's logits are freed.
+The backward pass only scales the stored gradients by the incoming one, so the output layer's three matrix products
+(forward, two in backward) are done once each, as in the unfused path, and the memory held beyond the inputs is one
+chunk's `[c, V]` intermediates plus gradients of the hidden states' and the output layer's own sizes (the approach
+of Liger-Kernel's chunked losses, written here in plain PyTorch so that it runs on CPU and GPU alike).
+
+Because the gradients are taken in the forward pass, the loss must enter the objective linearly (it is scaled and
+summed, as every objective here does), and it has no second derivative. A tied output layer (the embedding matrix)
+and a LoRA-adapted one are served by passing the effective weight: autograd carries `∂L/∂W` on to whatever the
+weight was computed from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opd_lightning.target import TopK, upcast
+
+from .base import PerToken, _chunk_sum, check_teacher, normalise, teacher_distribution
+
+__all__ = ["HiddenRows", "fused_dense_divergence", "fused_dense_sum"]
+
+DEFAULT_CHUNK = 1024  # positions per chunk when none is given
+
+
+@dataclass(frozen=True)
+class HiddenRows:
+    """Logits given as hidden states `[..., H]` through an output layer `weight` `[V, H]` (and `bias` `[V]`), computed
+    a slice of rows at a time and without gradient: the teacher's side of the fused path, so that its `[n, V]` logits
+    are never held whole either. Indexing (`rows[a:b]`) returns those rows' logits; `select(mask)` the masked rows."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.hidden.shape[:-1], self.weight.shape[0])
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias)
+        check_teacher(logits)
+        return logits
+
+    def select(self, mask: Tensor) -> HiddenRows:
+        return HiddenRows(self.hidden[mask].detach(), self.weight.detach(),
+                          None if self.bias is None else self.bias.detach())
+
+
+class _FusedLinearSum(torch.autograd.Function):
+    """Σ per_token over rows, from hidden states through the output layer; gradients taken chunk by chunk in the
+    forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, per_token: PerToken, temperature: float,
+                chunk_size: int, teacher_rows: Tensor, topk_ids: Tensor | None, *extras: Tensor) -> Tensor:
+        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=upcast(weight).dtype) if want_w else None  # fp32 accumulator
+        grad_b = torch.zeros_like(bias, dtype=upcast(bias).dtype) if want_b else None
+        total = None
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        for lo in range(0, max(hidden.shape[0], 1), chunk_size):
+            rows = slice(lo, lo + chunk_size)
+            h = hidden[rows].detach()
+            logits = torch.nn.functional.linear(h, w, b).requires_grad_(want_h or want_w or want_b)
+            with torch.enable_grad():
+                value = _chunk_sum(per_token, temperature, logits, teacher_rows[rows],
+                                   None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
+                if value.dim() != 0:
+                    raise ValueError("the fused output layer serves losses whose per-token value is one number; this "
+                                     "loss sums several parts: set model.logits_chunk_size to null for it")
+                if logits.requires_grad:
+                    (g,) = torch.autograd.grad(value, logits)
+                    if want_h:
+                        grad_h[rows] = (g @ w).to(grad_h.dtype)
+                    if want_w:
+                        grad_w.addmm_(upcast(g).t(), upcast(h))
+                    if want_b:
+                        grad_b.add_(upcast(g).sum(0))
+            value = value.detach()
+            total = value if total is None else total + value
+            del logits
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b)))
+        ctx.wanted = (want_h, want_w, want_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if getattr(ctx, "used", False):  # the stored gradients were scaled in place the first time
+            raise RuntimeError("the fused output layer's loss supports one backward pass (retain_graph is not served)")
+        ctx.used = True
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.wanted
+        scale = lambda g, dtype=None: g.mul_(grad_out.to(g.dtype)).to(dtype or g.dtype)  # in place: no second copy
+        return (scale(grad_h) if want_h else None, scale(grad_w, ctx.dtypes[0]) if want_w else None,
+                scale(grad_b, ctx.dtypes[1]) if want_b else None, None, None, None, None, None,
+                *([None] * (len(ctx.needs_input_grad) - 8)))
+
+
+def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, teacher_rows: Tensor | HiddenRows,
+                    *row_extras: Tensor, bias: Tensor | None = None, temperature: float = 1.0,
+                    chunk_size: int | None = None, topk_ids: Tensor | None = None) -> Tensor:
+    """`dense_sum` with the student's logits given as `hidden_rows @ weightᵀ + bias` and never materialised whole.
+
+    Args:
+        per_token: the divergence per row of log-probs (a `DenseDivergence`'s `per_token` or `per_bucket`); it must
+            return `[n]` (one part).
+        hidden_rows: `[n, H]` the final hidden states at the valid positions.
+        weight: `[V, H]` the output layer (the effective one for a tied or adapted layer).
+        teacher_rows: `[n, V_t]` teacher logits (a tensor, or `HiddenRows` to project them a chunk at a time), or
+            `[n, k + 1]` bucket log-probs with `topk_ids` `[n, k]`.
+        row_extras: per-row tensors passed on to `per_token`, split like the rows.
+        bias: `[V]` or None.
+        chunk_size: positions per chunk (default `DEFAULT_CHUNK`).
+
+    Returns:
+        The sum over rows, a scalar (fp32, or fp64 for fp64 inputs), equal in value and gradient to
+        `dense_sum(per_token, hidden_rows @ weight.T + bias, ...)`.
+    """
+    chunk = chunk_size or DEFAULT_CHUNK
+    if chunk < 1:
+        raise ValueError(f"logits chunk size must be at least 1, got {chunk}")
+    if hidden_rows.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden states of width {hidden_rows.shape[-1]} do not fit an output layer of "
+                         f"{tuple(weight.shape)}")
+    teacher_rows = teacher_rows if isinstance(teacher_rows, HiddenRows) else teacher_rows.detach()
+    total = _FusedLinearSum.apply(hidden_rows, weight, bias, per_token, temperature, chunk, teacher_rows,
+                                  topk_ids, *row_extras)
+    return upcast(total)
+
+
+def fused_dense_divergence(per_token: PerToken, hidden: Tensor, weight: Tensor, teacher: Tensor | TopK | HiddenRows,
+                           mask: Tensor, *, bias: Tensor | None = None, temperature: float = 1.0,
+                           num_items: Tensor | float | None = None, chunk_size: int | None = None,
+                           loss: str = "dense divergence") -> Tensor:
+    """`dense_divergence` from hidden states `[B, N, H]` and the output layer: the mean over valid positions. The
+    teacher is dense logits `[B, N, V]`, a `TopK` form, or `HiddenRows` (its hidden states `[B, N, H_t]` and output
+    layer), projected a chunk at a time and checked for NaN/inf chunk by chunk."""
+    shape = teacher.ids.shape[:-1] if isinstance(teacher, TopK) else teacher.shape[:-1]
+    if tuple(hidden.shape[:-1]) != tuple(shape):
+        raise ValueError(f"student hidden states {tuple(hidden.shape)} and teacher {tuple(shape)} differ in positions")
+    mask = mask.bool()
+    if isinstance(teacher, HiddenRows):
+        t_rows, ids = teacher.select(mask), None
+    else:
+        t_rows, ids = teacher_distribution(teacher, mask, temperature, loss)
+    total = fused_dense_sum(per_token, hidden[mask], weight, t_rows, bias=bias, temperature=temperature,
+                            chunk_size=chunk_size, topk_ids=ids)
+    return normalise(total, mask, num_items)
