@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean real-models real-tokenizers
+.PHONY: demo test lint venv clean real-models real-tokenizers bench
 
 venv: $(STAMP)
 
@@ -44,6 +44,12 @@ real-tokenizers: $(REAL_TOKENIZERS)
 
 .cache/tokenizers/%/tokenizer.json: | $(REAL_STAMP)
 	$(PY) -m opd_lightning.real_models $* --tokenizer-only
+
+# Peers the benchmarks measure side by side: TRL (the `bench` extra) and Liger-Kernel, whose chunked losses run on the
+# CPU without its Triton dependency (installed without dependencies, so that no CUDA build is pulled).
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install --quiet --no-deps liger-kernel==0.8.5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -27,9 +27,17 @@ from opd_lightning.target import TopK, upcast
 
 from .base import PerToken, _chunk_sum, check_teacher, normalise, teacher_distribution
 
-__all__ = ["HiddenRows", "fused_dense_divergence", "fused_dense_sum"]
+__all__ = ["HiddenRows", "default_chunk", "fused_dense_divergence", "fused_dense_sum"]
 
-DEFAULT_CHUNK = 1024  # positions per chunk when none is given
+# Logits computed at a time when no chunk size is given: 2**24 values (64 MB in fp32; 64 positions of a 262k
+# vocabulary, 512 of a 32k one). A chunk holds a handful of `[c, V]` intermediates (logits, log-probs, the teacher's,
+# the gradient), so this bounds the path's own memory to a few hundred MB whatever the vocabulary.
+CHUNK_ELEMENTS = 2**24
+
+
+def default_chunk(vocab: int) -> int:
+    """Positions per chunk for a `vocab`-wide output layer: `CHUNK_ELEMENTS` logits, at least one position."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 @dataclass(frozen=True)
@@ -124,13 +132,13 @@ def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, te
             `[n, k + 1]` bucket log-probs with `topk_ids` `[n, k]`.
         row_extras: per-row tensors passed on to `per_token`, split like the rows.
         bias: `[V]` or None.
-        chunk_size: positions per chunk (default `DEFAULT_CHUNK`).
+        chunk_size: positions per chunk (default `default_chunk(V)`).
 
     Returns:
         The sum over rows, a scalar (fp32, or fp64 for fp64 inputs), equal in value and gradient to
         `dense_sum(per_token, hidden_rows @ weight.T + bias, ...)`.
     """
-    chunk = chunk_size or DEFAULT_CHUNK
+    chunk = default_chunk(weight.shape[0]) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"logits chunk size must be at least 1, got {chunk}")
     if hidden_rows.shape[-1] != weight.shape[-1]:

@@ -118,3 +118,16 @@ def test_a_teacher_given_as_hidden_states_equals_its_logits(name):
     broken = HiddenRows(t_hidden.masked_fill(mask.unsqueeze(-1), float("inf")), t_weight, t_bias)
     with pytest.raises(ValueError, match="NaN or inf"):
         fused_dense_divergence(loss.per_token, hidden, weight, broken, mask, bias=bias, chunk_size=2)
+
+
+def test_the_default_chunk_is_bounded_by_elements():
+    from opd_lightning.losses.fused import CHUNK_ELEMENTS, default_chunk
+
+    assert default_chunk(262144) == 64 and default_chunk(32768) == 512
+    assert default_chunk(CHUNK_ELEMENTS * 4) == 1  # at least one position
+    hidden, weight, _, teacher, mask = _inputs()
+    loss = LOSSES.build("forward_kl")
+    torch.testing.assert_close(fused_dense_sum(loss.per_token, hidden[mask], weight, teacher[mask]),
+                               dense_sum(loss.per_token, hidden[mask] @ weight.T, teacher[mask]))
+    with pytest.raises(ValueError, match="chunk size must be at least 1"):
+        fused_dense_sum(loss.per_token, hidden[mask], weight, teacher[mask], chunk_size=0)
