@@ -325,8 +325,17 @@ class DenseDivergence(DistillationLoss):
 
     def divergence(self, student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor,
                    num_items: Tensor | float | None = None) -> Tensor:
-        """The normalised loss for dense teacher logits `[B, N, V]` or a top-k form, as the pure functions compute."""
+        """The normalised loss for dense teacher logits `[B, N, V]` or a top-k form, as the pure functions compute.
+        The student's logits may be given as `fused.HiddenRows` (its hidden states and output layer): the fused path,
+        equal in value and gradient, without the `[B, N, V]` logits."""
         fn = self.per_bucket if isinstance(teacher, TopK) else self.per_token
+        if not isinstance(student_logits, Tensor):
+            from .fused import fused_dense_divergence  # fused builds on this module
+
+            rows = student_logits
+            return fused_dense_divergence(fn, rows.hidden, rows.weight, teacher, mask, bias=rows.bias,
+                                          temperature=self.temperature, num_items=num_items, chunk_size=rows.chunk_size,
+                                          loss=self.registry_name)
         return dense_divergence(fn, student_logits, teacher, mask, temperature=self.temperature, num_items=num_items,
                                 chunk_size=self.chunk_size, loss=self.registry_name)
 

@@ -42,27 +42,35 @@ def default_chunk(vocab: int) -> int:
 
 @dataclass(frozen=True)
 class HiddenRows:
-    """Logits given as hidden states `[..., H]` through an output layer `weight` `[V, H]` (and `bias` `[V]`), computed
-    a slice of rows at a time and without gradient: the teacher's side of the fused path, so that its `[n, V]` logits
-    are never held whole either. Indexing (`rows[a:b]`) returns those rows' logits; `select(mask)` the masked rows."""
+    """Logits given as hidden states `[..., H]` through an output layer `weight` `[V, H]` (and `bias` `[V]`).
+
+    As a teacher: its logits are computed a slice of rows at a time and without gradient, so that they are never held
+    whole either. As the student (in place of its logits, for a `DenseDivergence`): the loss runs the fused path, a
+    `chunk_size` of positions at a time (None: `default_chunk(V)`), and the gradient reaches `hidden`, `weight` and
+    `bias`. Indexing (`rows[i]`, `rows[r, c]`) returns those positions' logits without gradient (what diagnostics
+    read); `select(mask)` the masked rows.
+    """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    chunk_size: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (*self.hidden.shape[:-1], self.weight.shape[0])
 
-    def __getitem__(self, rows: slice) -> Tensor:
+    def __getitem__(self, rows) -> Tensor:
         with torch.no_grad():
-            logits = torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias)
-        check_teacher(logits)
-        return logits
+            return torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias)
+
+    def detach(self) -> HiddenRows:
+        return HiddenRows(self.hidden.detach(), self.weight.detach(), None if self.bias is None else self.bias.detach(),
+                          self.chunk_size)
 
     def select(self, mask: Tensor) -> HiddenRows:
         return HiddenRows(self.hidden[mask].detach(), self.weight.detach(),
-                          None if self.bias is None else self.bias.detach())
+                          None if self.bias is None else self.bias.detach(), self.chunk_size)
 
 
 class _FusedLinearSum(torch.autograd.Function):
@@ -83,8 +91,11 @@ class _FusedLinearSum(torch.autograd.Function):
             rows = slice(lo, lo + chunk_size)
             h = hidden[rows].detach()
             logits = torch.nn.functional.linear(h, w, b).requires_grad_(want_h or want_w or want_b)
+            t_rows = teacher_rows[rows]
+            if isinstance(teacher_rows, HiddenRows):
+                check_teacher(t_rows)
             with torch.enable_grad():
-                value = _chunk_sum(per_token, temperature, logits, teacher_rows[rows],
+                value = _chunk_sum(per_token, temperature, logits, t_rows,
                                    None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
                 if value.dim() != 0:
                     raise ValueError("the fused output layer serves losses whose per-token value is one number; this "

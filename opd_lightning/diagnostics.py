@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from opd_lightning.losses import HiddenRows
+
 __all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_layer_grad_coherence",
            "repeated_token_mask"]
 
@@ -154,7 +156,7 @@ def _distribution_stats(student: Tensor, teacher: Tensor | None, rows: Tensor, c
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _token_logprob(logits: Tensor, ids: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _token_logprob(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """log p(ids) `[n]` at positions `(rows, cols)`: one logsumexp pass, no `[n, V]` log-softmax kept."""
     size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
     out = []
@@ -162,7 +164,7 @@ def _token_logprob(logits: Tensor, ids: Tensor, rows: Tensor, cols: Tensor) -> T
         r, c = rows[start : start + size], cols[start : start + size]
         chunk = logits[r, c].float()  # [c, V]
         out.append(chunk.gather(-1, ids[r, c, None]).squeeze(-1) - chunk.logsumexp(-1))
-    return torch.cat(out) if out else logits.new_zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=ids.device)
 
 
 def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:
@@ -237,12 +239,13 @@ class Diagnostics(nn.Module):
         self._totals.update(delta)
 
     @torch.no_grad()
-    def update_tokens(self, student_logits: Tensor, teacher_logits: Tensor | None, completion_ids: Tensor,
+    def update_tokens(self, student_logits: Tensor | HiddenRows, teacher_logits: Tensor | None, completion_ids: Tensor,
                       mask: Tensor, teacher_mask: Tensor | None = None) -> None:
         """Token statistics of one (micro-)batch; without teacher logits only the student-side metrics.
 
         Args:
-            student_logits: `[B, N, V]` student logits predicting the completion tokens.
+            student_logits: `[B, N, V]` student logits predicting the completion tokens, or `HiddenRows` (the fused
+                output layer: only the positions read are projected, a chunk at a time).
             teacher_logits: `[B, N, V]` teacher logits in the student's vocabulary, or None.
             completion_ids: `[B, N]` the completion tokens.
             mask: `[B, N]` valid completion positions.

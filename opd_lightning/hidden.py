@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
 
-__all__ = ["fill_student_hidden", "needs_hidden", "output_layer_input", "setup_sizes", "teacher_hidden"]
+__all__ = ["fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed", "output_layer_input",
+           "setup_sizes", "teacher_hidden"]
 
 
 @contextmanager
@@ -61,3 +63,55 @@ def fill_student_hidden(inputs: LossInputs, hidden: Tensor, student: nn.Module) 
     teacher's side comes in the target, `TeacherTarget.hidden` and `.head`)."""
     inputs.student_hidden = hidden  # [B, N, H_S], carries the gradient
     inputs.student_head = student.get_output_embeddings().weight  # [V_S, H_S]
+
+
+def output_layer(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight `[V, H]` and bias `[V]` (or None) that `model`'s output layer applies, with their graph: a tied layer
+    gives the embedding matrix itself, a LoRA-adapted one its effective weight (base plus the active adapters' deltas),
+    so that gradients reach whatever the weight is computed from.
+
+    Refuses what a plain `hidden @ weightᵀ + bias` cannot reproduce: a final logit soft-cap or scale in the model, and
+    dropout on an adapted output layer.
+    """
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(model).__name__} applies {name} = {getattr(config, name)} after its output layer, "
+                             "which the fused output layer does not reproduce: set model.logits_chunk_size to null")
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") and hasattr(head, "lora_A"):  # a PEFT LoRA layer
+        weight, bias = head.base_layer.weight, head.base_layer.bias
+        if not head.merged and not head.disable_adapters:
+            active = [a for a in head.active_adapters if a in head.lora_A]
+            if any(not isinstance(head.lora_dropout[a], nn.Identity) for a in active):
+                raise ValueError("the output layer carries a LoRA adapter with dropout, which the fused output layer "
+                                 "does not reproduce: set lora.dropout to 0, or model.logits_chunk_size to null")
+            weight = weight + sum(head.get_delta_weight(a) for a in active) if active else weight
+        return weight, bias
+    return head.weight, getattr(head, "bias", None)
+
+
+@contextmanager
+def output_layer_bypassed(model: nn.Module) -> Iterator[None]:
+    """During the block, `model`'s output layer returns its input: the model's "logits" are the hidden states the
+    output layer would read (cut to the kept positions by `logits_to_keep` as usual), and no `[B, T, V]` is formed.
+    Module hooks on the layer still run (FSDP's gathers among them)."""
+    head = model.get_output_embeddings()
+    head.forward = _identity  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: Tensor, *args, **kwargs) -> Tensor:
+    return x
+
+
+def check_bypassed(hidden: Tensor, weight: Tensor, model: nn.Module) -> Tensor:
+    """`hidden` from a forward under `output_layer_bypassed`, checked to be hidden states and not logits."""
+    if hidden.shape[-1] != weight.shape[-1] or not torch.is_floating_point(hidden):
+        raise ValueError(f"{type(model).__name__}'s forward did not pass its last hidden states through "
+                         "get_output_embeddings(), so the fused output layer cannot read them: set "
+                         "model.logits_chunk_size to null")
+    return hidden

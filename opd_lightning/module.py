@@ -27,11 +27,26 @@ from torch import Tensor, nn
 
 from opd_lightning.aligners import ALIGNERS, Aligner
 from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, noncanonical_rows, output_layer_grad_coherence
-from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer_input, setup_sizes
+from opd_lightning.hidden import (
+    check_bypassed,
+    fill_student_hidden,
+    needs_hidden,
+    output_layer,
+    output_layer_bypassed,
+    output_layer_input,
+    setup_sizes,
+)
 from opd_lightning.hparams import build, factory, record_hyperparameters
-from opd_lightning.losses import HIDDEN_STATES, LOSSES, DistillationLoss, LossInputs, TeacherTarget
+from opd_lightning.losses import (
+    HIDDEN_STATES,
+    LOSSES,
+    DistillationLoss,
+    HiddenRows,
+    LossInputs,
+    TeacherTarget,
+)
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
-from opd_lightning.objective import LossTerm, check_pairing, resolve_aligner
+from opd_lightning.objective import LossTerm, check_pairing, fused_batches, resolve_aligner
 from opd_lightning.reference import ReferenceScorer, completion_logits
 from opd_lightning.rollout import Rollout, SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy, RolloutSource, check_ranks_agree
@@ -58,6 +73,7 @@ class DistillationModule(LightningModule):
         rollout: RolloutPolicy | None = None,
         diagnostics: DiagnosticsConfig | None = None,
         teacher_topk: int | None = None,
+        logits_chunk_size: int | None = None,
         grad_clip_norm: float | None = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -82,6 +98,12 @@ class DistillationModule(LightningModule):
             teacher_topk: give the losses the teacher's top-k log-probs and tail mass per position instead of its
                 dense distribution (the top-k form; the losses that accept it say how they treat the tail); None:
                 dense.
+            logits_chunk_size: the fused output layer: for batches whose every loss term is a dense divergence,
+                the student's logits are never held whole; the losses read its final hidden states and output layer
+                this many positions at a time (values and gradients equal the unfused path's). None: the logits
+                `[B, N, V]` are materialised. Not yet served under FSDP2, nor with an aligner that projects the
+                student (`char_level`); the output layer's gradient coherence (`diag/grad_coherence`) is not
+                measured on fused batches.
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
@@ -105,6 +127,9 @@ class DistillationModule(LightningModule):
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
+        if logits_chunk_size is not None and logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size must be a positive integer or None, got {logits_chunk_size}")
+        self.logits_chunk_size = logits_chunk_size
 
         self.student_tokenizer = student.load_tokenizer()
         base = student.load_model(self.student_tokenizer)
@@ -132,6 +157,7 @@ class DistillationModule(LightningModule):
                               self._vocab_size(self._frozen["teacher"]))
             setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists
         self._needs = check_pairing(self.terms, self.aligner, teacher_topk)  # (reference, completions) -> inputs
+        self._fused = fused_batches(self.terms, logits_chunk_size)
         self.scorer = ReferenceScorer(self.aligner, self.teacher, self._frozen.get("initial_student"), teacher_topk)
         self.rollout_source = RolloutSource(self.student_tokenizer, self.teacher_tokenizer, policy, self.sampling,
                                             same_tokenizer=self.aligner.same_tokenizer, max_length=self.max_length,
@@ -212,11 +238,10 @@ class DistillationModule(LightningModule):
             rollout = rollouts[term.completions]
             if term.completions not in student_logits:
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
-                store = [] if keep else None
+                fused = term.completions in self._fused  # no `[B, N, V]` logits, so no gradient coherence either
+                store = [] if keep and not fused else None
                 with output_layer_input(self.student, store):
-                    student_logits[term.completions] = completion_logits(
-                        self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
-                        rollout.completion_mask.shape[1])
+                    student_logits[term.completions] = self._student_logits(rollout, fused)
                 if store:
                     hidden[term.completions] = store[0][:, :-1]
             key = (term.reference, term.completions)
@@ -236,6 +261,21 @@ class DistillationModule(LightningModule):
                        total, coherence)
         return total, metrics
 
+    def _student_logits(self, rollout: Rollout, fused: bool) -> Tensor | HiddenRows:
+        """The student's logits at the completion positions `[B, N, V]`; `fused`: its hidden states there and its
+        output layer instead (`HiddenRows`), read by the dense losses a chunk of positions at a time."""
+        args = (self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                rollout.completion_mask.shape[1])
+        if not fused:
+            return completion_logits(*args)
+        if self._sharded:
+            raise ValueError("the fused output layer is not yet served under FSDP2 (the output layer's weight is "
+                             "sharded outside its forward): set model.logits_chunk_size to null")
+        weight, bias = output_layer(self.student)
+        with output_layer_bypassed(self.student):
+            hidden = check_bypassed(completion_logits(*args), weight, self.student)
+        return HiddenRows(hidden, weight, bias, self.logits_chunk_size)
+
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:
         """Feed the step's diagnostics: token statistics, and gradient coherence when `hidden` was captured."""
@@ -245,7 +285,7 @@ class DistillationModule(LightningModule):
         dense = target is not None and target.logits is not None and target.student_projection is None
         self._diag.update_tokens(student_logits.detach(), target.logits if dense else None,
                                  rollout.completion_ids, mask, target.mask if dense else None)
-        if hidden is not None and total.requires_grad:
+        if hidden is not None and total.requires_grad and isinstance(student_logits, Tensor):
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
             self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))
 

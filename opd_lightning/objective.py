@@ -9,6 +9,7 @@ given by registry name, by name with arguments (`{name: sampled_token, credit: d
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from torch import nn
@@ -21,11 +22,14 @@ from opd_lightning.losses import (
     TEACHER_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     TEACHER_TOPK,
+    DenseDivergence,
     DistillationLoss,
 )
 from opd_lightning.registry import Registry
 
-__all__ = ["LossTerm", "check_pairing", "resolve_aligner", "resolve_loss"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LossTerm", "check_pairing", "fused_batches", "resolve_aligner", "resolve_loss"]
 
 Reference = Literal["teacher", "initial_student"]
 Completions = Literal["rollout", "gold"]
@@ -132,3 +136,19 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
             raise ValueError(f"loss {term.loss.registry_name!r} needs {sorted(missing)}, which {where} does not "
                              f"provide. Aligners that provide everything it needs: {serving or 'none'}.")
     return needs
+
+
+def fused_batches(terms, chunk_size: int | None) -> frozenset[str]:
+    """The completions ("rollout", "gold") whose every term is a dense divergence, so that the student's logits there
+    may be given to the losses as hidden states and the output layer (`model.logits_chunk_size`); none without a
+    chunk size. Batches with any other term keep their logits, and the first module built says which and why."""
+    if chunk_size is None:
+        return frozenset()
+    groups: dict[str, list] = {}
+    for term in terms:
+        groups.setdefault(term.completions, []).append(term)
+    fused = {c for c, group in groups.items() if all(isinstance(t.loss, DenseDivergence) for t in group)}
+    for completions in sorted(set(groups) - fused):
+        names = ", ".join(t.name for t in groups[completions] if not isinstance(t.loss, DenseDivergence))
+        log.info("logits_chunk_size: the %s batches keep their [B, N, V] logits, which %s read", completions, names)
+    return frozenset(fused)

@@ -37,6 +37,7 @@ CASES = {"same": SAME,
          "disagree": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2},
          "resume": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1, "momentum": 0.9},  # an optimizer with state
          "resume_stateless": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1},  # plain SGD keeps no state
+         "fused": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2, "chunk": 3},  # the fused output layer
          "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
          # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
          "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
@@ -46,7 +47,7 @@ def build(teacher_dir: str, spec: dict) -> DistillationModule:
     return DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
                               teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
                               rollout=RolloutPolicy(on_policy_fraction=spec.get("fraction", 0.0)),
-                              grad_clip_norm=spec.get("clip"), sampling=SamplingConfig(max_new_tokens=20),
+                              grad_clip_norm=spec.get("clip"), logits_chunk_size=spec.get("chunk"), sampling=SamplingConfig(max_new_tokens=20),
                               optimizer=lambda params: torch.optim.SGD(params, lr=spec.get("lr", 1.0),
                                                                        momentum=spec.get("momentum", 0.0)))
 

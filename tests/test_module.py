@@ -277,3 +277,58 @@ def test_teacher_topk_hands_the_losses_the_topk_form(teacher_dir):
                                          r"\(teacher_native_logits, vocab_pairs\): set model.teacher_topk to null "
                                          r"\(--model.teacher_topk null\) for it; losses that take the top-k form"):
         make_module(teacher_dir, loss="gold", teacher_topk=4)
+
+
+@pytest.mark.parametrize("case", ["forward_kl", "reverse_kl to the initial student, top-k", "lora on the output layer",
+                                  "a term that reads logits"])
+def test_the_fused_output_layer_equals_the_unfused_step(teacher_dir, case):
+    """`logits_chunk_size` changes how the dense losses read the student, not what they compute: the same loss, the
+    same gradients and the same diagnostics as the unfused step (fp32, so to rounding)."""
+    options = {"forward_kl": {"loss": "forward_kl"},
+               "reverse_kl to the initial student, top-k": {
+                   "loss": "forward_kl", "teacher_topk": 5,
+                   "extra_terms": [LossTerm("reverse_kl", weight=0.3, reference="initial_student")]},
+               "lora on the output layer": {"loss": "generalized_jsd",
+                                            "lora": LoraOptions(r=4, target_modules=["q_proj", "lm_head"])},
+               "a term that reads logits": {"loss": "forward_kl",
+                                            "extra_terms": [LossTerm("cross_entropy", weight=0.5, completions="gold")]},
+               }[case]
+
+    def step(chunk):
+        seed_everything(0)
+        module = make_module(teacher_dir, on_policy_fraction=0.5, logits_chunk_size=chunk, **copy.deepcopy(options))
+        module.manual_backward = lambda loss: loss.backward()
+        if case == "lora on the output layer":  # start the adapters away from zero, so that they carry gradient
+            with torch.no_grad():
+                for name, p in module.student.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.1)
+        loss, metrics = module._run_step(BATCH, train=True)
+        grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+        return module, loss, metrics, grads, module.train_diag.compute()
+
+    plain, fused = step(None), step(3)
+    assert plain[0]._fused == set() and fused[0]._fused == {"rollout"}  # the gold batches' SFT reads logits
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
+    assert fused[3].keys() == plain[3].keys() and len(plain[3]) > 0
+    for name in plain[3]:
+        torch.testing.assert_close(fused[3][name], plain[3][name], rtol=1e-4, atol=1e-7, msg=name)
+    for key, value in plain[4].items():
+        if key != "diag/grad_coherence":  # not measured on fused batches
+            torch.testing.assert_close(fused[4][key], value, rtol=1e-4, atol=1e-6, equal_nan=True, msg=key)
+    if case == "lora on the output layer":
+        assert any("lm_head" in n and "lora" in n for n in plain[3])
+
+
+def test_fused_output_layer_refusals(teacher_dir):
+    with pytest.raises(ValueError, match="logits_chunk_size must be a positive integer"):
+        make_module(teacher_dir, logits_chunk_size=0)
+    module = make_module(teacher_dir, loss="forward_kl", logits_chunk_size=4,
+                         lora=LoraOptions(r=4, dropout=0.1, target_modules=["lm_head"]))
+    module.manual_backward = lambda loss: loss.backward()
+    with pytest.raises(ValueError, match="LoRA adapter with dropout"):
+        module._run_step(BATCH, train=True)
+    module = make_module(teacher_dir, loss="forward_kl", logits_chunk_size=4)
+    module.student.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping = 30.0 after its output layer"):
+        module._run_step(BATCH, train=True)
