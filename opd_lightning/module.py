@@ -101,9 +101,10 @@ class DistillationModule(LightningModule):
             logits_chunk_size: the fused output layer: for batches whose every loss term is a dense divergence,
                 the student's logits are never held whole; the losses read its final hidden states and output layer
                 this many positions at a time (values and gradients equal the unfused path's). None: the logits
-                `[B, N, V]` are materialised. Not yet served under FSDP2, nor with an aligner that projects the
-                student (`char_level`); the output layer's gradient coherence (`diag/grad_coherence`) is not
-                measured on fused batches.
+                `[B, N, V]` are materialised. A teacher that shares the student's tokenizer hands its hidden states
+                and output layer the same way when dense logits are all the losses read (no `teacher_topk`). Not yet
+                served under FSDP2, nor with an aligner that projects the student (`char_level`); the output layer's
+                gradient coherence (`diag/grad_coherence`) is not measured on fused batches.
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
@@ -219,10 +220,11 @@ class DistillationModule(LightningModule):
     def on_test_start(self) -> None:
         self._place_frozen()
 
-    def _target(self, reference: str, rollout: Rollout, needs: frozenset[str]) -> TeacherTarget:
+    def _target(self, reference: str, rollout: Rollout, needs: frozenset[str], fused: bool = False) -> TeacherTarget:
         """The reference's target at the completion positions, in the forms the terms `needs`."""
         if reference == "teacher":
-            target = self.scorer.teacher_target(rollout, needs, self.student)
+            target = self.scorer.teacher_target(rollout, needs, self.student,
+                                                self.logits_chunk_size if fused else None)
             self._diag.update_coverage(target.coverage)
             return target
         return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
@@ -246,7 +248,7 @@ class DistillationModule(LightningModule):
                     hidden[term.completions] = store[0][:, :-1]
             key = (term.reference, term.completions)
             if term.needs_reference and key not in targets:
-                targets[key] = self._target(term.reference, rollout, self._needs[key])
+                targets[key] = self._target(term.reference, rollout, self._needs[key], term.completions in self._fused)
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 teacher=targets.get(key) if term.needs_reference else None,
                                 num_items=counts[term.completions])

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from opd_lightning.aligners import Aligner, dense_token_logprobs
 from opd_lightning.aligners.branches import BranchQueries
-from opd_lightning.hidden import output_layer_input, teacher_hidden
+from opd_lightning.hidden import (
+    check_bypassed,
+    output_layer,
+    output_layer_bypassed,
+    output_layer_input,
+    teacher_hidden,
+)
+from opd_lightning.losses import HiddenRows
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import HIDDEN_STATES, TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_TOPK, TeacherTarget
 
@@ -59,8 +66,16 @@ class ReferenceScorer:
         """What to ask the aligner for: the top-k form is taken from its dense form."""
         return needs - {TEACHER_TOPK} | ({TEACHER_LOGITS} if TEACHER_TOPK in needs else set())
 
-    def teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module) -> TeacherTarget:
-        """The teacher's target on `rollout`, with every capability in `needs` filled."""
+    def teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
+                       fused: int | None = None) -> TeacherTarget:
+        """The teacher's target on `rollout`, with every capability in `needs` filled. With `fused` (the module's
+        `logits_chunk_size`, on batches whose losses all read the student fused), a teacher sharing the student's
+        tokenizer hands its hidden states and output layer (`HiddenRows`) instead of `[B, N, V]` logits, where only
+        dense logits are needed and its output layer can be applied as a plain linear layer."""
+        if fused is not None:
+            target = self._fused_teacher_target(rollout, needs, student, fused)
+            if target is not None:
+                return target
         grad = torch.is_grad_enabled()  # for an aligner's own parameters (hidden states only)
         asked = self.needs_from_aligner(needs)
         with torch.no_grad():
@@ -82,6 +97,25 @@ class ReferenceScorer:
         if TEACHER_TOPK in needs:
             target = target.with_topk(self.teacher_topk)
         return target
+
+    @torch.no_grad()
+    def _fused_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
+                              chunk: int) -> TeacherTarget | None:
+        if not self.aligner.same_tokenizer or self.needs_from_aligner(needs) != {TEACHER_LOGITS} or TEACHER_TOPK in needs:
+            return None  # the aligner projects, or a loss reads another form: the teacher's logits are built
+        try:
+            weight, bias = output_layer(self.teacher)
+        except ValueError:  # a soft-cap or an adapter the linear form does not reproduce
+            return None
+        size = student.get_output_embeddings().weight.shape[0]
+        if not torch.is_floating_point(weight) or weight.shape[0] < size:
+            return None  # a quantized output layer, or one to pad (fit_vocab fills per position)
+        with output_layer_bypassed(self.teacher):
+            hidden = completion_logits(self.teacher, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                                       rollout.completion_mask.shape[1])
+        hidden = check_bypassed(hidden, weight, self.teacher)
+        rows = HiddenRows(hidden, weight[:size].detach(), None if bias is None else bias[:size].detach(), chunk)
+        return TeacherTarget(coverage=1.0, logits=rows, mass_coverage=1.0)
 
     @torch.no_grad()
     def initial_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,

@@ -13,6 +13,7 @@ from opd_lightning.data import PromptDataModule
 from opd_lightning.models import HFModel, LoraOptions
 from opd_lightning.module import DistillationModule
 from opd_lightning.objective import LossTerm
+from opd_lightning.reference import ReferenceScorer
 from opd_lightning.rollout import SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy
 
@@ -307,8 +308,16 @@ def test_the_fused_output_layer_equals_the_unfused_step(teacher_dir, case):
         grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
         return module, loss, metrics, grads, module.train_diag.compute()
 
-    plain, fused = step(None), step(3)
+    built = []  # the teacher's side: hidden states and output layer, where its logits are all a loss reads
+    original = ReferenceScorer._fused_teacher_target
+    ReferenceScorer._fused_teacher_target = lambda *a: built.append(original(*a)) or built[-1]
+    try:
+        plain, fused = step(None), step(3)
+    finally:
+        ReferenceScorer._fused_teacher_target = original
     assert plain[0]._fused == set() and fused[0]._fused == {"rollout"}  # the gold batches' SFT reads logits
+    kinds = {type(t.logits).__name__ if t is not None else None for t in built}
+    assert kinds == ({None} if "top-k" in case else {"HiddenRows"}), kinds  # top-k: the teacher's logits are built
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
     assert fused[3].keys() == plain[3].keys() and len(plain[3]) > 0
     for name in plain[3]:
