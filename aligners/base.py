@@ -66,6 +66,9 @@ class Aligner(abc.ABC):
     same_tokenizer = False
     #: True when `project` queries the teacher beyond its main pass (`TeacherInputs.branches` is then filled).
     queries_teacher = False
+    #: True when the target compares the student in another space (`TeacherTarget.student_projection`), so a loss
+    #: must see the student's logits themselves.
+    projects_student = False
 
     @abc.abstractmethod
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:

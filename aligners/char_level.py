@@ -56,6 +56,7 @@ class CharLevelAligner(TextAligner):
     """Both models compared as next-byte distributions at shared token starts."""
 
     provides = frozenset({TEACHER_LOGITS})
+    projects_student = True
 
     def __init__(self) -> None:
         """Takes no options: byte classes are read from the tokenizers when the aligner is bound."""

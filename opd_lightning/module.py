@@ -103,8 +103,8 @@ class DistillationModule(LightningModule):
                 this many positions at a time (values and gradients equal the unfused path's). None: the logits
                 `[B, N, V]` are materialised. A teacher that shares the student's tokenizer hands its hidden states
                 and output layer the same way when dense logits are all the losses read (no `teacher_topk`). Not yet
-                served under FSDP2, nor with an aligner that projects the student (`char_level`); the output layer's
-                gradient coherence (`diag/grad_coherence`) is not measured on fused batches.
+                served under FSDP2; with an aligner that projects the student (`char_level`) the batches keep their
+                logits; the output layer's gradient coherence (`diag/grad_coherence`) is not measured on fused batches.
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
@@ -158,7 +158,7 @@ class DistillationModule(LightningModule):
                               self._vocab_size(self._frozen["teacher"]))
             setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists
         self._needs = check_pairing(self.terms, self.aligner, teacher_topk)  # (reference, completions) -> inputs
-        self._fused = fused_batches(self.terms, logits_chunk_size)
+        self._fused = fused_batches(self.terms, logits_chunk_size, self.aligner)
         self.scorer = ReferenceScorer(self.aligner, self.teacher, self._frozen.get("initial_student"), teacher_topk)
         self.rollout_source = RolloutSource(self.student_tokenizer, self.teacher_tokenizer, policy, self.sampling,
                                             same_tokenizer=self.aligner.same_tokenizer, max_length=self.max_length,

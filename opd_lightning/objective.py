@@ -138,17 +138,20 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
     return needs
 
 
-def fused_batches(terms, chunk_size: int | None) -> frozenset[str]:
-    """The completions ("rollout", "gold") whose every term is a dense divergence, so that the student's logits there
-    may be given to the losses as hidden states and the output layer (`model.logits_chunk_size`); none without a
-    chunk size. Batches with any other term keep their logits, and the first module built says which and why."""
+def fused_batches(terms, chunk_size: int | None, aligner: Aligner) -> frozenset[str]:
+    """The completions ("rollout", "gold") whose every term is a dense divergence that can read the student as
+    hidden states and the output layer (`model.logits_chunk_size`); none without a chunk size. A term against the
+    teacher through an aligner that projects the student (`char_level`) needs the logits themselves. Batches with
+    any other term keep their logits, and the log says which terms and why."""
     if chunk_size is None:
         return frozenset()
+    fits = lambda t: isinstance(t.loss, DenseDivergence) and not (t.reference == "teacher" and aligner.projects_student)
     groups: dict[str, list] = {}
     for term in terms:
         groups.setdefault(term.completions, []).append(term)
-    fused = {c for c, group in groups.items() if all(isinstance(t.loss, DenseDivergence) for t in group)}
+    fused = {c for c, group in groups.items() if all(fits(t) for t in group)}
     for completions in sorted(set(groups) - fused):
-        names = ", ".join(t.name for t in groups[completions] if not isinstance(t.loss, DenseDivergence))
-        log.info("logits_chunk_size: the %s batches keep their [B, N, V] logits, which %s read", completions, names)
+        names = ", ".join(t.name for t in groups[completions] if not fits(t))
+        log.info("logits_chunk_size: the %s batches keep their [B, N, V] logits, which %s read%s", completions, names,
+                 f" (aligner {aligner.registry_name} projects the student)" if aligner.projects_student else "")
     return frozenset(fused)

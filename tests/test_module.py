@@ -341,3 +341,22 @@ def test_fused_output_layer_refusals(teacher_dir):
     module.student.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping = 30.0 after its output layer"):
         module._run_step(BATCH, train=True)
+
+
+def test_the_fused_output_layer_across_tokenizers(bpe_teacher_dir):
+    """Across tokenizers the student's side is fused (the teacher's target is projected as before) with the same
+    step; an aligner that compares the student in another space keeps the logits."""
+    def step(chunk, aligner):
+        seed_everything(0)
+        module = make_module(bpe_teacher_dir, on_policy_fraction=0.5, loss="forward_kl", aligner=aligner,
+                             logits_chunk_size=chunk)
+        module.manual_backward = lambda loss: loss.backward()
+        loss, _ = module._run_step(BATCH, train=True)
+        return module, loss, torch.cat([p.grad.flatten() for p in module.student.parameters()])
+
+    plain, fused = step(None, "byte_spans"), step(3, "byte_spans")
+    assert fused[0]._fused == {"rollout"}
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused[2], plain[2], rtol=1e-4, atol=1e-7)
+    module, loss, _ = step(3, "char_level")
+    assert module._fused == set() and torch.isfinite(loss)
