@@ -109,9 +109,14 @@ def run(pair_name: str, row: str, seed: int, steps: int) -> dict:
                          {"pair": pair_name, "row": row, "seed": seed})
 
 
+def _spread(s: dict) -> str:
+    """Mean ± standard deviation; the mean alone for one seed (no spread measured)."""
+    return f"{s['mean']:.3f}" + ("" if math.isnan(s["std"]) else f" ± {s['std']:.3f}")
+
+
 def summary(runs: list[dict]) -> dict:
     scores = [r["score"] for r in runs]
-    out = {"mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+    out = {"mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else math.nan,
            "scores": scores, "wall_s": statistics.mean(r["wall_s"] for r in runs)}
     teachers = [r["teacher_score"] for r in runs if not math.isnan(r.get("teacher_score", math.nan))]
     out["teacher"] = statistics.mean(teachers) if teachers else math.nan
@@ -133,7 +138,7 @@ def table(pair: Pair, results: dict[str, list[dict]]) -> tuple[str, list[tuple[s
         aligner, loss = ROWS[row]
         ratio = s["mean"] / s["teacher"] if s["teacher"] > 0 else math.nan
         name = f"**{REFERENCES[row]}**" if row in REFERENCES else aligner
-        lines.append(f"| {name} | {loss} | {s['mean']:.3f} ± {s['std']:.3f} | "
+        lines.append(f"| {name} | {loss} | {_spread(s)} | "
                      f"{', '.join(f'{x:.3f}' for x in s['scores'])} | {_fmt(ratio)} | {_fmt(ratio / oracle_ratio, 2)} | "
                      f"{_fmt(s['diag/align_coverage'])} | {_fmt(s['diag/topk_overlap'])} | "
                      f"{_fmt(s['diag/noncanonical_rate'])} | {s['wall_s']:.0f} |")
@@ -176,7 +181,7 @@ def recommendation(ranked: dict[str, list[tuple[str, dict]]], per_pair: dict[str
         refs = {row: summary([r for r in per_pair[pair].get(row, []) if "score" in r])
                 for row in REFERENCES if any("score" in r for r in per_pair[pair].get(row, []))}
         against = "; ".join(f"{REFERENCES[k].split(':')[0]} {v['mean']:.3f}" for k, v in refs.items())
-        lines.append(f"- {PAIRS[pair].title}: best `{best.replace('+', '` + `')}` at {s['mean']:.3f} ± {s['std']:.3f}"
+        lines.append(f"- {PAIRS[pair].title}: best `{best.replace('+', '` + `')}` at {_spread(s)}"
                      f"{f' ({against})' if against else ''}.")
     common = set.intersection(*({r for r, _ in rows} for rows in ranked.values())) if ranked else set()
     if len(ranked) > 1 and common:
