@@ -150,7 +150,8 @@ Command: `.venv/bin/python -m benchmarks.fused_output --vocab {' '.join(map(str,
 What each method does, and how memory and time are measured: the docstring of `benchmarks/fused_output.py`. "Loss"
 and "gradient norm" (of the hidden states' and output layer's gradients together) are the first step's (the same
 inputs in every method of a row group, so they must agree); "inputs" is the
-process's peak before the step (the four weight and hidden-state tensors, the interpreter and libraries).
+process's peak before the step (the interpreter and libraries, the four weight and hidden-state tensors, and the
+temporaries of building them: a scaled weight exists twice for a moment).
 
 {table(results)}"""
     print(text)
