@@ -18,7 +18,7 @@ weight was computed from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -69,8 +69,7 @@ class HiddenRows:
                           self.chunk_size)
 
     def select(self, mask: Tensor) -> HiddenRows:
-        return HiddenRows(self.hidden[mask].detach(), self.weight.detach(),
-                          None if self.bias is None else self.bias.detach(), self.chunk_size)
+        return replace(self.detach(), hidden=self.hidden[mask].detach())
 
 
 class _FusedLinearSum(torch.autograd.Function):

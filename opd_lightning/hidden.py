@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
 
-__all__ = ["fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed", "output_layer_input",
-           "setup_sizes", "teacher_hidden"]
+__all__ = ["check_bypassed", "fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed",
+           "output_layer_input", "setup_sizes", "teacher_hidden"]
 
 
 @contextmanager

@@ -27,15 +27,7 @@ from torch import Tensor, nn
 
 from opd_lightning.aligners import ALIGNERS, Aligner
 from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, noncanonical_rows, output_layer_grad_coherence
-from opd_lightning.hidden import (
-    check_bypassed,
-    fill_student_hidden,
-    needs_hidden,
-    output_layer,
-    output_layer_bypassed,
-    output_layer_input,
-    setup_sizes,
-)
+from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer, output_layer_input, setup_sizes
 from opd_lightning.hparams import build, factory, record_hyperparameters
 from opd_lightning.losses import (
     HIDDEN_STATES,
@@ -47,7 +39,7 @@ from opd_lightning.losses import (
 )
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, check_pairing, fused_batches, resolve_aligner
-from opd_lightning.reference import ReferenceScorer, completion_logits
+from opd_lightning.reference import ReferenceScorer, completion_hidden, completion_logits
 from opd_lightning.rollout import Rollout, SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy, RolloutSource, check_ranks_agree
 from opd_lightning.sharding import average_replicated_grads, clip_by_global_norm, shard_student
@@ -238,9 +230,9 @@ class DistillationModule(LightningModule):
         hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
         for term in self.terms:
             rollout = rollouts[term.completions]
+            fused = term.completions in self._fused  # no `[B, N, V]` logits, so no gradient coherence either
             if term.completions not in student_logits:
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
-                fused = term.completions in self._fused  # no `[B, N, V]` logits, so no gradient coherence either
                 store = [] if keep and not fused else None
                 with output_layer_input(self.student, store):
                     student_logits[term.completions] = self._student_logits(rollout, fused)
@@ -248,7 +240,7 @@ class DistillationModule(LightningModule):
                     hidden[term.completions] = store[0][:, :-1]
             key = (term.reference, term.completions)
             if term.needs_reference and key not in targets:
-                targets[key] = self._target(term.reference, rollout, self._needs[key], term.completions in self._fused)
+                targets[key] = self._target(term.reference, rollout, self._needs[key], fused)
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 teacher=targets.get(key) if term.needs_reference else None,
                                 num_items=counts[term.completions])
@@ -266,17 +258,14 @@ class DistillationModule(LightningModule):
     def _student_logits(self, rollout: Rollout, fused: bool) -> Tensor | HiddenRows:
         """The student's logits at the completion positions `[B, N, V]`; `fused`: its hidden states there and its
         output layer instead (`HiddenRows`), read by the dense losses a chunk of positions at a time."""
-        args = (self.student, rollout.sequences, rollout.attention_mask, rollout.position_ids,
-                rollout.completion_mask.shape[1])
+        args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
         if not fused:
-            return completion_logits(*args)
+            return completion_logits(self.student, *args)
         if self._sharded:
             raise ValueError("the fused output layer is not yet served under FSDP2 (the output layer's weight is "
                              "sharded outside its forward): set model.logits_chunk_size to null")
         weight, bias = output_layer(self.student)
-        with output_layer_bypassed(self.student):
-            hidden = check_bypassed(completion_logits(*args), weight, self.student)
-        return HiddenRows(hidden, weight, bias, self.logits_chunk_size)
+        return HiddenRows(completion_hidden(self.student, weight, *args), weight, bias, self.logits_chunk_size)
 
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:

@@ -31,6 +31,15 @@ from opd_lightning.target import HIDDEN_STATES, TEACHER_LOGITS, TEACHER_TOKEN_LO
 __all__ = ["ReferenceScorer", "completion_logits"]
 
 
+def completion_hidden(model: nn.Module, weight: Tensor, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                      completion_length: int) -> Tensor:
+    """The hidden states `[B, N, H]` that `model`'s output layer (of weight `weight`) would read at the positions
+    predicting the last `completion_length` tokens: `completion_logits` with the output layer bypassed."""
+    with output_layer_bypassed(model):
+        hidden = completion_logits(model, input_ids, attention_mask, position_ids, completion_length)
+    return check_bypassed(hidden, weight, model)
+
+
 def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                       completion_length: int, keep_cache: bool = False):
     """Logits predicting the last `completion_length` tokens: `[B, N, V]` (the prompt's positions are never
@@ -110,10 +119,8 @@ class ReferenceScorer:
         size = student.get_output_embeddings().weight.shape[0]
         if not torch.is_floating_point(weight) or weight.shape[0] < size:
             return None  # a quantized output layer, or one to pad (fit_vocab fills per position)
-        with output_layer_bypassed(self.teacher):
-            hidden = completion_logits(self.teacher, rollout.sequences, rollout.attention_mask, rollout.position_ids,
-                                       rollout.completion_mask.shape[1])
-        hidden = check_bypassed(hidden, weight, self.teacher)
+        hidden = completion_hidden(self.teacher, weight, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                                   rollout.completion_mask.shape[1])
         rows = HiddenRows(hidden, weight[:size].detach(), None if bias is None else bias[:size].detach(), chunk)
         return TeacherTarget(coverage=1.0, logits=rows, mass_coverage=1.0)
 
