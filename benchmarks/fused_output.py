@@ -46,9 +46,9 @@ def case(method: str, vocab: int, tokens: int, hidden: int, min_time: float, chu
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=g).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=g).div_(hidden**0.5).requires_grad_()
     th = torch.randn(tokens, hidden, generator=g)
-    tw = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    tw = torch.randn(vocab, hidden, generator=g).div_(hidden**0.5)
     mask = torch.ones(1, tokens, dtype=torch.bool)
     per_token = LOSSES.build("forward_kl").per_token
     inputs_gb = rss_gb()
@@ -159,8 +159,8 @@ Command: `.venv/bin/python -m benchmarks.fused_output --vocab {' '.join(map(str,
 What each method does, and how memory and time are measured: the docstring of `benchmarks/fused_output.py`. "Loss"
 and "gradient norm" (of the hidden states' and output layer's gradients together) are the first step's (the same
 inputs in every method of a row group, so they must agree); "inputs" is the
-process's peak before the step (the interpreter and libraries, the four weight and hidden-state tensors, and the
-temporaries of building them: a scaled weight exists twice for a moment).
+process's peak before the step (the interpreter and libraries and the four weight and hidden-state tensors, built in
+place).
 
 {table(results)}"""
     print(text)

@@ -29,10 +29,11 @@ from .base import PerToken, _chunk_sum, check_teacher, normalise, teacher_distri
 
 __all__ = ["HiddenRows", "default_chunk", "fused_dense_divergence", "fused_dense_sum"]
 
-# Logits computed at a time when no chunk size is given: 2**24 values (64 MB in fp32; 64 positions of a 262k
-# vocabulary, 512 of a 32k one). A chunk holds a handful of `[c, V]` intermediates (logits, log-probs, the teacher's,
-# the gradient), so this bounds the path's own memory to a few hundred MB whatever the vocabulary.
-CHUNK_ELEMENTS = 2**24
+# Logits computed at a time when no chunk size is given: 2**23 values (32 MB in fp32; 32 positions of a 262k
+# vocabulary, 256 of a 32k one). A chunk holds a handful of `[c, V]` intermediates (logits, log-probs, the teacher's,
+# the gradient), so this bounds the path's own memory to a few hundred MB whatever the vocabulary; larger chunks were
+# measured no faster (`benchmarks/fused_output.py --fused-chunks`, in benchmarks/RESULTS.md).
+CHUNK_ELEMENTS = 2**23
 
 
 def default_chunk(vocab: int) -> int:
@@ -72,6 +73,16 @@ class HiddenRows:
         return replace(self.detach(), hidden=self.hidden[mask].detach())
 
 
+def _project(h: Tensor, w: Tensor, b: Tensor | None, buffer: Tensor) -> Tensor:
+    """`h @ wᵀ + b` for one chunk, written into the first rows of `buffer` (returned as a fresh leaf)."""
+    out = buffer[: h.shape[0]]
+    if b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+    return out.detach()
+
+
 class _FusedLinearSum(torch.autograd.Function):
     """Σ per_token over rows, from hidden states through the output layer; gradients taken chunk by chunk in the
     forward pass (see the module docstring)."""
@@ -86,13 +97,24 @@ class _FusedLinearSum(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=upcast(bias).dtype) if want_b else None
         total = None
         w, b = weight.detach(), None if bias is None else bias.detach()
+        # One work buffer per side for the chunks' logits, written in place: a fresh [c, V] tensor per chunk would be
+        # paged in anew each time (on CPU that costs more than the matrix product that fills it).
+        width = min(chunk_size, hidden.shape[0])
+        buffer = hidden.new_empty(width, w.shape[0], dtype=torch.result_type(hidden, w))
+        t_buffer = None
+        if isinstance(teacher_rows, HiddenRows):
+            t_buffer = teacher_rows.hidden.new_empty(width, teacher_rows.weight.shape[0],
+                                                     dtype=torch.result_type(teacher_rows.hidden, teacher_rows.weight))
         for lo in range(0, max(hidden.shape[0], 1), chunk_size):
             rows = slice(lo, lo + chunk_size)
             h = hidden[rows].detach()
-            logits = torch.nn.functional.linear(h, w, b).requires_grad_(want_h or want_w or want_b)
-            t_rows = teacher_rows[rows]
-            if isinstance(teacher_rows, HiddenRows):
+            logits = _project(h, w, b, buffer).requires_grad_(want_h or want_w or want_b)
+            if t_buffer is not None:
+                t_rows = _project(teacher_rows.hidden[rows].detach(), teacher_rows.weight.detach(),
+                                  None if teacher_rows.bias is None else teacher_rows.bias.detach(), t_buffer)
                 check_teacher(t_rows)
+            else:
+                t_rows = teacher_rows[rows]
             with torch.enable_grad():
                 value = _chunk_sum(per_token, temperature, logits, t_rows,
                                    None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
@@ -101,7 +123,9 @@ class _FusedLinearSum(torch.autograd.Function):
                                      "loss sums several parts: set model.logits_chunk_size to null for it")
                 if logits.requires_grad:
                     (g,) = torch.autograd.grad(value, logits)
-                    if want_h:
+                    if want_h and g.dtype == grad_h.dtype == w.dtype:
+                        torch.mm(g, w, out=grad_h[rows])
+                    elif want_h:
                         grad_h[rows] = (g @ w).to(grad_h.dtype)
                     if want_w:
                         grad_w.addmm_(upcast(g).t(), upcast(h))
@@ -110,7 +134,9 @@ class _FusedLinearSum(torch.autograd.Function):
             value = value.detach()
             total = value if total is None else total + value
             del logits
-        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b)))
+        # Held as attributes, not saved tensors, so that backward can drop its references: the output layer's gradient
+        # then reaches `.grad` without a copy of its own size.
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.wanted = (want_h, want_w, want_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -120,12 +146,14 @@ class _FusedLinearSum(torch.autograd.Function):
         if getattr(ctx, "used", False):  # the stored gradients were scaled in place the first time
             raise RuntimeError("the fused output layer's loss supports one backward pass (retain_graph is not served)")
         ctx.used = True
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
         want_h, want_w, want_b = ctx.wanted
         scale = lambda g, dtype=None: g.mul_(grad_out.to(g.dtype)).to(dtype or g.dtype)  # in place: no second copy
-        return (scale(grad_h) if want_h else None, scale(grad_w, ctx.dtypes[0]) if want_w else None,
-                scale(grad_b, ctx.dtypes[1]) if want_b else None, None, None, None, None, None,
-                *([None] * (len(ctx.needs_input_grad) - 8)))
+        grads = (scale(grad_h) if want_h else None, scale(grad_w, ctx.dtypes[0]) if want_w else None,
+                 scale(grad_b, ctx.dtypes[1]) if want_b else None)
+        del grad_h, grad_w, grad_b
+        return (*grads, None, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 8)))
 
 
 def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, teacher_rows: Tensor | HiddenRows,

@@ -43,6 +43,7 @@ from opd_lightning.reference import ReferenceScorer, completion_hidden, completi
 from opd_lightning.rollout import Rollout, SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy, RolloutSource, check_ranks_agree
 from opd_lightning.sharding import average_replicated_grads, clip_by_global_norm, shard_student
+from opd_lightning.teacher_cache import TeacherCache
 
 __all__ = ["DistillationModule"]
 
@@ -66,6 +67,7 @@ class DistillationModule(LightningModule):
         diagnostics: DiagnosticsConfig | None = None,
         teacher_topk: int | None = None,
         logits_chunk_size: int | None = None,
+        teacher_cache: str | None = None,
         grad_clip_norm: float | None = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -97,6 +99,11 @@ class DistillationModule(LightningModule):
                 and output layer the same way when dense logits are all the losses read (no `teacher_topk`). Not yet
                 served under FSDP2; with an aligner that projects the student (`char_level`) the batches keep their
                 logits; the output layer's gradient coherence (`diag/grad_coherence`) is not measured on fused batches.
+            teacher_cache: a directory written by `opd cache-teacher` (see `opd_lightning.teacher_cache`): the
+                teacher's top-k targets on the dataset's completions (and on completions it wrote), read instead of
+                running the teacher on off-policy and gold batches; on-policy batches still go to the teacher. Needs
+                `teacher_topk` (the cache's k); a cache written for another teacher, tokenizer, aligner, k, rollout
+                settings or data is refused, naming the difference.
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
@@ -118,6 +125,7 @@ class DistillationModule(LightningModule):
         config = self.diag_config
         self.train_diag, self.val_diag = (Diagnostics(config.topk, config.ngram, config.max_positions) for _ in range(2))
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
+        self._split = "train"  # the data split of the step's batch; set per step
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
         if logits_chunk_size is not None and logits_chunk_size < 1:
@@ -143,6 +151,7 @@ class DistillationModule(LightningModule):
         if teacher is None and (needs_teacher or (policy.on_policy_fraction < 1 and policy.off_policy_source == "teacher")):
             raise ValueError("this configuration needs a teacher (a loss term reads teacher outputs, or "
                              "rollout.off_policy_source is 'teacher'): set model.teacher")
+        self.teacher_spec = teacher
         if teacher is not None:
             self.teacher_tokenizer = teacher.load_tokenizer()
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
@@ -155,8 +164,29 @@ class DistillationModule(LightningModule):
         self.rollout_source = RolloutSource(self.student_tokenizer, self.teacher_tokenizer, policy, self.sampling,
                                             same_tokenizer=self.aligner.same_tokenizer, max_length=self.max_length,
                                             gold=any(t.completions == "gold" for t in self.terms), seed=seed)
+        self.teacher_cache = self._open_cache(teacher_cache)
         log.info("distilling with %s (loss %s, aligner %s, λ = %g)", ", ".join(t.name for t in self.terms),
                  self.terms[0].loss.registry_name, self.aligner.registry_name, policy.on_policy_fraction)
+
+    def _open_cache(self, path: str | None) -> TeacherCache | None:
+        if path is None:
+            return None
+        if self.teacher is None or self.scorer.teacher_topk is None:
+            raise ValueError("model.teacher_cache holds the teacher's top-k targets: it needs model.teacher and "
+                             "model.teacher_topk (the k it was written with)")
+        cache = TeacherCache(path)
+        cache.check(self)
+        self.rollout_source.teacher_cache = cache
+        return cache
+
+    def _cached_kinds(self, split: str) -> list[str]:
+        """The kinds of cached targets a run reads on `split`."""
+        policy, kinds = self.rollout_policy, set()
+        if split == "train" and policy.on_policy_fraction < 1:
+            kinds.add("dataset" if policy.off_policy_source == "dataset" else "teacher")
+        if self.rollout_source.gold:
+            kinds.add("dataset")
+        return sorted(kinds)
 
     # ----------------------------------------------------------------------------------------------- models
     @property
@@ -200,6 +230,13 @@ class DistillationModule(LightningModule):
             datamodule.require_field("train", "completion", why)
         if gold:
             datamodule.require_field({"fit": "val", "validate": "val"}.get(stage, stage), "completion", why)
+        if self.teacher_cache is not None:
+            datamodule.setup(stage)
+            splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+            for split in splits:
+                if split in datamodule.datasets:
+                    for kind in self._cached_kinds(split):
+                        self.teacher_cache.check_data(split, kind, datamodule.datasets[split])
 
     def on_fit_start(self) -> None:
         self._place_frozen()
@@ -214,6 +251,10 @@ class DistillationModule(LightningModule):
 
     def _target(self, reference: str, rollout: Rollout, needs: frozenset[str], fused: bool = False) -> TeacherTarget:
         """The reference's target at the completion positions, in the forms the terms `needs`."""
+        if reference == "teacher" and self.teacher_cache is not None and rollout.source != "student":
+            target = self.teacher_cache.target(self._split, rollout, needs)
+            self._diag.update_coverage(target.coverage)
+            return target
         if reference == "teacher":
             target = self.scorer.teacher_target(rollout, needs, self.student,
                                                 self.logits_chunk_size if fused else None)
@@ -298,10 +339,11 @@ class DistillationModule(LightningModule):
             check_ranks_agree(self.trainer.strategy, on_policy, step, self.device)
         return self.rollout_source.rollouts(batch, on_policy=on_policy, student=self.student, teacher=self.teacher,
                                             step=step, train=train, device=self.device,
-                                            sharded=self._sharded_generation())
+                                            sharded=self._sharded_generation(), split=self._split)
 
-    def _run_step(self, batch: dict, train: bool) -> tuple[Tensor, dict]:
+    def _run_step(self, batch: dict, train: bool, split: str = "train") -> tuple[Tensor, dict]:
         self._diag = self.train_diag if train else self.val_diag
+        self._split = split  # the data the batch comes from, for the teacher cache
         step = self.global_step if self._trainer is not None else 0
         rollouts = self.rollouts(batch, train, step)
         rollout = rollouts["rollout"]
@@ -360,7 +402,7 @@ class DistillationModule(LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
-        loss, metrics = self._run_step(batch, train=False)
+        loss, metrics = self._run_step(batch, train=False, split=stage)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=len(batch["prompt"]), sync_dist=True)
         return loss

@@ -83,6 +83,8 @@ class Rollout:
     prompt_length: int  # P
     truncated: Tensor  # [B] bool: stopped by the length limit rather than EOS
     on_policy: bool
+    rows: Tensor | None = None  # [B] the dataset rows of the prompts, where known
+    source: str = "student"  # who wrote the completions: "student", "dataset" or "teacher"
 
     @property
     def completion_ids(self) -> Tensor:
@@ -98,7 +100,8 @@ class Rollout:
     def select(self, index: slice) -> Rollout:
         """Rows `index` of this rollout (micro-batching)."""
         return Rollout(self.sequences[index], self.attention_mask[index], self.completion_mask[index],
-                       self.prompt_length, self.truncated[index], self.on_policy)
+                       self.prompt_length, self.truncated[index], self.on_policy,
+                       None if self.rows is None else self.rows[index], self.source)
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: list[int], stop_at_eos: bool = True) -> tuple[Tensor, Tensor]:

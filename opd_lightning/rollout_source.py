@@ -87,6 +87,7 @@ class RolloutSource:
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.policy, self.sampling = policy, sampling
         self.same_tokenizer, self.gold, self.max_length, self.seed = same_tokenizer, gold, max_length, seed
+        self.teacher_cache = None  # a `TeacherCache` holding the teacher's completions, read instead of sampling
 
     def on_policy(self, step: int, train: bool) -> bool:
         """Whether the step rolls out on-policy: keyed by (seed, step) only, so every rank draws the same."""
@@ -99,28 +100,40 @@ class RolloutSource:
         return [derive_seed(self.seed, purpose, step, row) for row in rows]
 
     def rollouts(self, batch: dict, *, on_policy: bool, student: nn.Module, teacher: nn.Module | None, step: int,
-                 train: bool, device: torch.device, sharded: bool = False) -> dict[str, Rollout]:
+                 train: bool, device: torch.device, sharded: bool = False, split: str = "train") -> dict[str, Rollout]:
         """The step's rollouts for `batch` (lists of strings; `index`, the dataset rows, keys the sampling noise);
-        `on_policy` as `self.on_policy(step, train)` drew it."""
+        `on_policy` as `self.on_policy(step, train)` drew it; `split` names the data for a teacher cache."""
         prompt_ids, prompt_mask = self.encode_prompts(batch["prompt"], device)
         rows = batch.get("index") or list(range(len(batch["prompt"])))
+        index = torch.tensor(rows, device=device)
         rollouts: dict[str, Rollout] = {}
         if on_policy:
             seeds = self.row_seeds(SAMPLE_TRAIN if train else SAMPLE_EVAL, step, rows)
-            rollouts["rollout"] = self.generate(student, prompt_ids, prompt_mask, seeds, sharded)
+            rollouts["rollout"] = self.finish(self.generate(student, prompt_ids, prompt_mask, seeds, sharded), index,
+                                              "student")
+        elif self.policy.off_policy_source == "teacher" and self.teacher_cache is not None:
+            pad = self.student_tokenizer.pad_token_id
+            rollouts["rollout"] = self.teacher_cache.rollout(split, index, prompt_ids, prompt_mask, pad)
         elif self.policy.off_policy_source == "teacher":
             seeds = self.row_seeds(SAMPLE_TEACHER, step, rows)
-            rollouts["rollout"] = self.teacher_rollout(teacher, batch["prompt"], prompt_ids, prompt_mask, seeds, sharded)
+            rollout = self.teacher_rollout(teacher, batch["prompt"], prompt_ids, prompt_mask, seeds, sharded)
+            rollouts["rollout"] = self.finish(rollout, index, "teacher")
         else:
-            rollouts["rollout"] = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
+            rollout = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
+            rollouts["rollout"] = self.finish(rollout, index, "dataset")
         if self.gold:
-            rollouts["gold"] = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
+            rollouts["gold"] = self.finish(self.text_rollout(prompt_ids, prompt_mask, completions(batch)), index,
+                                           "dataset")
+        return rollouts
+
+    def finish(self, rollout: Rollout, rows: Tensor, source: str) -> Rollout:
+        """Record the rollout's dataset rows and author, and leave special tokens out of its mask where asked."""
+        rollout.rows, rollout.source = rows, source
         if self.policy.mask_special_tokens:
             tok = self.student_tokenizer
-            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=device)
-            for rollout in rollouts.values():
-                rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
-        return rollouts
+            special = torch.tensor(sorted(set(tok.all_special_ids) - {tok.eos_token_id}), device=rows.device)
+            rollout.completion_mask &= ~torch.isin(rollout.completion_ids, special)
+        return rollout
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         ids, mask = encode_prompts(self.student_tokenizer, prompts, chat_template=self.policy.use_chat_template,

@@ -123,7 +123,7 @@ def test_a_teacher_given_as_hidden_states_equals_its_logits(name):
 def test_the_default_chunk_is_bounded_by_elements():
     from opd_lightning.losses.fused import CHUNK_ELEMENTS, default_chunk
 
-    assert default_chunk(262144) == 64 and default_chunk(32768) == 512
+    assert default_chunk(262144) == 32 and default_chunk(32768) == 256
     assert default_chunk(CHUNK_ELEMENTS * 4) == 1  # at least one position
     hidden, weight, _, teacher, mask = _inputs()
     loss = LOSSES.build("forward_kl")
