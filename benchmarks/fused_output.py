@@ -54,11 +54,11 @@ def case(method: str, vocab: int, tokens: int, hidden: int, min_time: float, chu
     inputs_gb = rss_gb()
 
     if method in ("naive", "chunked"):
-        chunk = None if method == "naive" else 256
+        loss_chunk = None if method == "naive" else 256
 
         def step() -> float:
             logits, teacher = (h @ w.T).unsqueeze(0), (th @ tw.T).unsqueeze(0)
-            loss = dense_divergence(per_token, logits, teacher, mask, chunk_size=chunk)
+            loss = dense_divergence(per_token, logits, teacher, mask, chunk_size=loss_chunk)
             loss.backward()
             return float(loss)
     elif method == "fused":

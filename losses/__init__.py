@@ -37,7 +37,7 @@ from .credit import CREDITS, assign_credit, discounted_returns
 from .cross_entropy import CrossEntropy, cross_entropy
 from .dskd import DSKD, dskd
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
-from .fused import HiddenRows, fused_dense_divergence, fused_dense_sum
+from .fused import HiddenRows, default_chunk, fused_dense_divergence, fused_dense_sum
 from .gold import GOLD, gold, gold_per_token
 from .kl import (
     ForwardKL,
@@ -104,6 +104,7 @@ __all__ = [
     "check_teacher",
     "clipped_policy_loss",
     "cross_entropy",
+    "default_chunk",
     "dense_divergence",
     "dense_sum",
     "discounted_returns",

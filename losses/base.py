@@ -170,6 +170,8 @@ def on_student_support(s_logp: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor
     the plain teacher log-softmax.
     """
     off = torch.isneginf(s_logp)  # [n, V]
+    if not off.any():  # the common case: nothing to restrict, and three [n, V] copies fewer
+        return s_logp, torch.log_softmax(t_scores, dim=-1)
     t_logp = torch.log_softmax(t_scores.masked_fill(off, float("-inf")), dim=-1)
     return s_logp.masked_fill(off, LOG_ZERO), t_logp.masked_fill(off, LOG_ZERO)
 
@@ -189,11 +191,12 @@ def log_probs(s_logits: Tensor, t_rows: Tensor, temperature: float,
     temperature), when the student's rows become buckets too (`topk_buckets`). Equal widths are compared on the
     student's support (`on_student_support`); different widths are two vocabularies (cross-tokenizer losses).
     """
-    s_logp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)  # [n, V_s]
+    scale = (lambda x: x) if temperature == 1 else (lambda x: x / temperature)  # no [n, V] copy at T = 1
+    s_logp = torch.log_softmax(scale(upcast(s_logits)), dim=-1)  # [n, V_s]
     if topk_ids is not None:
         s_logp, t_scores = topk_buckets(s_logp, topk_ids), upcast(t_rows)
     else:
-        t_scores = upcast(t_rows) / temperature  # [n, V_t]
+        t_scores = scale(upcast(t_rows))  # [n, V_t]
     if s_logp.shape[-1] == t_scores.shape[-1]:
         return on_student_support(s_logp, t_scores)
     return s_logp, torch.log_softmax(t_scores, dim=-1)

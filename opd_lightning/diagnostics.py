@@ -131,6 +131,28 @@ def output_layer_grad_coherence(dlogits: Tensor, hidden: Tensor) -> Tensor:
     return squared.clamp_min(0).sqrt() / (d.norm(dim=-1) * h.norm(dim=-1)).sum()
 
 
+class CoherenceSums:
+    """`output_layer_grad_coherence` over positions given a chunk at a time (the fused output layer's batches,
+    whose `[n, V]` gradient is never held whole): `D^T H` `[V, H]` and `sum_t ||delta_t|| ||h_t||` accumulate, the
+    same two sums the one-piece function takes."""
+
+    def __init__(self) -> None:
+        self.product: Tensor | None = None  # [V, H] fp32
+        self.norms: Tensor | None = None
+
+    def add(self, dlogits: Tensor, hidden: Tensor) -> None:
+        d, h = dlogits.detach().float(), hidden.detach().float()  # [c, V], [c, H]
+        product, norms = d.T @ h, (d.norm(dim=-1) * h.norm(dim=-1)).sum()
+        self.product = product if self.product is None else self.product.add_(product)
+        self.norms = norms if self.norms is None else self.norms + norms
+
+    def value(self) -> Tensor:
+        """The coherence, as `output_layer_grad_coherence` of all the chunks together (NaN with none)."""
+        if self.product is None:
+            return torch.tensor(float("nan"))
+        return self.product.norm() / self.norms
+
+
 def _entropy(logp: Tensor) -> Tensor:
     # Clamping -inf makes 0 log 0 = 0 while NaN stays NaN; a batched dot is ~3x faster on CPU than `where`+`sum`.
     return -torch.einsum("cv,cv->c", logp.exp(), logp.clamp_min(torch.finfo(logp.dtype).min))  # [c]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -26,7 +27,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from opd_lightning.aligners import ALIGNERS, Aligner
-from opd_lightning.diagnostics import Diagnostics, DiagnosticsConfig, noncanonical_rows, output_layer_grad_coherence
+from opd_lightning.diagnostics import (
+    CoherenceSums,
+    Diagnostics,
+    DiagnosticsConfig,
+    noncanonical_rows,
+    output_layer_grad_coherence,
+)
 from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer, output_layer_input, setup_sizes
 from opd_lightning.hparams import build, factory, record_hyperparameters
 from opd_lightning.losses import (
@@ -36,7 +43,10 @@ from opd_lightning.losses import (
     HiddenRows,
     LossInputs,
     TeacherTarget,
+    TopK,
+    default_chunk,
 )
+from opd_lightning.losses.fused import CHUNK_ELEMENTS
 from opd_lightning.models import HFModel, LoraOptions, apply_lora, freeze
 from opd_lightning.objective import LossTerm, check_pairing, fused_batches, resolve_aligner
 from opd_lightning.reference import ReferenceScorer, completion_hidden, completion_logits
@@ -66,7 +76,7 @@ class DistillationModule(LightningModule):
         rollout: RolloutPolicy | None = None,
         diagnostics: DiagnosticsConfig | None = None,
         teacher_topk: int | None = None,
-        logits_chunk_size: int | None = None,
+        logits_chunk_size: int | Literal["auto"] | None = "auto",
         teacher_cache: str | None = None,
         grad_clip_norm: float | None = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -94,11 +104,14 @@ class DistillationModule(LightningModule):
                 dense.
             logits_chunk_size: the fused output layer: for batches whose every loss term is a dense divergence,
                 the student's logits are never held whole; the losses read its final hidden states and output layer
-                this many positions at a time (values and gradients equal the unfused path's). None: the logits
-                `[B, N, V]` are materialised. A teacher that shares the student's tokenizer hands its hidden states
-                and output layer the same way when dense logits are all the losses read (no `teacher_topk`). Not yet
+                this many positions at a time (values and gradients equal the unfused path's). "auto" (the default):
+                `default_chunk(V)` positions (2**23 logits) a chunk, on the batches whose `[B, N, V]` logits would
+                exceed one chunk (smaller ones gain nothing), and unfused under FSDP2. None: the logits `[B, N, V]`
+                are always materialised. A teacher that shares the student's tokenizer hands its hidden states
+                and output layer the same way when dense logits are all the losses read, or, with `teacher_topk`,
+                keeps only its top-k, taken a chunk of positions at a time. A number of positions is not yet
                 served under FSDP2; with an aligner that projects the student (`char_level`) the batches keep their
-                logits; the output layer's gradient coherence (`diag/grad_coherence`) is not measured on fused batches.
+                logits.
             teacher_cache: a directory written by `opd cache-teacher` (see `opd_lightning.teacher_cache`): the
                 teacher's top-k targets on the dataset's completions (and on completions it wrote), read instead of
                 running the teacher on off-policy and gold batches; on-policy batches still go to the teacher. Needs
@@ -128,8 +141,8 @@ class DistillationModule(LightningModule):
         self._split = "train"  # the data split of the step's batch; set per step
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
-        if logits_chunk_size is not None and logits_chunk_size < 1:
-            raise ValueError(f"logits_chunk_size must be a positive integer or None, got {logits_chunk_size}")
+        if logits_chunk_size not in (None, "auto") and (not isinstance(logits_chunk_size, int) or logits_chunk_size < 1):
+            raise ValueError(f"logits_chunk_size must be a positive integer, 'auto' or None, got {logits_chunk_size!r}")
         self.logits_chunk_size = logits_chunk_size
 
         self.student_tokenizer = student.load_tokenizer()
@@ -256,8 +269,7 @@ class DistillationModule(LightningModule):
             self._diag.update_coverage(target.coverage)
             return target
         if reference == "teacher":
-            target = self.scorer.teacher_target(rollout, needs, self.student,
-                                                self.logits_chunk_size if fused else None)
+            target = self.scorer.teacher_target(rollout, needs, self.student, self._chunk() if fused else None)
             self._diag.update_coverage(target.coverage)
             return target
         return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
@@ -271,7 +283,7 @@ class DistillationModule(LightningModule):
         hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
         for term in self.terms:
             rollout = rollouts[term.completions]
-            fused = term.completions in self._fused  # no `[B, N, V]` logits, so no gradient coherence either
+            fused = self._fuses(term.completions, rollout)  # no `[B, N, V]` logits (coherence: `_fused_grad_coherence`)
             if term.completions not in student_logits:
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
                 store = [] if keep and not fused else None
@@ -294,7 +306,35 @@ class DistillationModule(LightningModule):
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
+        if measure and isinstance(student_logits["rollout"], HiddenRows) and total.requires_grad:
+            self._diag.update_grad_coherence(self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"],
+                                                                        targets, counts["rollout"]))
         return total, metrics
+
+    def _fused_grad_coherence(self, rollout: Rollout, student: HiddenRows, targets: dict, count: Tensor) -> Tensor:
+        """`diag/grad_coherence` of a fused batch, without its `[B, N, V]` logits. Every term on the rollout is a dense
+        divergence, a sum over positions, so the loss's gradient with respect to a chunk of positions' logits is that
+        chunk's own: it is rebuilt a chunk at a time from the same terms and targets (one more pass through the
+        output layer, on measured steps only) and folded into the coherence's two sums (`CoherenceSums`)."""
+        rows, cols = rollout.completion_mask.nonzero(as_tuple=True)
+        weight, bias = student.weight.detach(), None if student.bias is None else student.bias.detach()
+        step = student.chunk_size or default_chunk(weight.shape[0])
+        terms = [t for t in self.terms if t.completions == "rollout"]
+        sums = CoherenceSums()
+        for lo in range(0, rows.numel(), step):
+            r, c = rows[lo : lo + step], cols[lo : lo + step]
+            h = student.hidden[r, c].detach()  # [c, H]
+            with torch.enable_grad():
+                logits = nn.functional.linear(h, weight, bias).requires_grad_()  # [c, V]
+                total = torch.zeros((), device=h.device)
+                for term in terms:
+                    target = targets[term.reference, "rollout"]
+                    valid = torch.ones_like(r, dtype=torch.bool) if target.mask is None else target.mask[r, c]
+                    total = total + term.weight * term.loss.divergence(
+                        logits[None], _positions(target.distribution, r, c), valid[None], count)
+                (dlogits,) = torch.autograd.grad(total, logits)
+            sums.add(dlogits, h)
+        return sums.value()
 
     def _student_logits(self, rollout: Rollout, fused: bool) -> Tensor | HiddenRows:
         """The student's logits at the completion positions `[B, N, V]`; `fused`: its hidden states there and its
@@ -306,7 +346,22 @@ class DistillationModule(LightningModule):
             raise ValueError("the fused output layer is not yet served under FSDP2 (the output layer's weight is "
                              "sharded outside its forward): set model.logits_chunk_size to null")
         weight, bias = output_layer(self.student)
-        return HiddenRows(completion_hidden(self.student, weight, *args), weight, bias, self.logits_chunk_size)
+        return HiddenRows(completion_hidden(self.student, weight, *args), weight, bias, self._chunk())
+
+    def _chunk(self) -> int:
+        """Positions per chunk of the fused output layer."""
+        if self.logits_chunk_size == "auto":
+            return default_chunk(self._vocab_size(self.student))
+        return self.logits_chunk_size
+
+    def _fuses(self, completions: str, rollout: Rollout) -> bool:
+        """Whether this micro-batch of `completions` reads the student fused: its terms allow it (`fused_batches`) and,
+        with "auto", its logits would exceed one chunk and the student is not sharded."""
+        if completions not in self._fused:
+            return False
+        if self.logits_chunk_size != "auto":
+            return True
+        return not self._sharded and rollout.completion_mask.numel() * self._vocab_size(self.student) > CHUNK_ELEMENTS
 
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:
@@ -453,6 +508,14 @@ class DistillationModule(LightningModule):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.student_tokenizer.save_pretrained(path)
+
+
+def _positions(distribution: Tensor | TopK | HiddenRows, rows: Tensor, cols: Tensor) -> Tensor | TopK:
+    """A teacher distribution at positions `(rows, cols)`, as a batch of one row: `[1, c, V]` logits or a `TopK`."""
+    if isinstance(distribution, TopK):
+        return TopK(distribution.ids[rows, cols][None], distribution.logprobs[rows, cols][None],
+                    distribution.tail[rows, cols][None], distribution.temperature)
+    return distribution[rows, cols][None]  # a tensor, or HiddenRows projecting those rows
 
 
 # `--help` lists the registry names where the docstring says LOSS_NAMES and ALIGNER_NAMES.

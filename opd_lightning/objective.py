@@ -138,7 +138,7 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
     return needs
 
 
-def fused_batches(terms, chunk_size: int | None, aligner: Aligner) -> frozenset[str]:
+def fused_batches(terms, chunk_size: int | str | None, aligner: Aligner) -> frozenset[str]:
     """The completions ("rollout", "gold") whose every term is a dense divergence that can read the student as
     hidden states and the output layer (`model.logits_chunk_size`); none without a chunk size. A term against the
     teacher through an aligner that projects the student (`char_level`) needs the logits themselves. Batches with

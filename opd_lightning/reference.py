@@ -24,9 +24,17 @@ from opd_lightning.hidden import (
     output_layer_input,
     teacher_hidden,
 )
-from opd_lightning.losses import HiddenRows
+from opd_lightning.losses import HiddenRows, default_chunk
+from opd_lightning.losses.fused import CHUNK_ELEMENTS
 from opd_lightning.rollout import Rollout
-from opd_lightning.target import HIDDEN_STATES, TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_TOPK, TeacherTarget
+from opd_lightning.target import (
+    HIDDEN_STATES,
+    TEACHER_LOGITS,
+    TEACHER_TOKEN_LOGPROBS,
+    TEACHER_TOPK,
+    TeacherTarget,
+    TopK,
+)
 
 __all__ = ["ReferenceScorer", "completion_logits"]
 
@@ -53,6 +61,43 @@ def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
         raise ValueError(f"{type(model).__name__} returned no KV cache with use_cache=True; an aligner that queries "
                          "the teacher off the realised path (exact_spans) needs a Hugging Face causal LM teacher")
     return out.logits[:, :-1], cache
+
+
+def chunked_topk(rows: HiddenRows, k: int) -> TopK:
+    """`TopK.from_logits` of the logits `rows` stands for, computed a chunk of positions at a time (its
+    `chunk_size`, else `default_chunk(V)`), so that `[B, N, V]` logits are never held whole."""
+    b, n, vocab = rows.shape
+    flat = HiddenRows(rows.hidden.reshape(b * n, -1), rows.weight, rows.bias)
+    step = rows.chunk_size or default_chunk(vocab)
+    parts = [TopK.from_logits(flat[lo : lo + step], k) for lo in range(0, b * n, step)] or [
+        TopK.from_logits(flat[0:0], k)]
+    ids, logprobs, tail = (torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail"))
+    return TopK(ids.reshape(b, n, -1), logprobs.reshape(b, n, -1), tail.reshape(b, n))
+
+
+def join_rows(parts: list[TeacherTarget], masks: list[Tensor]) -> TeacherTarget:
+    """Top-k targets of consecutive groups of rows (each scored on its own, `masks` their completion masks) as one:
+    their forms concatenated along the rows, coverage weighted by each group's valid tokens, the vocabulary tables
+    (the same for every row) taken once."""
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    extra = {n for p in parts for n in ("logits", "native_logits", "hidden", "sequence", "student_projection")
+             if getattr(p, n) is not None}
+    if extra:
+        raise ValueError(f"rows scored apart carry {sorted(extra)}, which cannot be joined; this is a bug")
+    counts = [float(m.sum()) for m in masks]
+    total = max(sum(counts), 1.0)
+    mean = lambda name: (None if any(getattr(p, name) is None for p in parts)
+                         else sum(getattr(p, name) * c for p, c in zip(parts, counts, strict=True)) / total)
+    mask = None if all(p.mask is None for p in parts) else torch.cat(
+        [p.mask if p.mask is not None else torch.ones_like(m) for p, m in zip(parts, masks, strict=True)])
+    topk = TopK(*(torch.cat([getattr(p.topk, f) for p in parts]) for f in ("ids", "logprobs", "tail")),
+                parts[0].topk.temperature)
+    return TeacherTarget(coverage=mean("coverage"), mask=mask, topk=topk, token_logprobs=cat("token_logprobs"),
+                         token_spans=cat("token_spans"), mass_coverage=mean("mass_coverage"),
+                         vocab_pairs=parts[0].vocab_pairs, vocab_projection=parts[0].vocab_projection)  # tables
 
 
 class ReferenceScorer:
@@ -83,6 +128,8 @@ class ReferenceScorer:
         dense logits are needed and its output layer can be applied as a plain linear layer."""
         if fused is not None:
             target = self._fused_teacher_target(rollout, needs, student, fused)
+            if target is None and self._keeps_topk_only(needs):
+                target = self._grouped_teacher_target(rollout, needs, student)
             if target is not None:
                 return target
         grad = torch.is_grad_enabled()  # for an aligner's own parameters (hidden states only)
@@ -107,10 +154,32 @@ class ReferenceScorer:
             target = target.with_topk(self.teacher_topk)
         return target
 
+    def _keeps_topk_only(self, needs: frozenset[str]) -> bool:
+        """Whether the losses read the top-k form (and token log-probs) only, so that the aligner's dense target is
+        reduced to it as soon as it is built."""
+        return TEACHER_TOPK in needs and needs <= {TEACHER_TOPK, TEACHER_TOKEN_LOGPROBS}
+
+    def _grouped_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module) -> TeacherTarget | None:
+        """The top-k target of a fused batch through a projecting aligner, a group of rows at a time: the teacher's
+        `[g, M, V_T]` logits and the aligner's dense `[g, N, V]` target exist for `g` rows only, at most
+        `CHUNK_ELEMENTS` values each (one row when a row is larger), and are reduced to the top-k form before the
+        next group. None when the batch fits in one group."""
+        width = rollout.completion_mask.shape[1] * max(self._vocab(student), self._vocab(self.teacher))
+        group = max(1, CHUNK_ELEMENTS // max(width, 1))
+        if group >= len(rollout):
+            return None
+        parts = [self.teacher_target(rollout.select(slice(lo, lo + group)), needs, student)
+                 for lo in range(0, len(rollout), group)]
+        return join_rows(parts, [rollout.completion_mask[lo : lo + group] for lo in range(0, len(rollout), group)])
+
+    @staticmethod
+    def _vocab(model: nn.Module) -> int:
+        return model.get_output_embeddings().weight.shape[0]
+
     @torch.no_grad()
     def _fused_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
                               chunk: int) -> TeacherTarget | None:
-        if not self.aligner.same_tokenizer or self.needs_from_aligner(needs) != {TEACHER_LOGITS} or TEACHER_TOPK in needs:
+        if not self.aligner.same_tokenizer or self.needs_from_aligner(needs) != {TEACHER_LOGITS}:
             return None  # the aligner projects, or a loss reads another form: the teacher's logits are built
         try:
             weight, bias = output_layer(self.teacher)
@@ -122,6 +191,8 @@ class ReferenceScorer:
         hidden = completion_hidden(self.teacher, weight, rollout.sequences, rollout.attention_mask, rollout.position_ids,
                                    rollout.completion_mask.shape[1])
         rows = HiddenRows(hidden, weight[:size].detach(), None if bias is None else bias[:size].detach(), chunk)
+        if TEACHER_TOPK in needs:  # only the top-k form is kept: [B, N, k], never [B, N, V]
+            return TeacherTarget(coverage=1.0, topk=chunked_topk(rows, self.teacher_topk), mass_coverage=1.0)
         return TeacherTarget(coverage=1.0, logits=rows, mass_coverage=1.0)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """What a teacher hands a loss: the one contract that `opd_lightning.losses` and `opd_lightning.aligners` share.
 
-An aligner (or, later, a teacher cache or a served teacher) produces a `TeacherTarget` at the student's completion
+An aligner (or a teacher cache, `opd_lightning.teacher_cache`) produces a `TeacherTarget` at the student's completion
 positions; a loss consumes it. Both packages import this module and it imports neither, so the contract is written
 once: the capability names a loss may require and an aligner may provide, the target dataclass with its forms, and
 the helpers both sides need (`token_logprobs`, `upcast`).

@@ -239,3 +239,19 @@ def test_noncanonical_rows_flag_completions_the_tokenizer_would_spell_otherwise(
     diag = Diagnostics()
     diag.update_noncanonical(noncanonical_rows(tok, ids, mask))
     assert float(diag.compute()["diag/noncanonical_rate"]) == 0.5
+
+
+def test_coherence_sums_over_chunks_equal_the_one_piece_coherence():
+    from opd_lightning.diagnostics import CoherenceSums, output_layer_grad_coherence
+
+    g = torch.Generator().manual_seed(0)
+    d, h = torch.randn(13, 50, generator=g), torch.randn(13, 7, generator=g)
+    for step in (1, 4, 13):
+        sums = CoherenceSums()
+        for lo in range(0, 13, step):
+            sums.add(d[lo : lo + step], h[lo : lo + step])
+        torch.testing.assert_close(sums.value(), output_layer_grad_coherence(d, h), rtol=1e-5, atol=1e-6)
+    aligned = CoherenceSums()
+    aligned.add(torch.ones(3, 5), torch.ones(3, 2))  # every position pushes the same way
+    torch.testing.assert_close(aligned.value(), torch.tensor(1.0))
+    assert CoherenceSums().value().isnan()

@@ -316,17 +316,64 @@ def test_the_fused_output_layer_equals_the_unfused_step(teacher_dir, case):
     finally:
         ReferenceScorer._fused_teacher_target = original
     assert plain[0]._fused == set() and fused[0]._fused == {"rollout"}  # the gold batches' SFT reads logits
-    kinds = {type(t.logits).__name__ if t is not None else None for t in built}
-    assert kinds == ({None} if "top-k" in case else {"HiddenRows"}), kinds  # top-k: the teacher's logits are built
+    kinds = {("TopK" if t.topk is not None else type(t.logits).__name__) if t is not None else None for t in built}
+    assert kinds == ({"TopK"} if "top-k" in case else {"HiddenRows"}), kinds  # top-k: taken chunk by chunk
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
     assert fused[3].keys() == plain[3].keys() and len(plain[3]) > 0
     for name in plain[3]:
         torch.testing.assert_close(fused[3][name], plain[3][name], rtol=1e-4, atol=1e-7, msg=name)
+    assert "diag/grad_coherence" in plain[4] and plain[4].keys() == fused[4].keys()  # measured on both
     for key, value in plain[4].items():
-        if key != "diag/grad_coherence":  # not measured on fused batches
-            torch.testing.assert_close(fused[4][key], value, rtol=1e-4, atol=1e-6, equal_nan=True, msg=key)
+        torch.testing.assert_close(fused[4][key], value, rtol=1e-4, atol=1e-6, equal_nan=True, msg=key)
     if case == "lora on the output layer":
         assert any("lm_head" in n and "lora" in n for n in plain[3])
+
+
+def test_the_teachers_top_k_taken_chunk_by_chunk_equals_the_dense_top_k():
+    from opd_lightning.losses import HiddenRows
+
+    from opd_lightning.reference import chunked_topk
+    from opd_lightning.target import TopK
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8, dtype=torch.float64, generator=g), torch.randn(30, 8, dtype=torch.float64,
+                                                                                          generator=g)
+    bias = torch.randn(30, dtype=torch.float64, generator=g)
+    want = TopK.from_logits(hidden @ weight.T + bias, 4)
+    for chunk in (1, 3, 10, None):
+        got = chunked_topk(HiddenRows(hidden, weight, bias, chunk), 4)
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.tail, want.tail, rtol=0, atol=1e-12)
+
+
+def test_auto_fuses_the_batches_whose_logits_exceed_one_chunk(teacher_dir, monkeypatch):
+    import opd_lightning.module as module_lib
+
+    def step(**kwargs):
+        seed_everything(0)
+        module = make_module(teacher_dir, loss="forward_kl", on_policy_fraction=0.0, **kwargs)
+        module.manual_backward = lambda loss: loss.backward()
+        loss, _ = module._run_step(BATCH, train=True)
+        return module, loss, torch.cat([p.grad.flatten() for p in module.student.parameters()])
+
+    module = make_module(teacher_dir, loss="forward_kl", on_policy_fraction=0.0)
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
+    assert module.logits_chunk_size == "auto" and module._fused == {"rollout"}
+    assert not module._fuses("rollout", rollout)  # tiny logits: one chunk would hold them all, nothing to gain
+    monkeypatch.setattr(module_lib, "CHUNK_ELEMENTS", rollout.completion_mask.numel())  # now they exceed one
+    assert module._fuses("rollout", rollout)
+    module._sharded = True
+    assert not module._fuses("rollout", rollout)  # unfused under FSDP2
+    seen = []
+    original = module_lib.DistillationModule._student_logits
+    monkeypatch.setattr(module_lib.DistillationModule, "_student_logits",
+                        lambda self, r, fused: seen.append(fused) or original(self, r, fused))
+    _, auto_loss, auto_grads = step()
+    _, plain_loss, plain_grads = step(logits_chunk_size=None)
+    assert seen == [True, False]
+    torch.testing.assert_close(auto_loss, plain_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(auto_grads, plain_grads, rtol=1e-4, atol=1e-7)
 
 
 def test_fused_output_layer_refusals(teacher_dir):
@@ -360,3 +407,44 @@ def test_the_fused_output_layer_across_tokenizers(bpe_teacher_dir):
     torch.testing.assert_close(fused[2], plain[2], rtol=1e-4, atol=1e-7)
     module, loss, _ = step(3, "char_level")
     assert module._fused == set() and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("aligner", ["byte_spans", "exact_spans"])
+def test_across_tokenizers_a_fused_top_k_batch_is_scored_a_group_of_rows_at_a_time(bpe_teacher_dir, monkeypatch,
+                                                                                   aligner):
+    """With the top-k form, the teacher's logits and the aligner's dense target are built for a group of rows at a
+    time (here one row) and reduced to top-k at once; the target equals the whole batch's, and so does the step."""
+    from opd_lightning import reference
+    from opd_lightning.target import TEACHER_TOKEN_LOGPROBS, TEACHER_TOPK
+
+    def step(chunk):
+        seed_everything(0)
+        module = make_module(bpe_teacher_dir, on_policy_fraction=0.0, loss="forward_kl", aligner=aligner,
+                             teacher_topk=3, logits_chunk_size=chunk)
+        module.manual_backward = lambda loss: loss.backward()
+        loss, _ = module._run_step(BATCH, train=True)
+        return module, loss, torch.cat([p.grad.flatten() for p in module.student.parameters()])
+
+    plain = step(None)
+    module = plain[0]
+    rollout = module.rollouts(BATCH, train=True)["rollout"]
+    needs = frozenset({TEACHER_TOPK, TEACHER_TOKEN_LOGPROBS})
+    whole = module.scorer.teacher_target(rollout, needs, module.student)
+    assert module.scorer.teacher_target(rollout, needs, module.student, 3).topk is not None  # fits in one group
+    groups = []
+    original = reference.ReferenceScorer.teacher_target
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1)  # one row a group
+    monkeypatch.setattr(reference.ReferenceScorer, "teacher_target",
+                        lambda self, r, *a, **k: groups.append(len(r)) or original(self, r, *a, **k))
+    rows = module.scorer.teacher_target(rollout, needs, module.student, 3)
+    assert groups == [4, 1, 1, 1, 1]
+    valid = rollout.completion_mask & whole.mask
+    assert torch.equal(rows.mask & rollout.completion_mask, valid) and rows.coverage == pytest.approx(whole.coverage)
+    assert torch.equal(rows.topk.ids[valid], whole.topk.ids[valid])
+    for name in ("logprobs", "tail"):
+        torch.testing.assert_close(getattr(rows.topk, name)[valid], getattr(whole.topk, name)[valid], rtol=1e-5,
+                                   atol=1e-6)
+    torch.testing.assert_close(rows.token_logprobs[valid], whole.token_logprobs[valid], rtol=1e-5, atol=1e-6)
+    fused = step(3)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused[2], plain[2], rtol=1e-4, atol=1e-7)
