@@ -4,7 +4,8 @@
         [--max-new-tokens N] [--chunk 64] [--topk 8] [--steps 3] [--no-record]
 
 Needs `make real-models`. Each variant runs in its own process, built by LightningCLI from the config as `opd fit`
-builds it (`run=False`), on the first `--rows` training prompts (one batch of `data.batch_size`):
+builds it (`run=False`), on the first `--rows` training prompts (the step reads the first batch of `data.batch_size` of them; the cache is
+written for all):
 - `unfused`: `model.logits_chunk_size` null (`[B, N, V]` logits on both sides);
 - `fused`: `model.logits_chunk_size --chunk` (the student's logits never held whole; across tokenizers the
   teacher's logits and the aligner's dense target still are);
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     text = f"""## The real pair's training step: fused output layer, top-k and teacher cache
 
 Command: `{command}`. Date: {datetime.date.today()}. Machine: {machine()}, fp32.
-How each variant is built and measured: the docstring of `benchmarks/real_step.py` (one batch of {args.rows} prompts,
-{first["on_tokens"]} valid completion tokens on-policy, {first["off_tokens"]} off-policy; one untimed step then {args.steps} timed per side).
+How each variant is built and measured: the docstring of `benchmarks/real_step.py` (the first batch of the first
+{args.rows} training prompts: {first["on_tokens"]} valid completion tokens on-policy, {first["off_tokens"]} off-policy;
+one untimed step then {args.steps} timed per side).
 
 {chr(10).join(rows)}
 
