@@ -19,7 +19,7 @@ from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
 
 __all__ = ["check_bypassed", "fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed",
-           "output_layer_input", "setup_sizes", "teacher_hidden"]
+           "output_layer_input", "setup_sizes", "teacher_hidden", "vocab_size"]
 
 
 @contextmanager
@@ -115,3 +115,8 @@ def check_bypassed(hidden: Tensor, weight: Tensor, model: nn.Module) -> Tensor:
                          "get_output_embeddings(), so the fused output layer cannot read them: set "
                          "model.logits_chunk_size to null")
     return hidden
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the model's output layer: the width of its logits."""
+    return model.get_output_embeddings().weight.shape[0]

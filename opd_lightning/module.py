@@ -34,7 +34,14 @@ from opd_lightning.diagnostics import (
     noncanonical_rows,
     output_layer_grad_coherence,
 )
-from opd_lightning.hidden import fill_student_hidden, needs_hidden, output_layer, output_layer_input, setup_sizes
+from opd_lightning.hidden import (
+    fill_student_hidden,
+    needs_hidden,
+    output_layer,
+    output_layer_input,
+    setup_sizes,
+    vocab_size,
+)
 from opd_lightning.hparams import build, factory, record_hyperparameters
 from opd_lightning.losses import (
     HIDDEN_STATES,
@@ -168,8 +175,8 @@ class DistillationModule(LightningModule):
         if teacher is not None:
             self.teacher_tokenizer = teacher.load_tokenizer()
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
-            self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, self._vocab_size(self.student),
-                              self._vocab_size(self._frozen["teacher"]))
+            self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, vocab_size(self.student),
+                              vocab_size(self._frozen["teacher"]))
             setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists
         self._needs = check_pairing(self.terms, self.aligner, teacher_topk)  # (reference, completions) -> inputs
         self._fused = fused_batches(self.terms, logits_chunk_size, self.aligner)
@@ -205,10 +212,6 @@ class DistillationModule(LightningModule):
     @property
     def teacher(self) -> nn.Module | None:
         return self._frozen.get("teacher")
-
-    @staticmethod
-    def _vocab_size(model: nn.Module) -> int:
-        return model.get_output_embeddings().weight.shape[0]
 
     def _place_frozen(self) -> None:
         for model in self._frozen.values():
@@ -264,12 +267,11 @@ class DistillationModule(LightningModule):
 
     def _target(self, reference: str, rollout: Rollout, needs: frozenset[str], fused: bool = False) -> TeacherTarget:
         """The reference's target at the completion positions, in the forms the terms `needs`."""
-        if reference == "teacher" and self.teacher_cache is not None and rollout.source != "student":
-            target = self.teacher_cache.target(self._split, rollout, needs)
-            self._diag.update_coverage(target.coverage)
-            return target
         if reference == "teacher":
-            target = self.scorer.teacher_target(rollout, needs, self.student, self._chunk() if fused else None)
+            if self.teacher_cache is not None and rollout.source != "student":
+                target = self.teacher_cache.target(self._split, rollout, needs)
+            else:
+                target = self.scorer.teacher_target(rollout, needs, self.student, self._chunk() if fused else None)
             self._diag.update_coverage(target.coverage)
             return target
         return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
@@ -351,7 +353,7 @@ class DistillationModule(LightningModule):
     def _chunk(self) -> int:
         """Positions per chunk of the fused output layer."""
         if self.logits_chunk_size == "auto":
-            return default_chunk(self._vocab_size(self.student))
+            return default_chunk(vocab_size(self.student))
         return self.logits_chunk_size
 
     def _fuses(self, completions: str, rollout: Rollout) -> bool:
@@ -361,7 +363,7 @@ class DistillationModule(LightningModule):
             return False
         if self.logits_chunk_size != "auto":
             return True
-        return not self._sharded and rollout.completion_mask.numel() * self._vocab_size(self.student) > CHUNK_ELEMENTS
+        return not self._sharded and rollout.completion_mask.numel() * vocab_size(self.student) > CHUNK_ELEMENTS
 
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:

@@ -23,6 +23,7 @@ from opd_lightning.hidden import (
     output_layer_bypassed,
     output_layer_input,
     teacher_hidden,
+    vocab_size,
 )
 from opd_lightning.losses import HiddenRows, default_chunk
 from opd_lightning.losses.fused import CHUNK_ELEMENTS
@@ -164,17 +165,13 @@ class ReferenceScorer:
         `[g, M, V_T]` logits and the aligner's dense `[g, N, V]` target exist for `g` rows only, at most
         `CHUNK_ELEMENTS` values each (one row when a row is larger), and are reduced to the top-k form before the
         next group. None when the batch fits in one group."""
-        width = rollout.completion_mask.shape[1] * max(self._vocab(student), self._vocab(self.teacher))
+        width = rollout.completion_mask.shape[1] * max(vocab_size(student), vocab_size(self.teacher))
         group = max(1, CHUNK_ELEMENTS // max(width, 1))
         if group >= len(rollout):
             return None
         parts = [self.teacher_target(rollout.select(slice(lo, lo + group)), needs, student)
                  for lo in range(0, len(rollout), group)]
         return join_rows(parts, [rollout.completion_mask[lo : lo + group] for lo in range(0, len(rollout), group)])
-
-    @staticmethod
-    def _vocab(model: nn.Module) -> int:
-        return model.get_output_embeddings().weight.shape[0]
 
     @torch.no_grad()
     def _fused_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
@@ -185,7 +182,7 @@ class ReferenceScorer:
             weight, bias = output_layer(self.teacher)
         except ValueError:  # a soft-cap or an adapter the linear form does not reproduce
             return None
-        size = student.get_output_embeddings().weight.shape[0]
+        size = vocab_size(student)
         if not torch.is_floating_point(weight) or weight.shape[0] < size:
             return None  # a quantized output layer, or one to pad (fit_vocab fills per position)
         hidden = completion_hidden(self.teacher, weight, rollout.sequences, rollout.attention_mask, rollout.position_ids,

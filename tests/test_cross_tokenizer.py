@@ -15,6 +15,7 @@ import torch
 from conftest import TINY
 from opd_lightning.losses import LOSSES, LossInputs
 
+from opd_lightning.hidden import vocab_size
 from opd_lightning.models import HFModel
 from opd_lightning.module import DistillationModule
 from opd_lightning.reference import completion_logits
@@ -176,7 +177,7 @@ def test_aligned_targets_point_at_the_realised_next_token(teacher_dir, bpe_teach
     teacher, student = ((teacher_dir, "builtin:arithmetic_bpe") if direction == "bpe_student"
                         else (bpe_teacher_dir, "builtin:char"))
     module = cross_module(teacher, student, "forward_kl", aligner, on_policy_fraction=0.0)
-    module.scorer.teacher = OracleTeacher(module._vocab_size(module.teacher))
+    module.scorer.teacher = OracleTeacher(vocab_size(module.teacher))
     rollout = module.rollouts(LONG, train=True)["rollout"]  # the dataset's completions: real text
     s_bytes, t_bytes = module.aligner.student_bytes, module.aligner.teacher_bytes
     ids = rollout.completion_ids
