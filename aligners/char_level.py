@@ -81,7 +81,7 @@ class CharLevelAligner(TextAligner):
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
         def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:  # rows: the chunk's own copy, soft-maxed in place
-            return _byte_logprobs(fused_softmax_(rows)[0], self.teacher_classes), rows.new_ones(rows.shape[0])
+            return _byte_logprobs(fused_softmax_(rows), self.teacher_classes), rows.new_ones(rows.shape[0])
 
         target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes)  # [B, N, 257]
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,

@@ -30,16 +30,16 @@ def softmax_(rows: Tensor) -> Tensor:
     return rows.div_(rows.sum(-1, keepdim=True))
 
 
-def fused_softmax_(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the last axis of rows that are the caller's own copy, and each row's sum: `([c, V], [c])`.
+def fused_softmax_(rows: Tensor) -> Tensor:
+    """Softmax over the last axis of rows that are the caller's own copy: one fused kernel (a max pass, an
+    exp-and-sum pass, a scaling pass), about half of `softmax_`'s five passes over a 262k vocabulary. On the CPU it
+    writes over `rows` (the kernel reads each element before writing it).
 
-    One fused kernel (a max pass, an exp-and-sum pass, a scaling pass) costs about half of `softmax_`'s five passes
-    over a 262k vocabulary, but its sum runs sequentially in fp32 and is off by up to ~2e-5 there; the returned row
-    sums (pairwise) are not, so dividing what is derived from the rows by them restores an exact normalisation on a
-    smaller tensor. On the CPU it writes over `rows` (the kernel reads each element before writing it).
+    Its sum runs sequentially in fp32 and is off by up to ~2e-5 at a 262k vocabulary; a caller needing an exact
+    normalisation divides what it derives from the rows by their pairwise sum (`probs.sum(-1)`), often on a smaller
+    tensor.
     """
-    probs = torch.softmax(rows, -1, out=rows) if rows.device.type == "cpu" else torch.softmax(rows, -1)
-    return probs, probs.sum(-1)
+    return torch.softmax(rows, -1, out=rows) if rows.device.type == "cpu" else torch.softmax(rows, -1)
 
 
 # Teacher logits read at a time: 2**25 fp32 values (128 MB, 128 rows of a 262k vocabulary). Per chunk the projection
@@ -48,19 +48,20 @@ def fused_softmax_(rows: Tensor) -> tuple[Tensor, Tensor]:
 # gained little more. The memory is small beside the `[B, N, V_s]` target.
 CHUNK_ELEMENTS = 2**25
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+_SCRATCH: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
 
-def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A reused `[rows, width]` work buffer (contents undefined), one per device and dtype, kept between calls.
+def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32,
+            slot: str = "rows") -> Tensor:
+    """A reused `[rows, width]` work buffer (contents undefined), one per slot, device and dtype, kept between calls.
 
     The projections copy each chunk of teacher rows into a buffer of up to `CHUNK_ELEMENTS` values before soft-maxing
     it in place. Allocated afresh on every call, a buffer that size comes from the operating system each time (the
     allocator maps large blocks directly) and is paged in while written: on the synthetic benchmark batch that page
     faulting cost eight times the copy itself. Kept, it costs its size (128 MB at most) for the life of the process.
-    Not re-entrant: a caller must be done with the buffer before the next call on the same device.
+    Not re-entrant: a caller must be done with a slot's buffer before the next call on the same slot and device.
     """
-    key, need = (torch.device(device), dtype), rows * width
+    key, need = (slot, torch.device(device), dtype), rows * width
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < need:
         buffer = _SCRATCH[key] = torch.empty(max(need, 1), dtype=dtype, device=device)
@@ -228,7 +229,10 @@ def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     kept = mass.sum(-1)  # [n]
     tiny = torch.finfo(mass.dtype).tiny
     logp = mass.div_(kept.clamp_min(tiny).unsqueeze(-1)).clamp_min_(tiny).log_().clamp_min_(LOG_FLOOR)
-    return logp.masked_fill_((kept <= 0).unsqueeze(-1), 0.0), kept
+    empty = kept <= 0
+    if mass.device.type != "cpu" or empty.any():  # a pass over `[n, V]` saved on the CPU when every row kept mass
+        logp.masked_fill_(empty.unsqueeze(-1), 0.0)
+    return logp, kept
 
 
 def log_normaliser_(rows: Tensor) -> Tensor:
@@ -238,5 +242,5 @@ def log_normaliser_(rows: Tensor) -> Tensor:
     1 / (its own sum) and whose pairwise sum corrects that sum's rounding, plus three cheap reductions.
     """
     top = rows.amax(-1)
-    probs, total = fused_softmax_(rows)
-    return top - probs.amax(-1).log() + total.log()
+    probs = fused_softmax_(rows)
+    return top - probs.amax(-1).log() + probs.sum(-1).log()

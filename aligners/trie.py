@@ -30,14 +30,17 @@ from .bytes import TokenBytes, byte_level_alphabet
 __all__ = ["TokenTrie", "decompose", "prefixless_encoder", "sum_columns"]
 
 
-def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False) -> Tensor:
+def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False,
+                out: Tensor | None = None) -> Tensor:
     """Sum the last axis of `values` `[..., V]` into `size` columns: column `index[v]` `[V]`, skipped where -1.
 
     Skipped entries go to one extra column that is dropped, cheaper than selecting the others first; with
-    `keep_skipped` it is kept (`[..., size + 1]`), so that the columns sum to the whole of each row.
+    `keep_skipped` it is kept (`[..., size + 1]`), so that the columns sum to the whole of each row. `out`, when
+    given, is a `[..., size + 1]` buffer to write into (its contents are overwritten).
     """
     index = index[: values.shape[-1]].to(values.device)
-    out = values.new_zeros(*values.shape[:-1], size + 1).index_add_(-1, index.where(index >= 0, size), values)
+    out = values.new_zeros(*values.shape[:-1], size + 1) if out is None else out.zero_()
+    out.index_add_(-1, index.where(index >= 0, size), values)
     return out if keep_skipped else out[..., :size]
 
 
