@@ -33,7 +33,16 @@ from .base import (
     on_student_support,
     topk_buckets,
 )
-from .credit import CREDITS, assign_credit, discounted_returns
+from .cr_opd import CounterfactualRouted, route_targets
+from .credit import (
+    CREDITS,
+    assign_credit,
+    discounted_returns,
+    gae_advantages,
+    iw_opd_weights,
+    length_normalised_returns,
+    reverse_kl_values,
+)
 from .cross_entropy import CrossEntropy, cross_entropy
 from .dskd import DSKD, dskd
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
@@ -80,6 +89,7 @@ __all__ = [
     "ULD",
     "VOCAB_PAIRS",
     "VOCAB_PROJECTION",
+    "CounterfactualRouted",
     "CrossEntropy",
     "DenseDivergence",
     "DistillationLoss",
@@ -114,10 +124,13 @@ __all__ = [
     "forward_kl_per_token",
     "fused_dense_divergence",
     "fused_dense_sum",
+    "gae_advantages",
     "generalized_jsd",
     "generalized_jsd_per_token",
     "gold",
     "gold_per_token",
+    "iw_opd_weights",
+    "length_normalised_returns",
     "normalise",
     "on_student_support",
     "pkl_per_token",
@@ -125,6 +138,8 @@ __all__ = [
     "restrict_to_teacher_topk",
     "reverse_kl",
     "reverse_kl_per_token",
+    "reverse_kl_values",
+    "route_targets",
     "sampled_token",
     "skew_kl",
     "skew_kl_per_token",

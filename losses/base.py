@@ -128,6 +128,9 @@ class DistillationLoss(nn.Module, metaclass=abc.ABCMeta):
     requires: ClassVar[frozenset[str]] = frozenset()
     accepts_topk: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
+    #: True when the loss reads the student's own hidden states (`LossInputs.student_hidden`) without the teacher's
+    #: (e.g. a value head); HIDDEN_STATES in `requires` asks for both sides.
+    reads_student_hidden: bool = False
 
     def setup(self, student_hidden: int, teacher_hidden: int) -> None:
         """Create parameters whose shapes depend on the two models' hidden sizes (e.g. DSKD's projectors).

@@ -9,6 +9,7 @@ importance ratio makes stale rollouts (sampled by an older student) usable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,12 +27,12 @@ from .base import (
     normalise,
     teacher_distribution,
 )
-from .credit import assign_credit, check_credit
+from .credit import NEEDS_REVERSE_KL, assign_credit, check_credit, discounted_returns
 from .kl import reverse_kl_per_token
 
-__all__ = ["SampledToken", "clipped_policy_loss", "sampled_token", "span_log_ratio", "teacher_logprobs_at"]
+__all__ = ["PolicyStep", "SampledToken", "clipped_policy_loss", "sampled_token", "span_log_ratio", "teacher_logprobs_at"]
 
-Credit = Literal["immediate", "return_to_go", "discounted", "baseline"]
+Credit = Literal["immediate", "return_to_go", "discounted", "baseline", "gae", "length_normalised", "iw_opd"]
 
 
 def teacher_logprobs_at(ids: Tensor, mask: Tensor, teacher_token_logprobs: Tensor | None,
@@ -87,6 +88,19 @@ def clipped_policy_loss(logp: Tensor, advantages: Tensor, old_logp: Tensor | Non
     return -torch.minimum(unclipped, clipped), was_clipped
 
 
+@dataclass
+class PolicyStep:
+    """What the policy gradient reads at the n valid positions."""
+
+    rows: Tensor  # [n, V] the student's logits, with the gradient
+    ids: Tensor  # [n] the completion tokens
+    logp: Tensor  # [n] their log-probs at the loss's temperature, with the gradient
+    log_ratio: Tensor  # [n] a_t, detached
+    advantages: Tensor  # [n] A_t, detached
+    values: Tensor | None = None  # [n] the value head's V(c_t), with the head's gradient ("gae" with value "head")
+    returns: Tensor | None = None  # [n] their regression targets, the discounted returns of the log-ratios
+
+
 def _scatter(values: Tensor, mask: Tensor) -> Tensor:
     """Valid-row values `[n]` back to `[B, N]`, zeros elsewhere."""
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
@@ -97,7 +111,7 @@ def _step_reverse_kl(rows: Tensor, teacher: Tensor | TopK | None, mask: Tensor, 
     """KL(p_S ‖ p_T) at each valid position, `[B, N]`, detached: the baseline of "baseline" credit. With the top-k
     form it is the k + 1 bucket KL (a lower bound, exact at k = V)."""
     if teacher is None:
-        raise ValueError("credit 'baseline' needs the teacher's distribution (dense teacher_logits [B, N, V] or its "
+        raise ValueError("credits 'baseline' and 'gae' need the teacher's distribution (dense teacher_logits [B, N, V] or its "
                          "top-k form) for the per-step KL")
     t_rows, ids = teacher_distribution(teacher, mask, temperature, "sampled_token")
     return _scatter(reverse_kl_per_token(*log_probs(rows, t_rows, temperature, ids)), mask)
@@ -148,35 +162,82 @@ class SampledToken(DistillationLoss):
     # `requires` is set per instance in __init__: "baseline" credit also reads the teacher's distribution.
 
     def __init__(self, credit: Credit = "immediate", gamma: float = 0.99, clip_eps: float = 0.2,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, lam: float = 0.95, iw_gamma: float = 0.5,
+                 value: Literal["reverse_kl", "head"] = "reverse_kl", value_coef: float = 0.5) -> None:
         """
         Args:
             credit: temporal credit of each token: "immediate" (its own log-ratio), "return_to_go" (the sum of
                 this and later log-ratios), "discounted" (that sum discounted by `gamma` per position), or
                 "baseline" (its log-ratio plus the exact per-step reverse KL, a zero-mean advantage; reads the
-                teacher's distribution).
-            gamma: discount per position of "discounted" credit, in (0, 1]; unused by the other schemes.
+                teacher's distribution), "gae" (generalised advantage estimates with the closed-form value of each
+                prefix, minus the discounted sum of the later per-step reverse KLs; reads the teacher's
+                distribution), "length_normalised" (MiniLLM: its log-ratio plus the mean of the later ones) or
+                "iw_opd" (its log-ratio weighted by IW-OPD's prefix importance weight). See `credit.assign_credit`.
+            gamma: discount per position of "discounted" and "gae" credit, in (0, 1]; unused by the other schemes.
             clip_eps: PPO clip range of the importance ratio between this student and the one that sampled.
             temperature: softmax temperature of the student's logits and of dense teacher logits; token log-probs
                 supplied without dense logits are at temperature 1 and refused at any other.
+            lam: GAE's λ in [0, 1] ("gae" only): 0 is the "baseline" credit, 1 the discounted return minus the value.
+            iw_gamma: IW-OPD's amplification of early tokens, ≥ 0 ("iw_opd" only; TRL's `iw_opd_gamma`).
+            value: how "gae" values a prefix: "reverse_kl", the closed form −Σ_{s≥t} γ^(s−t) KL_s(p_S ‖ p_T) along the
+                sampled path (reads the teacher's distribution); or "head", a linear value head on the student's final
+                hidden states (detached, so only the head learns from it), trained with this loss by regression on
+                the discounted returns of the log-ratios and saved with the loss like DSKD's projectors.
+            value_coef: weight of the value head's squared error in this loss ("head" only).
         """
         super().__init__()
-        check_credit(credit, gamma)
+        check_credit(credit, gamma, lam, iw_gamma)
         if clip_eps <= 0:
             raise ValueError(f"clip_eps must be positive, got {clip_eps}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.credit, self.gamma, self.clip_eps, self.temperature = credit, gamma, clip_eps, temperature
-        self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if credit == "baseline" else set()))
+        if value not in ("reverse_kl", "head"):
+            raise ValueError(f"value must be 'reverse_kl' or 'head', got {value!r}")
+        if value == "head" and credit != "gae":
+            raise ValueError(f"value 'head' values prefixes for credit 'gae' only, not {credit!r}")
+        if value_coef < 0:
+            raise ValueError(f"value_coef must be non-negative, got {value_coef}")
+        self.lam, self.iw_gamma, self.value, self.value_coef = lam, iw_gamma, value, value_coef
+        self.value_head: torch.nn.Linear | None = None
+        self.reads_student_hidden = value == "head"
+        reads_kl = credit in NEEDS_REVERSE_KL and value != "head"
+        self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if reads_kl else set()))
+
+    def setup(self, student_hidden: int, teacher_hidden: int) -> None:
+        """Create the value head (value "head"), once the student's hidden size is known."""
+        if self.value == "head" and (self.value_head is None or self.value_head.in_features != student_hidden):
+            self.value_head = torch.nn.Linear(student_hidden, 1)
 
     def compute(self, student_logits: Tensor, target_ids: Tensor, mask: Tensor, teacher_token_logprobs: Tensor | None,
                 teacher: Tensor | TopK | None, token_spans: Tensor | None, old_logprobs: Tensor | None,
-                num_items: Tensor | float | None) -> LossOutput:
-        """The loss on tensors; arguments as `sampled_token`."""
-        if token_spans is not None and self.credit == "baseline":
-            raise ValueError("credit 'baseline' needs an exact per-token teacher distribution, but the teacher scores "
-                             "spans here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
+                num_items: Tensor | float | None, student_hidden: Tensor | None = None) -> LossOutput:
+        """The loss on tensors; arguments as `sampled_token`, and the student's hidden states `[B, N, H]` that
+        predict each token (value "head" only)."""
         mask = mask.bool()
+        step = self.advantages(student_logits, target_ids, mask, teacher_token_logprobs, teacher, token_spans,
+                               student_hidden)
+        old = None if old_logprobs is None else old_logprobs[mask]
+        per_token, was_clipped = clipped_policy_loss(step.logp, step.advantages.to(step.logp.dtype), old,
+                                                     self.clip_eps)
+        per_token, extra = self.adjust(per_token, was_clipped, step, teacher, mask, old)
+        loss = normalise(per_token.sum(), mask, num_items)
+        n = max(int(mask.sum()), 1)
+        if step.values is not None:
+            squared = (step.values - step.returns.to(step.values.dtype)) ** 2  # [n]
+            loss = loss + self.value_coef * normalise(squared.sum(), mask, num_items).to(loss.dtype)
+            extra = {**extra, "value_loss": squared.sum() / n}
+        metrics = {"advantage": step.advantages.sum() / n, "log_ratio": step.log_ratio.sum() / n,
+                   "clip_frac": was_clipped.float().sum() / n, **extra}
+        return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
+    def advantages(self, student_logits: Tensor, target_ids: Tensor, mask: Tensor,
+                   teacher_token_logprobs: Tensor | None, teacher: Tensor | TopK | None,
+                   token_spans: Tensor | None, student_hidden: Tensor | None = None) -> PolicyStep:
+        """The valid rows, their log-probs (with the gradient), log-ratios and advantages (`PolicyStep`)."""
+        if token_spans is not None and self.credit in NEEDS_REVERSE_KL and self.value != "head":
+            raise ValueError(f"credit {self.credit!r} needs an exact per-token teacher distribution, but the teacher scores "
+                             "spans here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
         rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
         dense = teacher if isinstance(teacher, Tensor) else None
         t_rows = None  # [n, V] valid dense teacher rows, selected only when read
@@ -194,23 +255,41 @@ class SampledToken(DistillationLoss):
         else:
             t_tok = teacher_logprobs_at(ids, mask, teacher_token_logprobs, t_rows, self.temperature)
             log_ratio = t_tok.to(logp.dtype) - logp.detach()
-        rkl = _step_reverse_kl(rows.detach(), teacher, mask, self.temperature) if self.credit == "baseline" else None
-        advantages = assign_credit(_scatter(log_ratio, mask), mask, self.credit, gamma=self.gamma,
-                                   reverse_kl=rkl)[mask]  # [n]
-        old = None if old_logprobs is None else old_logprobs[mask]
-        per_token, was_clipped = clipped_policy_loss(logp, advantages.to(logp.dtype), old, self.clip_eps)
-        loss = normalise(per_token.sum(), mask, num_items)
-        n = max(int(mask.sum()), 1)
-        metrics = {"advantage": advantages.sum() / n, "log_ratio": log_ratio.sum() / n,
-                   "clip_frac": was_clipped.float().sum() / n}
-        return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+        ratios = _scatter(log_ratio, mask)  # [B, N]
+        values = returns = None
+        if self.value == "head":
+            values = self._values(student_hidden, mask)  # [B, N] with the head's gradient
+            returns = discounted_returns(ratios, mask, self.gamma)[mask]
+        rkl = (_step_reverse_kl(rows.detach(), teacher, mask, self.temperature)
+               if self.credit in NEEDS_REVERSE_KL and values is None else None)
+        advantages = assign_credit(ratios, mask, self.credit, gamma=self.gamma, lam=self.lam, iw_gamma=self.iw_gamma,
+                                   reverse_kl=rkl, values=None if values is None else values.detach())[mask]  # [n]
+        return PolicyStep(rows, ids, logp, log_ratio, advantages, None if values is None else values[mask], returns)
+
+    def _values(self, student_hidden: Tensor | None, mask: Tensor) -> Tensor:
+        """The value head's V(c_t) `[B, N]` on the detached hidden states, zero at masked positions."""
+        if self.value_head is None:
+            raise ValueError("the value head does not exist yet: call setup(student_hidden, teacher_hidden) first "
+                             "(the training module does)")
+        if student_hidden is None:
+            raise ValueError("value 'head' needs the student's hidden states (`student_hidden`), which the training "
+                             "module passes to a loss with `reads_student_hidden`")
+        head = self.value_head
+        values = head(student_hidden.detach().to(head.weight.dtype)).squeeze(-1)
+        return values.masked_fill(~mask, 0.0)
+
+    def adjust(self, per_token: Tensor, was_clipped: Tensor, step: PolicyStep, teacher: Tensor | TopK | None,
+               mask: Tensor, old_logprobs: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """A subclass's change to the per-token losses `[n]` and its extra metrics; none here."""
+        return per_token, {}
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         target = inputs.require(self.registry_name)
         if target.token_logprobs is None and target.logits is None:
             inputs.require(self.registry_name, TEACHER_TOKEN_LOGPROBS)
         teacher = target.distribution
-        if self.credit == "baseline" and teacher is None:
+        if self.credit in NEEDS_REVERSE_KL and self.value != "head" and teacher is None:
             inputs.require(self.registry_name, TEACHER_LOGITS)
+        hidden = inputs.require_student("student_hidden", self.registry_name) if self.reads_student_hidden else None
         return self.compute(inputs.student, inputs.target_ids, inputs.valid, target.token_logprobs, teacher,
-                            target.token_spans, inputs.old_logprobs, inputs.num_items)
+                            target.token_spans, inputs.old_logprobs, inputs.num_items, hidden)

@@ -19,7 +19,7 @@ from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
 
 __all__ = ["check_bypassed", "fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed",
-           "output_layer_input", "setup_sizes", "teacher_hidden", "vocab_size"]
+           "output_layer_input", "reads_hidden", "setup_sizes", "teacher_hidden", "vocab_size"]
 
 
 @contextmanager
@@ -37,7 +37,12 @@ def output_layer_input(model: nn.Module, store: list | None) -> Iterator[None]:
 
 def needs_hidden(terms: Iterable, completions: str) -> bool:
     """Whether a loss term on `completions` ("rollout" or "gold") reads hidden states."""
-    return any(HIDDEN_STATES in t.loss.requires for t in terms if t.completions == completions)
+    return any(reads_hidden(t.loss) for t in terms if t.completions == completions)
+
+
+def reads_hidden(loss) -> bool:
+    """Whether `loss` reads the student's hidden states (HIDDEN_STATES asks for the teacher's too)."""
+    return HIDDEN_STATES in loss.requires or loss.reads_student_hidden
 
 
 def _width(model: nn.Module) -> int:

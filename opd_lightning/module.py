@@ -39,12 +39,12 @@ from opd_lightning.hidden import (
     needs_hidden,
     output_layer,
     output_layer_input,
+    reads_hidden,
     setup_sizes,
     vocab_size,
 )
 from opd_lightning.hparams import build, factory, record_hyperparameters
 from opd_lightning.losses import (
-    HIDDEN_STATES,
     LOSSES,
     DistillationLoss,
     HiddenRows,
@@ -299,7 +299,7 @@ class DistillationModule(LightningModule):
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 teacher=targets.get(key) if term.needs_reference else None,
                                 num_items=counts[term.completions])
-            if HIDDEN_STATES in term.loss.requires:
+            if reads_hidden(term.loss):
                 fill_student_hidden(inputs, hidden[term.completions], self.student)
             out = term.loss(inputs)
             total = total + term.weight * out.loss

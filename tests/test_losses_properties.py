@@ -83,7 +83,7 @@ def value_and_grad(loss, student, teacher, target, mask, **extra):
 def test_registry_holds_exactly_the_documented_losses():
     assert set(LOSSES) == {"forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
                            "topk_reverse_kl", "sampled_token", "entropy_aware", "cross_entropy", "uld", "gold",
-                           "dskd", "xtoken_pkl", "xtoken_hkl"}
+                           "dskd", "xtoken_pkl", "xtoken_hkl", "cr_opd"}
     with pytest.raises(UnknownNameError, match="Did you mean 'reverse_kl'"):
         LOSSES.build("revers_kl")
 
