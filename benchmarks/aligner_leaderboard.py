@@ -33,7 +33,16 @@ from pathlib import Path
 from opd_lightning.aligners import ALIGNERS, bpe_subset_problem
 from opd_lightning.losses import LOSSES
 
-from benchmarks.leaderboard import DIAGNOSTICS, _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
+from benchmarks.leaderboard import (
+    DIAGNOSTICS,
+    _fmt,
+    eval_overlay,
+    fit_and_score,
+    prepare,
+    recorded_runs,
+    run_parser,
+    seed_args,
+)
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
@@ -87,15 +96,8 @@ RUNS_CSV = Path(__file__).with_name("aligner_leaderboard_runs.csv")
 
 
 def committed_runs() -> list[dict]:
-    """The runs recorded in `aligner_leaderboard_runs.csv` (committed with the tables), so that a fresh clone
-    continues the leaderboard instead of running it again."""
-    if not RUNS_CSV.exists():
-        return []
-    runs = []
-    for r in csv.DictReader(RUNS_CSV.open()):
-        run = {k: (v if k in ("pair", "row", "date") else float(v) if v else math.nan) for k, v in r.items()}
-        runs.append({**run, "seed": int(run["seed"]), "steps": int(run["steps"])})
-    return runs
+    """The runs recorded in `aligner_leaderboard_runs.csv` (committed with the tables)."""
+    return recorded_runs(RUNS_CSV, ("pair", "row", "date"))
 
 
 def run(pair_name: str, row: str, seed: int, steps: int) -> dict:

@@ -1,7 +1,8 @@
 """The loss-zoo leaderboard: every registered loss on the embedded gold task, same tokenizer and across
 tokenizers, several seeds.
 
-    .venv/bin/python -m benchmarks.leaderboard [--pairs same cross] [--steps 1000] [--seeds 0 1 2] [--parallel 2]
+    .venv/bin/python -m benchmarks.leaderboard [--pairs same cross] [--losses ...] [--steps 1000] [--seeds 0 1 2]
+        [--parallel 2]
 
 Each run is a quickstart distillation with only the loss swapped, for a fixed number of optimizer steps, then
 lm-eval's exact match on the 500 test problems:
@@ -10,9 +11,11 @@ lm-eval's exact match on the 500 test problems:
 - `cross`: `configs/quickstart/distill_cross.yaml` (the same teacher into a fresh student with a byte-level BPE
   tokenizer). Every loss runs through `byte_spans`, except `dskd`, which needs hidden states and runs through
   `dskd_cma`.
-`cross_entropy` is run as plain SFT on the gold completions (λ = 0), the baseline that needs no teacher signal.
+`cross_entropy` is run as plain SFT on the gold completions (λ = 0), the baseline that needs no teacher signal. Rows
+named `sampled_token+<credit>` are `sampled_token` with that credit scheme (`VARIANTS`).
 Runs go `--parallel` at a time with one thread each; wall times are comparable with each other only. Finished runs
-(same pair, loss, seed and step budget, in `runs/leaderboard/results.json`) are reused unless `--rerun`. Needs the
+(same pair, loss, seed and step budget, in `runs/leaderboard/results.json` or the committed
+`benchmarks/leaderboard_runs.csv`) are reused unless `--rerun`. Needs the
 quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.yaml`). Writes the tables and
 `benchmarks/leaderboard.png` into benchmarks/RESULTS.md, and every run's numbers to `benchmarks/leaderboard_runs.csv`.
 """
@@ -38,6 +41,7 @@ from opd_lightning.losses import LOSSES
 from benchmarks.quickstart import machine, record
 
 ROOT = Path("runs/leaderboard")
+RUNS_CSV = Path(__file__).with_name("leaderboard_runs.csv")
 TEACHER = Path("runs/quickstart/teacher/hf")
 DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
                "diag/align_coverage", "diag/noncanonical_rate")
@@ -62,9 +66,31 @@ PAIRS = {
 }
 
 
+# Rows beyond the registered losses: the policy-gradient losses' credit schemes, each named `<loss>+<variant>`.
+VARIANTS = {
+    "sampled_token+gae": {"name": "sampled_token", "credit": "gae"},
+    "sampled_token+gae_head": {"name": "sampled_token", "credit": "gae", "value": "head"},
+    "sampled_token+length_normalised": {"name": "sampled_token", "credit": "length_normalised"},
+    "sampled_token+iw_opd": {"name": "sampled_token", "credit": "iw_opd"},
+}
+ROWS = [*sorted(LOSSES), *VARIANTS]
+
+
 def aligner_for(pair: str, loss: str) -> str | None:
     spec = PAIRS[pair]
     return spec["aligners"].get(loss, spec.get("default_aligner"))
+
+
+def recorded_runs(path: Path, text_columns: tuple[str, ...]) -> list[dict]:
+    """The runs of a leaderboard's committed CSV (`path`), so that a fresh clone continues the leaderboard instead of
+    running it again: `text_columns` stay strings, the rest become numbers (seed and steps integers)."""
+    if not path.exists():
+        return []
+    runs = []
+    for r in csv.DictReader(path.open()):
+        run = {k: (v if k in text_columns else float(v) if v else math.nan) for k, v in r.items()}
+        runs.append({**run, "seed": int(run["seed"]), "steps": int(run["steps"])})
+    return runs
 
 
 def _key(result: dict) -> tuple:
@@ -128,7 +154,8 @@ def run(pair: str, loss: str, seed: int, steps: int) -> dict:
     aligner = aligner_for(pair, loss)
     if aligner:
         extra += ["--model.aligner", aligner]
-    args = ["--config", PAIRS[pair]["config"], "--config", str(ROOT / "overlay.yaml"), "--model.loss", loss,
+    spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
+    args = ["--config", PAIRS[pair]["config"], "--config", str(ROOT / "overlay.yaml"), "--model.loss", spec,
             "--model.teacher_topk", "null", *seed_args(seed), *extra]  # every loss on the whole target
     return fit_and_score(args, ROOT / pair / loss / f"seed_{seed}", steps,
                          {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"})
@@ -193,12 +220,13 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     parser = run_parser(steps=1000)
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["same", "cross"])
-    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=sorted(LOSSES))
+    parser.add_argument("--losses", nargs="+", choices=ROWS, default=ROWS)
     args = parser.parse_args()
     prepare(ROOT, OVERLAY)
     store = ROOT / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
-    done = {_key(r): r for r in recorded if "score" in r}
+    csv_runs = recorded_runs(RUNS_CSV, ("pair", "loss", "aligner", "date"))
+    done = {_key(r): r for r in [*csv_runs, *recorded] if "score" in r and not math.isnan(r["score"])}
     jobs = [(pair, loss, seed) for pair in args.pairs for seed in args.seeds for loss in args.losses
             if args.rerun or (pair, loss, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
@@ -211,7 +239,7 @@ def main() -> None:
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
     plot(chosen, Path(__file__).with_name("leaderboard.png"))
     columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date"]
-    with Path(__file__).with_name("leaderboard_runs.csv").open("w", newline="") as handle:  # every run, not means
+    with RUNS_CSV.open("w", newline="") as handle:  # every run, not means
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r for runs in chosen.values() for r in runs)
