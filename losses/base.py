@@ -131,6 +131,9 @@ class DistillationLoss(nn.Module, metaclass=abc.ABCMeta):
     #: True when the loss reads the student's own hidden states (`LossInputs.student_hidden`) without the teacher's
     #: (e.g. a value head); HIDDEN_STATES in `requires` asks for both sides.
     reads_student_hidden: bool = False
+    #: True when the loss takes the student as `fused.HiddenRows` (hidden states and output layer) in place of its
+    #: logits, a chunk of positions at a time (the fused output layer): the dense divergences, `uld`, `gold`.
+    fuses: bool = False
 
     def setup(self, student_hidden: int, teacher_hidden: int) -> None:
         """Create parameters whose shapes depend on the two models' hidden sizes (e.g. DSKD's projectors).
@@ -293,6 +296,7 @@ class DenseDivergence(DistillationLoss):
 
     requires: ClassVar[frozenset[str]] = frozenset({TEACHER_LOGITS})
     accepts_topk: ClassVar[bool] = True
+    fuses: ClassVar[bool] = True
 
     def __init__(self, temperature: float = 1.0, chunk_size: int | None = None) -> None:
         """

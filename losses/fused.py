@@ -25,9 +25,9 @@ from torch import Tensor
 
 from opd_lightning.target import TopK, upcast
 
-from .base import PerToken, _chunk_sum, check_teacher, normalise, teacher_distribution
+from .base import PerToken, _chunk_sum, check_teacher, dense_sum, normalise, teacher_distribution
 
-__all__ = ["HiddenRows", "default_chunk", "fused_dense_divergence", "fused_dense_sum"]
+__all__ = ["HiddenRows", "default_chunk", "dense_parts", "fused_dense_divergence", "fused_dense_sum"]
 
 # Logits computed at a time when no chunk size is given: 2**23 values (32 MB in fp32; 32 positions of a 262k
 # vocabulary, 256 of a 32k one). A chunk holds a handful of `[c, V]` intermediates (logits, log-probs, the teacher's,
@@ -89,13 +89,14 @@ class _FusedLinearSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, per_token: PerToken, temperature: float,
-                chunk_size: int, teacher_rows: Tensor, topk_ids: Tensor | None, *extras: Tensor) -> Tensor:
+                chunk_size: int, teacher_rows: Tensor, topk_ids: Tensor | None, part_weights: Tensor | None,
+                *extras: Tensor) -> tuple[Tensor, Tensor]:
         want_h, want_w = hidden.requires_grad, weight.requires_grad
         want_b = bias is not None and bias.requires_grad
         grad_h = torch.zeros_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=upcast(weight).dtype) if want_w else None  # fp32 accumulator
         grad_b = torch.zeros_like(bias, dtype=upcast(bias).dtype) if want_b else None
-        total = None
+        total = parts = None
         w, b = weight.detach(), None if bias is None else bias.detach()
         # One work buffer per side for the chunks' logits, written in place: a fresh [c, V] tensor per chunk would be
         # paged in anew each time (on CPU that costs more than the matrix product that fills it).
@@ -116,11 +117,12 @@ class _FusedLinearSum(torch.autograd.Function):
             else:
                 t_rows = teacher_rows[rows]
             with torch.enable_grad():
-                value = _chunk_sum(per_token, temperature, logits, t_rows,
-                                   None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
-                if value.dim() != 0:
-                    raise ValueError("the fused output layer serves losses whose per-token value is one number; this "
-                                     "loss sums several parts: set model.logits_chunk_size to null for it")
+                part = _chunk_sum(per_token, temperature, logits, t_rows,
+                                  None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
+                if (part.dim() != 0) != (part_weights is not None):
+                    raise ValueError("a per-token value of several parts needs part_weights (one per part), and one "
+                                     "of a single part none")
+                value = part if part_weights is None else (part * part_weights.to(part.dtype)).sum()
                 if logits.requires_grad:
                     (g,) = torch.autograd.grad(value, logits)
                     if want_h and g.dtype == grad_h.dtype == w.dtype:
@@ -131,18 +133,20 @@ class _FusedLinearSum(torch.autograd.Function):
                         grad_w.addmm_(upcast(g).t(), upcast(h))
                     if want_b:
                         grad_b.add_(upcast(g).sum(0))
-            value = value.detach()
+            value, part = value.detach(), part.detach()
             total = value if total is None else total + value
+            parts = part if parts is None else parts + part
             del logits
         # Held as attributes, not saved tensors, so that backward can drop its references: the output layer's gradient
         # then reaches `.grad` without a copy of its own size.
         ctx.grads = [grad_h, grad_w, grad_b]
         ctx.wanted = (want_h, want_w, want_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+        ctx.mark_non_differentiable(parts)
+        return total, parts
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_parts: Tensor):
         if getattr(ctx, "used", False):  # the stored gradients were scaled in place the first time
             raise RuntimeError("the fused output layer's loss supports one backward pass (retain_graph is not served)")
         ctx.used = True
@@ -153,7 +157,7 @@ class _FusedLinearSum(torch.autograd.Function):
         grads = (scale(grad_h) if want_h else None, scale(grad_w, ctx.dtypes[0]) if want_w else None,
                  scale(grad_b, ctx.dtypes[1]) if want_b else None)
         del grad_h, grad_w, grad_b
-        return (*grads, None, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 8)))
+        return (*grads, None, None, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 9)))
 
 
 def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, teacher_rows: Tensor | HiddenRows,
@@ -176,6 +180,14 @@ def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, te
         The sum over rows, a scalar (fp32, or fp64 for fp64 inputs), equal in value and gradient to
         `dense_sum(per_token, hidden_rows @ weight.T + bias, ...)`.
     """
+    return upcast(_fused_sum(per_token, hidden_rows, weight, teacher_rows, row_extras, bias, temperature, chunk_size,
+                             topk_ids, None)[0])
+
+
+def _fused_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, teacher_rows: Tensor | HiddenRows,
+               row_extras: tuple[Tensor, ...], bias: Tensor | None, temperature: float, chunk_size: int | None,
+               topk_ids: Tensor | None, part_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`_FusedLinearSum` after the checks: (the weighted sum with its gradient, the parts' sums detached)."""
     chunk = default_chunk(weight.shape[0]) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"logits chunk size must be at least 1, got {chunk}")
@@ -183,9 +195,28 @@ def fused_dense_sum(per_token: PerToken, hidden_rows: Tensor, weight: Tensor, te
         raise ValueError(f"hidden states of width {hidden_rows.shape[-1]} do not fit an output layer of "
                          f"{tuple(weight.shape)}")
     teacher_rows = teacher_rows if isinstance(teacher_rows, HiddenRows) else teacher_rows.detach()
-    total = _FusedLinearSum.apply(hidden_rows, weight, bias, per_token, temperature, chunk, teacher_rows,
-                                  topk_ids, *row_extras)
-    return upcast(total)
+    return _FusedLinearSum.apply(hidden_rows, weight, bias, per_token, temperature, chunk, teacher_rows, topk_ids,
+                                 part_weights, *row_extras)
+
+
+def dense_parts(per_token: PerToken, student: Tensor | HiddenRows, teacher_rows: Tensor, mask: Tensor,
+                *row_extras: Tensor, weights: Tensor, temperature: float = 1.0,
+                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """A loss of several parts over the valid rows, the student given as logits or fused (`HiddenRows`).
+
+    `per_token` returns `[n, k]` parts per row (as for `dense_sum`); `teacher_rows` `[n, V_t]` are the teacher's valid
+    rows and `row_extras` per-row tensors, already selected with `mask` `[B, N]`. Returns (Σ_rows Σ_k weights_k ·
+    part_k, a scalar with the gradient; the parts' sums `[k]`, detached, for metrics): equal to `dense_sum` on the
+    logits, weighted, in value and gradient. A loss whose parts enter it linearly (`uld`, `gold`) runs fused this
+    way.
+    """
+    if isinstance(student, HiddenRows):
+        total, parts = _fused_sum(per_token, student.hidden[mask], student.weight, teacher_rows, row_extras,
+                                  student.bias, temperature, student.chunk_size, None, weights)
+        return upcast(total), upcast(parts)
+    parts = dense_sum(per_token, student[mask], teacher_rows, *row_extras, temperature=temperature,
+                      chunk_size=chunk_size)
+    return (parts * weights.to(parts.dtype)).sum(), parts.detach()
 
 
 def fused_dense_divergence(per_token: PerToken, hidden: Tensor, weight: Tensor, teacher: Tensor | TopK | HiddenRows,

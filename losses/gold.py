@@ -15,9 +15,10 @@ from torch import Tensor
 
 from opd_lightning.target import TEACHER_NATIVE_LOGITS, VOCAB_PAIRS
 
-from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, dense_sum, normalise, on_student_support
+from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, normalise, on_student_support
+from .fused import dense_parts
 from .mixture import generalized_jsd_per_token
-from .uld import sorted_l1_per_token, valid_cross_rows
+from .uld import sorted_l1_per_token, valid_teacher_rows
 
 __all__ = ["GOLD", "gold", "gold_per_token", "gold_weights"]
 
@@ -99,6 +100,7 @@ class GOLD(DistillationLoss):
     """
 
     requires = frozenset({TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+    fuses = True  # both parts are sums over positions: the student may come fused (`dense_parts`)
 
     def __init__(self, beta: float = 0.5, matched_weight: float | None = None, unmatched_weight: float | None = None,
                  temperature: float = 1.0, chunk_size: int | None = None) -> None:
@@ -125,19 +127,22 @@ class GOLD(DistillationLoss):
                 vocab_pairs: tuple[Tensor, Tensor], num_items: Tensor | float | None) -> LossOutput:
         """The loss on tensors; arguments as `gold`."""
         mask = mask.bool()
-        s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
-        s_ids, t_ids = (ids.to(student_logits.device) for ids in vocab_pairs)
+        t_rows = valid_teacher_rows(student_logits, teacher_native_logits, mask)
+        s_ids, t_ids = (ids.to(t_rows.device) for ids in vocab_pairs)
         if s_ids.shape != t_ids.shape:
             raise ValueError(f"vocab_pairs must pair ids one to one, got shapes {tuple(s_ids.shape)}, "
                              f"{tuple(t_ids.shape)}")
-        rest = (_unmatched_ids(s_ids, s_rows.shape[-1], "student"), _unmatched_ids(t_ids, t_rows.shape[-1], "teacher"))
+        rest = (_unmatched_ids(s_ids, student_logits.shape[-1], "student"),
+                _unmatched_ids(t_ids, t_rows.shape[-1], "teacher"))
         w_matched, w_unmatched = gold_weights(self.matched_weight, self.unmatched_weight, s_ids.numel(),
                                               t_rows.shape[-1])
         per_token = partial(gold_per_token, pairs=(s_ids, t_ids), rest=rest, beta=self.beta)
-        matched, unmatched, mass = dense_sum(per_token, s_rows, t_rows, temperature=self.temperature,
-                                             chunk_size=self.chunk_size).unbind()
+        weights = torch.tensor([w_matched, w_unmatched, 0.0], device=t_rows.device)  # the mass is a metric only
+        total, parts = dense_parts(per_token, student_logits, t_rows, mask, weights=weights,
+                                   temperature=self.temperature, chunk_size=self.chunk_size)
+        matched, unmatched, mass = parts.unbind()
         matched, unmatched = normalise(matched, mask, num_items), normalise(unmatched, mask, num_items)
-        loss = w_matched * matched + w_unmatched * unmatched
+        loss = normalise(total, mask, num_items)
         metrics = {"matched_jsd": matched, "unmatched_l1": unmatched,
                    "teacher_matched_mass": mass / mask.sum().clamp_min(1)}
         return LossOutput(loss, {key: value.detach() for key, value in metrics.items()})

@@ -16,9 +16,10 @@ from torch import Tensor
 
 from opd_lightning.target import TEACHER_NATIVE_LOGITS
 
-from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, check_teacher, dense_sum, normalise
+from .base import LOSSES, DistillationLoss, LossInputs, LossOutput, check_teacher, normalise
+from .fused import HiddenRows, dense_parts
 
-__all__ = ["ULD", "sorted_l1_per_token", "uld", "uld_per_token", "valid_cross_rows"]
+__all__ = ["ULD", "sorted_l1_per_token", "uld", "uld_per_token", "valid_cross_rows", "valid_teacher_rows"]
 
 
 def _descending(logp: Tensor, k: int | None) -> Tensor:
@@ -48,14 +49,22 @@ def uld_per_token(s_logp: Tensor, t_logp: Tensor, target_ids: Tensor, topk: int 
     return torch.stack([sorted_l1_per_token(s_logp, t_logp, topk), ce], dim=-1)
 
 
-def valid_cross_rows(student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Valid rows of both models' logits, `[n, V_s]` and `[n, V_t]` (teacher detached and checked for NaN/inf)."""
-    if student_logits.shape[:-1] != teacher_native_logits.shape[:-1] or student_logits.shape[:-1] != mask.shape:
+def valid_teacher_rows(student_logits: Tensor | HiddenRows, teacher_native_logits: Tensor, mask: Tensor) -> Tensor:
+    """The teacher's valid rows `[n, V_t]` (detached and checked for NaN/inf), after checking that both models'
+    logits (or the student's `HiddenRows`) and the mask share `[B, N]`."""
+    if tuple(student_logits.shape[:-1]) != tuple(teacher_native_logits.shape[:-1]) or \
+            tuple(student_logits.shape[:-1]) != tuple(mask.shape):
         raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher native logits "
                          f"{tuple(teacher_native_logits.shape)} and mask {tuple(mask.shape)} must share [B, N]: the "
                          "aligner gives one teacher position per student position.")
     teacher_rows = teacher_native_logits[mask].detach()  # [n, V_t]
     check_teacher(teacher_rows, "teacher native logits")
+    return teacher_rows
+
+
+def valid_cross_rows(student_logits: Tensor, teacher_native_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Valid rows of both models' logits, `[n, V_s]` and `[n, V_t]` (teacher detached and checked for NaN/inf)."""
+    teacher_rows = valid_teacher_rows(student_logits, teacher_native_logits, mask)
     return student_logits[mask], teacher_rows
 
 
@@ -87,6 +96,7 @@ class ULD(DistillationLoss):
     """
 
     requires = frozenset({TEACHER_NATIVE_LOGITS})
+    fuses = True  # both parts are sums over positions: the student may come fused (`dense_parts`)
 
     def __init__(self, distill_weight: float = 1.5, ce_weight: float = 1.0, temperature: float = 1.0,
                  topk: int | None = None, chunk_size: int | None = None) -> None:
@@ -117,12 +127,13 @@ class ULD(DistillationLoss):
                 num_items: Tensor | float | None) -> LossOutput:
         """The loss on tensors; arguments as `uld`."""
         mask = mask.bool()
-        s_rows, t_rows = valid_cross_rows(student_logits, teacher_native_logits, mask)
-        sums = dense_sum(partial(uld_per_token, topk=self.topk), s_rows, t_rows, target_ids[mask],
-                         temperature=self.temperature, chunk_size=self.chunk_size)  # [2]
+        t_rows = valid_teacher_rows(student_logits, teacher_native_logits, mask)
+        weights = torch.tensor([self.distill_weight, self.ce_weight], device=t_rows.device)
+        total, sums = dense_parts(partial(uld_per_token, topk=self.topk), student_logits, t_rows, mask,
+                                  target_ids[mask], weights=weights, temperature=self.temperature,
+                                  chunk_size=self.chunk_size)  # the weighted sum, and the two parts' sums [2]
         l1, ce = normalise(sums, mask, num_items).unbind()
-        loss = self.distill_weight * l1 + self.ce_weight * ce
-        return LossOutput(loss, {"sorted_l1": l1.detach(), "ce": ce.detach()})
+        return LossOutput(normalise(total, mask, num_items), {"sorted_l1": l1, "ce": ce})
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         target = inputs.require(self.registry_name, TEACHER_NATIVE_LOGITS)

@@ -314,8 +314,8 @@ class DistillationModule(LightningModule):
         return total, metrics
 
     def _fused_grad_coherence(self, rollout: Rollout, student: HiddenRows, targets: dict, count: Tensor) -> Tensor:
-        """`diag/grad_coherence` of a fused batch, without its `[B, N, V]` logits. Every term on the rollout is a dense
-        divergence, a sum over positions, so the loss's gradient with respect to a chunk of positions' logits is that
+        """`diag/grad_coherence` of a fused batch, without its `[B, N, V]` logits. Every term on the rollout is a loss
+        that fuses, a sum over positions, so the loss's gradient with respect to a chunk of positions' logits is that
         chunk's own: it is rebuilt a chunk at a time from the same terms and targets (one more pass through the
         output layer, on measured steps only) and folded into the coherence's two sums (`CoherenceSums`)."""
         rows, cols = rollout.completion_mask.nonzero(as_tuple=True)
@@ -330,10 +330,10 @@ class DistillationModule(LightningModule):
                 logits = nn.functional.linear(h, weight, bias).requires_grad_()  # [c, V]
                 total = torch.zeros((), device=h.device)
                 for term in terms:
-                    target = targets[term.reference, "rollout"]
-                    valid = torch.ones_like(r, dtype=torch.bool) if target.mask is None else target.mask[r, c]
-                    total = total + term.weight * term.loss.divergence(
-                        logits[None], _positions(target.distribution, r, c), valid[None], count)
+                    inputs = LossInputs(logits[None], rollout.completion_ids[r, c][None],
+                                        torch.ones_like(r, dtype=torch.bool)[None],
+                                        teacher=_target_at(targets[term.reference, "rollout"], r, c), num_items=count)
+                    total = total + term.weight * term.loss(inputs).loss
                 (dlogits,) = torch.autograd.grad(total, logits)
             sums.add(dlogits, h)
         return sums.value()
@@ -512,12 +512,16 @@ class DistillationModule(LightningModule):
         self.student_tokenizer.save_pretrained(path)
 
 
-def _positions(distribution: Tensor | TopK | HiddenRows, rows: Tensor, cols: Tensor) -> Tensor | TopK:
-    """A teacher distribution at positions `(rows, cols)`, as a batch of one row: `[1, c, V]` logits or a `TopK`."""
-    if isinstance(distribution, TopK):
-        return TopK(distribution.ids[rows, cols][None], distribution.logprobs[rows, cols][None],
-                    distribution.tail[rows, cols][None], distribution.temperature)
-    return distribution[rows, cols][None]  # a tensor, or HiddenRows projecting those rows
+def _target_at(target: TeacherTarget, rows: Tensor, cols: Tensor) -> TeacherTarget:
+    """The teacher's target at positions `(rows, cols)`, as a batch of one row, in the forms the losses that fuse
+    read: the mask, dense logits (`[1, c, V]`, from `HiddenRows` too) or the top-k form, and the native logits; the
+    vocabulary pairs as they are."""
+    at = lambda x: None if x is None else x[rows, cols][None]  # a tensor, or HiddenRows projecting those rows
+    topk = target.topk
+    if topk is not None:
+        topk = TopK(at(topk.ids), at(topk.logprobs), at(topk.tail), topk.temperature)
+    return TeacherTarget(mask=at(target.mask), logits=at(target.logits), topk=topk,
+                         native_logits=at(target.native_logits), vocab_pairs=target.vocab_pairs)
 
 
 # `--help` lists the registry names where the docstring says LOSS_NAMES and ALIGNER_NAMES.

@@ -22,7 +22,6 @@ from opd_lightning.losses import (
     TEACHER_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     TEACHER_TOPK,
-    DenseDivergence,
     DistillationLoss,
 )
 from opd_lightning.registry import Registry
@@ -139,13 +138,14 @@ def check_pairing(terms: list[LossTerm], aligner: Aligner,
 
 
 def fused_batches(terms, chunk_size: int | str | None, aligner: Aligner) -> frozenset[str]:
-    """The completions ("rollout", "gold") whose every term is a dense divergence that can read the student as
-    hidden states and the output layer (`model.logits_chunk_size`); none without a chunk size. A term against the
+    """The completions ("rollout", "gold") whose every term can read the student as hidden states and the output
+    layer (`DistillationLoss.fuses`: the dense divergences, `uld`, `gold`; `model.logits_chunk_size`); none without a
+    chunk size. A term against the
     teacher through an aligner that projects the student (`char_level`) needs the logits themselves. Batches with
     any other term keep their logits, and the log says which terms and why."""
     if chunk_size is None:
         return frozenset()
-    fits = lambda t: isinstance(t.loss, DenseDivergence) and not (t.reference == "teacher" and aligner.projects_student)
+    fits = lambda t: t.loss.fuses and not (t.reference == "teacher" and aligner.projects_student)
     groups: dict[str, list] = {}
     for term in terms:
         groups.setdefault(term.completions, []).append(term)

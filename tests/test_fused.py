@@ -131,3 +131,33 @@ def test_the_default_chunk_is_bounded_by_elements():
                                dense_sum(loss.per_token, hidden[mask] @ weight.T, teacher[mask]))
     with pytest.raises(ValueError, match="chunk size must be at least 1"):
         fused_dense_sum(loss.per_token, hidden[mask], weight, teacher[mask], chunk_size=0)
+
+
+@pytest.mark.parametrize("name", ["uld", "gold"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_losses_of_several_parts_fuse_equal_to_their_logits(name, chunk):
+    """`uld` and `gold` sum two parts over positions (`dense_parts`): fused, the same value, parts and gradients."""
+    hidden, weight, bias, _, mask = _inputs(seed=chunk)
+    g = torch.Generator().manual_seed(5)
+    native = 2 * torch.randn(2, 5, 13, generator=g, dtype=torch.float64)  # the teacher's own vocabulary, 13 wide
+    target = torch.randint(11, (2, 5), generator=g)
+    loss = LOSSES.build(name, temperature=1.5, **({"matched_weight": 0.7, "unmatched_weight": 0.2} if name == "gold"
+                                                  else {}))
+    args = ((native, mask, target) if name == "uld" else
+            (native, mask, (torch.tensor([0, 2, 3, 7]), torch.tensor([1, 2, 9, 4]))))
+    want = loss.compute(hidden @ weight.T + bias, *args, 7.0)
+    got = loss.compute(HiddenRows(hidden, weight, bias, chunk), *args, 7.0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    assert got.metrics.keys() == want.metrics.keys()
+    for key in want.metrics:
+        torch.testing.assert_close(got.metrics[key], want.metrics[key], rtol=1e-12, atol=1e-12, msg=key)
+    for a, b in zip(_grads(3.0 * got.loss, hidden, weight, bias), _grads(3.0 * want.loss, hidden, weight, bias),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_loss_of_several_parts_needs_its_weights():
+    hidden, weight, bias, teacher, mask = _inputs()
+    parts = lambda s, t: torch.stack([(s.exp() * (s - t)).sum(-1), -s[:, 0]], -1)  # [n, 2]
+    with pytest.raises(ValueError, match="part_weights"):
+        fused_dense_sum(parts, hidden[mask], weight, teacher[mask], bias=bias)

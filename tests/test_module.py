@@ -448,3 +448,29 @@ def test_across_tokenizers_a_fused_top_k_batch_is_scored_a_group_of_rows_at_a_ti
     fused = step(3)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fused[2], plain[2], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_losses_of_several_parts_run_fused_across_tokenizers(teacher_dir, loss):
+    """`uld` and `gold` read the student fused (their parts are sums over positions): the same loss, gradients and
+    diagnostics, `diag/grad_coherence` included, as the unfused step; the teacher's native logits as they are."""
+    def step(chunk):
+        seed_everything(0)
+        module = make_module(teacher_dir, student=HFModel(config=TINY, tokenizer="builtin:arithmetic_bpe", seed=0),
+                             aligner="byte_spans", loss=loss, on_policy_fraction=1.0, logits_chunk_size=chunk)
+        module.manual_backward = lambda value: value.backward()
+        value, metrics = module._run_step(BATCH, train=True)
+        grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+        return module, value, metrics, grads, module.train_diag.compute()
+
+    plain, fused = step(None), step(2)
+    assert plain[0]._fused == set() and fused[0]._fused == {"rollout"}
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
+    assert fused[2].keys() == plain[2].keys()
+    for key in plain[2]:
+        torch.testing.assert_close(fused[2][key], plain[2][key], rtol=1e-5, atol=1e-7, msg=key)
+    for name in plain[3]:
+        torch.testing.assert_close(fused[3][name], plain[3][name], rtol=1e-4, atol=1e-7, msg=name)
+    assert "diag/grad_coherence" in plain[4] and plain[4].keys() == fused[4].keys()
+    for key, value in plain[4].items():
+        torch.testing.assert_close(fused[4][key], value, rtol=1e-4, atol=1e-6, equal_nan=True, msg=key)
