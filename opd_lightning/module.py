@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from opd_lightning.aligners import ALIGNERS, Aligner
 from opd_lightning.diagnostics import (
@@ -109,16 +110,15 @@ class DistillationModule(LightningModule):
             teacher_topk: give the losses the teacher's top-k log-probs and tail mass per position instead of its
                 dense distribution (the top-k form; the losses that accept it say how they treat the tail); None:
                 dense.
-            logits_chunk_size: the fused output layer: for batches whose every loss term is a dense divergence,
-                the student's logits are never held whole; the losses read its final hidden states and output layer
-                this many positions at a time (values and gradients equal the unfused path's). "auto" (the default):
-                `default_chunk(V)` positions (2**23 logits) a chunk, on the batches whose `[B, N, V]` logits would
-                exceed one chunk (smaller ones gain nothing), and unfused under FSDP2. None: the logits `[B, N, V]`
-                are always materialised. A teacher that shares the student's tokenizer hands its hidden states
-                and output layer the same way when dense logits are all the losses read, or, with `teacher_topk`,
-                keeps only its top-k, taken a chunk of positions at a time. A number of positions is not yet
-                served under FSDP2; with an aligner that projects the student (`char_level`) the batches keep their
-                logits.
+            logits_chunk_size: the fused output layer: for batches whose every loss term fuses (the dense
+                divergences, `gold`, `uld`), the student's logits are never held whole; the losses read its final
+                hidden states and output layer this many positions at a time (values and gradients equal the
+                unfused path's, under DDP and FSDP2 too). "auto" (the default): `default_chunk(V)` positions (2**23
+                logits) a chunk, on the batches whose `[B, N, V]` logits would exceed one chunk (smaller ones gain
+                nothing). None: the logits `[B, N, V]` are always materialised. A teacher that shares the student's
+                tokenizer hands its hidden states and output layer the same way when dense logits are all the losses
+                read, or, with `teacher_topk`, keeps only its top-k, taken a chunk of positions at a time. With an
+                aligner that projects the student (`char_level`) the batches keep their logits.
             teacher_cache: a directory written by `opd cache-teacher` (see `opd_lightning.teacher_cache`): the
                 teacher's top-k targets on the dataset's completions (and on completions it wrote), read instead of
                 running the teacher on off-policy and gold batches; on-policy batches still go to the teacher. Needs
@@ -344,11 +344,18 @@ class DistillationModule(LightningModule):
         args = (rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.completion_mask.shape[1])
         if not fused:
             return completion_logits(self.student, *args)
-        if self._sharded:
-            raise ValueError("the fused output layer is not yet served under FSDP2 (the output layer's weight is "
-                             "sharded outside its forward): set model.logits_chunk_size to null")
         weight, bias = output_layer(self.student)
-        return HiddenRows(completion_hidden(self.student, weight, *args), weight, bias, self._chunk())
+        hidden = completion_hidden(self.student, weight, *args)
+        if self._sharded:
+            # FSDP2 keeps the root module's parameters (the output layer's among them) gathered from its forward
+            # through the backward: read after the forward, the weight is the whole one, and the gradient the fused
+            # loss gives it is reduce-scattered into the shards with the rest of the root's.
+            weight, bias = output_layer(self.student)
+            if isinstance(weight, DTensor):
+                raise ValueError("under FSDP2 the student's output layer is sharded after its forward (it was wrapped "
+                                 "as its own FSDP unit, or the root reshards after forward), so the fused output "
+                                 "layer cannot read it: set model.logits_chunk_size to null")
+        return HiddenRows(hidden, weight, bias, self._chunk())
 
     def _chunk(self) -> int:
         """Positions per chunk of the fused output layer."""
@@ -358,12 +365,12 @@ class DistillationModule(LightningModule):
 
     def _fuses(self, completions: str, rollout: Rollout) -> bool:
         """Whether this micro-batch of `completions` reads the student fused: its terms allow it (`fused_batches`) and,
-        with "auto", its logits would exceed one chunk and the student is not sharded."""
+        with "auto", its logits would exceed one chunk."""
         if completions not in self._fused:
             return False
         if self.logits_chunk_size != "auto":
             return True
-        return not self._sharded and rollout.completion_mask.numel() * vocab_size(self.student) > CHUNK_ELEMENTS
+        return rollout.completion_mask.numel() * vocab_size(self.student) > CHUNK_ELEMENTS
 
     def _diagnose(self, rollout: Rollout, student_logits: Tensor, target: TeacherTarget | None, total: Tensor,
                   hidden: Tensor | None) -> None:

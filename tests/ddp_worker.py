@@ -38,13 +38,15 @@ CASES = {"same": SAME,
          "resume": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1, "momentum": 0.9},  # an optimizer with state
          "resume_stateless": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1},  # plain SGD keeps no state
          "fused": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2, "chunk": 3},  # the fused output layer
+         "fused_tied": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2, "chunk": 3, "tied": True},  # the embedding
          "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
          # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
          "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
 
 
 def build(teacher_dir: str, spec: dict) -> DistillationModule:
-    return DistillationModule(student=HFModel(config=TINY, tokenizer=spec["tokenizer"]),
+    config = {**TINY, "tie_word_embeddings": True} if spec.get("tied") else TINY
+    return DistillationModule(student=HFModel(config=config, tokenizer=spec["tokenizer"]),
                               teacher=HFModel(path=teacher_dir), loss=spec["loss"], aligner=spec["aligner"],
                               rollout=RolloutPolicy(on_policy_fraction=spec.get("fraction", 0.0)),
                               grad_clip_norm=spec.get("clip"), logits_chunk_size=spec.get("chunk"), sampling=SamplingConfig(max_new_tokens=20),
