@@ -28,14 +28,15 @@ __all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_laye
 _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
           "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
           "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled", "noncanonical",
-          "noncanonical_n")
+          "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n")
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
           "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
-          "noncanonical_rate": ("noncanonical", "noncanonical_n")}
+          "noncanonical_rate": ("noncanonical", "noncanonical_n"),
+          "logratio_early": ("logratio_early", "early_n"), "logratio_late": ("logratio_late", "late_n")}
 _CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
 
 
@@ -224,6 +225,10 @@ class Diagnostics(nn.Module):
     - `topk_overlap`: `(p_S(K) + p_T(K)) / 2` with `K = K_S & K_T`, each model's top-k ids: the mass both put on
       tokens in both sets (Li et al. 2026: 97-99% and rising in healthy runs).
     - `logratio_mean`, `logratio_pos_frac`: `a_t = log p_T(y_t) - log p_S(y_t)` at temperature 1; share `a_t > 0`.
+    - `logratio_early`, `logratio_late`, `logratio_drift`: mean `a_t` over the first half of each completion's valid
+      tokens, over the second half, and late minus early: how the teacher's judgement of the student's tokens
+      changes deeper into the student's own prefix (falling drift: the teacher's advice gets worse, or the student
+      strays, as its prefix grows).
     - `entropy_student`, `entropy_teacher`: entropy in nats.
     - `completion_len`: valid tokens per row; `truncation_rate`: share of rows stopped by the length limit.
     - `repetition_rate`: share of valid tokens whose n-gram occurred earlier in the row (`repeated_token_mask`).
@@ -298,6 +303,9 @@ class Diagnostics(nn.Module):
         if teacher is not None and rows.numel():
             repeated = repeated_all[rows, cols]  # [n]
             a = _token_logprob(teacher, completion_ids, rows, cols) - _token_logprob(student, completion_ids, rows, cols)
+            late = 2 * cols >= mask.sum(-1)[rows]  # [n] in the second half of its row's valid tokens
+            values |= {"logratio_early": (a * ~late).sum(), "early_n": (~late).sum(), "logratio_late": (a * late).sum(),
+                       "late_n": late.sum()}
             values |= {"teacher_tokens": rows.numel(), "teacher_sampled": pick.numel(),
                        "entropy_teacher": stats["entropy_teacher"].sum(), "topk_overlap": stats["topk_overlap"].sum(),
                        "logratio": a.sum(), "logratio_pos": (a > 0).sum(), "adv_repeated": (a * repeated).sum(),
@@ -335,6 +343,8 @@ class Diagnostics(nn.Module):
                 other = (t["logratio"] - t["adv_repeated"]) / (n - n_rep)
                 ratio = torch.where(other != 0, t["adv_repeated"] / n_rep / other, ratio)
             out["diag/repeat_advantage_ratio"] = ratio
+        if host["early_n"] > 0 and host["late_n"] > 0:
+            out["diag/logratio_drift"] = t["logratio_late"] / t["late_n"] - t["logratio_early"] / t["early_n"]
         return {key: value.float() for key, value in out.items()}
 
     def reset(self) -> None:

@@ -105,6 +105,27 @@ def test_repetition_rate_and_repeat_advantage_ratio_by_hand():
     assert math.isnan(diag.compute()["diag/repeat_advantage_ratio"].item())
 
 
+def test_logratio_by_position_in_the_completion_by_hand():
+    """Row 0 has 7 valid tokens: positions 0-3 are its first half (2t < 7), 4-6 its second; row 1 has 3: 0-1 and 2."""
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5], [1, 2, 3, 0, 0, 0, 0]])
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    student = torch.zeros(2, 7, 8)
+    boost = torch.tensor([[0.0, 1.0, 2.0, 0.5, 3.0, 4.0, 0.0], [1.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0]])
+    teacher = torch.zeros(2, 7, 8).scatter(-1, ids[..., None], boost[..., None])
+    diag = Diagnostics()
+    diag.update_tokens(student, teacher, ids, mask)
+    out = diag.compute()
+    a = lambda c: math.log(8 * math.exp(c) / (math.exp(c) + 7))
+    early = [a(c) for c in (0.0, 1.0, 2.0, 0.5, 1.0, 1.0)]
+    late = [a(c) for c in (3.0, 4.0, 0.0, 1.0)]
+    assert out["diag/logratio_early"].item() == pytest.approx(sum(early) / 6, rel=1e-5)
+    assert out["diag/logratio_late"].item() == pytest.approx(sum(late) / 4, rel=1e-5)
+    assert out["diag/logratio_drift"].item() == pytest.approx(sum(late) / 4 - sum(early) / 6, rel=1e-5)
+    diag.reset()
+    diag.update_tokens(student[:, :1], teacher[:, :1], ids[:, :1], mask[:, :1])  # one token per row: no second half
+    assert "diag/logratio_drift" not in diag.compute()
+
+
 def test_length_and_truncation():
     diag = Diagnostics()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -143,7 +164,7 @@ def test_two_updates_equal_one_concatenated_update():
     joined.update_tokens(*cat)
     joined.update_rollout(cat[3], cat[3][:, -1])
     got, want = split.compute(), joined.compute()
-    assert got.keys() == want.keys() and len(got) == 9
+    assert got.keys() == want.keys() and len(got) == 12
     for key in want:
         torch.testing.assert_close(got[key], want[key], equal_nan=True)
 
