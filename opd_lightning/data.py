@@ -2,7 +2,7 @@
 
 Batches stay text (lists of strings): the training module tokenizes with the student's tokenizer, so one data
 file serves any student, and cross-tokenizer teachers can re-tokenise the same text. `builtin:<task>/<split>` names
-the gold tasks shipped with the package (`arithmetic`, `arithmetic_fewshot`, `sequences`).
+the gold tasks shipped with the package (`arithmetic`, `arithmetic_fewshot`, `sequences`, `long_addition`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ BUILTIN = {  # name: (data folder under opd_lightning/tasks/data, module holding
     "arithmetic": ("arithmetic", None),
     "arithmetic_fewshot": ("arithmetic", "opd_lightning.tasks.arithmetic"),
     "sequences": ("sequences", "opd_lightning.tasks.sequences"),
+    "long_addition": ("long_addition", None),
 }
 
 

@@ -367,3 +367,38 @@ def test_callback_skips_fit_start_and_teacher_when_resuming(tok, tmp_path, monke
     records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "opd_lightning.evaluation"]
     results = {"arithmetic": {"exact_match": 0.5}}
     assert records == [(logging.INFO, f"lm-eval validation student at step 2: {results} -> {first.history_path}")]
+
+
+def test_long_addition_problems_are_correct_and_the_splits_disjoint():
+    from opd_lightning.data import load_rows
+    from opd_lightning.tasks.long_addition import DIGITS, make_long_additions, worked_sum
+
+    assert worked_sum(347, 485) == "7+5+0=12,4+8+1=13,3+4+1=8:832"  # by hand: 7+5 = 12 carry 1, 4+8+1 = 13, ...
+    assert worked_sum(5, 99) == "5+9+0=14,0+9+1=10:104"  # the shorter operand's missing digit is 0
+    splits = {s: load_rows(f"builtin:long_addition/{s}") for s in ("train", "validation", "test")}
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [20000, 200, 500]
+    prompts = {s: {r["prompt"] for r in rows} for s, rows in splits.items()}
+    assert len(prompts["test"]) == 500 and len(prompts["validation"]) == 200
+    assert not prompts["test"] & prompts["validation"]
+    assert not (prompts["test"] | prompts["validation"]) & prompts["train"]
+    for row in splits["train"][:300] + make_long_additions(50, seed=7):
+        a, b = (int(v) for v in row["prompt"].rstrip("=").split("+"))
+        assert {len(str(a)), len(str(b))} <= set(DIGITS) and row["answer"] == str(a + b)
+        steps, total = row["completion"].split(":")
+        assert total == row["answer"] and len(steps.split(",")) == max(len(str(a)), len(str(b)))
+        assert 18 <= len(row["completion"]) <= 41
+
+
+def test_long_addition_tasks_score_the_sum_and_the_written_out_steps(tmp_path, tok):
+    rendered = {t: yaml.safe_load((materialise_tasks(tmp_path) / f"{t}.yaml").read_text())
+                for t in ("long_addition", "long_addition_steps")}
+    assert rendered["long_addition"]["doc_to_target"] == "{{answer}}"
+    assert rendered["long_addition_steps"]["doc_to_target"] == "{{completion}}"
+    from lm_eval.filters.extraction import RegexFilter
+
+    (sum_filter,) = rendered["long_addition"]["filter_list"][0]["filter"][:1]
+    extract = RegexFilter(regex_pattern=sum_filter["regex_pattern"])
+    assert list(extract.apply([["7+5+0=12,4+8+1=13,3+4+1=8:832"], ["7+5+0=12"]], [{}, {}])) == [["832"], ["[invalid]"]]
+    results = evaluate_model(tiny_llama(tok), tok, ["long_addition", "long_addition_steps"], limit=2, max_length=64)
+    assert set(results["long_addition"]) == {"exact_match/sum"} and set(results["long_addition_steps"]) == {
+        "exact_match"}
