@@ -2,7 +2,7 @@
 tokenizers, several seeds.
 
     .venv/bin/python -m benchmarks.leaderboard [--pairs same cross] [--losses ...] [--steps 1000] [--seeds 0 1 2]
-        [--parallel 2]
+        [--parallel 2] [--warm STEPS]
 
 Each run is a quickstart distillation with only the loss swapped, for a fixed number of optimizer steps, then
 lm-eval's exact match on the 500 test problems:
@@ -18,6 +18,11 @@ Runs go `--parallel` at a time with one thread each; wall times are comparable w
 `benchmarks/leaderboard_runs.csv`) are reused unless `--rerun`. Needs the
 quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.yaml`). Writes the tables and
 `benchmarks/leaderboard.png` into benchmarks/RESULTS.md, and every run's numbers to `benchmarks/leaderboard_runs.csv`.
+
+`--warm STEPS` runs the warm-start leaderboard instead: each pair's fresh student is first trained by SFT on the gold
+completions for STEPS steps (seed 0, once, `runs/leaderboard_warm/<pair>/start`, its score stated in the table),
+and every run goes on from that student; its own table, `benchmarks/leaderboard_warm.png` and
+`benchmarks/leaderboard_warm_runs.csv`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from benchmarks.quickstart import machine, record
 
 ROOT = Path("runs/leaderboard")
 RUNS_CSV = Path(__file__).with_name("leaderboard_runs.csv")
+WARM_ROOT = Path("runs/leaderboard_warm")
+WARM_CSV = Path(__file__).with_name("leaderboard_warm_runs.csv")
 TEACHER = Path("runs/quickstart/teacher/hf")
 DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
                "diag/align_coverage", "diag/noncanonical_rate")
@@ -149,15 +156,34 @@ def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict, task
     return {**key, "wall_s": wall, "score": scores["student"], **teacher, **diag}
 
 
-def run(pair: str, loss: str, seed: int, steps: int) -> dict:
+def warm_student(pair: str, steps: int) -> tuple[Path, float]:
+    """The warm start of `pair`'s student: the pair's fresh student after `steps` optimizer steps of SFT on the gold
+    completions (seed 0), saved once under `runs/leaderboard_warm/<pair>/start`; its path and lm-eval score."""
+    out = WARM_ROOT / pair / "start"
+    scored = out / "score.json"
+    if not scored.exists():
+        prepare(WARM_ROOT, eval_overlay(export=True))
+        args = ["--config", PAIRS[pair]["config"], "--config", str(WARM_ROOT / "overlay.yaml"), "--model.loss",
+                "cross_entropy", "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
+        result = fit_and_score(args, out, steps, {"pair": pair})
+        if "score" not in result:
+            raise SystemExit(f"the warm start of {pair} failed:\n{result['error']}")
+        scored.write_text(json.dumps(result))
+    return out / "hf", json.loads(scored.read_text())["score"]
+
+
+def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT, start: Path | None = None) -> dict:
     extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
     aligner = aligner_for(pair, loss)
     if aligner:
         extra += ["--model.aligner", aligner]
+    if start is not None:  # a warm start: the student is the saved one, its architecture and tokenizer with it
+        extra += ["--model.student.path", str(start), "--model.student.config", "null", "--model.student.tokenizer",
+                  "null"]
     spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
-    args = ["--config", PAIRS[pair]["config"], "--config", str(ROOT / "overlay.yaml"), "--model.loss", spec,
+    args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss", spec,
             "--model.teacher_topk", "null", *seed_args(seed), *extra]  # every loss on the whole target
-    return fit_and_score(args, ROOT / pair / loss / f"seed_{seed}", steps,
+    return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps,
                          {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"})
 
 
@@ -221,48 +247,63 @@ def main() -> None:
     parser = run_parser(steps=1000)
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["same", "cross"])
     parser.add_argument("--losses", nargs="+", choices=ROWS, default=ROWS)
+    parser.add_argument("--warm", type=int, default=None, metavar="STEPS",
+                        help="the warm-start leaderboard: every run starts from the pair's student after STEPS steps "
+                             "of SFT on gold (written to its own table, CSV and plot)")
     args = parser.parse_args()
-    prepare(ROOT, OVERLAY)
-    store = ROOT / "results.json"
+    warm = args.warm is not None
+    root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
+    prepare(root, OVERLAY)
+    starts = {pair: warm_student(pair, args.warm) for pair in args.pairs} if warm else {}
+    prepare(root, OVERLAY)  # the warm starts' overlay (with export) is replaced by the runs'
+    store = root / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
-    csv_runs = recorded_runs(RUNS_CSV, ("pair", "loss", "aligner", "date"))
+    csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
     done = {_key(r): r for r in [*csv_runs, *recorded] if "score" in r and not math.isnan(r["score"])}
     jobs = [(pair, loss, seed) for pair in args.pairs for seed in args.seeds for loss in args.losses
             if args.rerun or (pair, loss, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        for result in pool.map(lambda job: run(*job, args.steps), jobs):
-            done[_key(result)] = result
-            store.write_text(json.dumps(list(done.values()), indent=2))
-            print(json.dumps({k: result.get(k) for k in ("pair", "loss", "seed", "score", "wall_s")}), flush=True)
+        jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0], (None,))[0]), jobs)
+        for result in jobs_run:
+            if "score" in result:
+                done[_key(result)] = result
+                store.write_text(json.dumps(list(done.values()), indent=2))
+            print(json.dumps({k: result.get(k) for k in ("pair", "loss", "seed", "score", "wall_s", "error")}),
+                  flush=True)
     chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
-    plot(chosen, Path(__file__).with_name("leaderboard.png"))
+    name = "leaderboard_warm" if warm else "leaderboard"
+    plot(chosen, Path(__file__).with_name(f"{name}.png"))
     columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date"]
-    with RUNS_CSV.open("w", newline="") as handle:  # every run, not means
+    with runs_csv.open("w", newline="") as handle:  # every run recorded, of any selection; not means
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for runs in chosen.values() for r in runs)
+        writer.writerows(done[k] for k in sorted(done))
     dates = sorted({r["date"] for runs in chosen.values() for r in runs})
-    tables = "\n\n".join(f"### Leaderboard: {PAIRS[pair]['title']}\n\nConfig: `{PAIRS[pair]['config']}`.\n\n"
-                         f"{table(runs)}" for pair, runs in chosen.items())
-    text = f"""## Leaderboard
+    tables = "\n\n".join(f"### Leaderboard{' (warm start)' if warm else ''}: {PAIRS[pair]['title']}\n\n"
+                         f"Config: `{PAIRS[pair]['config']}`.\n\n{table(runs)}" for pair, runs in chosen.items())
+    start = ("students warmed up by SFT on gold for " + f"{args.warm} steps (" + "; ".join(
+        f"{PAIRS[p]['title'].split(' (')[0]}: {score:.3f}" for p, (_, score) in starts.items()) + "), each run "
+             "going on from that student") if warm else "fresh students at 0.000"
+    text = f"""## Leaderboard{' from warm students' if warm else ''}
 
 Command: `.venv/bin/python -m benchmarks.leaderboard --pairs {' '.join(args.pairs)} --steps {args.steps} \
---seeds {' '.join(map(str, args.seeds))}`.
-Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
-Setting: the quickstart distillations (teacher 0.956; fresh students at 0.000; λ = 0.5; batch 128; AdamW 3e-3)
+--seeds {' '.join(map(str, args.seeds))}{f' --warm {args.warm}' if warm else ''}`.
+Runs dated {', '.join(dates)}. Machine: {machine()}; runs {args.parallel} at a time, one thread each, fp32.
+Setting: the quickstart distillations (teacher 0.956; {start}; λ = 0.5; batch 128; AdamW 3e-3)
 with only the loss changed, {args.steps} optimizer steps, default hyperparameters of each loss. Diagnostics are
 means over each run's last 50 logged steps, averaged over seeds (– where a loss has no teacher distribution to
-compare). Coverage is the share of student positions the aligner gives a target.
+compare). Coverage is the share of student positions the aligner gives a target. Rows `sampled_token+<credit>` are
+`sampled_token` with that credit scheme.
 
 {tables}
 
-![leaderboard](leaderboard.png)
+![{name}]({name}.png)
 
-Each run's own numbers (score, wall time, diagnostics): `benchmarks/leaderboard_runs.csv`."""
+Each run's own numbers (score, wall time, diagnostics): `benchmarks/{runs_csv.name}`."""
     print(text)
-    record(text, "leaderboard")
+    record(text, name)
 
 
 if __name__ == "__main__":
