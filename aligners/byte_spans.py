@@ -29,7 +29,7 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .lookahead import Lookahead, Walks
+from .lookahead import Lookahead
 from .text import (
     TextAligner,
     chunk_rows,
@@ -80,55 +80,46 @@ class ByteSpanAligner(TextAligner):
         starts = tuple(x.cpu().numpy() for x in (batch, pos, at[batch, pos]))  # host copies for the bookkeeping
         walks = self.lookahead.plan(view.teacher_ids.cpu().numpy(), view.teacher_mask.sum(-1).cpu().numpy(),
                                     starts[0], starts[2], device=teacher_logits.device)
-        logp, kept, q, native = first_level(teacher_logits, starts, at.shape[1], walks, self.lookahead.root_map,
-                                            self.student_vocab_size, TEACHER_NATIVE_LOGITS in needs)  # [B, N, V_s]
+        mass, q, native = first_level(teacher_logits, starts, at.shape[1], walks.queries, self.lookahead.root_map,
+                                      self.student_vocab_size, TEACHER_NATIVE_LOGITS in needs)  # [B, N, V_s]
         start, column, value = self.lookahead.flow(walks, q)
-        deep_rows(logp.view(-1, self.student_vocab_size), (batch * at.shape[1] + pos)[walks.deep], kept, walks.deep,
-                  start, column, value)
-        valid = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
-        valid[batch, pos] = kept > 0
+        flat = mass.view(-1, self.student_vocab_size)  # [B * N, V_s]
+        rows = (batch * at.shape[1] + pos)[start]
+        flat.view(-1).index_add_(0, rows * self.student_vocab_size + column, value)
+        touched = rows.unique()
+        flat[touched] = flat[touched].clamp_min_(0)  # rounding in the subtractions
+        kept = torch.cat([mass_to_logits(block)[1] for block in flat.split(chunk_rows(flat.shape[1]))])  # in place
+        logp, valid, kept = mass, kept.view(at.shape) > 0, kept.view(at.shape)[batch, pos]  # log-probs [B, N, V_s]
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)
 
 
-def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_student: int, walks: Walks,
-                root_map: Tensor, size: int, native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One pass over the teacher rows the projection reads: the target at every start, and the probabilities the
-    lookahead's walks read (at the starts and at the later positions the walks reach).
+def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_student: int,
+                queries: tuple[np.ndarray, ...], root_map: Tensor, size: int,
+                native: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One pass over the teacher rows the projection reads: first-level student-token masses at the starts, and the
+    probabilities the lookahead's walks read (at the starts and at the later positions the walks reach).
 
     Each row is soft-maxed once, a chunk of rows at a time, whether a start, a walk position or both; the row
-    bookkeeping is done on the host. A start no walk goes below (most of them) gets its final log-probs here, while
-    its chunk is in cache; a walk's start (`walks.deep`) gets its first-level student-token masses, which
-    `deep_rows` completes once the walks' probabilities are all read.
+    bookkeeping is done on the host.
 
     Args:
         teacher_logits: `[B, M, V_t]`.
         starts: (row [n], student position [n], teacher position [n]) of each start, in (row, position) order.
         n_student: N, the student's completion length.
-        walks: the lookahead's walks from the starts (`Lookahead.plan`).
+        queries: (row [Q], teacher position [Q], teacher id [Q]) probabilities to read (`Walks.queries`).
         root_map: `[V_t]` where each teacher token's mass goes at the first level (-1: nowhere).
         size: the student's vocabulary size.
         native: also return the teacher's own logits at the starts.
 
     Returns:
-        (log-probs `[B, N, size]`, masses at the walks' starts, zero off the starts; mass kept `[n]`, that of the
-        walks' starts to be set by `deep_rows`; probabilities `[Q]` of `walks.queries`; native logits
-        `[B, N, V_t]` or None).
+        (masses `[B, N, size]`, zero off the starts; probabilities `[Q]`; native logits `[B, N, V_t]` or None).
     """
-    device, (big_b, big_m, v_t), queries = teacher_logits.device, teacher_logits.shape, walks.queries
-    out = torch.empty(big_b, n_student, size, device=device)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    flat_start = starts[0] * n_student + starts[1]
-    off = np.ones(big_b * n_student, dtype=bool)
-    off[flat_start] = False
-    rows_of = out.view(-1, size)
-    rows_of.index_fill_(0, t(np.flatnonzero(off)), 0.0)  # every other row is written below
+    device, (big_b, big_m, v_t) = teacher_logits.device, teacher_logits.shape
+    out = torch.zeros(big_b, n_student, size, device=device)
     own = torch.zeros(big_b, n_student, v_t, device=device) if native else None
-    deep = np.zeros(len(flat_start), dtype=bool)
-    deep[walks.deep.cpu().numpy()] = True
-    kept = torch.zeros(len(flat_start), device=device)
     start_key, query_key = starts[0] * big_m + starts[2], queries[0] * big_m + queries[1]
     keys = np.unique(np.concatenate([start_key, query_key]))  # [R] sorted teacher rows to read
     start_at, query_at = np.searchsorted(keys, start_key), np.searchsorted(keys, query_key)
@@ -137,54 +128,24 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     step = chunk_rows(v_t)
     bounds = np.arange(0, len(keys) + step, step)
     s_lo, q_lo = np.searchsorted(start_at, bounds), np.searchsorted(query_at[order], bounds)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     buffer = scratch(min(step, len(keys)), v_t, device)
-    columns = scratch(min(step, len(keys)), size + 1, device, slot="columns")
+    columns = scratch(min(step, len(keys)), size + 1, device, slot="columns")  # sum_columns' output, reused
     for c in range(len(bounds) - 1):
         lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
         rows = gather_rows(teacher_logits, t(key // big_m), t(key % big_m), buffer)  # [c, V_t] a copy
-        local, which = start_at[s] - lo, np.arange(s.start, s.stop)
+        local = start_at[s] - lo
         same = len(local) == len(key) and (local == np.arange(len(key))).all()  # every row a start, once
+        b, i, local = t(starts[0][s]), t(starts[1][s]), t(local)
         if own is not None:
-            put_rows_(own, t(starts[0][s]), t(starts[1][s]), rows if same else rows[t(local)])
+            put_rows_(own, b, i, rows if same else rows[local])
         probs = fused_softmax_(rows)
-        full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])  # [c, size + 1]
+        full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])  # [c, size + 1]: the
+        # columns sum to the row
         total = full.sum(-1, keepdim=True)  # exact row sums (the fused softmax's own are fp32-sequential)
         read = order[q_lo[c] : q_lo[c + 1]]
         at = t(query_at[read] - lo)
         q[t(read)] = probs[at, t(queries[2][read])] / total[at, 0]
-        mass = full[:, :size].div_(total)  # [c, size] a view of the buffer's rows
-        walked = deep[s]
-        if walked.any():  # masses for `deep_rows`, before the rows become log-probs
-            rows_of.index_copy_(0, t(flat_start[s][walked]), mass[t(local[walked])])
-        logp, row_kept = mass_to_logits(mass)  # in place
-        shallow = ~walked
-        if shallow.all() and same:
-            rows_of.index_copy_(0, t(flat_start[s]), logp)
-            kept[t(which)] = row_kept
-        elif shallow.any():
-            sel = t(local[shallow])
-            rows_of.index_copy_(0, t(flat_start[s][shallow]), logp[sel])
-            kept[t(which[shallow])] = row_kept[sel]
-    return out, kept, q, own
-
-
-def deep_rows(flat: Tensor, rows: Tensor, kept: Tensor, deep: Tensor, start: Tensor, column: Tensor,
-              value: Tensor) -> None:
-    """Complete the walks' starts in place: add the lookahead's mass updates (`Lookahead.flow`: start index, student
-    id, mass) to their first-level masses, rows `rows` `[d]` of `flat` `[B * N, V_s]`, and turn them into
-    log-probs; their mass kept goes into `kept[deep]`. A chunk of rows at a time."""
-    if not len(deep):
-        return
-    size = flat.shape[1]
-    local = torch.searchsorted(deep, start)  # which walk start each update belongs to (`deep` is sorted)
-    order = torch.argsort(local, stable=True)
-    local, column, value = local[order], column[order], value[order]
-    step = chunk_rows(size)
-    bounds = torch.searchsorted(local, torch.arange(0, len(deep) + step, step, device=local.device)).tolist()
-    for c, lo in enumerate(range(0, len(deep), step)):
-        block = flat.index_select(0, rows[lo : lo + step])  # [c, V_s] a copy of the masses
-        u = slice(bounds[c], bounds[c + 1])
-        block.view(-1).index_add_(0, (local[u] - lo) * size + column[u], value[u])
-        logp, row_kept = mass_to_logits(block.clamp_min_(0))  # clamped: rounding in the subtractions
-        flat.index_copy_(0, rows[lo : lo + step], logp)
-        kept[deep[lo : lo + step]] = row_kept
+        full = full[:, :size].div_(total)
+        put_rows_(out, b, i, full if same else full[local])
+    return out, q, own
