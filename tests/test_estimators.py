@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from opd_lightning.losses import (
     LOSSES,
     LossInputs,
