@@ -140,8 +140,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         if own is not None:
             put_rows_(own, b, i, rows if same else rows[local])
         probs = fused_softmax_(rows)
-        full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])  # [c, size + 1]: the
-        # columns sum to the row
+        # [c, size + 1]: the columns sum to the row
+        full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])
         total = full.sum(-1, keepdim=True)  # exact row sums (the fused softmax's own are fp32-sequential)
         read = order[q_lo[c] : q_lo[c + 1]]
         at = t(query_at[read] - lo)

@@ -253,9 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     warm = args.warm is not None
     root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
-    prepare(root, OVERLAY)
     starts = {pair: warm_student(pair, args.warm) for pair in args.pairs} if warm else {}
-    prepare(root, OVERLAY)  # the warm starts' overlay (with export) is replaced by the runs'
+    prepare(root, OVERLAY)  # after the warm starts, whose overlay (with export) this replaces
     store = root / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))

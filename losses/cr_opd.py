@@ -92,14 +92,15 @@ class CounterfactualRouted(SampledToken):
                              "teacher_logits or their top-k form) to route to: use an aligner that provides "
                              "teacher_logits")
         n = max(int(mask.sum()), 1)
-        pick = ((step.advantages < 0) & ~was_clipped).nonzero().squeeze(-1)  # [m]
+        pick = ((step.advantages < 0) & ~was_clipped).nonzero().squeeze(-1)  # [m] among the valid positions
+        at = tuple(i[pick] for i in mask.nonzero(as_tuple=True))  # their (row, column) in `[B, N]`
         if isinstance(teacher, TopK):
             if teacher.temperature != self.temperature:
                 raise ValueError(f"loss 'cr_opd' runs at temperature {self.temperature}, but the teacher's top-k were "
                                  f"taken at {teacher.temperature}: take them at the loss's temperature")
-            t_ids, t_logp = teacher.ids[mask][pick, : self.route_k], teacher.logprobs[mask][pick, : self.route_k]
+            t_ids, t_logp = teacher.ids[at][:, : self.route_k], teacher.logprobs[at][:, : self.route_k]
         else:
-            rows = teacher[mask][pick].detach() / self.temperature  # [m, V]
+            rows = teacher[at].detach() / self.temperature  # [m, V]
             top = rows.topk(min(self.route_k, rows.shape[-1]), -1)
             t_ids, t_logp = top.indices, top.values  # unnormalised: w renormalises them anyway
         check_teacher(t_logp.detach(), "teacher log-probs to route to")

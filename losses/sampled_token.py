@@ -201,8 +201,8 @@ class SampledToken(DistillationLoss):
         self.lam, self.iw_gamma, self.value, self.value_coef = lam, iw_gamma, value, value_coef
         self.value_head: torch.nn.Linear | None = None
         self.reads_student_hidden = value == "head"
-        reads_kl = credit in NEEDS_REVERSE_KL and value != "head"
-        self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if reads_kl else set()))
+        self.reads_kl = credit in NEEDS_REVERSE_KL and value != "head"  # the per-step KL from the teacher
+        self.requires = frozenset({TEACHER_TOKEN_LOGPROBS} | ({TEACHER_LOGITS} if self.reads_kl else set()))
 
     def setup(self, student_hidden: int, teacher_hidden: int) -> None:
         """Create the value head (value "head"), once the student's hidden size is known."""
@@ -235,7 +235,7 @@ class SampledToken(DistillationLoss):
                    teacher_token_logprobs: Tensor | None, teacher: Tensor | TopK | None,
                    token_spans: Tensor | None, student_hidden: Tensor | None = None) -> PolicyStep:
         """The valid rows, their log-probs (with the gradient), log-ratios and advantages (`PolicyStep`)."""
-        if token_spans is not None and self.credit in NEEDS_REVERSE_KL and self.value != "head":
+        if token_spans is not None and self.reads_kl:
             raise ValueError(f"credit {self.credit!r} needs an exact per-token teacher distribution, but the teacher scores "
                              "spans here: use aligner 'bpe_subset' where the pair qualifies, or another credit scheme")
         rows, ids = student_logits[mask], target_ids[mask]  # [n, V], [n]
@@ -260,8 +260,7 @@ class SampledToken(DistillationLoss):
         if self.value == "head":
             values = self._values(student_hidden, mask)  # [B, N] with the head's gradient
             returns = discounted_returns(ratios, mask, self.gamma)[mask]
-        rkl = (_step_reverse_kl(rows.detach(), teacher, mask, self.temperature)
-               if self.credit in NEEDS_REVERSE_KL and values is None else None)
+        rkl = _step_reverse_kl(rows.detach(), teacher, mask, self.temperature) if self.reads_kl else None
         advantages = assign_credit(ratios, mask, self.credit, gamma=self.gamma, lam=self.lam, iw_gamma=self.iw_gamma,
                                    reverse_kl=rkl, values=None if values is None else values.detach())[mask]  # [n]
         return PolicyStep(rows, ids, logp, log_ratio, advantages, None if values is None else values[mask], returns)
@@ -288,7 +287,7 @@ class SampledToken(DistillationLoss):
         if target.token_logprobs is None and target.logits is None:
             inputs.require(self.registry_name, TEACHER_TOKEN_LOGPROBS)
         teacher = target.distribution
-        if self.credit in NEEDS_REVERSE_KL and self.value != "head" and teacher is None:
+        if self.reads_kl and teacher is None:
             inputs.require(self.registry_name, TEACHER_LOGITS)
         hidden = inputs.require_student("student_hidden", self.registry_name) if self.reads_student_hidden else None
         return self.compute(inputs.student, inputs.target_ids, inputs.valid, target.token_logprobs, teacher,

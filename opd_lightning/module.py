@@ -25,7 +25,6 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from opd_lightning.aligners import ALIGNERS, Aligner
 from opd_lightning.diagnostics import (
@@ -350,6 +349,8 @@ class DistillationModule(LightningModule):
             # FSDP2 keeps the root module's parameters (the output layer's among them) gathered from its forward
             # through the backward: read after the forward, the weight is the whole one, and the gradient the fused
             # loss gives it is reduce-scattered into the shards with the rest of the root's.
+            from torch.distributed.tensor import DTensor
+
             weight, bias = output_layer(self.student)
             if isinstance(weight, DTensor):
                 raise ValueError("under FSDP2 the student's output layer is sharded after its forward (it was wrapped "
