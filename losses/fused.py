@@ -3,12 +3,13 @@
 `fused_dense_sum` takes the student's final hidden states `[n, H]` and its output layer (`weight` `[V, H]`, optional
 `bias` `[V]`) instead of its logits. Chunk by chunk of positions it projects the hidden states, computes the loss
 term on that chunk exactly as `dense_sum` does (`_chunk_sum`: the same log-softmax, temperature, top-k buckets and
-support rules), and takes the chunk's gradient with respect to its logits at once; from it the gradients of the
-hidden states (`g @ W`) and of the output layer (`gᵀ h`, `Σ g`) are accumulated, and the chunk's logits are freed.
-The backward pass only scales the stored gradients by the incoming one, so the output layer's three matrix products
-(forward, two in backward) are done once each, as in the unfused path, and the memory held beyond the inputs is one
-chunk's `[c, V]` intermediates plus gradients of the hidden states' and the output layer's own sizes (the approach
-of Liger-Kernel's chunked losses, written here in plain PyTorch so that it runs on CPU and GPU alike).
+support rules), a few positions at a time (`SUB_ELEMENTS`), and takes the gradient with respect to those logits at
+once, written over them; from the chunk's gradient the gradients of the hidden states (`g @ W`) and of the output
+layer (`gᵀ h`, `Σ g`) are accumulated. The backward pass only scales the stored gradients by the incoming one, so
+the output layer's three matrix products (forward, two in backward) are done once each, as in the unfused path, and
+the memory held beyond the inputs is one chunk's logits (student and teacher), a few positions' softmax
+intermediates, and gradients of the hidden states' and the output layer's own sizes (the approach of Liger-Kernel's
+chunked losses, written here in plain PyTorch so that it runs on CPU and GPU alike).
 
 Because the gradients are taken in the forward pass, the loss must enter the objective linearly (it is scaled and
 summed, as every objective here does), and it has no second derivative. A tied output layer (the embedding matrix)
@@ -34,6 +35,10 @@ __all__ = ["HiddenRows", "default_chunk", "dense_parts", "fused_dense_divergence
 # the gradient), so this bounds the path's own memory to a few hundred MB whatever the vocabulary; larger chunks were
 # measured no faster (`benchmarks/fused_output.py --fused-chunks`, in benchmarks/RESULTS.md).
 CHUNK_ELEMENTS = 2**23
+# Logits whose loss and gradient are taken at a time inside a chunk (2**19: 2 MB in fp32, two positions of a 262k
+# vocabulary): the softmax intermediates stay a small fraction of a chunk while the matrix products run per chunk
+# (smaller steps were measured no slower and leaner: benchmarks/RESULTS.md, "the fused path's chunk size").
+SUB_ELEMENTS = 2**19
 
 
 def default_chunk(vocab: int) -> int:
@@ -106,36 +111,53 @@ class _FusedLinearSum(torch.autograd.Function):
         if isinstance(teacher_rows, HiddenRows):
             t_buffer = teacher_rows.hidden.new_empty(width, teacher_rows.weight.shape[0],
                                                      dtype=torch.result_type(teacher_rows.hidden, teacher_rows.weight))
+        # The loss and its logits' gradient are taken `step` rows at a time inside each chunk, and each sub-chunk's
+        # gradient (in the logits' dtype) is written over its logits in the work buffer: the chunk's matrix products
+        # stream the output layer once per `chunk_size` rows, while the softmax intermediates (a handful of
+        # [step, V] tensors) stay a fraction of a chunk. Measured in benchmarks/RESULTS.md.
+        step = max(1, min(width, SUB_ELEMENTS // max(w.shape[0], 1)))
+        grads_wanted = want_h or want_w or want_b
         for lo in range(0, max(hidden.shape[0], 1), chunk_size):
             rows = slice(lo, lo + chunk_size)
             h = hidden[rows].detach()
-            logits = _project(h, w, b, buffer).requires_grad_(want_h or want_w or want_b)
+            logits = _project(h, w, b, buffer)
             if t_buffer is not None:
                 t_rows = _project(teacher_rows.hidden[rows].detach(), teacher_rows.weight.detach(),
                                   None if teacher_rows.bias is None else teacher_rows.bias.detach(), t_buffer)
-                check_teacher(t_rows)
             else:
                 t_rows = teacher_rows[rows]
-            with torch.enable_grad():
-                part = _chunk_sum(per_token, temperature, logits, t_rows,
-                                  None if topk_ids is None else topk_ids[rows], *(e[rows] for e in extras))
-                if (part.dim() != 0) != (part_weights is not None):
-                    raise ValueError("a per-token value of several parts needs part_weights (one per part), and one "
-                                     "of a single part none")
-                value = part if part_weights is None else (part * part_weights.to(part.dtype)).sum()
-                if logits.requires_grad:
-                    (g,) = torch.autograd.grad(value, logits)
-                    if want_h and g.dtype == grad_h.dtype == w.dtype:
-                        torch.mm(g, w, out=grad_h[rows])
-                    elif want_h:
-                        grad_h[rows] = (g @ w).to(grad_h.dtype)
-                    if want_w:
-                        grad_w.addmm_(upcast(g).t(), upcast(h))
-                    if want_b:
-                        grad_b.add_(upcast(g).sum(0))
-            value, part = value.detach(), part.detach()
-            total = value if total is None else total + value
-            parts = part if parts is None else parts + part
+            for a in range(0, max(logits.shape[0], 1), step):
+                end = min(a + step, logits.shape[0])
+                local, at = slice(a, end), slice(lo + a, lo + end)  # within the chunk, within all rows
+                sub = logits[local].requires_grad_(grads_wanted)
+                if t_buffer is not None:
+                    check_teacher(t_rows[local])  # a sub-chunk at a time: its [step, V] masks are small
+                with torch.enable_grad():
+                    part = _chunk_sum(per_token, temperature, sub, t_rows[local],
+                                      None if topk_ids is None else topk_ids[at], *(e[at] for e in extras))
+                    if (part.dim() != 0) != (part_weights is not None):
+                        raise ValueError("a per-token value of several parts needs part_weights (one per part), and "
+                                         "one of a single part none")
+                    value = part if part_weights is None else (part * part_weights.to(part.dtype)).sum()
+                    if grads_wanted:
+                        (g,) = torch.autograd.grad(value, sub)
+                        logits[local].copy_(g)  # over the sub-chunk's logits (a view of the buffer), no longer read
+                        del g
+                value, part = value.detach(), part.detach()
+                total = value if total is None else total + value
+                parts = part if parts is None else parts + part
+                del sub
+            if grads_wanted:
+                g = logits  # now the chunk's gradient
+                if want_h and g.dtype == grad_h.dtype == w.dtype:
+                    torch.mm(g, w, out=grad_h[rows])
+                elif want_h:
+                    grad_h[rows] = (g @ w).to(grad_h.dtype)
+                if want_w:
+                    grad_w.addmm_(upcast(g).t(), upcast(h))
+                if want_b:
+                    grad_b.add_(upcast(g).sum(0))
+                del g
             del logits
         # Held as attributes, not saved tensors, so that backward can drop its references: the output layer's gradient
         # then reaches `.grad` without a copy of its own size.

@@ -386,6 +386,29 @@ class DistillationModule(LightningModule):
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
             self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))
 
+    def _target_rows(self, rollouts: dict[str, Rollout]) -> int:
+        """Rows per micro-batch that bound the teacher's side of a fused step across tokenizers: where a term reads the
+        aligner's dense target (no `teacher_topk`), its teacher logits and `[B, N, V]` target exist for one micro-batch
+        at a time, so the step runs in micro-batches of `ReferenceScorer.rows_per_group` rows (at most
+        `CHUNK_ELEMENTS` values each, at least one row; the gradient is the whole batch's, as with
+        `rollout.micro_batch_size`). The smallest over the ranks, so that every rank runs as many backward passes.
+        The whole batch when no fused term reads such a target."""
+        size = len(rollouts["rollout"])
+        keys = [(completions, needs) for (reference, completions), needs in self._needs.items()
+                if reference == "teacher" and completions in self._fused and completions in rollouts
+                and self.scorer.projects_dense(needs)]
+        if not keys:
+            return size
+        rows = size
+        for completions, needs in keys:
+            rollout = rollouts[completions]
+            cached = self.teacher_cache is not None and rollout.source != "student"
+            if not cached and self._fuses(completions, rollout):
+                rows = min(rows, self.scorer.rows_per_group(rollout, self.student))
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank takes this branch (config only)
+            rows = int(self.all_gather(torch.tensor(rows, device=self.device)).min())
+        return rows
+
     def _step_counts(self, rollouts: dict[str, Rollout]) -> dict[str, Tensor]:
         counts = {}
         for name, rollout in rollouts.items():
@@ -420,7 +443,7 @@ class DistillationModule(LightningModule):
         measure_step = self.diag_config.enabled and train and every > 0 and step % every == 0
         counts = self._step_counts(rollouts)
         size = len(rollouts["rollout"])
-        micro = self.rollout_policy.micro_batch_size or size
+        micro = min(self.rollout_policy.micro_batch_size or size, self._target_rows(rollouts))
         scale = self.trainer.world_size if self._trainer else 1  # data-parallel averaging undone: sum / global count
         total, sums = torch.zeros((), device=self.device), defaultdict(float)
         local_tokens = rollouts["rollout"].completion_mask.sum().clamp_min(1)

@@ -155,6 +155,18 @@ class ReferenceScorer:
             target = target.with_topk(self.teacher_topk)
         return target
 
+    def rows_per_group(self, rollout: Rollout, student: nn.Module) -> int:
+        """Rows of `rollout` whose teacher logits and aligned target hold at most `CHUNK_ELEMENTS` values each (their
+        completion width times the wider vocabulary), at least one."""
+        width = rollout.completion_mask.shape[1] * max(vocab_size(student), vocab_size(self.teacher))
+        return max(1, CHUNK_ELEMENTS // max(width, 1))
+
+    def projects_dense(self, needs: frozenset[str]) -> bool:
+        """Whether the teacher's target for `needs` is the aligner's dense `[B, N, V]` projection across tokenizers,
+        held whole for the rows it is built on (the top-k form alone is reduced a group of rows at a time)."""
+        return (not self.aligner.same_tokenizer and TEACHER_LOGITS in self.needs_from_aligner(needs)
+                and not self._keeps_topk_only(needs))
+
     def _keeps_topk_only(self, needs: frozenset[str]) -> bool:
         """Whether the losses read the top-k form (and token log-probs) only, so that the aligner's dense target is
         reduced to it as soon as it is built."""
@@ -165,8 +177,7 @@ class ReferenceScorer:
         `[g, M, V_T]` logits and the aligner's dense `[g, N, V]` target exist for `g` rows only, at most
         `CHUNK_ELEMENTS` values each (one row when a row is larger), and are reduced to the top-k form before the
         next group. None when the batch fits in one group."""
-        width = rollout.completion_mask.shape[1] * max(vocab_size(student), vocab_size(self.teacher))
-        group = max(1, CHUNK_ELEMENTS // max(width, 1))
+        group = self.rows_per_group(rollout, student)
         if group >= len(rollout):
             return None
         parts = [self.teacher_target(rollout.select(slice(lo, lo + group)), needs, student)

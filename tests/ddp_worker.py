@@ -7,6 +7,7 @@ Run by tests/test_distributed.py: `python tests/ddp_worker.py TEACHER_DIR OUT_FI
 - `disagree`: as `mixed`, but rank 1 draws the opposite rollout source (a bug on purpose): the run must fail, saying so;
 - `resume`: as `mixed`, but stopped after 3 steps with a checkpoint, and resumed from it to step 6;
   `resume_stateless`: the same with plain SGD, whose empty optimizer state Lightning's FSDP2 loader cannot restore;
+- `fused_cross_rows`: the fused output layer across tokenizers with the aligner's dense target, one row per micro-batch;
 - `dskd_cma`: DSKD across tokenizers with its trainable attention and projectors; `dskd_cma_clip`: the same with
   gradient clipping.
 Writes every trainable weight after the last step; with SGD, equal files mean equal global gradients at every step.
@@ -39,6 +40,9 @@ CASES = {"same": SAME,
          "resume_stateless": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.1},  # plain SGD keeps no state
          "fused": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2, "chunk": 3},  # the fused output layer
          "fused_tied": {**SAME, "fraction": 0.5, "steps": 6, "lr": 0.2, "chunk": 3, "tied": True},  # the embedding
+         # across tokenizers, fused, the dense target: the step runs a row at a time (micro-batches agreed by the ranks)
+         "fused_cross_rows": {"tokenizer": "builtin:arithmetic_bpe", "loss": "forward_kl", "aligner": "byte_spans",
+                              "fraction": 0.5, "steps": 4, "lr": 0.2, "chunk": 3, "group_elements": 1},
          "dskd_cma": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma"},
          # clipping by the global norm over sharded and replicated gradients (0.01: every step is clipped)
          "dskd_cma_clip": {"tokenizer": "builtin:arithmetic_bpe", "loss": "dskd", "aligner": "dskd_cma", "clip": 0.01}}
@@ -71,6 +75,10 @@ def main(teacher_dir: str, out: str, devices: int, strategy: str, case: str = "s
     data_file = Path(out).with_suffix(".jsonl")
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     spec = CASES[case]
+    if "group_elements" in spec:
+        from opd_lightning import reference
+
+        reference.CHUNK_ELEMENTS = spec["group_elements"]
     module = build(teacher_dir, spec)
     module.disagree = case == "disagree" and devices > 1
     steps = spec.get("steps", 1)

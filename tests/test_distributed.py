@@ -20,7 +20,7 @@ def run(teacher_dir, tmp_path, devices, strategy, case, timeout=300):
 @pytest.mark.parametrize(("strategy", "case"), [("ddp", "same"), ("fsdp2", "same"), ("ddp", "mixed"),
                                               ("fsdp2", "mixed"), ("ddp", "resume"), ("fsdp2", "resume"),
                                               ("ddp", "dskd_cma"), ("fsdp2", "dskd_cma"), ("fsdp2", "dskd_cma_clip"),
-                                              ("ddp", "fused"), ("fsdp2", "fused"),
+                                              ("ddp", "fused"), ("fsdp2", "fused"), ("ddp", "fused_cross_rows"),
                                               ("fsdp2", "fused_tied")])
 def test_data_parallel_steps_equal_single_process_steps(teacher_dir, tmp_path, strategy, case):
     """Also DSKD across tokenizers (its projectors and cross-model attention train outside the student), and λ = 0.5

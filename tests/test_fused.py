@@ -3,6 +3,7 @@
 import pytest
 import torch
 from opd_lightning.losses import LOSSES, DenseDivergence
+from opd_lightning.losses import fused as fused_lib
 from opd_lightning.losses.base import dense_divergence, dense_sum
 from opd_lightning.losses.fused import HiddenRows, fused_dense_divergence, fused_dense_sum
 
@@ -21,6 +22,15 @@ def _inputs(b=2, n=5, h=6, v=11, seed=0, bias=True):
     return hidden, weight, b_, teacher, mask
 
 
+@pytest.fixture(params=[None, 2], ids=["whole_chunk", "two_rows_a_step"])
+def sub_rows(request, monkeypatch):
+    """Rows whose loss and gradient are taken at a time inside a chunk: the default (the whole chunk, at these tiny
+    vocabularies) or two (with 11 or 64 columns), so that the fused path's inner steps are exercised."""
+    if request.param is not None:
+        monkeypatch.setattr(fused_lib, "SUB_ELEMENTS", request.param * 11)
+    return request.param
+
+
 def _grads(value, *xs):
     return torch.autograd.grad(value, [x for x in xs if x is not None])
 
@@ -33,7 +43,7 @@ def test_the_dense_losses_are_listed():
 @pytest.mark.parametrize("name", DENSE)
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("form", ["dense", "topk"])
-def test_fused_equals_unfused_in_value_and_gradient(name, chunk, form):
+def test_fused_equals_unfused_in_value_and_gradient(name, chunk, form, sub_rows):
     loss = LOSSES.build(name, temperature=1.5)
     hidden, weight, bias, teacher_logits, mask = _inputs(seed=chunk)
     teacher = teacher_logits
@@ -48,7 +58,7 @@ def test_fused_equals_unfused_in_value_and_gradient(name, chunk, form):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_frozen_or_tied_output_layers_and_empty_rows():
+def test_frozen_or_tied_output_layers_and_empty_rows(sub_rows):
     loss = LOSSES.build("forward_kl")
     hidden, weight, _, _, _ = _inputs(v=11, bias=False)
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -73,7 +83,7 @@ def test_frozen_or_tied_output_layers_and_empty_rows():
     assert weight.grad is not None and not weight.grad.any()
 
 
-def test_low_precision_inputs_match_within_their_rounding():
+def test_low_precision_inputs_match_within_their_rounding(sub_rows):
     loss = LOSSES.build("reverse_kl")
     hidden, weight, bias, teacher, mask = _inputs(n=8, v=64, h=16)
     h16, w16, b16 = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight, bias))
@@ -103,7 +113,7 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "generalized_jsd"])
-def test_a_teacher_given_as_hidden_states_equals_its_logits(name):
+def test_a_teacher_given_as_hidden_states_equals_its_logits(name, sub_rows):
     loss = LOSSES.build(name)
     hidden, weight, bias, _, mask = _inputs(seed=5)
     g = torch.Generator().manual_seed(9)
@@ -135,7 +145,7 @@ def test_the_default_chunk_is_bounded_by_elements():
 
 @pytest.mark.parametrize("name", ["uld", "gold"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_losses_of_several_parts_fuse_equal_to_their_logits(name, chunk):
+def test_losses_of_several_parts_fuse_equal_to_their_logits(name, chunk, sub_rows):
     """`uld` and `gold` sum two parts over positions (`dense_parts`): fused, the same value, parts and gradients."""
     hidden, weight, bias, _, mask = _inputs(seed=chunk)
     g = torch.Generator().manual_seed(5)

@@ -410,6 +410,37 @@ def test_the_fused_output_layer_across_tokenizers(bpe_teacher_dir):
 
 
 @pytest.mark.parametrize("aligner", ["byte_spans", "exact_spans"])
+def test_across_tokenizers_a_fused_dense_step_runs_a_group_of_rows_at_a_time(bpe_teacher_dir, monkeypatch, aligner):
+    """Without top-k, a fused step across tokenizers runs in micro-batches of `rows_per_group` rows (here one), so the
+    teacher's logits and the aligner's dense target exist for one row at a time; loss and gradients equal the
+    unfused whole-batch step's. The top-k form, or one tokenizer, keeps the whole batch."""
+    from opd_lightning import reference
+
+    def step(chunk, **options):
+        seed_everything(0)
+        module = make_module(bpe_teacher_dir, on_policy_fraction=0.5, loss="forward_kl", aligner=aligner,
+                             logits_chunk_size=chunk, **options)
+        module.manual_backward = lambda loss: loss.backward()
+        loss, _ = module._run_step(BATCH, train=True)
+        return module, loss, torch.cat([p.grad.flatten() for p in module.student.parameters()])
+
+    plain = step(None)
+    scored = []
+    original = reference.ReferenceScorer.teacher_target
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1)  # one row a group
+    monkeypatch.setattr(reference.ReferenceScorer, "teacher_target",
+                        lambda self, r, *a, **k: scored.append(len(r)) or original(self, r, *a, **k))
+    fused = step(3)
+    assert scored == [1] * len(BATCH["prompt"])  # never the whole batch's target
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused[2], plain[2], rtol=1e-4, atol=1e-7)
+    rollouts = fused[0].rollouts(BATCH, train=True)
+    assert fused[0]._target_rows(rollouts) == 1
+    assert plain[0]._target_rows(rollouts) == len(BATCH["prompt"])  # unfused: the logits are whole anyway
+    assert step(3, teacher_topk=3)[0]._target_rows(rollouts) == len(BATCH["prompt"])  # reduced group by group
+
+
+@pytest.mark.parametrize("aligner", ["byte_spans", "exact_spans"])
 def test_across_tokenizers_a_fused_top_k_batch_is_scored_a_group_of_rows_at_a_time(bpe_teacher_dir, monkeypatch,
                                                                                    aligner):
     """With the top-k form, the teacher's logits and the aligner's dense target are built for a group of rows at a
