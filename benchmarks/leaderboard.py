@@ -2,7 +2,7 @@
 tokenizers, several seeds.
 
     .venv/bin/python -m benchmarks.leaderboard [--pairs same cross] [--losses ...] [--steps 1000] [--seeds 0 1 2]
-        [--parallel 2] [--warm STEPS]
+        [--parallel 2] [--warm STEPS] [--no-run]
 
 Each run is a quickstart distillation with only the loss swapped, for a fixed number of optimizer steps, then
 lm-eval's exact match on the 500 test problems:
@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=None, metavar="STEPS",
                         help="the warm-start leaderboard: every run starts from the pair's student after STEPS steps "
                              "of SFT on gold (written to its own table, CSV and plot)")
+    parser.add_argument("--no-run", action="store_true", help="only write the tables of the runs recorded")
     args = parser.parse_args()
     warm = args.warm is not None
     root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
@@ -259,8 +260,8 @@ def main() -> None:
     recorded = json.loads(store.read_text()) if store.exists() else []
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
     done = {_key(r): r for r in [*csv_runs, *recorded] if "score" in r and not math.isnan(r["score"])}
-    jobs = [(pair, loss, seed) for pair in args.pairs for seed in args.seeds for loss in args.losses
-            if args.rerun or (pair, loss, seed, args.steps) not in done]
+    jobs = [] if args.no_run else [(pair, loss, seed) for pair in args.pairs for seed in args.seeds
+                                   for loss in args.losses if args.rerun or (pair, loss, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0], (None,))[0]), jobs)
