@@ -7,8 +7,8 @@ Needs `make real-models`. Each variant runs in its own process, built by Lightni
 builds it (`run=False`), on the first `--rows` training prompts (the step reads the first batch of `data.batch_size` of them; the cache is
 written for all):
 - `unfused`: `model.logits_chunk_size` null (`[B, N, V]` logits on both sides);
-- `fused`: `model.logits_chunk_size --chunk` (the student's logits never held whole; across tokenizers the
-  teacher's logits and the aligner's dense target still are);
+- `fused`: `model.logits_chunk_size --chunk` (the student's logits never held whole; across tokenizers the step runs
+  in micro-batches of rows whose teacher logits and dense target fit 2**23 values, `ReferenceScorer.rows_per_group`);
 - `fused + top-k`: and `model.teacher_topk --topk`;
 - `fused + top-k + cache`: and `model.teacher_cache`, written first by `opd cache-teacher` with the same config and
   data (its manifest gives the bytes per token; its wall time is reported).
