@@ -11,9 +11,10 @@ the student distilled from it (`configs/long_addition/distill.yaml`), two comple
 test problems: the gold one, and a looping one, the gold completion's first step written again and again (as a
 student caught in a loop writes it: `7+5+0=12,7+5+0=12,...`) up to the gold completion's length. Per kind: the mean
 of `a_t` on repeated tokens (those ending an n-gram already in their completion, `repeated_token_mask` with
-`diag/repetition_rate`'s n = 3) and on the others, their ratio (`diag/repeat_advantage_ratio`), the share of repeated
-tokens with `a_t > 0`, and both models' mean log-probability of the repeated tokens. Needs both models (the two
-configs' `opd fit` runs). Writes the table into benchmarks/RESULTS.md.
+`diag/repetition_rate`'s n = 3) and on the others, their ratio (`diag/repeat_advantage_ratio`), the share of
+repeated tokens with `a_t > 0.01` nats (below that, a rounding error of either sign where both models are certain),
+and both models' mean log-probability of the repeated tokens. Needs both models (the two configs' `opd fit` runs).
+Writes the table into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.quickstart import machine, record
 from opd_lightning.data import load_rows
 from opd_lightning.diagnostics import DiagnosticsConfig, repeated_token_mask
+from opd_lightning.reference import completion_logits
+from opd_lightning.rollout import rollout_from_token_lists
+from opd_lightning.target import token_logprobs as target_logprobs
 
 TEACHER = Path("runs/long_addition/teacher/hf")
 STUDENT = Path("runs/long_addition/distill/hf")
+# An advantage counted as positive: above this many nats. Where both models are certain of a token, a_t is a rounding
+# error of either sign (its share would move with padding), so it does not count.
+SIGNIFICANT = 0.01
 
 
 def looped(completion: str) -> str:
@@ -43,26 +50,18 @@ def looped(completion: str) -> str:
 def token_logprobs(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                           torch.Tensor]:
     """Each completion token's log-probability under `model` after its prompt: (`[B, N]` log-probs, `[B, N]` ids,
-    `[B, N]` mask), completions right-padded."""
-    rows = [(tokenizer(p, add_special_tokens=False).input_ids, tokenizer(c, add_special_tokens=False).input_ids)
-            for p, c in zip(prompts, completions, strict=True)]
-    width = max(len(p) + len(c) for p, c in rows)
-    length = max(len(c) for _, c in rows)
+    `[B, N]` mask), built as the library builds an off-policy batch (`rollout_from_token_lists`) and scored at the
+    completion positions as a teacher is (`completion_logits`)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    tokens = [tokenizer(c, add_special_tokens=False).input_ids for c in completions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad)
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention[i, : len(p) + len(c)] = 1
-    logp = model(input_ids=ids, attention_mask=attention).logits.float().log_softmax(-1)
-    out_ids, out_logp = torch.full((len(rows), length), pad), torch.zeros(len(rows), length)
-    mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for i, (p, c) in enumerate(rows):
-        positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # each predicting the next token
-        out_ids[i, : len(c)] = torch.tensor(c)
-        out_logp[i, : len(c)] = logp[i, positions].gather(-1, out_ids[i, : len(c), None])[:, 0]
-        mask[i, : len(c)] = True
-    return out_logp, out_ids, mask
+    rollout = rollout_from_token_lists(enc["input_ids"], enc["attention_mask"], tokens,
+                                       max_new_tokens=max(map(len, tokens)), pad_token_id=pad)
+    logits = completion_logits(model, rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                               rollout.completion_mask.shape[1])
+    ids = rollout.completion_ids
+    return target_logprobs(logits, ids), ids, rollout.completion_mask
 
 
 def probe(teacher_dir: Path, student_dir: Path, rows: int) -> list[dict]:
@@ -83,14 +82,14 @@ def probe(teacher_dir: Path, student_dir: Path, rows: int) -> list[dict]:
         mean = lambda x, m: float(x[m].mean()) if m.any() else float("nan")
         results.append({"kind": kind, "tokens": int(mask.sum()), "repeated": int(repeated.sum()),
                         "adv_repeated": mean(advantage, repeated), "adv_other": mean(advantage, other),
-                        "positive_repeated": mean((advantage > 0).float(), repeated),
+                        "positive_repeated": mean((advantage > SIGNIFICANT).float(), repeated),
                         "teacher_repeated": mean(t_logp, repeated), "student_repeated": mean(s_logp, repeated)})
     return results
 
 
 def table(results: list[dict]) -> str:
     lines = [("| completions | tokens | repeated tokens | mean a_t, repeated | mean a_t, others | ratio "
-              "(`diag/repeat_advantage_ratio`) | repeated with a_t > 0 | log p_T, repeated | log p_S, repeated |"),
+              "(`diag/repeat_advantage_ratio`) | repeated with a_t > 0.01 | log p_T, repeated | log p_S, repeated |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["adv_repeated"] / r["adv_other"] if r["adv_other"] else float("nan")
