@@ -166,14 +166,21 @@ def _console_logging() -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `opd` console script (`args` default to the command line).
 
-    `opd report RUN_DIR` is dispatched to `opd_lightning.report`, and `opd cache-teacher --config CONFIG --out DIR`
-    to `opd_lightning.teacher_cache`, before LightningCLI is built.
+    `opd report RUN_DIR` is dispatched to `opd_lightning.report`, `opd cache-teacher --config CONFIG --out DIR`
+    to `opd_lightning.teacher_cache` and `opd serve-teacher --model DIR` to `opd_lightning.serve`, before
+    LightningCLI is built.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         from opd_lightning import report  # imported here: matplotlib stays out of training start-up
 
         report.main(argv[1:])
+        return
+    if argv[:1] == ["serve-teacher"]:
+        from opd_lightning import serve
+
+        _console_logging()
+        serve.main(argv[1:])
         return
     if argv[:1] == ["cache-teacher"]:
         from opd_lightning import teacher_cache

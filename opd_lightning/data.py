@@ -134,6 +134,10 @@ class ResumableLoader(DataLoader):
             if self._served > skip:
                 yield batch
 
+    def forget_last(self) -> None:
+        """The last batch served was not trained on (its step failed): a checkpoint written now serves it again."""
+        self._served = max(self._served - 1, 0)
+
     def state_dict(self) -> dict:
         return {"served": self._served % max(len(self), 1)}  # a finished epoch leaves nothing to skip
 

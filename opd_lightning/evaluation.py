@@ -117,7 +117,8 @@ def evaluate_model(
     """Score an in-memory causal LM on lm-eval tasks.
 
     Args:
-        model: a Hugging Face causal LM (``PreTrainedModel`` or peft ``PeftModel``), on the device to use.
+        model: a Hugging Face causal LM (``PreTrainedModel`` or peft ``PeftModel``), on the device to use; or a served
+            teacher (`served.ServedTeacher`), scored through its server by lm-eval's ``local-completions`` client.
         tokenizer: its tokenizer. Not modified: a copy is used if lm-eval needs to add a pad token.
         tasks: lm-eval task names found under `include_path`.
         limit: score only the first `limit` documents of each task (None: all).
@@ -137,7 +138,16 @@ def evaluate_model(
         tokenizer = copy.deepcopy(tokenizer)
     task_manager = TaskManager(include_path=include_path or _default_include_path(), include_defaults=False)
     with _eval_mode(model):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, backend="causal")
+        if getattr(model, "served", False):  # a served teacher: lm-eval's own client of the completions protocol
+            from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+            server = model.server
+            lm = LocalCompletionsAPI(base_url=f"{server.base}/completions", model=server.model, tokenizer_backend="none",
+                                     tokenized_requests=False, batch_size=server.batch_size, timeout=int(server.timeout),
+                                     max_retries=server.retries + 1)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                      backend="causal")
         out = simple_evaluate(
             model=lm,
             tasks=list(tasks),

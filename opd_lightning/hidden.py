@@ -46,7 +46,8 @@ def reads_hidden(loss) -> bool:
 
 
 def _width(model: nn.Module) -> int:
-    return model.get_output_embeddings().weight.shape[1]
+    head = model.get_output_embeddings()
+    return 0 if head is None else head.weight.shape[1]  # a served teacher: no hidden states here
 
 
 def setup_sizes(terms: Iterable, aligner: Aligner, student: nn.Module, teacher: nn.Module) -> None:
@@ -84,6 +85,8 @@ def output_layer(model: nn.Module) -> tuple[Tensor, Tensor | None]:
             raise ValueError(f"{type(model).__name__} applies {name} = {getattr(config, name)} after its output layer, "
                              "which the fused output layer does not reproduce: set model.logits_chunk_size to null")
     head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output layer in this process")
     if hasattr(head, "base_layer") and hasattr(head, "lora_A"):  # a PEFT LoRA layer
         weight, bias = head.base_layer.weight, head.base_layer.bias
         if not head.merged and not head.disable_adapters:
@@ -123,5 +126,6 @@ def check_bypassed(hidden: Tensor, weight: Tensor, model: nn.Module) -> Tensor:
 
 
 def vocab_size(model: nn.Module) -> int:
-    """Rows of the model's output layer: the width of its logits."""
-    return model.get_output_embeddings().weight.shape[0]
+    """Rows of the model's output layer: the width of its logits (a served teacher's: its configured size)."""
+    head = model.get_output_embeddings()
+    return model.config.vocab_size if head is None else head.weight.shape[0]

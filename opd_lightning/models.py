@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from opd_lightning.served import ServedTeacher, TeacherServer
+
 __all__ = ["HFModel", "LoraOptions", "apply_lora", "freeze", "keep_decoder_layers"]
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class HFModel:
             mean row. A student with a smaller or another vocabulary, initialised from a pretrained model, e.g. one
             keeping a share of its BPE merges.
         kwargs: extra keyword arguments for `from_pretrained` (e.g. `attn_implementation`).
+        server: instead of `path` or `config`, for a teacher: an inference server's OpenAI-compatible completions
+            endpoint that scores rollouts with prompt log-probs (`url`, `model`, `top_k`, ...; see
+            `opd_lightning.served`); `tokenizer` names the served model's tokenizer.
     """
 
     path: str | None = None
@@ -70,10 +75,21 @@ class HFModel:
     keep_layers: list[int] | None = None
     remap_vocab: bool = False
     kwargs: dict = field(default_factory=dict)
+    server: TeacherServer | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.config is None):
-            raise ValueError("give exactly one of `path` (a pretrained model) or `config` (a fresh model)")
+        if sum(x is not None for x in (self.path, self.config, self.server)) != 1:
+            raise ValueError("give exactly one of `path` (a pretrained model), `config` (a fresh model) or `server` "
+                             "(a served teacher)")
+        if self.server is not None:
+            if isinstance(self.server, dict):
+                self.server = TeacherServer(**self.server)
+            if self.tokenizer is None:
+                raise ValueError("a served teacher needs `tokenizer`: the served model's tokenizer (a directory or "
+                                 "id), which turns rollouts into its token ids")
+            if self.quantization or self.gguf_file or self.keep_layers is not None or self.remap_vocab:
+                raise ValueError("quantization, gguf_file, keep_layers and remap_vocab shape a model loaded here; a "
+                                 "served teacher is loaded by its server (e.g. `opd serve-teacher --quantization`)")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
         if self.quantization is not None and self.path is None:
@@ -127,6 +143,8 @@ class HFModel:
             FileNotFoundError: when `path` is neither a directory written by `save_pretrained` (or holding
                 `gguf_file`) nor, with the hub reachable or the id in the local cache, a Hugging Face hub id.
         """
+        if self.server is not None:
+            return ServedTeacher(self.server, tokenizer if tokenizer is not None else self.load_tokenizer())
         from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = _DTYPES[self.dtype]

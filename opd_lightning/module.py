@@ -59,6 +59,7 @@ from opd_lightning.objective import LossTerm, check_pairing, fused_batches, reso
 from opd_lightning.reference import ReferenceScorer, completion_hidden, completion_logits
 from opd_lightning.rollout import Rollout, SamplingConfig
 from opd_lightning.rollout_source import RolloutPolicy, RolloutSource, check_ranks_agree
+from opd_lightning.served import check_served
 from opd_lightning.sharding import average_replicated_grads, clip_by_global_norm, shard_student
 from opd_lightning.teacher_cache import TeacherCache
 
@@ -135,6 +136,9 @@ class DistillationModule(LightningModule):
         super().__init__()
         record_hyperparameters(self)
         student, teacher, lora = build(student, HFModel), build(teacher, HFModel), build(lora, LoraOptions)
+        if student.server is not None:
+            raise ValueError("model.student.server: the student is trained in this process; only a teacher can be "
+                             "served (model.teacher.server)")
         self.automatic_optimization = False
         self.sampling = build(sampling, SamplingConfig) or SamplingConfig()
         self.rollout_policy = build(rollout, RolloutPolicy) or RolloutPolicy()
@@ -174,6 +178,8 @@ class DistillationModule(LightningModule):
         if teacher is not None:
             self.teacher_tokenizer = teacher.load_tokenizer()
             self._frozen["teacher"] = freeze(teacher.load_model(self.teacher_tokenizer))
+            if teacher.server is not None:
+                check_served(self.terms, self.aligner, teacher_topk, policy, teacher.server)
             self.aligner.bind(self.student_tokenizer, self.teacher_tokenizer, vocab_size(self.student),
                               vocab_size(self._frozen["teacher"]))
             setup_sizes(self.terms, self.aligner, self.student, self.teacher)  # before the optimizer exists

@@ -9,6 +9,8 @@ Choices:
   to stop (one all-reduce) and a checkpoint `last.ckpt` is written to `<log dir>/checkpoints/`; the run ends before
   the next step starts (once the finished step's metrics are logged) with exit code 130 (SIGINT) or 143 (SIGTERM). A
   signal during the last step lets the run finish. A second signal falls back to the default behaviour.
+- A fit stopped by a served teacher that no longer answers (`served.TeacherServerError`, after its retries) writes
+  `last.ckpt` too, before the error ends the run.
 - `find_last_checkpoint` resolves `last` to the newest `.ckpt` under the run directory (`trainer.default_root_dir`).
 - `RunLogger` is Lightning's CSV logger with one change: resuming into an existing version keeps its metrics file,
   dropping only the rows of steps the resumed run will log again (`Interruptible.on_train_start` does that).
@@ -28,6 +30,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from opd_lightning.served import TeacherServerError
 
 __all__ = ["Interrupted", "Interruptible", "RunLogger", "find_last_checkpoint", "version_of"]
 
@@ -156,6 +160,25 @@ class Interruptible(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if self._stop_code:  # the step before was checkpointed and its metrics logged
             raise Interrupted(self._stop_code)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A served teacher that stopped answering ends a fit with `last.ckpt` at the last finished step, so that no
+        trained step is lost (one process; with several ranks, whose others may wait in a collective, the periodic
+        checkpoints are the resume points)."""
+        if not isinstance(exception, TeacherServerError) or trainer.state.fn != "fit" or trainer.world_size > 1:
+            return
+        # The failed batch was fetched and started, never trained: the checkpoint says so (as one written between
+        # two steps: every counter at the last finished step), and the loader serves that batch again on resume.
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        for counts in (progress.total, progress.current):
+            counts.ready = counts.started = counts.processed
+        if hasattr(trainer.train_dataloader, "forget_last"):
+            trainer.train_dataloader.forget_last()
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("the teacher server failed during step %d; checkpoint %s holds the %d steps before it. Resume with "
+                    "the same command and --ckpt_path last once the server answers", trainer.global_step + 1, path,
+                    trainer.global_step)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
