@@ -11,7 +11,12 @@ written for all):
   in micro-batches of rows whose teacher logits and dense target fit 2**23 values, `ReferenceScorer.rows_per_group`);
 - `fused + top-k`: and `model.teacher_topk --topk`;
 - `fused + top-k + cache`: and `model.teacher_cache`, written first by `opd cache-teacher` with the same config and
-  data (its manifest gives the bytes per token; its wall time is reported).
+  data (its manifest gives the bytes per token; its wall time is reported);
+- `fused + top-k + served`: `fused + top-k` with the teacher served by `opd serve-teacher` in another process on the
+  same machine (`model.teacher.server`, `--server-top-k` log-probs per position): the training process never holds
+  it; the server's own resident peak is reported beside the table. Its losses differ from `fused + top-k`'s where
+  the aligner carries the mass the server does not return (spread evenly over the other teacher tokens) into the
+  student's top-k.
 A step is the module's own: roll out, score, loss and backward over the batch (`_run_step`), gradient clipping and the
 AdamW step, timed with `torch.utils.benchmark.Timer.timeit(--steps)` after one untimed step, once with every step
 on-policy and once with every step off-policy (the dataset's completions); s/step at λ = 0.5 is their mean (the
@@ -37,10 +42,29 @@ import torch
 
 from benchmarks.quickstart import machine, record
 
-VARIANTS = ("unfused", "fused", "fused + top-k", "fused + top-k + cache")
+VARIANTS = ("unfused", "fused", "fused + top-k", "fused + top-k + cache", "fused + top-k + served")
 
 
-def overrides(variant: str, args, cache: str | None) -> list[str]:
+def serve(config: list[str], max_logprobs: int) -> tuple[subprocess.Popen, str, str]:
+    """`opd serve-teacher` for the config's teacher, in its own process: (process, URL, its tokenizer)."""
+    import yaml
+
+    teacher = {}
+    for path in config:
+        teacher.update((yaml.safe_load(Path(path).read_text()).get("model") or {}).get("teacher") or {})
+    command = [sys.executable, "-m", "opd_lightning", "serve-teacher", "--model", teacher["path"], "--name", "teacher",
+               "--port", "0", "--max-logprobs", str(max_logprobs), "--dtype", teacher.get("dtype", "float32")]
+    command += ["--gguf-file", teacher["gguf_file"]] if teacher.get("gguf_file") else []
+    command += ["--tokenizer", teacher["tokenizer"]] if teacher.get("tokenizer") else []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    if "serving" not in line:
+        process.kill()
+        raise SystemExit(f"opd serve-teacher did not start: {line!r}")
+    return process, line.split(" at ")[-1].strip(), teacher.get("tokenizer") or teacher["path"]
+
+
+def overrides(variant: str, args, cache: str | None, server: tuple[str, str] | None = None) -> list[str]:
     out = ["--data.limit_train", str(args.rows), "--data.limit_eval", "1"]
     if args.max_new_tokens:
         out += ["--model.sampling.max_new_tokens", str(args.max_new_tokens), "--model.sampling.stop", "[]"]
@@ -49,6 +73,11 @@ def overrides(variant: str, args, cache: str | None) -> list[str]:
         out += ["--model.teacher_topk", str(args.topk)]
     if "cache" in variant:
         out += ["--model.teacher_cache", cache]
+    if "served" in variant:
+        url, tokenizer = server
+        out += ["--model.teacher", json.dumps({"path": None, "server": {"url": url, "model": "teacher",
+                                                                        "top_k": args.server_top_k},
+                                               "tokenizer": tokenizer})]
     return out
 
 
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=64, help="model.logits_chunk_size of the fused variants")
     parser.add_argument("--topk", type=int, default=8, help="model.teacher_topk of the top-k variants")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after one untimed one")
+    parser.add_argument("--server-top-k", type=int, default=20, help="log-probs per position asked of the server")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one variant's measurement, as JSON overrides
@@ -116,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(measure(config, json.loads(args.case), args.steps)))
         return
-    results, cache_note = {}, ""
+    results, cache_note, served_note = {}, "", ""
     with tempfile.TemporaryDirectory(prefix="opd_cache_") as cache:
         if any("cache" in v for v in args.variants):
             command = [sys.executable, "-m", "opd_lightning", "cache-teacher", *(a for c in config for a in
@@ -129,9 +159,21 @@ def main(argv: list[str] | None = None) -> None:
                           f"bytes per token** at k = {args.topk}; written in {time.perf_counter() - start:.1f} s "
                           f"(process start and model loading included; {entry['seconds']} s scoring).")
         for variant in args.variants:
+            process, server = None, None
+            if "served" in variant:
+                process, url, tokenizer = serve(config, args.server_top_k)
+                server = (url, tokenizer)
             command = [sys.executable, "-m", "benchmarks.real_step", *(a for c in config for a in ("--config", c)),
-                       "--steps", str(args.steps), "--case", json.dumps(overrides(variant, args, cache))]
+                       "--steps", str(args.steps), "--case", json.dumps(overrides(variant, args, cache, server))]
             done = subprocess.run(command, check=False, capture_output=True, text=True)
+            if process is not None:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                server_gb = int(status.split("VmHWM:")[1].split()[0]) / 2**20
+                process.terminate()
+                process.wait(timeout=60)
+                served_note = (f"The served teacher (`opd serve-teacher`, `top_k` {args.server_top_k}, in its own "
+                               f"process on the same machine): its process peaked at {server_gb:.3f} GB resident "
+                               "(model loading included), outside the training process's peak in the table.")
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode or not lines:
                 raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -160,7 +202,9 @@ one untimed step then {args.steps} timed per side).
 
 {chr(10).join(rows)}
 
-{cache_note}"""
+{cache_note}
+
+{served_note}"""
     print(text)
     if not args.no_record:
         record(text, "real_step" + (f"_{args.max_new_tokens}" if args.max_new_tokens else ""))
