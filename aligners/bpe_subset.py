@@ -76,6 +76,7 @@ class BpeSubsetAligner(TextAligner):
 
     # Each token's exact log-prob is read from the dense target (at temperature 1).
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
+    reads_rows = True  # through `gather_rows` and `token_logprobs_chunked` only
 
     def __init__(self) -> None:
         """Takes no options: qualification is checked and the trie built when the aligner is bound."""

@@ -50,6 +50,7 @@ class ByteSpanAligner(TextAligner):
     """Span alignment on UTF-8 bytes; dense targets at shared token starts, span log-likelihoods everywhere."""
 
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+    reads_rows = True  # through `gather_rows` and `token_logprobs_chunked` only
 
     def __init__(self) -> None:
         """Takes no options: spellings and the decomposition trie are built when the aligner is bound."""

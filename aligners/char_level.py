@@ -56,6 +56,7 @@ class CharLevelAligner(TextAligner):
     """Both models compared as next-byte distributions at shared token starts."""
 
     provides = frozenset({TEACHER_LOGITS})
+    reads_rows = True  # through `gather_rows` and `token_logprobs_chunked` only
     projects_student = True
 
     def __init__(self) -> None:

@@ -84,6 +84,7 @@ class MinEdAligner(TextAligner):
     """FuseLLM's minimum-edit-distance token and vocabulary alignment."""
 
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+    reads_rows = True  # through `gather_rows` and `token_logprobs_chunked` only
 
     def __init__(self, topk: int = 10, max_token_bytes: int = 32) -> None:
         """

@@ -34,6 +34,7 @@ class VocabMapAligner(TextAligner):
 
     # Token log-probs are read from the dense (matched, renormalised) teacher distribution.
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TEACHER_NATIVE_LOGITS, VOCAB_PAIRS})
+    reads_rows = True  # through `gather_rows` and `token_logprobs_chunked` only
 
     def __init__(self) -> None:
         """Takes no options: the map is built from the two tokenizers when the aligner is bound."""

@@ -66,6 +66,25 @@ class HiddenRows:
     def shape(self) -> tuple[int, ...]:
         return (*self.hidden.shape[:-1], self.weight.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def gather(self, batch: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
+        """The logits `[n, V]` at positions `(batch[i], pos[i])` of `[B, M, H]` hidden states, without gradient,
+        written into `out[:n]` when given (in `out`'s dtype)."""
+        with torch.no_grad():
+            h = self.hidden[batch, pos]  # [n, H]
+            if out is None:
+                return torch.nn.functional.linear(h, self.weight, self.bias)
+            if out.dtype != h.dtype:
+                return out[: len(h)].copy_(torch.nn.functional.linear(h, self.weight, self.bias))
+            return _project(h, self.weight, self.bias, out)
+
     def __getitem__(self, rows) -> Tensor:
         with torch.no_grad():
             return torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias)

@@ -130,7 +130,7 @@ class ReferenceScorer:
         if fused is not None:
             target = self._fused_teacher_target(rollout, needs, student, fused)
             if target is None and self._keeps_topk_only(needs):
-                target = self._grouped_teacher_target(rollout, needs, student)
+                target = self._grouped_teacher_target(rollout, needs, student, fused)
             if target is not None:
                 return target
         grad = torch.is_grad_enabled()  # for an aligner's own parameters (hidden states only)
@@ -138,9 +138,12 @@ class ReferenceScorer:
         with torch.no_grad():
             inputs = self.aligner.teacher_inputs(rollout)
             hidden = [] if HIDDEN_STATES in needs else None
-            with output_layer_input(self.teacher, hidden):
-                logits = completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                                           inputs.completion_length, keep_cache=self.aligner.queries_teacher)
+            logits = self._teacher_rows(inputs, needs, fused)
+            if logits is None:
+                with output_layer_input(self.teacher, hidden):
+                    logits = completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
+                                               inputs.position_ids, inputs.completion_length,
+                                               keep_cache=self.aligner.queries_teacher)
             if self.aligner.queries_teacher:
                 logits, cache = logits
                 inputs.branches = BranchQueries(self.teacher, cache, inputs.attention_mask, inputs.position_ids)
@@ -172,7 +175,26 @@ class ReferenceScorer:
         reduced to it as soon as it is built."""
         return TEACHER_TOPK in needs and needs <= {TEACHER_TOPK, TEACHER_TOKEN_LOGPROBS}
 
-    def _grouped_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module) -> TeacherTarget | None:
+    def _teacher_rows(self, inputs, needs: frozenset[str], fused: int | None) -> HiddenRows | None:
+        """In a fused step across tokenizers, for an aligner that reads the teacher's logits a set of positions at a
+        time (`reads_rows`): the teacher's hidden states and output layer, so that only the positions the projection
+        reads have logits, a chunk at a time, and `[B, M, V_T]` logits never exist. None where the logits are built:
+        unfused, one tokenizer (`_fused_teacher_target`), hidden-state losses, branch queries, or an output layer a
+        plain linear form does not reproduce (a soft-cap, a quantized weight, a served teacher)."""
+        if fused is None or self.aligner.same_tokenizer or not self.aligner.reads_rows or HIDDEN_STATES in needs:
+            return None
+        try:
+            weight, bias = output_layer(self.teacher)
+        except ValueError:
+            return None
+        if not torch.is_floating_point(weight):
+            return None
+        hidden = completion_hidden(self.teacher, weight, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                                   inputs.completion_length)
+        return HiddenRows(hidden, weight.detach(), None if bias is None else bias.detach(), fused)
+
+    def _grouped_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
+                                fused: int | None = None) -> TeacherTarget | None:
         """The top-k target of a fused batch through a projecting aligner, a group of rows at a time: the teacher's
         `[g, M, V_T]` logits and the aligner's dense `[g, N, V]` target exist for `g` rows only, at most
         `CHUNK_ELEMENTS` values each (one row when a row is larger), and are reduced to the top-k form before the
@@ -180,7 +202,7 @@ class ReferenceScorer:
         group = self.rows_per_group(rollout, student)
         if group >= len(rollout):
             return None
-        parts = [self.teacher_target(rollout.select(slice(lo, lo + group)), needs, student)
+        parts = [self.teacher_target(rollout.select(slice(lo, lo + group)), needs, student, fused)
                  for lo in range(0, len(rollout), group)]
         return join_rows(parts, [rollout.completion_mask[lo : lo + group] for lo in range(0, len(rollout), group)])
 

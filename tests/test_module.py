@@ -440,6 +440,43 @@ def test_across_tokenizers_a_fused_dense_step_runs_a_group_of_rows_at_a_time(bpe
     assert step(3, teacher_topk=3)[0]._target_rows(rollouts) == len(BATCH["prompt"])  # reduced group by group
 
 
+@pytest.mark.parametrize("aligner", ["byte_spans", "vocab_map", "char_level", "mined", "bpe_subset"])
+def test_across_tokenizers_a_fused_step_computes_the_teachers_logits_at_the_read_positions_only(bpe_teacher_dir,
+                                                                                                  subset_dirs, aligner):
+    """In a fused step, an aligner that reads the teacher's logits a set of positions at a time (`reads_rows`) gets
+    the teacher's hidden states and output layer: the output layer never runs on the teacher's rows, and the dense
+    target, token log-probs and coverage equal those projected from the whole `[B, M, V_T]` logits."""
+    from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS
+
+    teacher, student = ((subset_dirs["teacher"], HFModel(config=TINY, tokenizer=subset_dirs["student"]))
+                        if aligner == "bpe_subset" else (bpe_teacher_dir, HFModel(config=TINY, tokenizer="builtin:char")))
+    module = make_module(teacher, student=student, on_policy_fraction=0.5, loss="forward_kl", aligner=aligner)
+    assert module.aligner.reads_rows
+    rollout = module.rollouts(BATCH, train=True, step=1)["rollout"]
+    needs = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS}) & module.aligner.provides
+    whole = module.scorer.teacher_target(rollout, needs, module.student)
+    vocab = module.teacher.get_output_embeddings().weight.shape[0]
+
+    def no_logits(layer, args, output):
+        assert output.shape[-1] != vocab, "the teacher's output layer ran on whole rows"
+
+    handle = module.teacher.get_output_embeddings().register_forward_hook(no_logits)
+    try:
+        rows = module.scorer.teacher_target(rollout, needs, module.student, 3)
+    finally:
+        handle.remove()
+    valid = rollout.completion_mask & whole.mask
+    assert valid.any() and torch.equal(rows.mask & rollout.completion_mask, valid)
+    assert rows.coverage == whole.coverage and rows.mass_coverage == pytest.approx(whole.mass_coverage, abs=1e-6)
+    torch.testing.assert_close(rows.logits[valid], whole.logits[valid], rtol=1e-5, atol=1e-5)
+    if TEACHER_TOKEN_LOGPROBS in needs:
+        torch.testing.assert_close(rows.token_logprobs[valid], whole.token_logprobs[valid], rtol=1e-5, atol=1e-5)
+    handle = module.teacher.get_output_embeddings().register_forward_hook(no_logits)
+    with pytest.raises(AssertionError, match="ran on whole rows"):  # the check itself: unfused, the logits are built
+        module.scorer.teacher_target(rollout, needs, module.student)
+    handle.remove()
+
+
 @pytest.mark.parametrize("aligner", ["byte_spans", "exact_spans"])
 def test_across_tokenizers_a_fused_top_k_batch_is_scored_a_group_of_rows_at_a_time(bpe_teacher_dir, monkeypatch,
                                                                                    aligner):
