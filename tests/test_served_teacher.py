@@ -49,20 +49,23 @@ def start_server(model_dir: str, port: int = 0, name: str = "teacher", max_logpr
     return process, found.group(1)
 
 
-@pytest.fixture(scope="module")
-def served(teacher_dir):
-    process, url = start_server(teacher_dir)
+def serving(model_dir: str):
+    process, url = start_server(model_dir)
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(teacher_dir):
+    """The tiny character teacher, served."""
+    yield from serving(teacher_dir)
 
 
 @pytest.fixture(scope="module")
 def served_bpe(bpe_teacher_dir):
-    process, url = start_server(bpe_teacher_dir)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    """The tiny BPE teacher, served."""
+    yield from serving(bpe_teacher_dir)
 
 
 def served_spec(url: str, tokenizer: str, **options) -> HFModel:
