@@ -11,8 +11,8 @@ stands for (`forward(input_ids, attention_mask, ..., logits_to_keep)`) and retur
 vocabulary: at each position the returned log-probs, and the rest of the mass spread evenly over the other tokens
 (the server says nothing more about them). So every aligner that reads the teacher's logits serves it, across
 tokenizers too; the realised tokens' log-probs, which the lookahead walks of `byte_spans` read, are the server's
-own. With `model.teacher_topk` at most the server's `top_k`, a target sharing the student's tokenizer is exactly the
-in-process teacher's top-k form (ids, log-probs and tail mass); a larger `teacher_topk` would read the spread, and
+own. With `model.teacher_topk` at most the server's `top_k`, a target sharing the student's tokenizer is the in-process
+teacher's top-k form (ids, log-probs and tail mass, to float rounding); a larger `teacher_topk` would read the spread, and
 is refused when the module is built. What needs the teacher's weights or its KV cache is refused there too
 (`exact_spans`' branch queries, hidden-state losses, the teacher writing completions).
 
