@@ -10,7 +10,8 @@ lm-eval's exact match on the 500 test problems:
   aligner `identity`);
 - `cross`: `configs/quickstart/distill_cross.yaml` (the same teacher into a fresh student with a byte-level BPE
   tokenizer). Every loss runs through `byte_spans`, except `dskd`, which needs hidden states and runs through
-  `dskd_cma`.
+  `dskd_cma`, and X-Token's `xtoken_hkl` and `xtoken_pkl`, which run through its projection (`xtoken`) and only
+  across tokenizers.
 `cross_entropy` is run as plain SFT on the gold completions (λ = 0), the baseline that needs no teacher signal. Rows
 named `sampled_token+<credit>` are `sampled_token` with that credit scheme (`VARIANTS`).
 Runs go `--parallel` at a time with one thread each; wall times are comparable with each other only. Finished runs
@@ -66,8 +67,10 @@ def eval_overlay(evaluate_teacher: bool = False, export: bool = False) -> str:
 OVERLAY = eval_overlay()
 PAIRS = {
     "same": {"config": "configs/quickstart/distill.yaml", "aligners": {},
+             "skip": ("xtoken_hkl", "xtoken_pkl"),  # they compare two vocabularies through X-Token's projection
              "title": "same tokenizer (one token per character)"},
-    "cross": {"config": "configs/quickstart/distill_cross.yaml", "aligners": {"dskd": "dskd_cma"},
+    "cross": {"config": "configs/quickstart/distill_cross.yaml",
+              "aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
               "default_aligner": "byte_spans",
               "title": "across tokenizers (character teacher → byte-level BPE student)"},
 }
@@ -261,7 +264,8 @@ def main() -> None:
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
     done = {_key(r): r for r in [*csv_runs, *recorded] if "score" in r and not math.isnan(r["score"])}
     jobs = [] if args.no_run else [(pair, loss, seed) for pair in args.pairs for seed in args.seeds
-                                   for loss in args.losses if args.rerun or (pair, loss, seed, args.steps) not in done]
+                                   for loss in args.losses if loss not in PAIRS[pair].get("skip", ())
+                                   and (args.rerun or (pair, loss, seed, args.steps) not in done)]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0], (None,))[0]), jobs)
