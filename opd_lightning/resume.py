@@ -167,13 +167,15 @@ class Interruptible(Callback):
         checkpoints are the resume points)."""
         if not isinstance(exception, TeacherServerError) or trainer.state.fn != "fit" or trainer.world_size > 1:
             return
-        # The failed batch was fetched and started, never trained: the checkpoint says so (as one written between
-        # two steps: every counter at the last finished step), and the loader serves that batch again on resume.
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        for counts in (progress.total, progress.current):
-            counts.ready = counts.started = counts.processed
-        if hasattr(trainer.train_dataloader, "forget_last"):
-            trainer.train_dataloader.forget_last()
+        if progress.total.started > progress.total.processed:
+            # A training step failed: its batch was fetched and started, never trained. The checkpoint says so (as
+            # one written between two steps: every counter at the last finished step), and the loader serves that
+            # batch again on resume. (A failure in validation leaves the counters at a finished step already.)
+            for counts in (progress.total, progress.current):
+                counts.ready = counts.started = counts.processed
+            if hasattr(trainer.train_dataloader, "forget_last"):
+                trainer.train_dataloader.forget_last()
         path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)
         log.warning("the teacher server failed during step %d; checkpoint %s holds the %d steps before it. Resume with "
