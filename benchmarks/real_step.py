@@ -49,19 +49,17 @@ def serve(config: list[str], max_logprobs: int) -> tuple[subprocess.Popen, str, 
     """`opd serve-teacher` for the config's teacher, in its own process: (process, URL, its tokenizer)."""
     import yaml
 
+    from opd_lightning.serve import spawn
+
     teacher = {}
     for path in config:
         teacher.update((yaml.safe_load(Path(path).read_text()).get("model") or {}).get("teacher") or {})
-    command = [sys.executable, "-m", "opd_lightning", "serve-teacher", "--model", teacher["path"], "--name", "teacher",
-               "--port", "0", "--max-logprobs", str(max_logprobs), "--dtype", teacher.get("dtype", "float32")]
-    command += ["--gguf-file", teacher["gguf_file"]] if teacher.get("gguf_file") else []
-    command += ["--tokenizer", teacher["tokenizer"]] if teacher.get("tokenizer") else []
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = process.stdout.readline()
-    if "serving" not in line:
-        process.kill()
-        raise SystemExit(f"opd serve-teacher did not start: {line!r}")
-    return process, line.split(" at ")[-1].strip(), teacher.get("tokenizer") or teacher["path"]
+    args = ["--model", teacher["path"], "--name", "teacher", "--port", "0", "--max-logprobs", str(max_logprobs),
+            "--dtype", teacher.get("dtype", "float32")]
+    args += ["--gguf-file", teacher["gguf_file"]] if teacher.get("gguf_file") else []
+    args += ["--tokenizer", teacher["tokenizer"]] if teacher.get("tokenizer") else []
+    process, url = spawn(args)
+    return process, url, teacher.get("tokenizer") or teacher["path"]
 
 
 def overrides(variant: str, args, cache: str | None, server: tuple[str, str] | None = None) -> list[str]:
@@ -81,8 +79,9 @@ def overrides(variant: str, args, cache: str | None, server: tuple[str, str] | N
     return out
 
 
-def high_water_gb() -> float:
-    status = Path("/proc/self/status").read_text()
+def high_water_gb(pid: int | str = "self") -> float:
+    """The resident high-water mark of process `pid` (this one by default), in GB."""
+    status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
 
 
@@ -167,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                        "--steps", str(args.steps), "--case", json.dumps(overrides(variant, args, cache, server))]
             done = subprocess.run(command, check=False, capture_output=True, text=True)
             if process is not None:
-                status = Path(f"/proc/{process.pid}/status").read_text()
-                server_gb = int(status.split("VmHWM:")[1].split()[0]) / 2**20
+                server_gb = high_water_gb(process.pid)
                 process.terminate()
                 process.wait(timeout=60)
                 served_note = (f"The served teacher (`opd serve-teacher`, `top_k` {args.server_top_k}, in its own "

@@ -183,15 +183,24 @@ class ReferenceScorer:
         plain linear form does not reproduce (a soft-cap, a quantized weight, a served teacher)."""
         if fused is None or self.aligner.same_tokenizer or not self.aligner.reads_rows or HIDDEN_STATES in needs:
             return None
+        return self._hidden_rows(inputs.input_ids, inputs.attention_mask, inputs.position_ids, inputs.completion_length,
+                                 fused)
+
+    def _hidden_rows(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, length: int, chunk: int,
+                     size: int | None = None) -> HiddenRows | None:
+        """The teacher's hidden states at the positions predicting the last `length` tokens, with its output layer
+        (its first `size` rows; all with None) as `HiddenRows`. None where a plain `hidden @ weightᵀ + bias` does not
+        reproduce its logits: a soft-cap, an adapter with dropout, no output layer here (a served teacher), a
+        quantized weight, or fewer than `size` rows (fit_vocab pads those per position)."""
         try:
             weight, bias = output_layer(self.teacher)
         except ValueError:
             return None
-        if not torch.is_floating_point(weight):
+        size = weight.shape[0] if size is None else size
+        if not torch.is_floating_point(weight) or weight.shape[0] < size:
             return None
-        hidden = completion_hidden(self.teacher, weight, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                                   inputs.completion_length)
-        return HiddenRows(hidden, weight.detach(), None if bias is None else bias.detach(), fused)
+        hidden = completion_hidden(self.teacher, weight, input_ids, attention_mask, position_ids, length)
+        return HiddenRows(hidden, weight[:size].detach(), None if bias is None else bias[:size].detach(), chunk)
 
     def _grouped_teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
                                 fused: int | None = None) -> TeacherTarget | None:
@@ -211,16 +220,10 @@ class ReferenceScorer:
                               chunk: int) -> TeacherTarget | None:
         if not self.aligner.same_tokenizer or self.needs_from_aligner(needs) != {TEACHER_LOGITS}:
             return None  # the aligner projects, or a loss reads another form: the teacher's logits are built
-        try:
-            weight, bias = output_layer(self.teacher)
-        except ValueError:  # a soft-cap or an adapter the linear form does not reproduce
+        rows = self._hidden_rows(rollout.sequences, rollout.attention_mask, rollout.position_ids,
+                                 rollout.completion_mask.shape[1], chunk, vocab_size(student))
+        if rows is None:
             return None
-        size = vocab_size(student)
-        if not torch.is_floating_point(weight) or weight.shape[0] < size:
-            return None  # a quantized output layer, or one to pad (fit_vocab fills per position)
-        hidden = completion_hidden(self.teacher, weight, rollout.sequences, rollout.attention_mask, rollout.position_ids,
-                                   rollout.completion_mask.shape[1])
-        rows = HiddenRows(hidden, weight[:size].detach(), None if bias is None else bias[:size].detach(), chunk)
         if TEACHER_TOPK in needs:  # only the top-k form is kept: [B, N, k], never [B, N, V]
             return TeacherTarget(coverage=1.0, topk=chunked_topk(rows, self.teacher_topk), mass_coverage=1.0)
         return TeacherTarget(coverage=1.0, logits=rows, mass_coverage=1.0)

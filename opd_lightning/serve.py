@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import subprocess
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -28,7 +31,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-__all__ = ["CompletionsModel", "main", "make_server"]
+from opd_lightning.rollout import position_ids
+
+__all__ = ["CompletionsModel", "main", "make_server", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +77,8 @@ class CompletionsModel:
         for r, row in enumerate(rows):  # left padding: each row's positions count from its first token
             ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
         device = next(self.model.parameters()).device
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=position_ids.to(device)).logits
+                            position_ids=position_ids(mask).to(device)).logits
         logp = torch.log_softmax(logits.float(), -1).cpu()  # [R, W, V]
         return [logp[r, width - len(row):] for r, row in enumerate(rows)]
 
@@ -102,7 +106,7 @@ class CompletionsModel:
             else:
                 full = [row + self._generate(row, new, temperature, generator, stop) for row in rows]
                 scores = self.logprobs(full)
-        choices = [self._choice(i, row, seq, logp, k, echo, as_ids, stop, new)
+        choices = [self._choice(i, row, seq, logp, k, echo, as_ids, stop)
                    for i, (row, seq, logp) in enumerate(zip(rows, full, scores, strict=True))]
         used = sum(len(r) for r in rows)
         return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
@@ -134,7 +138,7 @@ class CompletionsModel:
         return int(torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=generator))
 
     def _choice(self, index: int, prompt: list[int], seq: list[int], logp: torch.Tensor, k: int | None, echo: bool,
-                as_ids: bool, stop: list[str], new: int) -> dict:
+                as_ids: bool, stop: list[str]) -> dict:
         generated = seq[len(prompt):]
         text = self._text(generated)
         cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -205,6 +209,18 @@ def make_server(model: CompletionsModel, host: str = "127.0.0.1", port: int = 80
             log.debug(format, *args)
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+def spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`opd serve-teacher ARGS` in a subprocess, returned once it serves: (the process, its base URL)."""
+    process = subprocess.Popen([sys.executable, "-m", "opd_lightning", "serve-teacher", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    found = re.search(r"serving .* at (http://\S+)", line)
+    if not found:
+        process.kill()
+        raise RuntimeError(f"opd serve-teacher {' '.join(args)} did not start: {line!r}")
+    return process, found.group(1)
 
 
 def main(argv: list[str]) -> None:

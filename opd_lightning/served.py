@@ -190,31 +190,37 @@ class ServedTeacher(nn.Module):
         gave them, the rest of each position's mass spread evenly; positions outside `attention_mask`, and each
         row's last (nothing follows it), are zero. No KV cache (`cache` is None)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        width = input_ids.shape[1]
-        keep = logits_to_keep or width
-        logits = torch.zeros(input_ids.shape[0], keep, self.config.vocab_size)  # [B, K, V]
+        size, width = self.config.vocab_size, input_ids.shape[1]
+        start = width - (logits_to_keep or width)  # the first kept column
         where = [m.nonzero().squeeze(-1).tolist() for m in mask.cpu()]
         scores = self.score([input_ids[b, w].tolist() for b, w in enumerate(where)])
+        at, fills, entries = [], [], []  # per kept position: (row, column), spread log-prob; per log-prob: (position, id, value)
         for b, (cols, positions) in enumerate(zip(where, scores, strict=True)):
             for col, known in zip(cols[:-1], positions, strict=True):  # the position predicting the next real token
-                if col >= width - keep:
-                    logits[b, col - (width - keep)] = spread(known, self.config.vocab_size)
+                if col >= start:
+                    entries += [(len(at), t, v) for t, v in known.items()]
+                    at.append((b, col - start))
+                    fills.append(spread_fill(list(known.values()), size))
+        logits = torch.zeros(input_ids.shape[0], width - start, size)  # [B, K, V]
+        if at:
+            rows, cols = torch.tensor(at).T
+            position, ids, values = torch.tensor(entries, dtype=torch.float64).T
+            ids, position = ids.long(), position.long()
+            if int(ids.max()) >= size or int(ids.min()) < 0:
+                bad = int(ids.max()) if int(ids.max()) >= size else int(ids.min())
+                raise TeacherServerError(f"the teacher server returned token id {bad}, outside the teacher "
+                                         f"tokenizer's vocabulary of {size}: set model.teacher.tokenizer to the served "
+                                         "model's")
+            logits[rows, cols] = torch.tensor(fills).unsqueeze(-1)  # the rest of each position's mass, spread evenly
+            logits[rows[position], cols[position], ids] = values.float()  # what the server returned
         return SimpleNamespace(logits=logits.to(input_ids.device), cache=None)
 
 
-def spread(known: dict[int, float], size: int) -> Tensor:
-    """Log-probs `[size]`: `known` where given, the rest of the mass spread evenly over the other tokens."""
-    ids = torch.tensor(list(known), dtype=torch.long)
-    values = torch.tensor(list(known.values()), dtype=torch.float64)
-    if int(ids.max()) >= size or int(ids.min()) < 0:
-        raise TeacherServerError(f"the teacher server returned token id {int(ids.max())}, outside the teacher "
-                                 f"tokenizer's vocabulary of {size}: set model.teacher.tokenizer to the served model's")
-    rest, others = 1.0 - float(values.exp().sum()), size - len(ids)
-    floor = float(values.min()) - 30.0  # rounding left no mass: the others far below every returned token
-    fill = math.log(rest / others) if others and rest > 0 else floor
-    out = torch.full((size,), fill, dtype=torch.float64)
-    out[ids] = values
-    return out.float()
+def spread_fill(values: list[float], size: int) -> float:
+    """The log-prob of each of the `size - len(values)` tokens the server did not return, when the returned ones have
+    log-probs `values`: the rest of the mass spread evenly (far below every returned one when rounding left none)."""
+    rest, others = 1.0 - math.fsum(math.exp(v) for v in values), size - len(values)
+    return math.log(rest / others) if others and rest > 0 else min(values) - 30.0
 
 
 def check_served(terms, aligner, teacher_topk: int | None, policy, server: TeacherServer) -> None:

@@ -7,10 +7,7 @@ same server class in a thread for the failures (a server that errors, or answers
 
 from __future__ import annotations
 
-import re
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from test_resume import metrics, opd
 from test_teacher_cache import batch_of, data_module
 
 from opd_lightning.models import HFModel
-from opd_lightning.serve import CompletionsModel, make_server
+from opd_lightning.serve import CompletionsModel, make_server, spawn
 from opd_lightning.served import ServedTeacher, TeacherServer, TeacherServerError
 from opd_lightning.target import TEACHER_TOKEN_LOGPROBS, TEACHER_TOPK
 
@@ -38,15 +35,7 @@ def free_port() -> int:
 
 def start_server(model_dir: str, port: int = 0, name: str = "teacher", max_logprobs: int = 512):
     """`opd serve-teacher` in a subprocess; returns (process, base URL) once it serves."""
-    process = subprocess.Popen([sys.executable, "-m", "opd_lightning", "serve-teacher", "--model", model_dir,
-                                "--port", str(port), "--name", name, "--max-logprobs", str(max_logprobs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = process.stdout.readline()
-    found = re.search(r"serving .* at (http://\S+)", line)
-    if not found:
-        process.kill()
-        raise RuntimeError(f"opd serve-teacher did not start: {line!r}")
-    return process, found.group(1)
+    return spawn(["--model", model_dir, "--port", str(port), "--name", name, "--max-logprobs", str(max_logprobs)])
 
 
 def serving(model_dir: str):
