@@ -133,12 +133,14 @@ def seed_args(seed: int) -> list[str]:
 
 
 def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict, task: str = "arithmetic",
-                  metric: str = "exact_match") -> dict:
+                  metric: str = "exact_match", eval_every: int | None = None) -> dict:
     """One `opd fit` into `out` (emptied first), `steps` optimizer steps, one thread; its lm-eval score (`metric`
-    of `task`), wall time and the means of `DIAGNOSTICS` over its last 50 logged steps, merged into `key`."""
+    of `task`), wall time and the means of `DIAGNOSTICS` over its last 50 logged steps, merged into `key`. With
+    `eval_every`, lm-eval also scores the student every that many steps, and "history" holds every score by step
+    (`[(step, score)]`, the fit's start at step 0 when the config evaluates there)."""
     args = [sys.executable, "-m", "opd_lightning", "fit", *config_args, "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", str(steps), "--model.scheduler.init_args.total_steps", str(steps),
-            "--trainer.default_root_dir", str(out)]
+            "--trainer.val_check_interval", str(eval_every or steps),
+            "--model.scheduler.init_args.total_steps", str(steps), "--trainer.default_root_dir", str(out)]
     key = {**key, "steps": steps, "date": str(datetime.date.today())}
     shutil.rmtree(out, ignore_errors=True)  # a run into a used folder would log to version_1 and be read stale
     start = time.perf_counter()
@@ -156,17 +158,19 @@ def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict, task
         diag[name] = statistics.mean(values) if values else float("nan")
     scores = {entry["model"]: entry["results"][task][metric] for entry in history}  # the last of each model
     teacher = {"teacher_score": scores["teacher"]} if "teacher" in scores else {}
+    if eval_every:
+        diag["history"] = [(e["step"], e["results"][task][metric]) for e in history if e["model"] == "student"]
     return {**key, "wall_s": wall, "score": scores["student"], **teacher, **diag}
 
 
-def warm_student(pair: str, steps: int) -> tuple[Path, float]:
+def warm_student(pair: str, steps: int, root: Path = WARM_ROOT) -> tuple[Path, float]:
     """The warm start of `pair`'s student: the pair's fresh student after `steps` optimizer steps of SFT on the gold
-    completions (seed 0), saved once under `runs/leaderboard_warm/<pair>/start`; its path and lm-eval score."""
-    out = WARM_ROOT / pair / "start"
+    completions (seed 0), saved once under `<root>/<pair>/start`; its path and lm-eval score."""
+    out = root / pair / "start"
     scored = out / "score.json"
-    if not scored.exists():
-        prepare(WARM_ROOT, eval_overlay(export=True))
-        args = ["--config", PAIRS[pair]["config"], "--config", str(WARM_ROOT / "overlay.yaml"), "--model.loss",
+    if not scored.exists() or json.loads(scored.read_text())["steps"] != steps:
+        prepare(root, eval_overlay(export=True))
+        args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss",
                 "cross_entropy", "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
         result = fit_and_score(args, out, steps, {"pair": pair})
         if "score" not in result:
@@ -175,19 +179,21 @@ def warm_student(pair: str, steps: int) -> tuple[Path, float]:
     return out / "hf", json.loads(scored.read_text())["score"]
 
 
-def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT, start: Path | None = None) -> dict:
+def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
+        start: tuple[Path, float] | None = None) -> dict:
     extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
     aligner = aligner_for(pair, loss)
     if aligner:
         extra += ["--model.aligner", aligner]
+    key = {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"}
     if start is not None:  # a warm start: the student is the saved one, its architecture and tokenizer with it
-        extra += ["--model.student.path", str(start), "--model.student.config", "null", "--model.student.tokenizer",
-                  "null"]
+        extra += ["--model.student.path", str(start[0]), "--model.student.config", "null",
+                  "--model.student.tokenizer", "null"]
+        key["start_score"] = start[1]  # which start: runs from another build of it are not mixed with these
     spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
     args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss", spec,
             "--model.teacher_topk", "null", *seed_args(seed), *extra]  # every loss on the whole target
-    return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps,
-                         {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"})
+    return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -263,12 +269,19 @@ def main() -> None:
     recorded = json.loads(store.read_text()) if store.exists() else []
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
     done = {_key(r): r for r in [*csv_runs, *recorded] if "score" in r and not math.isnan(r["score"])}
+    if warm:  # a start rebuilt by other code scores differently: its runs are not this start's, and are run again
+        other = {k for k, r in done.items() if r.get("start_score") != starts.get(r["pair"], (None, None))[1]}
+        if other := {k for k in other if k[0] in starts}:
+            print(f"{len(other)} recorded runs went on from another warm start (its score differs from "
+                  f"{', '.join(f'{p}: {s:.3f}' for p, (_, s) in starts.items())}): dropped, to be run again",
+                  flush=True)
+            done = {k: r for k, r in done.items() if k not in other}
     jobs = [] if args.no_run else [(pair, loss, seed) for pair in args.pairs for seed in args.seeds
                                    for loss in args.losses if loss not in PAIRS[pair].get("skip", ())
                                    and (args.rerun or (pair, loss, seed, args.steps) not in done)]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0], (None,))[0]), jobs)
+        jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0])), jobs)
         for result in jobs_run:
             if "score" in result:
                 done[_key(result)] = result
@@ -279,7 +292,8 @@ def main() -> None:
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
     name = "leaderboard_warm" if warm else "leaderboard"
     plot(chosen, Path(__file__).with_name(f"{name}.png"))
-    columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date"]
+    columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date",
+               *(["start_score"] if warm else [])]
     with runs_csv.open("w", newline="") as handle:  # every run recorded, of any selection; not means
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()

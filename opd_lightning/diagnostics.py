@@ -28,11 +28,11 @@ __all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_laye
 _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
           "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
           "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled", "noncanonical",
-          "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n")
+          "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n", "logratio_abs")
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
-          "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
+          "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "logratio_abs": ("logratio_abs", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
           "noncanonical_rate": ("noncanonical", "noncanonical_n"),
@@ -224,7 +224,9 @@ class Diagnostics(nn.Module):
 
     - `topk_overlap`: `(p_S(K) + p_T(K)) / 2` with `K = K_S & K_T`, each model's top-k ids: the mass both put on
       tokens in both sets (Li et al. 2026: 97-99% and rising in healthy runs).
-    - `logratio_mean`, `logratio_pos_frac`: `a_t = log p_T(y_t) - log p_S(y_t)` at temperature 1; share `a_t > 0`.
+    - `logratio_mean`, `logratio_pos_frac`, `logratio_abs`: `a_t = log p_T(y_t) - log p_S(y_t)` at temperature 1;
+      share `a_t > 0`; mean `|a_t|`, the size of the per-token advantages a sampled-token loss follows (large
+      advantages with a small `grad_coherence`: gradients that cancel).
     - `logratio_early`, `logratio_late`, `logratio_drift`: mean `a_t` over the first half of each completion's valid
       tokens, over the second half, and late minus early: how the teacher's judgement of the student's tokens
       changes deeper into the student's own prefix (falling drift: the teacher's advice gets worse, or the student
@@ -308,7 +310,8 @@ class Diagnostics(nn.Module):
                        "late_n": late.sum()}
             values |= {"teacher_tokens": rows.numel(), "teacher_sampled": pick.numel(),
                        "entropy_teacher": stats["entropy_teacher"].sum(), "topk_overlap": stats["topk_overlap"].sum(),
-                       "logratio": a.sum(), "logratio_pos": (a > 0).sum(), "adv_repeated": (a * repeated).sum(),
+                       "logratio": a.sum(), "logratio_pos": (a > 0).sum(), "logratio_abs": a.abs().sum(),
+                       "adv_repeated": (a * repeated).sum(),
                        "adv_repeated_n": repeated.sum()}
         self._add(**values)
 

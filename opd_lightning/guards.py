@@ -1,23 +1,56 @@
-"""A guard against degenerate rollouts: repetition and truncation that a loss curve hides.
+"""A guard against the failure modes a loss curve hides: degenerate rollouts and a teacher signal that stops helping.
 
 Repetition can become locally rewarding in OPD and collapse a run within tens of steps (Luo et al. 2026);
-completions that keep hitting the length limit are the usual first sign. The guard reads the step's diagnostics
-(`diag/repetition_rate`, `diag/truncation_rate`) and warns when one stays above its limit for `patience` steps in a
-row; with `stop: true` it also ends training, so a checkpoint from before the collapse is what remains.
+completions that keep hitting the length limit are the usual first sign. A teacher whose next-token menu does not
+overlap the student's (`diag/topk_overlap` low or falling, Li et al. 2026), per-token advantages that cancel in the
+summed gradient (`diag/grad_coherence` low) and a teacher whose judgement of the student's tokens worsens deeper
+into the student's own prefix (`diag/logratio_drift` negative) come before the score falls as well. The guard reads
+the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
+`stop: true` it also ends training, so a checkpoint from before the collapse is what remains. `crossing` is the same
+rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["RolloutGuard"]
+from opd_lightning.report import CHECKS
+
+__all__ = ["BOUNDS", "RolloutGuard", "crossing", "past_limit"]
+
+# Which side of its limit each diagnostic must stay on, "max" (a ceiling) or "min" (a floor): `opd report`'s checks.
+BOUNDS: dict[str, str] = {metrics[0]: bound for metrics, bound, _ in CHECKS.values()}
+
+
+def past_limit(value: float, limit: float, bound: str) -> bool:
+    """Whether `value` is on the wrong side of `limit` (`bound` "max": above it; "min": below it); NaN is not."""
+    return not math.isnan(value) and (value > limit if bound == "max" else value < limit)
+
+
+def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int) -> int | None:
+    """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
+    (the step the guard acts at), or None. Steps without an observation, and NaN values (a metric undefined on
+    that step), do not count either way."""
+    strikes = 0
+    for step, value in series:
+        if math.isnan(value):
+            continue
+        strikes = strikes + 1 if past_limit(value, limit, bound) else 0
+        if strikes == patience:
+            return step
+    return None
 
 
 class RolloutGuard(Callback):
-    """Warn, and optionally stop, when repetition or truncation passes a threshold."""
+    """Warn, and optionally stop, when a diagnostic stays past its limit."""
 
     def __init__(self, max_repetition_rate: float | None = 0.3, max_truncation_rate: float | None = 0.5,
+                 max_repeat_advantage_ratio: float | None = None, min_topk_overlap: float | None = None,
+                 min_grad_coherence: float | None = None, min_logratio_drift: float | None = None,
                  patience: int = 3, stop: bool = False) -> None:
         """
         Args:
@@ -25,27 +58,43 @@ class RolloutGuard(Callback):
                 n-gram of their completion); None disables the check.
             max_truncation_rate: limit on `diag/truncation_rate` (share of completions cut by the length limit);
                 None disables the check.
-            patience: consecutive training steps above a limit before the guard acts.
+            max_repeat_advantage_ratio: limit on `diag/repeat_advantage_ratio` (mean log-ratio advantage of repeated
+                tokens over that of the others); None disables the check.
+            min_topk_overlap: floor on `diag/topk_overlap` (mass both models put on their shared top-k tokens);
+                None disables the check.
+            min_grad_coherence: floor on `diag/grad_coherence` (norm of the summed output-layer gradient over the
+                sum of the per-position norms; measured every `diagnostics.grad_coherence_every` steps, and each
+                measurement is one observation); None disables the check.
+            min_logratio_drift: floor on `diag/logratio_drift` (mean log-ratio over the second half of each
+                completion minus over its first half); None disables the check.
+            patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
         """
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
-        self.limits = {"diag/repetition_rate": max_repetition_rate, "diag/truncation_rate": max_truncation_rate}
+        given = {"diag/repetition_rate": max_repetition_rate, "diag/truncation_rate": max_truncation_rate,
+                 "diag/repeat_advantage_ratio": max_repeat_advantage_ratio, "diag/topk_overlap": min_topk_overlap,
+                 "diag/grad_coherence": min_grad_coherence, "diag/logratio_drift": min_logratio_drift}
+        self.limits = {name: limit for name, limit in given.items() if limit is not None}
         self.patience, self.stop = patience, stop
         self.strikes = dict.fromkeys(self.limits, 0)
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        # This step's diagnostics as the module measured them (sampled ones, e.g. grad_coherence, only on the steps
+        # that measure them); a module without them: what was logged through self.log.
+        observed = getattr(pl_module, "step_diagnostics", None)
+        observed = trainer.callback_metrics if observed is None else observed
         for name, limit in self.limits.items():
-            value = trainer.callback_metrics.get(name)
-            if limit is None or value is None:
-                continue
-            value = float(value)
-            self.strikes[name] = self.strikes[name] + 1 if value > limit else 0
+            if (value := observed.get(name)) is None or math.isnan(value := float(value)):
+                continue  # not measured on this step, or undefined on it: no observation
+            bound = BOUNDS[name]
+            self.strikes[name] = self.strikes[name] + 1 if past_limit(value, limit, bound) else 0
             if self.strikes[name] == self.patience:
                 self.tripped.append((trainer.global_step, name, value))
                 action = "stopping training" if self.stop else "continuing (set stop: true to end the run here)"
-                rank_zero_warn(f"{name} = {value:.3f} has exceeded {limit} for {self.patience} steps at step "
-                               f"{trainer.global_step}: rollouts are degenerating; {action}")
+                side = "above" if bound == "max" else "below"
+                rank_zero_warn(f"{name} = {value:.3f} has been {side} {limit} for {self.patience} observations at "
+                               f"step {trainer.global_step}: the run is degenerating; {action}")
                 if self.stop:
                     trainer.should_stop = True

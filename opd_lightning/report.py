@@ -43,6 +43,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "repeat_advantage_ratio": 2.0,  # ceiling; Luo et al. 2026: repeated tokens get 4-9x the advantage before collapse
     "align_coverage": 0.9,  # floor: share of student tokens the aligner maps onto teacher tokens
     "grad_coherence": 0.05,  # floor: ||sum g_t|| / sum ||g_t|| on the output layer (~1/sqrt(n) when random)
+    "logratio_drift": -0.5,  # floor: mean log-ratio of a completion's second half minus its first half, in nats
     "loss_ratio": 1.0,  # ceiling of train/loss last-window mean / first-window mean ("not decreasing")
     "eval_gain": 0.0,  # floor of (last - first) student eval score
 }
@@ -61,6 +62,7 @@ CHECKS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "repeat_advantage_ratio": (_diag("repeat_advantage_ratio"), "max", "advantage of repeated tokens over others"),
     "align_coverage": (_diag("align_coverage", "train/align/coverage"), "min", "tokenizer alignment coverage"),
     "grad_coherence": (_diag("grad_coherence"), "min", "per-position gradients pull together"),
+    "logratio_drift": (_diag("logratio_drift"), "min", "the teacher's judgement holds deeper into the completion"),
 }
 HEALTHY, CROSSED, SKIPPED = "✅", "⚠️", "➖"
 _KEY_METRICS = re.compile(r"(train|val)/loss|((train|val)/)?diag/.*|train/rollout/(completion_len|truncation_rate)")

@@ -34,6 +34,7 @@ def test_topk_overlap_logratio_and_entropy_by_hand():
     a = [math.log(0.5 / 0.3), math.log(0.2 / 0.6)]
     assert out["diag/logratio_mean"].item() == pytest.approx(sum(a) / 2, abs=1e-6)
     assert out["diag/logratio_pos_frac"].item() == 0.5
+    assert out["diag/logratio_abs"].item() == pytest.approx((abs(a[0]) + abs(a[1])) / 2, abs=1e-6)
     h = [-sum(p * math.log(p) for p in ps) for ps in ([0.4, 0.3, 0.2, 0.1], [0.6, 0.3, 0.05, 0.05])]
     assert out["diag/entropy_student"].item() == pytest.approx(sum(h) / 2, abs=1e-6)
     assert out["diag/repetition_rate"].item() == 0.0
@@ -164,7 +165,7 @@ def test_two_updates_equal_one_concatenated_update():
     joined.update_tokens(*cat)
     joined.update_rollout(cat[3], cat[3][:, -1])
     got, want = split.compute(), joined.compute()
-    assert got.keys() == want.keys() and len(got) == 12
+    assert got.keys() == want.keys() and len(got) == 13
     for key in want:
         torch.testing.assert_close(got[key], want[key], equal_nan=True)
 

@@ -76,3 +76,47 @@ def test_rollout_guard_warns_and_stops_on_truncation(teacher_dir, tmp_path):
     assert stopped.global_step == 2
     relaxed = RolloutGuard(max_truncation_rate=1.0, max_repetition_rate=1.0)
     assert run(relaxed).global_step == 6 and relaxed.tripped == []
+
+
+def test_rollout_guard_reads_sampled_diagnostics_and_floors(teacher_dir, tmp_path):
+    """grad_coherence, measured on a sample of steps, reaches the guard through the module's step diagnostics, each
+    measurement one observation; a floor no run can meet trips it at the `patience`-th measurement."""
+    import pytest
+
+    from opd_lightning.diagnostics import DiagnosticsConfig
+    from opd_lightning.guards import RolloutGuard
+
+    module = make_module(teacher_dir, diagnostics=DiagnosticsConfig(grad_coherence_every=2))
+    guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, min_grad_coherence=1.01, patience=2,
+                         stop=True)
+    data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
+    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[guard])
+    with pytest.warns(UserWarning, match="diag/grad_coherence = .* below 1.01 for 2 observations"):
+        trainer.fit(module, datamodule=data)
+    measured = [s for s in range(8) if s % 2 == 0]  # the optimizer steps that measure it (0-based), 2 observations
+    assert trainer.global_step == measured[1] + 1 and [t[1] for t in guard.tripped] == ["diag/grad_coherence"]
+    assert 0 < guard.tripped[0][2] <= 1
+
+
+def test_guard_and_crossing_act_at_the_same_step():
+    """The guard fed one series step by step acts where `crossing` says, for a floor and a ceiling; NaN and steps
+    without an observation neither strike nor reset."""
+    from types import SimpleNamespace
+
+    from opd_lightning.guards import RolloutGuard, crossing
+
+    series = {"diag/topk_overlap": [(0, 0.9), (1, 0.6), (2, 0.65), (4, float("nan")), (5, 0.5), (6, 0.4)],
+              "diag/repeat_advantage_ratio": [(0, 1.0), (1, 3.0), (2, 1.0), (3, 2.5), (4, 2.6), (6, 2.7)]}
+    limits = {"diag/topk_overlap": ("min", 0.7), "diag/repeat_advantage_ratio": ("max", 2.0)}
+    for name, values in series.items():
+        bound, limit = limits[name]
+        want = crossing(values, limit, bound, patience=3)
+        guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, patience=3,
+                             **{f"{bound}_{name.removeprefix('diag/')}": limit})
+        for step, value in values:
+            module = SimpleNamespace(step_diagnostics={name: value})
+            guard.on_train_batch_end(SimpleNamespace(global_step=step, should_stop=False), module, None, None, 0)
+        assert want == {"diag/topk_overlap": 5, "diag/repeat_advantage_ratio": 6}[name]
+        assert [t[0] for t in guard.tripped] == [want]

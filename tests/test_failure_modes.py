@@ -1,0 +1,41 @@
+"""benchmarks/failure_modes.py: a run survives the CSV it is stored in, and its verdicts read the right steps."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from benchmarks import failure_modes as fm
+
+
+def _run() -> dict:
+    windows = {name: [0.5 - 0.1 * i for i in range(4)] for name in fm.SERIES}
+    windows["diag/grad_coherence"] = [math.nan, 0.2, math.nan, 0.1]
+    return {"mode": "overlap", "variant": "char_teacher", "seed": 1, "steps": 40, "start_score": 0.196,
+            "wall_s": 12.5, "date": "2026-12-05", "crossing": 30, "windows": windows,
+            "history": [(0, 0.196), (20, 0.18), (40, 0.1)], "score": 0.1}
+
+
+def test_a_run_round_trips_through_its_csv_rows():
+    run = _run()
+    handle = io.StringIO()
+    writer = csv.DictWriter(handle, ["mode", "variant", "seed", "steps", "start_score", "wall_s", "date", "crossing",
+                                     "kind", "step", "score", *fm.SERIES], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(fm.to_rows(run))
+    back = fm.from_rows(list(csv.DictReader(io.StringIO(handle.getvalue()))))
+    assert len(back) == 1
+    got = back[0]
+    assert {k: got[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score")} == \
+        {k: run[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score")}
+    for name in fm.SERIES:
+        assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got["windows"][name],
+                                                                               run["windows"][name], strict=True))
+
+
+def test_the_score_falls_at_the_first_evaluation_below_the_start_by_more_than_the_margin():
+    run = _run()
+    assert fm.falls(run) == 40  # 0.18 is within DROP of 0.196, 0.1 is not
+    run["history"] = [(0, 0.2), (20, 0.19), (40, 0.3)]
+    assert fm.falls(run) is None
