@@ -1,13 +1,13 @@
 """OPD's failure modes reproduced at CPU scale, each run beside a named stabiliser, with the diagnostic that should
 warn before the score falls.
 
-    .venv/bin/python -m benchmarks.failure_modes [--modes cancellation overlap] [--seeds 0] [--steps 600]
-        [--start-steps 600] [--eval-every 50] [--parallel 2] [--rerun] [--no-run]
+    .venv/bin/python -m benchmarks.failure_modes [--modes cancellation overlap depth] [--seeds 0] [--steps 600]
+        [--eval-every N] [--parallel 2] [--rerun] [--no-run]
 
-Every run goes on from a warm student of the quickstart (`configs/quickstart/distill.yaml` or `distill_cross.yaml`,
-the fresh student after `--start-steps` steps of SFT on gold, seed 0, `runs/failure_modes/<pair>/start`): from
-scratch the failing losses never leave 0.000, so nothing can fall. lm-eval scores the student every `--eval-every`
-steps (its start included), and `diag/grad_coherence` is measured every 5 steps. Modes:
+Every run goes on from a warm student: its config's fresh student after a few hundred steps of SFT on gold (seed 0,
+`runs/failure_modes/<start>/start`, the steps per mode in `MODES`): from scratch the failing losses never leave
+0.000, so nothing can fall. lm-eval scores the student every `eval_every` steps of its mode (`--eval-every`
+overrides; its start included), and `diag/grad_coherence` is measured every 5 steps. Modes:
 
 - `cancellation` (Li et al., arXiv 2604.13016, their hypothesis for why sampled-token OPD stalls): `sampled_token`
   (one sample's log-ratio as the advantage of its token) against the stabiliser `topk_reverse_kl` (the reverse KL
@@ -16,15 +16,27 @@ steps (its start included), and `diag/grad_coherence` is measured every 5 steps.
   `diag/grad_coherence` (norm of the summed output-layer gradient over the sum of its per-position norms), and the
   dense run does not.
 - `overlap` (Li et al., arXiv 2604.13016: a teacher whose next-token menu does not overlap the student's does not
-  help, however strong): reverse KL on the student's rollouts from teachers of the same strength, the character
-  teacher (0.956) across tokenizers through `exact_spans` (the student's tokens are whole numbers, the teacher's
-  characters), and the same-tokenizer oracle (0.958, `benchmarks/teachers.py`) through `identity`; the stabiliser
+  help, however strong): reverse KL on the student's rollouts from teachers of about the same strength (each run
+  scores its teacher), the character teacher across tokenizers through `exact_spans` (the student's tokens are whole
+  numbers, the teacher's characters), and the same-tokenizer oracle (`benchmarks/teachers.py`) through `identity`; the
+  stabiliser
   is SFT on gold mixed in (`extra_terms`, weight 0.5) with the character teacher. Watched: `diag/topk_overlap`.
+- `depth` (the survey's open question, the teacher's advice getting worse deeper into the student's own prefix):
+  the long task (`configs/long_addition/distill.yaml`, answers of 18-41 characters), reverse KL on the student's
+  rollouts only (λ = 1), where every later token is judged after the student's own earlier ones, against the
+  stabiliser SFT on gold mixed in. Watched: `diag/logratio_drift` (mean log-ratio over the second half of each
+  completion minus over its first half).
+- `repetition` (Luo et al., arXiv 2604.08527: repetition collapse under sampled-token OPD once repeated tokens get
+  several times the mean advantage): the long task's student trained by `sampled_token` on its own rollouts (λ = 1)
+  from a teacher that continues a loop written in its context (`copy_teacher`: the long task's teacher config trained
+  with a quarter of its rows looping in context, as pretrained teachers copy in context; the long task's own teacher
+  does not, `benchmarks/repetition_probe.py`), against the stabiliser SFT on gold mixed in. Watched:
+  `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
-than `DROP` (the score falls), and when the watched diagnostic first stayed past `opd report`'s threshold for
-`PATIENCE` observations (`guards.crossing`: the step `RolloutGuard` with that limit acts at, and stops the run with
-`stop: true`), and `opd report`'s verdict at the end. Runs are stored in `runs/failure_modes/results.json` and
+than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
+`MODES` gives one), the step at which it had stayed past the limit for `PATIENCE` observations (`guards.crossing`: the
+step `RolloutGuard` with that limit acts at, and stops the run with `stop: true`). Runs are stored in `runs/failure_modes/results.json` and
 `benchmarks/failure_modes_runs.csv` (each run's diagnostics as means over windows of `WINDOW` steps, and its scores);
 the table and `benchmarks/failure_modes.png` are regenerated from the CSV with `--no-run`.
 """
@@ -33,15 +45,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
+import os
+import random
 import statistics
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import PAIRS, fit_and_score, prepare, seed_args, warm_student
+from benchmarks.leaderboard import PAIRS, eval_overlay, fit_and_score, prepare, scored_run, seed_args, warm_student
 from benchmarks.quickstart import machine, record
+from benchmarks.repetition_probe import looped
 from benchmarks.teachers import teacher_dir, trained_teacher
+from opd_lightning.data import load_rows
 from opd_lightning.guards import BOUNDS, crossing
 from opd_lightning.report import DEFAULT_THRESHOLDS
 
@@ -54,11 +73,17 @@ WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
           "diag/logratio_drift", "diag/repetition_rate", "diag/entropy_student", "diag/completion_len")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
+LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/distill.yaml's teacher
+COPY_TEACHER = ROOT / "copy_teacher" / "hf"
 WHOLE_TARGET = ["--model.teacher_topk", "null"]
 MODES = {
     "cancellation": {
         "title": "Gradient cancellation: sampled-token OPD against a dense top-k reverse KL (one tokenizer)",
-        "pair": "same", "watch": "diag/grad_coherence",
+        "start": "same", "config": PAIRS["same"]["config"], "task": "arithmetic", "start_steps": 600,
+        "eval_every": 10,  # the sampled-token runs' score fell within the first 50 steps: seen step by step
+        # The hypothesis' own signal at opd report's floor, and the top-k overlap at a floor set after the first
+        # three seeds (the signal that moved before the score fell in them; not validated on other runs).
+        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9)),
         "variants": {
             "sampled_token": ("`sampled_token` (one sample's log-ratio per token)", ["--model.loss", "sampled_token"]),
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
@@ -67,12 +92,14 @@ MODES = {
     },
     "overlap": {
         "title": "A teacher whose menu does not overlap the student's: reverse KL from two teachers of one strength",
-        "pair": "cross", "watch": "diag/topk_overlap",
+        "start": "cross", "config": PAIRS["cross"]["config"], "task": "arithmetic", "start_steps": 600,
+        "eval_every": 50,
+        "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9)),
         "variants": {
-            "char_teacher": ("character teacher (0.956), `exact_spans`", [
+            "char_teacher": ("character teacher, `exact_spans`", [
                 "--model.loss", "reverse_kl", "--model.aligner",
                 "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET]),
-            "oracle_teacher": ("BPE teacher (0.958, the student's tokenizer), `identity`", [
+            "oracle_teacher": ("BPE teacher (the student's tokenizer), `identity`", [
                 "--model.loss", "reverse_kl", "--model.teacher.path", str(ORACLE), "--model.aligner", "identity",
                 *WHOLE_TARGET]),
             "char_teacher_sft": ("stabiliser: character teacher + SFT on gold (weight 0.5)", [
@@ -81,12 +108,101 @@ MODES = {
                 "--model.extra_terms", "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
         },
     },
+    "depth": {
+        "title": "The teacher's advice deeper into the student's own prefix: on-policy only against SFT mixed in",
+        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 300,
+        "metric": "exact_match/sum", "eval_every": 50,
+        "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9)), "needs": (lambda: long_teacher(),),
+        "variants": {
+            "on_policy": ("reverse KL on the student's rollouts only (λ = 1)", [
+                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0"]),
+            "on_policy_sft": ("stabiliser: the same + SFT on gold (weight 0.5)", [
+                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", "--model.extra_terms",
+                "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
+        },
+    },
+    "repetition": {
+        "title": "Repetition collapse under sampled-token OPD, from a teacher that copies a loop in its context",
+        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 300,
+        "metric": "exact_match/sum", "eval_every": 50,
+        "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9)),
+        "needs": (lambda: copy_teacher(),),
+        "variants": {
+            "sampled_token": ("`sampled_token` on the student's rollouts only (λ = 1)", [
+                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
+                "--model.rollout.on_policy_fraction", "1.0"]),
+            "sampled_token_sft": ("stabiliser: the same + SFT on gold (weight 0.5)", [
+                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
+                "--model.rollout.on_policy_fraction", "1.0", "--model.extra_terms",
+                "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
+        },
+    },
 }
-OVERLAY = """trainer:
-  callbacks:
-    - class_path: opd_lightning.evaluation.LmEvalCallback
-      init_args: {tasks: [arithmetic], on_fit_start: true}
-"""  # the student scored at its start too, then at every validation
+
+
+def _train_teacher(hf: Path, args: list[str]) -> Path:
+    """`opd fit` with `args` into `hf`'s parent (one thread) unless `hf` is saved already."""
+    if not (hf / "config.json").exists():
+        print(f"training a teacher into {hf.parent}", flush=True)
+        subprocess.run([sys.executable, "-m", "opd_lightning", "fit", *args], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return hf
+
+
+def copy_rows(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """The long task's rows with `share` of them turned into loops in context: the gold completion's first step
+    written over and over to the gold completion's length (`repetition_probe.looped`), its first 1 or 2 steps moved
+    into the prompt (one if two leave under 5 characters), so a row is no longer than its gold one. A teacher trained
+    on these solves a clean prompt and, once its context loops, continues the loop: the in-context copying Luo et al.
+    find in pretrained teachers."""
+    rng, out = random.Random(seed), []
+    for row in rows:
+        if rng.random() < share:
+            loop = looped(row["completion"])
+            step = len(row["completion"].split(",")[0].split(":")[0]) + 1  # a step and its comma
+            cut = step * (2 if rng.random() < 0.5 and len(loop) - 2 * step >= 5 else 1)
+            row = {**row, "prompt": row["prompt"] + loop[:cut], "completion": loop[cut:]}
+        out.append(row)
+    return out
+
+
+def copy_teacher() -> Path:
+    """The long task's teacher config trained on `copy_rows` (a quarter of the rows looping in context)."""
+    data = ROOT / "copy_teacher" / "train.jsonl"
+    if not (COPY_TEACHER / "config.json").exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        rows = copy_rows(load_rows("builtin:long_addition/train"), 0.25, seed=0)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # It never samples (SFT on the rows); the cap keeps the longest looping prompt within the 64-token context.
+    return _train_teacher(COPY_TEACHER, ["--config", "configs/long_addition/teacher.yaml", "--data.train", str(data),
+                                         "--model.sampling.max_new_tokens", "32",
+                                         "--trainer.default_root_dir", str(COPY_TEACHER.parent)])
+
+
+def long_teacher() -> Path:
+    """The long task's teacher (`configs/long_addition/teacher.yaml`), trained now (one thread) if it is not saved."""
+    return _train_teacher(LONG_TEACHER, ["--config", "configs/long_addition/teacher.yaml"])
+
+
+def limit_of(metric: str, limit: float | None) -> float:
+    """A watched diagnostic's limit: the one given, else `opd report`'s threshold."""
+    return DEFAULT_THRESHOLDS[metric.removeprefix("diag/")] if limit is None else limit
+
+
+def _label(metric: str, limit: float | None) -> str:
+    return f"{metric}{'<' if BOUNDS[metric] == 'min' else '>'}{limit_of(metric, limit):g}"
+
+
+def crossings(mode: str, logged: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
+    """For each watched (diagnostic, limit) of `mode`, the step the guard acts at (`guards.crossing`), or None."""
+    return {_label(m, lim): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE) for m, lim in MODES[mode]["watch"]}
+
+
+def _crossings(mode: str, cell: str) -> dict[str, int | None]:
+    """The CSV's crossing cell: a JSON object, or (older rows) the first watched diagnostic's step alone."""
+    if cell.startswith("{"):
+        return json.loads(cell)
+    return {_label(*MODES[mode]["watch"][0]): int(cell) if cell else None}
 
 
 def series(version: Path) -> dict[str, list[tuple[int, float]]]:
@@ -108,26 +224,48 @@ def windows(values: list[tuple[int, float]], steps: int) -> list[float]:
     return out
 
 
+def finished(mode: str, variant: str, seed: int, steps: int, start: tuple[Path, float]) -> dict | None:
+    """A run its folder holds whole (its last evaluation at `steps`, its first at the start's score), read back
+    with its date and no wall time; None otherwise. What an interrupted invocation ran is not run again."""
+    spec, out = MODES[mode], ROOT / mode / variant / f"seed_{seed}"
+    history_file = out / "logs" / "version_0" / "eval_history.jsonl"
+    if not history_file.exists():
+        return None
+    key = {"mode": mode, "variant": variant, "seed": seed, "start_score": start[1], "steps": steps, "wall_s": math.nan,
+           "date": str(datetime.date.fromtimestamp(history_file.stat().st_mtime))}
+    try:
+        result = scored_run(out, key, spec["task"], spec.get("metric", "exact_match"), history=True)
+    except (KeyError, ValueError, OSError):
+        return None
+    if result["history"][0] != (0, start[1]) or result["history"][-1][0] != steps:
+        return None
+    logged = series(out / "logs" / "version_0")
+    return {**result, "windows": {n: windows(v, steps) for n, v in logged.items()}, "crossing": crossings(mode, logged)}
+
+
 def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: tuple[Path, float]) -> dict:
     spec = MODES[mode]
-    args = ["--config", PAIRS[spec["pair"]]["config"], "--config", str(ROOT / "overlay.yaml"), *seed_args(seed),
+    if (done := finished(mode, variant, seed, steps, start)) is not None:
+        return done
+    args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed),
             "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
             "null", "--model.diagnostics.grad_coherence_every", "5", *spec["variants"][variant][1]]
     out = ROOT / mode / variant / f"seed_{seed}"
     result = fit_and_score(args, out, steps, {"mode": mode, "variant": variant, "seed": seed,
-                                              "start_score": start[1]}, eval_every=eval_every)
+                                              "start_score": start[1]}, task=spec["task"],
+                           metric=spec.get("metric", "exact_match"), eval_every=eval_every)
     if "score" in result:
         logged = series(out / "logs" / "version_0")
         result["windows"] = {name: windows(values, steps) for name, values in logged.items()}
-        watch, limit = spec["watch"], DEFAULT_THRESHOLDS[spec["watch"].removeprefix("diag/")]
-        result["crossing"] = crossing(logged[watch], limit, BOUNDS[watch], PATIENCE)
+        result["crossing"] = crossings(mode, logged)
     return result
 
 
 def to_rows(result: dict) -> list[dict]:
     """A run as CSV rows: one per window of `WINDOW` steps (its diagnostics' means) and one per evaluation."""
-    key = {k: result[k] for k in ("mode", "variant", "seed", "steps", "start_score", "wall_s", "date")}
-    key["crossing"] = "" if result["crossing"] is None else result["crossing"]
+    key = {k: result.get(k, "") for k in ("mode", "variant", "seed", "steps", "start_score", "wall_s", "date",
+                                           "teacher_score")}
+    key["crossing"] = json.dumps(result["crossing"])
     rows = [{**key, "kind": "window", "step": i * WINDOW, **{n: v[i] for n, v in result["windows"].items()}}
             for i in range(len(next(iter(result["windows"].values()))))]
     return rows + [{**key, "kind": "eval", "step": step, "score": score} for step, score in result["history"]]
@@ -140,7 +278,8 @@ def from_rows(rows: list[dict]) -> list[dict]:
         key = (r["mode"], r["variant"], int(r["seed"]), int(r["steps"]))
         run_ = runs.setdefault(key, {"mode": key[0], "variant": key[1], "seed": key[2], "steps": key[3],
                                      "start_score": float(r["start_score"]), "wall_s": float(r["wall_s"]),
-                                     "date": r["date"], "crossing": int(r["crossing"]) if r["crossing"] else None,
+                                     "date": r["date"], "crossing": _crossings(key[0], r["crossing"]),
+                                     "teacher_score": float(r.get("teacher_score") or math.nan),
                                      "windows": {n: [] for n in SERIES}, "history": []})
         if r["kind"] == "window":
             for n in SERIES:
@@ -153,7 +292,8 @@ def from_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(runs: list[dict]) -> None:
-    columns = ["mode", "variant", "seed", "steps", "start_score", "wall_s", "date", "crossing", "kind", "step",
+    columns = ["mode", "variant", "seed", "steps", "start_score", "wall_s", "date", "teacher_score", "crossing",
+               "kind", "step",
                "score", *SERIES]
     with RUNS_CSV.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -164,6 +304,10 @@ def write_csv(runs: list[dict]) -> None:
 
 def read_csv() -> list[dict]:
     return from_rows(list(csv.DictReader(RUNS_CSV.open()))) if RUNS_CSV.exists() else []
+
+
+def _key(run_: dict) -> tuple:
+    return run_["mode"], run_["variant"], run_["seed"], run_["steps"]
 
 
 def falls(run_: dict) -> int | None:
@@ -187,23 +331,25 @@ def _ends(values: list[float]) -> tuple[float, float]:
 
 def table(mode: str, runs: list[dict]) -> str:
     spec = MODES[mode]
-    watch = spec["watch"]
-    name = watch.removeprefix("diag/")
-    limit, bound = DEFAULT_THRESHOLDS[name], BOUNDS[watch]
-    header = (f"| run | seed | score: start → lowest → end | falls at step | `{name}`: first → last window | "
-              f"guard ({'<' if bound == 'min' else '>'} {limit:g} for {PATIENCE} observations) acts at step | "
-              "mean abs log-ratio (last windows) | grad coherence (last windows) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    watched = [(m, lim) for m, lim in spec["watch"]]
+    metrics = list(dict.fromkeys(m for m, _ in watched))
+    header = ("| run | seed | teacher | score: start → lowest → end | falls at step | "
+              + " | ".join(f"`{m.removeprefix('diag/')}`: first → last window" for m in metrics) + " | "
+              + " | ".join(f"guard `{_label(m, lim).removeprefix('diag/')}` acts at step" for m, lim in watched)
+              + " | mean abs log-ratio (last windows) | entropy (first → last) |")
+    lines = [header, "|" + "---|" * (7 + len(metrics) + len(watched))]
     for variant, (label, _) in spec["variants"].items():
         for r in sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"]):
             scores = [v for _, v in r["history"]]
-            first, last = _ends(r["windows"][watch])
+            ends = [" → ".join(map(_f, _ends(r["windows"][m]))) for m in metrics]
+            acts = [r["crossing"].get(_label(m, lim)) for m, lim in watched]
             lines.append(
-                f"| {label} | {r['seed']} | {scores[0]:.3f} → {min(scores):.3f} → {scores[-1]:.3f} | "
-                f"{falls(r) if falls(r) is not None else 'never'} | {_f(first)} → {_f(last)} | "
-                f"{r['crossing'] if r['crossing'] is not None else 'never'} | "
+                f"| {label} | {r['seed']} | {_f(r['teacher_score'])} | "
+                f"{scores[0]:.3f} → {min(scores):.3f} → {scores[-1]:.3f} | "
+                f"{falls(r) if falls(r) is not None else 'never'} | {' | '.join(ends)} | "
+                f"{' | '.join('never' if a is None else str(a) for a in acts)} | "
                 f"{_f(_ends(r['windows']['diag/logratio_abs'])[1])} | "
-                f"{_f(_ends(r['windows']['diag/grad_coherence'])[1])} |")
+                f"{' → '.join(map(_f, _ends(r['windows']['diag/entropy_student'])))} |")
     return "\n".join(lines)
 
 
@@ -214,16 +360,16 @@ def plot(runs: list[dict], modes: list[str]) -> None:
     fig = Figure(figsize=(11, 3.4 * len(modes)))
     FigureCanvasAgg(fig)
     for row, mode in enumerate(modes):
-        watch = MODES[mode]["watch"]
+        watch, limit = MODES[mode]["watch"][-1]  # the guard that warns (the last watched)
         ax_score, ax_diag = fig.add_subplot(len(modes), 2, 2 * row + 1), fig.add_subplot(len(modes), 2, 2 * row + 2)
         for r in (r for r in runs if r["mode"] == mode):
             label = f"{r['variant']} s{r['seed']}"
             lines = ax_score.plot(*zip(*r["history"], strict=True), marker="o", ms=3, label=label)
             steps = [i * WINDOW for i in range(len(r["windows"][watch]))]
             ax_diag.plot(steps, r["windows"][watch], color=lines[0].get_color(), label=label)
-            if r["crossing"] is not None:
-                ax_diag.axvline(r["crossing"], color=lines[0].get_color(), ls=":")
-        ax_diag.axhline(DEFAULT_THRESHOLDS[watch.removeprefix("diag/")], color="red", ls="--", label="threshold")
+            if (acts := r["crossing"].get(_label(watch, limit))) is not None:
+                ax_diag.axvline(acts, color=lines[0].get_color(), ls=":")
+        ax_diag.axhline(limit_of(watch, limit), color="red", ls="--", label="threshold")
         ax_score.set_title(f"{mode}: score (exact match, 500 test problems)", fontsize=9)
         ax_diag.set_title(f"{mode}: {watch} (window means; dotted: the guard acts)", fontsize=9)
         ax_score.legend(fontsize=7)
@@ -239,43 +385,57 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--start-steps", type=int, default=600)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=None, help="for every mode (default: each mode's own)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--no-run", action="store_true", help="only write the tables of the runs recorded")
     args = parser.parse_args()
-    recorded = {(r["mode"], r["variant"], r["seed"], r["steps"]): r for r in read_csv()}
+    recorded, mine = {_key(r): r for r in read_csv()}, {}
     if not args.no_run:
-        starts = {p: warm_student(p, args.start_steps, ROOT) for p in {MODES[m]["pair"] for m in args.modes}}
         if any("oracle_teacher" in MODES[m]["variants"] for m in args.modes):
             trained_teacher("builtin:arithmetic_bpe")
-        prepare(ROOT, OVERLAY)
+        for m in args.modes:
+            for need in MODES[m].get("needs", ()):
+                need()
+        starts = {MODES[m]["start"]: warm_student(MODES[m]["start"], MODES[m]["start_steps"], ROOT, MODES[m]["config"],
+                                                  MODES[m]["task"], MODES[m].get("metric", "exact_match"))
+                  for m in args.modes}
+        for m in args.modes:
+            prepare(ROOT / m, eval_overlay(evaluate_teacher=True, task=MODES[m]["task"], on_fit_start=True))
         jobs = [(m, v, s) for m in args.modes for s in args.seeds for v in MODES[m]["variants"]
                 if args.rerun or (m, v, s, args.steps) not in recorded
-                or recorded[(m, v, s, args.steps)]["start_score"] != starts[MODES[m]["pair"]][1]]
+                or recorded[(m, v, s, args.steps)]["start_score"] != starts[MODES[m]["start"]][1]]
         print(f"{len(jobs)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            for result in pool.map(lambda j: run(*j, args.steps, args.eval_every, starts[MODES[j[0]]["pair"]]), jobs):
+            for result in pool.map(lambda j: run(*j, args.steps, args.eval_every or MODES[j[0]]["eval_every"],
+                                                 starts[MODES[j[0]]["start"]]), jobs):
                 print(json.dumps({k: result.get(k) for k in ("mode", "variant", "seed", "score", "crossing",
                                                               "wall_s", "error")}), flush=True)
                 if "score" in result:
-                    recorded[(result["mode"], result["variant"], result["seed"], args.steps)] = result
+                    mine[(result["mode"], result["variant"], result["seed"], args.steps)] = result
+                    # merged with what is on disk now: another invocation may have written runs since this one began
+                    recorded = {**{_key(r): r for r in read_csv()}, **mine}
                     write_csv(list(recorded.values()))
     runs = [r for r in recorded.values() if r["mode"] in args.modes and r["seed"] in args.seeds
             and r["steps"] == args.steps]
+    for r in runs:  # the guards' steps again from the logs where they are here (a limit in MODES may have changed)
+        if (logs := ROOT / r["mode"] / r["variant"] / f"seed_{r['seed']}" / "logs" / "version_0").exists():
+            r["crossing"] = crossings(r["mode"], series(logs))
+    write_csv(list({**{_key(r): r for r in read_csv()}, **{_key(r): r for r in runs}}.values()))
     plot(runs, args.modes)
-    starts_text = "; ".join(sorted({f"{PAIRS[MODES[r['mode']]['pair']]['title'].split(' (')[0]}: "
-                                    f"{r['start_score']:.3f}" for r in runs}))
-    blocks = "\n\n".join(f"### {MODES[m]['title']}\n\nConfig: `{PAIRS[MODES[m]['pair']]['config']}`.\n\n"
-                         f"{table(m, [r for r in runs if r['mode'] == m])}" for m in args.modes)
+    starts_text = "; ".join(sorted({f"{r['mode']}: {MODES[r['mode']]['start_steps']} steps, {r['start_score']:.3f}"
+                                    for r in runs}))
+    blocks = "\n\n".join(f"### {MODES[m]['title']}\n\nConfig: `{MODES[m]['config']}`, scored on "
+                         f"`{MODES[m]['task']}`.\n\n{table(m, [r for r in runs if r['mode'] == m])}"
+                         for m in args.modes)
+    evals = ", ".join(f"{args.eval_every or MODES[m]['eval_every']} ({m})" for m in args.modes)
     text = f"""## Failure modes, reproduced and caught
 
 Command: `.venv/bin/python -m benchmarks.failure_modes --modes {' '.join(args.modes)} --seeds \
-{' '.join(map(str, args.seeds))} --steps {args.steps} --start-steps {args.start_steps} --eval-every {args.eval_every}`.
+{' '.join(map(str, args.seeds))} --steps {args.steps}{f" --eval-every {args.eval_every}" if args.eval_every else ""}`.
 Runs dated {', '.join(sorted({r['date'] for r in runs}))}. Machine: {machine()}; one thread per run, fp32.
-Students warmed up by SFT on gold for {args.start_steps} steps ({starts_text}), then {args.steps} steps of the run
-(λ = 0.5, batch 128, AdamW 3e-3), lm-eval every {args.eval_every} steps. "Falls at": the first evaluation more than
+Students warmed up by SFT on gold (steps and score of each mode's start: {starts_text}), then {args.steps} steps of
+the run (the config's λ, batch and optimizer unless the variant says otherwise), lm-eval every {evals} steps. "Falls at": the first evaluation more than
 {DROP} below the start. Diagnostics: means over the first and last tenth of the run's {WINDOW}-step windows.
 What each mode tests: the docstring of `benchmarks/failure_modes.py`.
 

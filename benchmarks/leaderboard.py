@@ -55,11 +55,13 @@ DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student"
                "diag/align_coverage", "diag/noncanonical_rate")
 
 
-def eval_overlay(evaluate_teacher: bool = False, export: bool = False) -> str:
-    """The config overlay of a benchmark's runs: lm-eval's arithmetic score after the last step (and the teacher's),
-    and the student saved to `<run>/hf` with `export`."""
-    callbacks = ["    - class_path: opd_lightning.evaluation.LmEvalCallback",
-                 f"      init_args: {{tasks: [arithmetic], evaluate_teacher: {str(evaluate_teacher).lower()}}}"]
+def eval_overlay(evaluate_teacher: bool = False, export: bool = False, task: str = "arithmetic",
+                 on_fit_start: bool = False) -> str:
+    """The config overlay of a benchmark's runs: lm-eval's `task` score after the last step (and the teacher's; and
+    the student's before the first step with `on_fit_start`), and the student saved to `<run>/hf` with `export`."""
+    options = (f"tasks: [{task}], evaluate_teacher: {str(evaluate_teacher).lower()}, "
+               f"on_fit_start: {str(on_fit_start).lower()}")
+    callbacks = ["    - class_path: opd_lightning.evaluation.LmEvalCallback", f"      init_args: {{{options}}}"]
     callbacks += ["    - class_path: opd_lightning.export.ExportStudent"] if export else []
     return "\n".join(["trainer:", "  callbacks:", *callbacks]) + "\n"
 
@@ -149,30 +151,38 @@ def fit_and_score(config_args: list[str], out: Path, steps: int, key: dict, task
     wall = time.perf_counter() - start
     if done.returncode:
         return {**key, "error": done.stderr[-2000:], "wall_s": wall}
+    return {**scored_run(out, key, task, metric, history=bool(eval_every)), "wall_s": wall}
+
+
+def scored_run(out: Path, key: dict, task: str = "arithmetic", metric: str = "exact_match",
+               history: bool = False) -> dict:
+    """What `fit_and_score` returns of a finished run in `out`, read from its logs (no wall time)."""
     version = out / "logs" / "version_0"
-    history = [json.loads(line) for line in (version / "eval_history.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (version / "eval_history.jsonl").read_text().splitlines()]
     rows = list(csv.DictReader((version / "metrics.csv").open()))
     diag = {}
     for name in DIAGNOSTICS:
         values = [float(r[name]) for r in rows if r.get(name)][-50:]  # mean of the last 50 logged steps
         diag[name] = statistics.mean(values) if values else float("nan")
-    scores = {entry["model"]: entry["results"][task][metric] for entry in history}  # the last of each model
+    scores = {entry["model"]: entry["results"][task][metric] for entry in evals}  # the last of each model
     teacher = {"teacher_score": scores["teacher"]} if "teacher" in scores else {}
-    if eval_every:
-        diag["history"] = [(e["step"], e["results"][task][metric]) for e in history if e["model"] == "student"]
-    return {**key, "wall_s": wall, "score": scores["student"], **teacher, **diag}
+    if history:
+        diag["history"] = [(e["step"], e["results"][task][metric]) for e in evals if e["model"] == "student"]
+    return {**key, "score": scores["student"], **teacher, **diag}
 
 
-def warm_student(pair: str, steps: int, root: Path = WARM_ROOT) -> tuple[Path, float]:
-    """The warm start of `pair`'s student: the pair's fresh student after `steps` optimizer steps of SFT on the gold
-    completions (seed 0), saved once under `<root>/<pair>/start`; its path and lm-eval score."""
+def warm_student(pair: str, steps: int, root: Path = WARM_ROOT, config: str | None = None,
+                 task: str = "arithmetic", metric: str = "exact_match") -> tuple[Path, float]:
+    """The warm start of `pair`'s student: the fresh student of `config` (default: the pair's) after `steps`
+    optimizer steps of SFT on the gold completions (seed 0), saved once under `<root>/<pair>/start`; its path and
+    lm-eval score (`metric` of `task`)."""
     out = root / pair / "start"
     scored = out / "score.json"
     if not scored.exists() or json.loads(scored.read_text())["steps"] != steps:
-        prepare(root, eval_overlay(export=True))
-        args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss",
+        prepare(root, eval_overlay(export=True, task=task))
+        args = ["--config", config or PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss",
                 "cross_entropy", "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
-        result = fit_and_score(args, out, steps, {"pair": pair})
+        result = fit_and_score(args, out, steps, {"pair": pair}, task=task, metric=metric)
         if "score" not in result:
             raise SystemExit(f"the warm start of {pair} failed:\n{result['error']}")
         scored.write_text(json.dumps(result))

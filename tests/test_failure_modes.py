@@ -13,22 +13,24 @@ def _run() -> dict:
     windows = {name: [0.5 - 0.1 * i for i in range(4)] for name in fm.SERIES}
     windows["diag/grad_coherence"] = [math.nan, 0.2, math.nan, 0.1]
     return {"mode": "overlap", "variant": "char_teacher", "seed": 1, "steps": 40, "start_score": 0.196,
-            "wall_s": 12.5, "date": "2026-12-05", "crossing": 30, "windows": windows,
+            "wall_s": 12.5, "date": "2026-12-05", "teacher_score": 0.97,
+            "crossing": {"diag/topk_overlap<0.7": None, "diag/topk_overlap<0.9": 30}, "windows": windows,
             "history": [(0, 0.196), (20, 0.18), (40, 0.1)], "score": 0.1}
 
 
 def test_a_run_round_trips_through_its_csv_rows():
     run = _run()
     handle = io.StringIO()
-    writer = csv.DictWriter(handle, ["mode", "variant", "seed", "steps", "start_score", "wall_s", "date", "crossing",
-                                     "kind", "step", "score", *fm.SERIES], extrasaction="ignore")
+    writer = csv.DictWriter(handle, ["mode", "variant", "seed", "steps", "start_score", "wall_s", "date",
+                                     "teacher_score", "crossing", "kind", "step", "score", *fm.SERIES],
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(fm.to_rows(run))
     back = fm.from_rows(list(csv.DictReader(io.StringIO(handle.getvalue()))))
     assert len(back) == 1
     got = back[0]
-    assert {k: got[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score")} == \
-        {k: run[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score")}
+    assert {k: got[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score", "teacher_score")} == \
+        {k: run[k] for k in ("mode", "variant", "seed", "steps", "crossing", "history", "score", "teacher_score")}
     for name in fm.SERIES:
         assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got["windows"][name],
                                                                                run["windows"][name], strict=True))
