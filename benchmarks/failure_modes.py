@@ -56,9 +56,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from benchmarks.leaderboard import PAIRS, eval_overlay, fit_and_score, prepare, scored_run, seed_args, warm_student
 from benchmarks.quickstart import machine, record
-from benchmarks.repetition_probe import looped
 from benchmarks.teachers import teacher_dir, trained_teacher
 from opd_lightning.data import load_rows
 from opd_lightning.guards import BOUNDS, crossing
@@ -67,7 +68,9 @@ from opd_lightning.report import DEFAULT_THRESHOLDS
 ROOT = Path("runs/failure_modes")
 RUNS_CSV = Path(__file__).with_name("failure_modes_runs.csv")
 PNG = Path(__file__).with_name("failure_modes.png")
-DROP = 0.02  # a score this far below the start counts as falling (500 test problems: one problem is 0.002)
+# A score this far below the start counts as falling: lm-eval's score on 500 problems has a sampling spread of
+# sqrt(p (1 - p) / 500), 0.018 at p = 0.2, so 0.05 is 2.8 of them (2.3 at the long task's p = 0.6).
+DROP = 0.05
 PATIENCE = 3  # observations past the threshold before the guard acts
 WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
@@ -75,6 +78,7 @@ SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/distill.yaml's teacher
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
+LOOP_LENGTH = 62  # characters of a looping row (prompt and completion; its EOS makes 63 of the 64-token context)
 WHOLE_TARGET = ["--model.teacher_topk", "null"]
 MODES = {
     "cancellation": {
@@ -110,7 +114,7 @@ MODES = {
     },
     "depth": {
         "title": "The teacher's advice deeper into the student's own prefix: on-policy only against SFT mixed in",
-        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 300,
+        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9)), "needs": (lambda: long_teacher(),),
         "variants": {
@@ -123,7 +127,7 @@ MODES = {
     },
     "repetition": {
         "title": "Repetition collapse under sampled-token OPD, from a teacher that copies a loop in its context",
-        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 300,
+        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9)),
         "needs": (lambda: copy_teacher(),),
@@ -151,17 +155,21 @@ def _train_teacher(hf: Path, args: list[str]) -> Path:
 
 def copy_rows(rows: list[dict], share: float, seed: int) -> list[dict]:
     """The long task's rows with `share` of them turned into loops in context: the gold completion's first step
-    written over and over to the gold completion's length (`repetition_probe.looped`), its first 1 or 2 steps moved
-    into the prompt (one if two leave under 5 characters), so a row is no longer than its gold one. A teacher trained
-    on these solves a clean prompt and, once its context loops, continues the loop: the in-context copying Luo et al.
-    find in pretrained teachers."""
+    written over and over, its first two copies in the prompt and the rest as the completion, to `LOOP_LENGTH`
+    characters in all. A step written twice never happens in a gold completion, so a teacher trained on these solves
+    a clean prompt and, once its context repeats a step, continues the loop: the in-context copying Luo et al. find in
+    pretrained teachers. Two things a first try got wrong: with one copy in the prompt, a loop row's context equals a
+    gold row's after its first step, and the teacher looped on clean prompts; with loops ending at the gold
+    completion's length, the teacher learnt to stop at a length and cut the last digit of long sums (0.46-0.49 on
+    the task). Ending every loop after any gold row ends leaves the stop to the gold rows."""
     rng, out = random.Random(seed), []
     for row in rows:
+        first = row["completion"].split(",")[0].split(":")[0] + ","
+        loop = first * (LOOP_LENGTH // len(first) + 1)
+        cut = 2 * len(first)  # two steps, each with its comma
         if rng.random() < share:
-            loop = looped(row["completion"])
-            step = len(row["completion"].split(",")[0].split(":")[0]) + 1  # a step and its comma
-            cut = step * (2 if rng.random() < 0.5 and len(loop) - 2 * step >= 5 else 1)
-            row = {**row, "prompt": row["prompt"] + loop[:cut], "completion": loop[cut:]}
+            row = {**row, "prompt": row["prompt"] + loop[:cut],
+                   "completion": loop[cut : LOOP_LENGTH - len(row["prompt"])]}
         out.append(row)
     return out
 
@@ -173,10 +181,14 @@ def copy_teacher() -> Path:
         data.parent.mkdir(parents=True, exist_ok=True)
         rows = copy_rows(load_rows("builtin:long_addition/train"), 0.25, seed=0)
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # It never samples (SFT on the rows); the cap keeps the longest looping prompt within the 64-token context.
-    return _train_teacher(COPY_TEACHER, ["--config", "configs/long_addition/teacher.yaml", "--data.train", str(data),
-                                         "--model.sampling.max_new_tokens", "32",
-                                         "--trainer.default_root_dir", str(COPY_TEACHER.parent)])
+    # The looping prompts run to 30 tokens: a context of 96 keeps every completion whole (44 new tokens after them;
+    # with the new tokens capped to 32 instead, the long sums' ends were cut from the gold rows and the teacher
+    # stopped a digit short on them).
+    return _train_teacher(COPY_TEACHER, [
+        "--config", "configs/long_addition/teacher.yaml", "--data.train", str(data), "--model.student.config",
+        json.dumps({**yaml.safe_load(Path("configs/long_addition/teacher.yaml").read_text())["model"]["student"][
+            "config"], "max_position_embeddings": 96}),
+        "--trainer.default_root_dir", str(COPY_TEACHER.parent)])
 
 
 def long_teacher() -> Path:
@@ -224,9 +236,10 @@ def windows(values: list[tuple[int, float]], steps: int) -> list[float]:
     return out
 
 
-def finished(mode: str, variant: str, seed: int, steps: int, start: tuple[Path, float]) -> dict | None:
-    """A run its folder holds whole (its last evaluation at `steps`, its first at the start's score), read back
-    with its date and no wall time; None otherwise. What an interrupted invocation ran is not run again."""
+def finished(mode: str, variant: str, seed: int, steps: int, eval_every: int,
+             start: tuple[Path, float]) -> dict | None:
+    """A run its folder holds whole (evaluated at the start's score, then every `eval_every` steps to `steps`),
+    read back with its date and no wall time; None otherwise. What an interrupted invocation ran is not run again."""
     spec, out = MODES[mode], ROOT / mode / variant / f"seed_{seed}"
     history_file = out / "logs" / "version_0" / "eval_history.jsonl"
     if not history_file.exists():
@@ -237,15 +250,17 @@ def finished(mode: str, variant: str, seed: int, steps: int, start: tuple[Path, 
         result = scored_run(out, key, spec["task"], spec.get("metric", "exact_match"), history=True)
     except (KeyError, ValueError, OSError):
         return None
-    if result["history"][0] != (0, start[1]) or result["history"][-1][0] != steps:
+    if result["history"][0] != (0, start[1]) or [s for s, _ in result["history"]] != list(range(0, steps + 1,
+                                                                                                 eval_every)):
         return None
     logged = series(out / "logs" / "version_0")
     return {**result, "windows": {n: windows(v, steps) for n, v in logged.items()}, "crossing": crossings(mode, logged)}
 
 
-def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: tuple[Path, float]) -> dict:
+def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: tuple[Path, float],
+        reuse: bool = True) -> dict:
     spec = MODES[mode]
-    if (done := finished(mode, variant, seed, steps, start)) is not None:
+    if reuse and (done := finished(mode, variant, seed, steps, eval_every, start)) is not None:
         return done
     args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed),
             "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
@@ -408,7 +423,7 @@ def main() -> None:
         print(f"{len(jobs)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
             for result in pool.map(lambda j: run(*j, args.steps, args.eval_every or MODES[j[0]]["eval_every"],
-                                                 starts[MODES[j[0]]["start"]]), jobs):
+                                                 starts[MODES[j[0]]["start"]], not args.rerun), jobs):
                 print(json.dumps({k: result.get(k) for k in ("mode", "variant", "seed", "score", "crossing",
                                                               "wall_s", "error")}), flush=True)
                 if "score" in result:

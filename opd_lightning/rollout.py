@@ -12,6 +12,8 @@ whatever else shares its batch, micro-batch or rank.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 
 import torch
@@ -299,10 +301,15 @@ def rollout_from_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, texts
             raise ValueError(f"completion {i} of the batch is empty: drop rows without a completion, or set "
                              "on_policy_fraction: 1.0")
     ids = [e.ids for e in prefixless_encoder(tokenizer).encode_batch(texts, add_special_tokens=False)]
-    ends = ["eos"] * len(texts) if ends is None else ends
+    dataset, ends = ends is None, ["eos"] * len(texts) if ends is None else ends
     if unknown := set(ends) - {"eos", "stop", "length"}:
         raise ValueError(f"unknown completion ends {sorted(unknown)}: use 'eos', 'stop' or 'length'")
     completions = [t + [tokenizer.eos_token_id] if end == "eos" else t for t, end in zip(ids, ends, strict=True)]
+    if dataset and (longest := max(map(len, completions), default=0)) > max_new_tokens:
+        warnings.warn(f"dataset completions longer than sampling.max_new_tokens={max_new_tokens} are cut (the "
+                      f"longest in this batch has {longest} tokens with its EOS): the student never sees their ends "
+                      "or when to stop. Raise sampling.max_new_tokens to the longest completion, or drop long rows",
+                      stacklevel=2)
     if any(not c for c in completions):
         raise ValueError("a completion cut by the length limit is empty: raise sampling.max_new_tokens")
     return rollout_from_token_lists(prompt_ids, prompt_mask, completions, max_new_tokens=max_new_tokens,

@@ -156,6 +156,24 @@ def test_text_completions_end_with_eos_a_stop_string_or_the_length_limit(char_to
         rollout_from_texts(char_tok, prompts[:1], torch.ones_like(prompts[:1]), ["1"], max_new_tokens=4, ends=["done"])
 
 
+def test_dataset_completions_cut_by_the_length_limit_warn_and_say_how_to_keep_them(char_tok):
+    """A dataset's completion longer than `max_new_tokens` loses its end and its EOS: training on it would teach a
+    model that never sees when to stop, so the cut is said, with the fix; completions that fit, or a rollout's own
+    ends, say nothing."""
+    import warnings
+
+    prompts = torch.tensor([[5, 6]] * 2)
+    with pytest.warns(UserWarning, match=r"longer than sampling.max_new_tokens=4 are cut \(the longest in this batch "
+                                         r"has 6 tokens with its EOS\).*Raise sampling.max_new_tokens"):
+        out = rollout_from_texts(char_tok, prompts, torch.ones_like(prompts), ["12345", "1"], max_new_tokens=4)
+    assert out.truncated.tolist() == [True, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rollout_from_texts(char_tok, prompts, torch.ones_like(prompts), ["123", "1"], max_new_tokens=4)
+        rollout_from_texts(char_tok, prompts, torch.ones_like(prompts), ["12345", "1"], max_new_tokens=4,
+                           ends=["length", "eos"])
+
+
 def test_seeds_come_from_a_documented_function_with_pinned_values():
     """`derive_seed` is NumPy's SeedSequence (stable across versions and platforms), not Python's `hash()`: its values
     are pinned here, so a change of function (or of its key order) is caught."""
