@@ -74,7 +74,8 @@ DROP = 0.05
 PATIENCE = 3  # observations past the threshold before the guard acts
 WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
-          "diag/logratio_drift", "diag/repetition_rate", "diag/entropy_student", "diag/completion_len")
+          "diag/logratio_drift", "diag/repetition_rate", "diag/repeat_advantage_ratio", "diag/entropy_student",
+          "diag/completion_len")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/distill.yaml's teacher
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
@@ -130,7 +131,7 @@ MODES = {
         "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9)),
-        "needs": (lambda: copy_teacher(),),
+        "needs": (lambda: copy_teacher(), lambda: long_teacher()),
         "variants": {
             "sampled_token": ("`sampled_token` on the student's rollouts only (λ = 1)", [
                 "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
@@ -139,6 +140,9 @@ MODES = {
                 "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
                 "--model.rollout.on_policy_fraction", "1.0", "--model.extra_terms",
                 "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
+            # The control: the same loss from the long task's own teacher, which does not copy a loop.
+            "sampled_token_own_teacher": ("control: `sampled_token` (λ = 1) from the long task's own teacher", [
+                "--model.loss", "sampled_token", "--model.rollout.on_policy_fraction", "1.0"]),
         },
     },
 }
@@ -298,7 +302,7 @@ def from_rows(rows: list[dict]) -> list[dict]:
                                      "windows": {n: [] for n in SERIES}, "history": []})
         if r["kind"] == "window":
             for n in SERIES:
-                run_["windows"][n].append(float(r[n]) if r[n] not in ("", "nan") else math.nan)
+                run_["windows"][n].append(float(r[n]) if r.get(n) not in (None, "", "nan") else math.nan)
         else:
             run_["history"].append((int(r["step"]), float(r["score"])))
     for run_ in runs.values():

@@ -13,7 +13,6 @@ whatever else shares its batch, micro-batch or rank.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass, field
 
 import torch
