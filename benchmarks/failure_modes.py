@@ -88,7 +88,7 @@ MODES = {
         "eval_every": 10,  # the sampled-token runs' score fell within the first 50 steps: seen step by step
         # The hypothesis' own signal at opd report's floor, and the top-k overlap at a floor set after the first
         # three seeds (the signal that moved before the score fell in them; not validated on other runs).
-        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9)),
+        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9)), "plot": 1,  # the one that moved
         "variants": {
             "sampled_token": ("`sampled_token` (one sample's log-ratio per token)", ["--model.loss", "sampled_token"]),
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
@@ -379,7 +379,7 @@ def plot(runs: list[dict], modes: list[str]) -> None:
     fig = Figure(figsize=(11, 3.4 * len(modes)))
     FigureCanvasAgg(fig)
     for row, mode in enumerate(modes):
-        watch, limit = MODES[mode]["watch"][-1]  # the guard that warns (the last watched)
+        watch, limit = MODES[mode]["watch"][MODES[mode].get("plot", 0)]
         ax_score, ax_diag = fig.add_subplot(len(modes), 2, 2 * row + 1), fig.add_subplot(len(modes), 2, 2 * row + 2)
         for r in (r for r in runs if r["mode"] == mode):
             label = f"{r['variant']} s{r['seed']}"
