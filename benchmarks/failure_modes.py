@@ -36,9 +36,10 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
 `MODES` gives one), the step at which it had stayed past the limit for `PATIENCE` observations (`guards.crossing`: the
-step `RolloutGuard` with that limit acts at, and stops the run with `stop: true`). Runs are stored in `runs/failure_modes/results.json` and
-`benchmarks/failure_modes_runs.csv` (each run's diagnostics as means over windows of `WINDOW` steps, and its scores);
-the table and `benchmarks/failure_modes.png` are regenerated from the CSV with `--no-run`.
+step `RolloutGuard` with that limit acts at, and stops the run with `stop: true`). Runs are stored in
+`benchmarks/failure_modes_runs.csv` (each run's diagnostics as means over windows of `WINDOW` steps, and its scores;
+the guards' steps are read again from the run folders when they are here); the table and
+`benchmarks/failure_modes.png` are regenerated from it with `--no-run`.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def _label(metric: str, limit: float | None) -> str:
 
 def crossings(mode: str, logged: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
     """For each watched (diagnostic, limit) of `mode`, the step the guard acts at (`guards.crossing`), or None."""
-    return {_label(m, lim): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE) for m, lim in MODES[mode]["watch"]}
+    return {_label(m, lim): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE)
+            for m, lim in MODES[mode]["watch"]}
 
 
 def _crossings(mode: str, cell: str) -> dict[str, int | None]:
@@ -454,8 +456,9 @@ Command: `.venv/bin/python -m benchmarks.failure_modes --modes {' '.join(args.mo
 {' '.join(map(str, args.seeds))} --steps {args.steps}{f" --eval-every {args.eval_every}" if args.eval_every else ""}`.
 Runs dated {', '.join(sorted({r['date'] for r in runs}))}. Machine: {machine()}; one thread per run, fp32.
 Students warmed up by SFT on gold (steps and score of each mode's start: {starts_text}), then {args.steps} steps of
-the run (the config's λ, batch and optimizer unless the variant says otherwise), lm-eval every {evals} steps. "Falls at": the first evaluation more than
-{DROP} below the start. Diagnostics: means over the first and last tenth of the run's {WINDOW}-step windows.
+the run (the config's λ, batch and optimizer unless the variant says otherwise), lm-eval every {evals} steps.
+"Falls at": the first evaluation more than {DROP} below the start. Diagnostics: means over the first and last
+tenth of the run's {WINDOW}-step windows.
 What each mode tests: the docstring of `benchmarks/failure_modes.py`.
 
 {blocks}

@@ -32,7 +32,8 @@ _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_te
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
-          "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "logratio_abs": ("logratio_abs", "teacher_tokens"), "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
+          "logratio_pos_frac": ("logratio_pos", "teacher_tokens"), "logratio_abs": ("logratio_abs", "teacher_tokens"),
+          "entropy_teacher": ("entropy_teacher", "teacher_sampled"),
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
           "noncanonical_rate": ("noncanonical", "noncanonical_n"),
