@@ -59,12 +59,21 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.leaderboard import PAIRS, eval_overlay, fit_and_score, prepare, scored_run, seed_args, warm_student
+from benchmarks.leaderboard import (
+    PAIRS,
+    _fmt,
+    eval_overlay,
+    fit_and_score,
+    prepare,
+    scored_run,
+    seed_args,
+    warm_student,
+)
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 from opd_lightning.data import load_rows
 from opd_lightning.guards import BOUNDS, crossing
-from opd_lightning.report import DEFAULT_THRESHOLDS
+from opd_lightning.report import DEFAULT_THRESHOLDS, metric_ends
 
 ROOT = Path("runs/failure_modes")
 RUNS_CSV = Path(__file__).with_name("failure_modes_runs.csv")
@@ -101,6 +110,7 @@ MODES = {
         "start": "cross", "config": PAIRS["cross"]["config"], "task": "arithmetic", "start_steps": 600,
         "eval_every": 50,
         "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9)),
+        "needs": (lambda: trained_teacher("builtin:arithmetic_bpe"),),
         "variants": {
             "char_teacher": ("character teacher, `exact_spans`", [
                 "--model.loss", "reverse_kl", "--model.aligner",
@@ -259,6 +269,11 @@ def finished(mode: str, variant: str, seed: int, steps: int, eval_every: int,
     if result["history"][0] != (0, start[1]) or [s for s, _ in result["history"]] != list(range(0, steps + 1,
                                                                                                  eval_every)):
         return None
+    return with_logs(result, mode, out, steps)
+
+
+def with_logs(result: dict, mode: str, out: Path, steps: int) -> dict:
+    """A scored run with what its logs in `out` add: each series' window means, and the watched guards' steps."""
     logged = series(out / "logs" / "version_0")
     return {**result, "windows": {n: windows(v, steps) for n, v in logged.items()}, "crossing": crossings(mode, logged)}
 
@@ -275,11 +290,7 @@ def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: 
     result = fit_and_score(args, out, steps, {"mode": mode, "variant": variant, "seed": seed,
                                               "start_score": start[1]}, task=spec["task"],
                            metric=spec.get("metric", "exact_match"), eval_every=eval_every)
-    if "score" in result:
-        logged = series(out / "logs" / "version_0")
-        result["windows"] = {name: windows(values, steps) for name, values in logged.items()}
-        result["crossing"] = crossings(mode, logged)
-    return result
+    return with_logs(result, mode, out, steps) if "score" in result else result
 
 
 def to_rows(result: dict) -> list[dict]:
@@ -337,17 +348,9 @@ def falls(run_: dict) -> int | None:
     return next((s for s, v in run_["history"] if v < start - DROP), None)
 
 
-def _f(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def _ends(values: list[float]) -> tuple[float, float]:
-    """Means of the first and last tenth of a series' finite window values (as `opd report` reads a metric)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    n = max(1, math.ceil(len(finite) / 10))
-    return statistics.mean(finite[:n]), statistics.mean(finite[-n:])
+    """The first and last tenth's means of a run's window values, as `opd report` reads a metric's start and end."""
+    return metric_ends(list(enumerate(values)))
 
 
 def table(mode: str, runs: list[dict]) -> str:
@@ -362,15 +365,15 @@ def table(mode: str, runs: list[dict]) -> str:
     for variant, (label, _) in spec["variants"].items():
         for r in sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"]):
             scores = [v for _, v in r["history"]]
-            ends = [" → ".join(map(_f, _ends(r["windows"][m]))) for m in metrics]
+            ends = [" → ".join(map(_fmt, _ends(r["windows"][m]))) for m in metrics]
             acts = [r["crossing"].get(_label(m, lim)) for m, lim in watched]
             lines.append(
-                f"| {label} | {r['seed']} | {_f(r['teacher_score'])} | "
+                f"| {label} | {r['seed']} | {_fmt(r['teacher_score'])} | "
                 f"{scores[0]:.3f} → {min(scores):.3f} → {scores[-1]:.3f} | "
                 f"{falls(r) if falls(r) is not None else 'never'} | {' | '.join(ends)} | "
                 f"{' | '.join('never' if a is None else str(a) for a in acts)} | "
-                f"{_f(_ends(r['windows']['diag/logratio_abs'])[1])} | "
-                f"{' → '.join(map(_f, _ends(r['windows']['diag/entropy_student'])))} |")
+                f"{_fmt(_ends(r['windows']['diag/logratio_abs'])[1])} | "
+                f"{' → '.join(map(_fmt, _ends(r['windows']['diag/entropy_student'])))} |")
     return "\n".join(lines)
 
 
@@ -413,8 +416,6 @@ def main() -> None:
     args = parser.parse_args()
     recorded, mine = {_key(r): r for r in read_csv()}, {}
     if not args.no_run:
-        if any("oracle_teacher" in MODES[m]["variants"] for m in args.modes):
-            trained_teacher("builtin:arithmetic_bpe")
         for m in args.modes:
             for need in MODES[m].get("needs", ()):
                 need()

@@ -148,7 +148,7 @@ class DistillationModule(LightningModule):
         config = self.diag_config
         self.train_diag, self.val_diag = (Diagnostics(config.topk, config.ngram, config.max_positions) for _ in range(2))
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
-        self.step_diagnostics: dict[str, float] = {}  # the last training step's diag/* values (RolloutGuard reads)
+        self.step_diagnostics: dict[str, Tensor | float] = {}  # the last training step's diag/* (RolloutGuard reads)
         self._split = "train"  # the data split of the step's batch; set per step
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
@@ -491,7 +491,7 @@ class DistillationModule(LightningModule):
         # Measured on a sample of steps only: written straight to the loggers, as Lightning would repeat a value
         # logged with self.log on the steps that do not log it.
         sampled = {k: float(diagnostics.pop(k)) for k in SAMPLED_DIAGNOSTICS if k in diagnostics}
-        self.step_diagnostics = {**{k: float(v) for k, v in diagnostics.items()}, **sampled}  # for RolloutGuard
+        self.step_diagnostics = {**diagnostics, **sampled}  # for RolloutGuard (read, and synced, only by it)
         self.log_dict(diagnostics)
         for logger in self.loggers if sampled else []:
             logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here

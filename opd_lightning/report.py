@@ -8,7 +8,7 @@ Choices: stdlib `csv` (no pandas); matplotlib's Agg canvas on a bare `Figure` (h
 pyplot state and backend are never touched); one module-level `DEFAULT_THRESHOLDS` dict, overridable with
 `--threshold NAME=VALUE`. A resumed run writes a new `logs/version_N` (or re-logs steps after its checkpoint in
 the same one), so a run dir is read as every version joined by step, the later version or row winning a step
-both hold. Start and end of a metric are window means (first/last 10% of its finite values, `_ends`), the same
+both hold. Start and end of a metric are window means (first/last 10% of its finite values, `metric_ends`), the same
 numbers in the summary table and the health checks, so one noisy step does not flip a verdict and sparse NaN
 steps do not hide a metric. Eval scores are taken as higher-is-better. The file runs past the ~200-line
 budget: reading, checking, plotting and writing are one short pipeline; if it grows, the plotting (`_panels`,
@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "read_evals",
+__all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "metric_ends",
+           "read_evals",
            "read_metrics", "read_run", "resolve_metrics", "resolve_versions"]
 
 Series = list[tuple[int, float]]  # (step, value), ordered by step
@@ -192,7 +193,7 @@ def read_run(csv_paths: list[Path]) -> tuple[dict[str, Series], dict[str, dict[s
     return _join(parts), _nest(entries)
 
 
-def _ends(series: Series, frac: float = 0.1) -> tuple[float, float]:
+def metric_ends(series: Series, frac: float = 0.1) -> tuple[float, float]:
     """(start, end): means of the first and the last `frac` of the finite values, at least one each; NaN if none.
 
     The one definition of a metric's start and end, shared by the summary table and the health checks.
@@ -225,18 +226,18 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
             out.append(_not_judged(name, metrics, candidates))
             continue
         metric, series = found
-        end, finite = _ends(series)[1], [v for _, v in series if math.isfinite(v)]
+        end, finite = metric_ends(series)[1], [v for _, v in series if math.isfinite(v)]
         ok = end >= limit if bound == "min" else end <= limit
         worst = min(finite) if bound == "min" else max(finite)
         cmp = (">=" if ok else "<") if bound == "min" else ("<=" if ok else ">")
         out.append(Check(name, ok, f"{meaning}: `{metric}` ends at {end:.4g} {cmp} {limit:g} "
                                    f"({'lowest' if bound == 'min' else 'highest'} {worst:.4g})"))
     if found := _pick(metrics, CHECKS["topk_overlap"][0]):
-        (start, end), limit = _ends(found[1]), thresholds["topk_overlap_drop"]
+        (start, end), limit = metric_ends(found[1]), thresholds["topk_overlap_drop"]
         out.append(Check("topk_overlap_drop", start - end <= limit,
                          f"`{found[0]}` {start:.4g} -> {end:.4g} (tolerated fall {limit:g})"))
     if (found := _pick(metrics, ("train/loss",))) and len(found[1]) > 1:
-        (start, end), limit = _ends(found[1]), thresholds["loss_ratio"]
+        (start, end), limit = metric_ends(found[1]), thresholds["loss_ratio"]
         ratio = end / start if start else math.inf
         out.append(Check("loss_ratio", ratio < limit, f"train/loss first-10% mean {start:.4g} -> last-10% mean "
                                                       f"{end:.4g}, ratio {ratio:.3g} (must be < {limit:g})"))
@@ -311,7 +312,7 @@ def _summary(metrics: dict[str, Series]) -> list[str]:
     lines = ["| metric | start: mean of first 10% of finite values | end: mean of last 10% of finite values | change |",
              "|---|---|---|---|"]
     for name in sorted(n for n in metrics if _KEY_METRICS.fullmatch(n)):
-        start, end = _ends(metrics[name])
+        start, end = metric_ends(metrics[name])
         lines.append(f"| `{name}` | {_cell(start)} | {_cell(end)} | {_cell(end - start, '+.4g')} |")
     return lines
 

@@ -194,7 +194,8 @@ class ServedTeacher(nn.Module):
         start = width - (logits_to_keep or width)  # the first kept column
         where = [m.nonzero().squeeze(-1).tolist() for m in mask.cpu()]
         scores = self.score([input_ids[b, w].tolist() for b, w in enumerate(where)])
-        at, fills, entries = [], [], []  # per kept position: (row, column), spread log-prob; per log-prob: (position, id, value)
+        # Per kept position: (row, column) and the spread log-prob; per returned log-prob: (position, id, value).
+        at, fills, entries = [], [], []
         for b, (cols, positions) in enumerate(zip(where, scores, strict=True)):
             for col, known in zip(cols[:-1], positions, strict=True):  # the position predicting the next real token
                 if col >= start:
