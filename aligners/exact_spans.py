@@ -60,7 +60,8 @@ class ExactSpanAligner(TextAligner):
     provides = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
     queries_teacher = True
 
-    def __init__(self, branches: int | None = 8, depth: int | None = 4, min_mass: float = 1e-4) -> None:
+    def __init__(self, branches: int | None = 8, depth: int | None = 4, min_mass: float = 1e-4,
+                 lead_topk: int | None = None) -> None:
         """
         Args:
             branches: off-path children expanded per tree node, the most likely first (the realised child is always
@@ -70,6 +71,12 @@ class ExactSpanAligner(TextAligner):
                 aligned position is at least this; the mass of those left out (at most this much each) goes to the
                 first student token of their text. 0: no threshold. The default queries about a tenth of the
                 branches of an unbounded tree, 0.002 nats from the exact target (benchmarks/RESULTS.md).
+            lead_topk: where a student token starts at a teacher token, keep only the teacher's k most likely first
+                tokens there (renormalised) and the exact tree below them: the target is then the teacher's
+                likelihood of each student token given that its text begins with one of the teacher's top-k next
+                tokens. With a character teacher and whole-number student tokens, k = 1 fixes the teacher's leading
+                digit and keeps its hedges on the digits after it. None: the exact target. Roots inside a teacher
+                token (a student token starting mid-token) are left exact.
         """
         super().__init__()
         for name, value in (("branches", branches), ("depth", depth)):
@@ -77,7 +84,9 @@ class ExactSpanAligner(TextAligner):
                 raise ValueError(f"exact_spans: {name} must be >= 0 or null (unbounded), got {value}")
         if not 0.0 <= min_mass < 1.0:
             raise ValueError(f"exact_spans: min_mass must be in [0, 1), got {min_mass}")
-        self.branches, self.depth, self.min_mass = branches, depth, min_mass
+        if lead_topk is not None and lead_topk < 1:
+            raise ValueError(f"exact_spans: lead_topk must be >= 1 or null (every first token), got {lead_topk}")
+        self.branches, self.depth, self.min_mass, self.lead_topk = branches, depth, min_mass, lead_topk
         self.cover: Cover | None = None
         self.last_query_tokens = 0  # teacher tokens queried off the main pass in the last `project`
 
@@ -148,6 +157,8 @@ class ExactSpanAligner(TextAligner):
         level, logits = roots, teacher_logits[[r.row for r in roots], [r.root for r in roots]]
         while level:
             probs = torch.softmax(logits.double().cpu(), -1)  # [n, V_t]
+            if level is roots and self.lead_topk is not None:
+                probs = self._lead(probs, roots)
             nxt, branch_nodes = [], []
             by_state: dict[State, list[int]] = {}
             for k, node in enumerate(level):
@@ -197,6 +208,15 @@ class ExactSpanAligner(TextAligner):
             level = nxt
         self.last_query_tokens = queries.tokens - start_tokens
         return out[:, : self.student_vocab_size].float()
+
+    def _lead(self, probs: Tensor, roots: list[_Node]) -> Tensor:
+        """The roots' distributions restricted to their `lead_topk` most likely tokens and renormalised, at roots on
+        a teacher token boundary (nothing written since the teacher token began)."""
+        at_start = torch.tensor([not root.state[0] for root in roots])
+        top = probs.topk(min(self.lead_topk, probs.shape[-1]), dim=-1).indices
+        kept = torch.zeros_like(probs).scatter_(1, top, probs.gather(1, top))
+        kept = kept / kept.sum(-1, keepdim=True)
+        return torch.where(at_start[:, None], kept, probs)
 
     def _realised_next(self, node: _Node, t_ids, t_len: list[int]) -> int:
         at = node.root + node.depth

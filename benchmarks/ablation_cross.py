@@ -16,11 +16,14 @@ with one change:
 - `exact_spans_top1`, `exact_spans_top3`, `oracle_top1`: the exact target's (or the oracle's) k most likely student
   tokens kept and the rest of its mass as one bucket (`model.teacher_topk`): the teacher's mode and confidence
   without the shape of its other guesses; `exact_spans_top1_sft` adds SFT on gold to the top-1;
+- `lead1`: `exact_spans` (default bounds) with `lead_topk: 1`, the whole target: the tree below the teacher's most
+  likely first token only;
 - `shipped`: the config as it ships, `exact_spans` at its default bounds with `teacher_topk: 1`;
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
   separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
-`runs/ablation/results.json`) are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the
+`benchmarks/ablation_cross_runs.json`, kept with the code so that `--no-run` rebuilds the table from a fresh clone)
+are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the
 table into benchmarks/RESULTS.md.
 """
 
@@ -37,6 +40,7 @@ from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
 ROOT = Path("runs/ablation")
+STORE = Path(__file__).with_name("ablation_cross_runs.json")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
 OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each student misses
@@ -58,6 +62,11 @@ ROWS = {
     # What the config ships now: exact_spans at its default bounds (branches below 1e-4 unqueried) with top-1.
     "shipped": ("**shipped: exact_spans (default bounds), top-1 + tail bucket**", []),
     "oracle_top1": ("oracle, top-1 + tail bucket", [*ORACLE_ARGS, "--model.teacher_topk", "1"]),
+    # The teacher's leading token fixed to its most likely one at each aligned position, the exact tree below it,
+    # the whole target kept: the character teacher's hedges on the digits after the first (neighbours, as the
+    # oracle's are) without its hedge on the first digit (a number ten away).
+    "lead1": ("exact_spans (default bounds), teacher's top first token (`lead_topk: 1`), whole target",
+              ["--model.aligner", "{name: exact_spans, lead_topk: 1}"]),
     "exact_spans_top1_sft": ("exact target, top-1 + tail bucket, + SFT on gold (weight 1)",
                              [*EXACT, "--model.teacher_topk", "1", "--model.extra_terms",
                               "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
@@ -146,7 +155,7 @@ def main() -> None:
     prepare(ROOT, OVERLAY)
     if any(row.startswith("oracle") for row in args.rows) and not args.no_run:
         trained_teacher("builtin:arithmetic_bpe")
-    store = ROOT / "results.json"
+    store = STORE
     done = _recorded(store)
     jobs = [] if args.no_run else [(row, seed) for row in args.rows for seed in args.seeds
                                    if args.rerun or (row, seed, args.steps) not in done]

@@ -44,7 +44,7 @@ def first_byte_distribution(probs: torch.Tensor, table, eos_id: int) -> torch.Te
 
 
 def brute_force_next_token(teacher, prefix_ids: list[int], need: bytes, teacher_table, student_table, student_encode,
-                           student_size: int) -> torch.Tensor:
+                           student_size: int, lead_topk: int | None = None) -> torch.Tensor:
     """The teacher's distribution over the student's next token `[V_s]` (float64) by enumeration, one full teacher
     forward per node of the continuation tree.
 
@@ -52,7 +52,9 @@ def brute_force_next_token(teacher, prefix_ids: list[int], need: bytes, teacher_
     written since that teacher token began; empty at a shared token start). A continuation's text decides the
     student's next token once it is no proper prefix of any student token: the first id of `student_encode(text)`;
     when the teacher stops first, the first token of the text so far (the student's EOS when there is none). Mass
-    of continuations that cannot spell `need` is left out, and the result renormalised.
+    of continuations that cannot spell `need` is left out, and the result renormalised. `lead_topk`: at a root on a
+    teacher token boundary (`need` empty), only the teacher's k most likely first tokens are walked, their
+    probabilities renormalised among them.
     """
     prefixes = {data[:k] for data in student_table.table if data for k in range(len(data))}
     out = torch.zeros(student_size + 1, dtype=torch.float64)  # last: text the student cannot spell
@@ -65,6 +67,12 @@ def brute_force_next_token(teacher, prefix_ids: list[int], need: bytes, teacher_
         with torch.no_grad():
             logits = teacher(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
         probs = torch.softmax(logits.double(), -1)
+        if lead_topk is not None and len(ids) == len(prefix_ids) and not need:
+            order = sorted(range(len(probs)), key=lambda x: -float(probs[x]))
+            keep = set(order[:lead_topk])
+            total = sum(float(probs[x]) for x in keep)
+            probs = torch.tensor([float(probs[x]) / total if x in keep else 0.0 for x in range(len(probs))],
+                                 dtype=torch.float64)
         for x in range(len(probs)):
             p = mass * float(probs[x])
             if p == 0.0:

@@ -30,7 +30,7 @@ def _module(pair, aligner, **options):
     return cross_module(teacher, student, "forward_kl", ALIGNERS.build(aligner, **options), on_policy_fraction=0.0)
 
 
-def _brute(module, rollout, inputs, b, i):
+def _brute(module, rollout, inputs, b, i, lead_topk=None):
     """The reference target at student position (b, i), from the view's teacher tokens and byte offsets."""
     aligner, view = module.aligner, inputs.alignment
     prompt = view.input_ids.shape[1] - view.teacher_ids.shape[1]
@@ -54,7 +54,7 @@ def _brute(module, rollout, inputs, b, i):
             return [encoder.model.token_to_id(t.value) for t in encoder.model.tokenize("".join(alphabet[b] for b in text))]
 
     return brute_force_next_token(module.teacher, ids[: n_prompt + c], need, aligner.teacher_bytes,
-                                  aligner.student_bytes, encode, aligner.student_vocab_size)
+                                  aligner.student_bytes, encode, aligner.student_vocab_size, lead_topk)
 
 
 @pytest.mark.parametrize("pair", ["char_to_bpe", "bpe_to_char", "subset"])
@@ -79,6 +79,33 @@ def test_unbounded_exact_spans_equal_the_brute_force_target(teacher_dir, bpe_tea
         assert float(got[want <= 1e-12].sum()) < 1e-5
         token = int(rollout.completion_ids[b, i])
         torch.testing.assert_close(target.token_logprobs[b, i].double(), want[token].log(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead_topk", [1, 2])
+def test_lead_topk_equals_the_brute_force_target_on_the_teachers_top_first_tokens(teacher_dir, lead_topk):
+    """`lead_topk`: the tree below the teacher's k most likely first tokens only, exact below them."""
+    module = _module((teacher_dir, "builtin:arithmetic_bpe"), "exact_spans", branches=None, depth=None, min_mass=0.0,
+                     lead_topk=lead_topk)
+    exact = _module((teacher_dir, "builtin:arithmetic_bpe"), "exact_spans", branches=None, depth=None, min_mass=0.0)
+    batch = {"prompt": BATCH["prompt"], "completion": ["46", "136", "10", "7"]}
+    rollout = module.rollouts(batch, train=True)["rollout"]
+    needs = frozenset({TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS})
+    target = module.scorer.teacher_target(rollout, needs, module.student)
+    full = exact.scorer.teacher_target(rollout, needs, exact.student)
+    inputs = module.aligner.teacher_inputs(rollout)
+    covered = (target.mask & rollout.completion_mask).nonzero().tolist()
+    assert covered and torch.equal(target.mask, full.mask)
+    for b, i in covered:
+        want = _brute(module, rollout, inputs, b, i, lead_topk=lead_topk)
+        got = target.logits[b, i].double().exp()
+        torch.testing.assert_close(got[want > 1e-12], want[want > 1e-12], rtol=2e-4, atol=1e-7)
+        assert float(got[want <= 1e-12].sum()) < 1e-5
+    # fewer first tokens: fewer student tokens with mass than the exact target somewhere
+    support = (target.logits.exp() > 1e-9).sum(-1)[target.mask]
+    assert bool((support <= (full.logits.exp() > 1e-9).sum(-1)[target.mask]).all())
+    assert bool((support < (full.logits.exp() > 1e-9).sum(-1)[target.mask]).any())
+    with pytest.raises(ValueError, match="lead_topk must be >= 1"):
+        ALIGNERS.build("exact_spans", lead_topk=0)
 
 
 def test_byte_spans_differs_from_the_exact_target_off_the_realised_path(teacher_dir):
