@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 from conftest import TINY
+from opd_lightning.aligners import ALIGNERS
 from opd_lightning.losses import LOSSES, LossInputs
 
 from opd_lightning.hidden import vocab_size
@@ -148,6 +149,30 @@ def test_uncovered_positions_contribute_nothing(teacher_dir):
     t_logp, s_logp = target.logits[covered].double().log_softmax(-1), logits[covered].double().log_softmax(-1)
     expected = (t_logp.exp() * (t_logp - s_logp)).sum() / mask.sum()
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("every", [1, 2, 8])
+def test_vocab_map_mass_coverage_is_the_matched_share_at_the_measured_positions(teacher_dir, every):
+    """`mass_coverage` is the mean, over the targeted positions whose student index is divisible by
+    `coverage_every`, of the teacher probability the matched tokens hold (by hand from the teacher's logits, in
+    float64); every targeted position keeps its target whatever the sample."""
+    module = cross_module(teacher_dir, "builtin:arithmetic_bpe", "forward_kl",
+                          ALIGNERS.build("vocab_map", coverage_every=every))
+    batch = {"prompt": BATCH["prompt"], "completion": ["46", "136", "10 and 12+34=46", "7"]}
+    rollout = module.rollouts(batch, train=True)["rollout"]
+    inputs = module.aligner.teacher_inputs(rollout)
+    with torch.no_grad():
+        logits = completion_logits(module.teacher, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                                   inputs.completion_length)
+    target = module.aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
+    at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+    assert torch.equal(target.mask, at >= 0)
+    t_ids = module.aligner.pairs[1]
+    shares = [float(logits[b, t].double().softmax(-1)[t_ids].sum()) for b, i in (at >= 0).nonzero().tolist()
+              if i % every == 0 for t in [int(at[b, i])]]
+    assert shares and target.mass_coverage == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+    with pytest.raises(ValueError, match="coverage_every must be >= 1"):
+        ALIGNERS.build("vocab_map", coverage_every=0)
 
 
 class OracleTeacher(torch.nn.Module):
