@@ -36,7 +36,9 @@ from .text import (
     LOG_FLOOR,
     TextAligner,
     chunk_rows,
-    fused_softmax_,
+    copy_rows_,
+    exp_rows,
+    exp_safe,
     gather_rows,
     mass_to_logits,
     put_rows_,
@@ -85,21 +87,21 @@ class ByteSpanAligner(TextAligner):
         starts = tuple(x.cpu().numpy() for x in (batch, pos, at[batch, pos]))  # host copies for the bookkeeping
         walks = self.lookahead.plan(view.teacher_ids.cpu().numpy(), view.teacher_mask.sum(-1).cpu().numpy(),
                                     starts[0], starts[2], device=teacher_logits.device)
-        logp, kept, q, native = first_level(teacher_logits, starts, at.shape[1], walks.queries,
-                                            self.lookahead.root_map, self.student_vocab_size, walks.deep.cpu().numpy(),
-                                            TEACHER_NATIVE_LOGITS in needs)  # [B, N, V_s]
-        if len(walks.deep):  # the starts the walks below the first level move mass in: still masses here
+        deep = walks.deep.cpu().numpy()
+        logp, kept, q, native, masses = first_level(teacher_logits, starts, at.shape[1], walks.queries,
+                                                    self.lookahead.root_map, self.student_vocab_size, deep,
+                                                    TEACHER_NATIVE_LOGITS in needs)  # [B, N, V_s]
+        if len(deep):  # the starts the walks below the first level move mass in: masses until here
             start, column, value = self.lookahead.flow(walks, q)
-            deep = walks.deep.to(batch.device)
-            order = torch.empty(len(batch), dtype=torch.long, device=batch.device)
-            order[deep] = torch.arange(len(deep), device=batch.device)  # start -> its row among the deep ones
-            flat = logp.view(-1, self.student_vocab_size)
-            rows = batch[deep] * at.shape[1] + pos[deep]
-            mass = flat[rows].index_put_((order[start], column.to(batch.device)), value.to(flat.dtype),
-                                         accumulate=True).clamp_min_(0)  # rounding in the subtractions
-            logp_deep, kept_deep = mass_to_logits(mass)
-            flat[rows] = logp_deep
-            kept[deep] = kept_deep.to(kept.dtype)
+            order = torch.empty(len(batch), dtype=torch.long, device=start.device)
+            order[walks.deep] = torch.arange(len(deep), device=start.device)  # start -> its row among the deep ones
+            cells = order[start].to(masses.device) * self.student_vocab_size + column.to(masses.device)
+            masses.view(-1).index_add_(0, cells, value.to(masses.dtype))
+            masses.clamp_min_(0)  # rounding in the subtractions
+            logp_deep, kept_deep = mass_to_logits(masses)
+            rows = torch.from_numpy(starts[0][deep] * at.shape[1] + starts[1][deep]).to(logp.device)
+            logp.view(-1, self.student_vocab_size).index_copy_(0, rows, logp_deep)
+            kept[walks.deep.to(kept.device)] = kept_deep.to(kept.dtype)
         valid = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
         valid[batch, pos] = kept > 0
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
@@ -110,7 +112,7 @@ class ByteSpanAligner(TextAligner):
 
 def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_student: int,
                 queries: tuple[np.ndarray, ...], root_map: Tensor, size: int, deep: np.ndarray,
-                native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """One pass over the teacher rows the projection reads: the first-level student-token distributions at the
     starts, and the probabilities the lookahead's walks read (at the starts and at the later positions the walks
     reach).
@@ -118,8 +120,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     Each row is soft-maxed once, a chunk of rows at a time, whether a start, a walk position or both; the row
     bookkeeping is done on the host. A start no walk goes below (most of them) is final at the first level: its row
     is renormalised over the mass the student can spell and written as log-probs (floored at `LOG_FLOOR`) while the
-    chunk is at hand. The `deep` starts are left as masses normalised by the teacher's whole row, for the walks' flow
-    to move mass within them first.
+    chunk is at hand. The `deep` starts' rows are kept apart as masses normalised by the teacher's whole row, for the
+    walks' flow to move mass within them first.
 
     Args:
         teacher_logits: `[B, M, V_t]`.
@@ -128,22 +130,22 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         queries: (row [Q], teacher position [Q], teacher id [Q]) probabilities to read (`Walks.queries`).
         root_map: `[V_t]` where each teacher token's mass goes at the first level (-1: nowhere).
         size: the student's vocabulary size.
-        deep: indices of the starts the walks go below (`Walks.deep`).
+        deep: indices (ascending) of the starts the walks go below (`Walks.deep`).
         native: also return the teacher's own logits at the starts.
 
     Returns:
-        (`[B, N, size]`: log-probs at the final starts, masses at the deep ones, zero off the starts; the share of
-        the teacher's mass each start keeps `[n]` (the deep ones' to be recomputed after the flow); probabilities
-        `[Q]`; native logits `[B, N, V_t]` or None).
+        (log-probs `[B, N, size]` at the final starts, zero off the starts (the deep starts' rows to be written by the
+        caller); the share of the teacher's mass each start keeps `[n]` (the deep ones' to be recomputed after the
+        flow); probabilities `[Q]`; native logits `[B, N, V_t]` or None; the deep starts' masses `[len(deep), size]`).
     """
     device, (big_b, big_m, v_t) = teacher_logits.device, teacher_logits.shape
-    out = torch.empty(big_b, n_student, size, device=device)  # every start's row is written below; the rest zeroed
-    is_start = torch.zeros(big_b * n_student, dtype=torch.bool, device=device)
-    is_start[torch.from_numpy(starts[0] * n_student + starts[1]).to(device)] = True
-    out.view(-1, size)[~is_start] = 0.0
+    out = torch.zeros(big_b, n_student, size, device=device)
+    flat = out.view(-1, size)
     own = torch.zeros(big_b, n_student, v_t, device=device) if native else None
-    final = np.ones(len(starts[0]), dtype=bool)
-    final[deep] = False
+    is_deep = np.zeros(len(starts[0]), dtype=bool)
+    is_deep[deep] = True
+    masses = scratch(len(deep), size, device, slot="deep").zero_()  # reused: no fresh pages to fault in per call
+    deep_at = np.cumsum(is_deep) - 1  # each deep start's row in `masses`
     kept = torch.zeros(len(starts[0]), device=device)
     start_key, query_key = starts[0] * big_m + starts[2], queries[0] * big_m + queries[1]
     keys = np.unique(np.concatenate([start_key, query_key]))  # [R] sorted teacher rows to read
@@ -156,38 +158,40 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     buffer = scratch(min(step, len(keys)), v_t, device)
     columns = scratch(min(step, len(keys)), size + 1, device, slot="columns")  # sum_columns' output, reused
-    floor = math.exp(LOG_FLOOR)
+    floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
     for c in range(len(bounds) - 1):
         lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
         rows_b, rows_t = t(key // big_m), t(key % big_m)
         if own is not None:
-            probs = fused_softmax_(put_native(own, teacher_logits, rows_b, rows_t, buffer, starts, s, start_at, lo, t))
+            probs = put_native(own, teacher_logits, rows_b, rows_t, buffer, starts, s, start_at, lo, t).exp_()
         else:
-            probs = softmax_rows(teacher_logits, rows_b, rows_t, buffer)  # [c, V_t]
-        local = start_at[s] - lo
-        same = len(local) == len(key) and (local == np.arange(len(key))).all()  # every row a start, once
-        b, i, local_t = t(starts[0][s]), t(starts[1][s]), t(local)
+            probs = exp_rows(teacher_logits, rows_b, rows_t, buffer)  # [c, V_t] unnormalised: divided by the total
         # [c, size + 1]: the columns sum to the row
         full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])
-        total = full.sum(-1, keepdim=True)  # exact row sums (the fused softmax's own are fp32-sequential)
+        total = full.sum(-1)  # pairwise, so exact
+        unsafe = (~exp_safe(total, v_t)).nonzero().squeeze(-1)
+        if len(unsafe):  # a logit too large or all too small for exp without the max: those rows soft-maxed
+            probs[unsafe] = softmax_rows(teacher_logits, rows_b[unsafe], rows_t[unsafe], scratch(len(unsafe), v_t,
+                                                                                                 device, slot="safe"))
+            full[unsafe] = sum_columns(probs[unsafe], root_map, size, keep_skipped=True)
+            total[unsafe] = full[unsafe].sum(-1)
         read = order[q_lo[c] : q_lo[c + 1]]
         at = t(query_at[read] - lo)
-        q[t(read)] = probs[at, t(queries[2][read])] / total[at, 0]
-        rows = full if same else full[local_t]  # [k, size + 1] one per start of the chunk
-        totals = total if same else total[local_t]
-        spelled = totals[:, 0] - rows[:, size]  # the mass the student's vocabulary can spell
-        fin = t(final[s])
-        kept[t(np.arange(s.start, s.stop))] = torch.where(fin, spelled / totals[:, 0], 0.0)
-        scale = torch.where(fin, spelled, totals[:, 0]).clamp_min_(torch.finfo(rows.dtype).tiny)
-        rows = rows[:, :size].div_(scale[:, None])
-        if bool(fin.all()):
-            rows.clamp_min_(floor).log_()
-        elif bool(fin.any()):
-            f = fin.nonzero().squeeze(-1)
-            rows[f] = rows[f].clamp_min_(floor).log_()
-        rows.masked_fill_((fin & (spelled <= 0))[:, None], 0.0)  # nothing spelled: no target (masked by the caller)
-        put_rows_(out, b, i, rows)
-    return out, kept, q, own
+        q[t(read)] = probs[at, t(queries[2][read])] / total[at]
+        local = start_at[s] - lo  # each start's row in the chunk
+        spelled = total - full[:, size]  # the mass the student's vocabulary can spell
+        final = np.ones(len(key), dtype=bool)
+        final[local[is_deep[s]]] = False
+        final_t = t(final)
+        kept[s.start : s.stop] = torch.where(final_t, spelled / total, 0.0)[t(local)]
+        scale = torch.where(final_t, spelled, total).clamp_min_(tiny)
+        full = full[:, :size].div_(scale[:, None])
+        if is_deep[s].any():
+            copy_rows_(masses, deep_at[s][is_deep[s]], full, local[is_deep[s]])
+        full.clamp_min_(floor).log_()  # the deep rows too: overwritten by the caller after the flow
+        full.masked_fill_((final_t & (spelled <= 0))[:, None], 0.0)  # nothing spelled: no target
+        copy_rows_(flat, starts[0][s] * n_student + starts[1][s], full, local)
+    return out, kept, q, own, masses
 
 
 def put_native(own: Tensor, teacher_logits: Tensor, rows_b: Tensor, rows_t: Tensor, buffer: Tensor,

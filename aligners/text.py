@@ -7,6 +7,7 @@ outputs at the positions an aligner chooses. Subclasses differ only in `project`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -20,9 +21,25 @@ from .bytes import TokenBytes
 from .spans import TextView, retokenise
 from .trie import prefixless_encoder
 
-__all__ = ["LOG_FLOOR", "TextAligner", "chunk_rows", "fused_softmax_", "gather_rows", "log_normaliser_",
-           "mass_to_logits", "project_chunks", "put_rows_", "scratch", "softmax_", "softmax_rows", "span_logprobs",
-           "vocab_pairs"]
+__all__ = [
+    "LOG_FLOOR",
+    "TextAligner",
+    "chunk_rows",
+    "copy_rows_",
+    "exp_rows",
+    "exp_safe",
+    "fused_softmax_",
+    "gather_rows",
+    "log_normaliser_",
+    "mass_to_logits",
+    "project_chunks",
+    "put_rows_",
+    "scratch",
+    "softmax_",
+    "softmax_rows",
+    "span_logprobs",
+    "vocab_pairs",
+]
 
 
 def softmax_(rows: Tensor) -> Tensor:
@@ -59,7 +76,9 @@ def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = to
     The projections copy each chunk of teacher rows into a buffer of up to `CHUNK_ELEMENTS` values before soft-maxing
     it in place. Allocated afresh on every call, a buffer that size comes from the operating system each time (the
     allocator maps large blocks directly) and is paged in while written: on the synthetic benchmark batch that page
-    faulting cost eight times the copy itself. Kept, it costs its size (128 MB at most) for the life of the process.
+    faulting cost eight times the copy itself. Kept, it costs its size for the life of the process: 128 MB at most for
+    the chunk slots, and for `byte_spans`' "deep" slot the rows its walks go below (a third of a batch's positions on
+    the SmolLM2/Gemma-3 pair, `[n, V_s]`).
     Not re-entrant: a caller must be done with a slot's buffer before the next call on the same slot and device.
     """
     key, need = (slot, torch.device(device), dtype), rows * width
@@ -97,26 +116,73 @@ def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None =
     return picked.float() if out is None else out[: len(picked)].copy_(picked)
 
 
+def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int, Tensor]] | None:
+    """`values[batch, pos]` of `[B, M, V]` values as a few slices of the tensor they were sliced from: `(lo, hi,
+    rows)` with `rows` the values' rows `lo:hi`; None where they are not a few runs of consecutive rows."""
+    if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
+        return None
+    b, m, v = values.shape
+    if not (values.stride(2) == 1 and values.stride(1) == v and values.stride(0) % v == 0):
+        return None
+    per = values.stride(0) // v
+    rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
+    cuts = ((index[1:] - index[:-1]) != 1).nonzero().squeeze(-1).add_(1).tolist()
+    if len(cuts) >= 8:
+        return None
+    firsts = index[[0, *cuts]].tolist()
+    return [(lo, hi, rows[first : first + hi - lo])
+            for lo, hi, first in zip([0, *cuts], [*cuts, len(index)], firsts, strict=True)]
+
+
 def softmax_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
     """`softmax(values[batch, pos])` of `[B, M, V]` values, `[n, V]` fp32, written into `out[:n]`.
 
     Where the rows are a few runs of consecutive rows of the tensor `values` was sliced from (a projection reads a
     row's positions in order), each run is soft-maxed straight from `values` into `out`: one fused kernel, no copy of
-    the rows first (at a 262k vocabulary the copy costs about half as much as the softmax). Otherwise the rows are
-    copied (`gather_rows`) and soft-maxed in place.
+    the rows first. Otherwise the rows are copied (`gather_rows`) and soft-maxed in place.
     """
-    if isinstance(values, Tensor) and values.device.type == "cpu" and values.dtype == out.dtype and len(batch):
-        b, m, v = values.shape
-        if values.stride(2) == 1 and values.stride(1) == v and values.stride(0) % v == 0:
-            per = values.stride(0) // v
-            rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
-            cuts = ((index[1:] - index[:-1]) != 1).nonzero().squeeze(-1).add_(1).tolist()
-            if len(cuts) < 8:
-                lo_index = index[[0, *cuts]].tolist()
-                for lo, hi, first in zip([0, *cuts], [*cuts, len(index)], lo_index, strict=True):
-                    torch.softmax(rows[first : first + hi - lo], -1, out=out[lo:hi])
-                return out[: len(index)]
-    return fused_softmax_(gather_rows(values, batch, pos, out))
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
+    if runs is None:
+        return fused_softmax_(gather_rows(values, batch, pos, out))
+    for lo, hi, rows in runs:
+        torch.softmax(rows, -1, out=out[lo:hi])
+    return out[: len(batch)]
+
+
+def exp_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    """`exp(values[batch, pos])` of `[B, M, V]` values, unnormalised, `[n, V]` fp32 written into `out[:n]`: a
+    softmax without its max and scaling passes, for a caller that sums (or scatters) the values and normalises the
+    smaller result. Rows too large or too small for that (see `exp_safe`) are for the caller to redo with
+    `softmax_rows`. Straight from `values` where the rows are runs of consecutive rows, else from a copy.
+
+    `softmax_` subtracts each row's max so that its largest value is 1; these values are exact as they are wherever
+    that max is at least log(tiny) - LOG_FLOOR (about -7.3): every entry within exp(LOG_FLOOR) of it is then a
+    normal float. A row's sum bounds its max from below (sum <= V * exp(max)), which is what `exp_safe` checks."""
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
+    if runs is None:
+        return gather_rows(values, batch, pos, out).exp_()
+    for lo, hi, rows in runs:
+        torch.exp(rows, out=out[lo:hi])
+    return out[: len(batch)]
+
+
+def exp_safe(totals: Tensor, width: int) -> Tensor:
+    """Which rows of `exp_rows`, `width` values wide, can be normalised by their sums `totals` `[c]`: finite (no value
+    overflowed) and large enough that the row's largest logit is at least log(tiny) - LOG_FLOOR, so that no
+    probability above exp(LOG_FLOOR) underflowed."""
+    bound = width * torch.finfo(torch.float32).tiny * math.exp(-LOG_FLOOR)  # sum <= width * exp(max)
+    return torch.isfinite(totals) & (totals >= bound)
+
+
+def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray) -> None:
+    """`dst[dst_rows] = src[src_rows]` for `[R, W]` and `[c, W]` tensors, one slice copy per run of rows consecutive on
+    both sides: no gathered copy of the source rows first (a projection writes a chunk's rows in order, a few runs)."""
+    if not len(dst_rows):
+        return
+    cut = np.flatnonzero((np.diff(dst_rows) != 1) | (np.diff(src_rows) != 1)) + 1
+    for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(dst_rows)], strict=True):
+        d, s = int(dst_rows[lo]), int(src_rows[lo])
+        dst[d : d + hi - lo].copy_(src[s : s + hi - lo])
 
 
 def put_rows_(out: Tensor, batch: Tensor, pos: Tensor, rows: Tensor) -> None:

@@ -19,6 +19,8 @@ with one change:
 - `lead1`: `exact_spans` (default bounds) with `lead_topk: 1`, the whole target: the tree below the teacher's most
   likely first token only;
 - `shipped`: the config as it ships, `exact_spans` at its default bounds with `teacher_topk: 1`;
+- `shipped_on_policy_sft`: the shipped target on every step's rollouts (λ = 1) with SFT on the same step's gold
+  completions added: SFT's whole signal plus the teacher's on the student's samples;
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
   separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
@@ -70,6 +72,11 @@ ROWS = {
     "exact_spans_top1_sft": ("exact target, top-1 + tail bucket, + SFT on gold (weight 1)",
                              [*EXACT, "--model.teacher_topk", "1", "--model.extra_terms",
                               "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
+    # Every step on-policy with the shipped target, plus SFT on the same step's gold completions (weight 1): all of
+    # SFT's signal, with the teacher's on the student's own samples added to it.
+    "shipped_on_policy_sft": ("shipped target, every step on-policy (λ = 1), + SFT on gold (weight 1)",
+                              ["--model.teacher_topk", "1", "--model.rollout.on_policy_fraction", "1.0",
+                               "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     # The same targets on the gold completions only (λ = 0): what the on-policy half of the steps adds or costs.
     "exact_spans_gold": ("exact target, gold completions only (λ = 0)",
                          [*EXACT, "--model.rollout.on_policy_fraction", "0.0"]),

@@ -366,6 +366,57 @@ def test_gather_rows_and_put_rows_equal_advanced_indexing():
     torch.testing.assert_close(out, want)
 
 
+def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
+    """`softmax_rows` and `exp_rows` read runs of consecutive rows straight from the logits and scattered rows from a
+    copy, with the same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or
+    whose logits are all too small for exp without the max."""
+    from opd_lightning.aligners.text import copy_rows_, exp_rows, exp_safe, softmax_rows
+
+    base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
+    values = base[:, 2:]  # sliced like completion logits
+    cases = {"runs": (torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 0, 1, 6])),
+             "scattered": (torch.arange(21) % 3, torch.arange(21) % 7)}
+    for name, (batch, pos) in cases.items():
+        buffer = torch.full((len(batch) + 2, 13), float("nan"))
+        torch.testing.assert_close(softmax_rows(values, batch, pos, buffer), values[batch, pos].softmax(-1), msg=name)
+        torch.testing.assert_close(exp_rows(values, batch, pos, buffer), values[batch, pos].exp(), msg=name)
+        assert buffer.data_ptr() == exp_rows(values, batch, pos, buffer).data_ptr()
+    dst, src = torch.zeros(10, 4), torch.randn(6, 4)
+    dst_rows, src_rows = np.array([1, 2, 3, 7, 8, 9]), np.array([0, 1, 3, 4, 5, 2])
+    copy_rows_(dst, dst_rows, src, src_rows)
+    want = torch.zeros(10, 4)
+    want[torch.from_numpy(dst_rows)] = src[torch.from_numpy(src_rows)]
+    assert torch.equal(dst, want)
+    logits = torch.stack([torch.zeros(13), torch.full((13,), 100.0), torch.full((13,), -30.0), torch.full((13,), -7.0)])
+    assert exp_safe(logits.exp().sum(-1), 13).tolist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
+def test_byte_spans_target_is_invariant_to_a_shift_of_the_teachers_logits(char_tok, shift):
+    """A softmax ignores a constant added to a row's logits, so must the target: rows too large for exp (their
+    sum overflows) or too small (probabilities would underflow without the max) are soft-maxed instead."""
+    from opd_lightning.aligners import ALIGNERS
+
+    from opd_lightning.rollout import Rollout
+    from opd_lightning.tasks.arithmetic import bpe_tokenizer
+
+    student = bpe_tokenizer()
+    aligner = ALIGNERS.build("byte_spans")
+    aligner.bind(student, char_tok, len(student), len(char_tok))
+    text = student("12+34=46, 7-3=4, 81-9=72, 5+5=10", add_special_tokens=False)["input_ids"]
+    completion = torch.tensor([text[:8], text[4:12]])
+    prompt = torch.tensor([student("12+", add_special_tokens=False)["input_ids"]] * 2)
+    sequences = torch.cat([prompt, completion], 1)
+    rollout = Rollout(sequences, torch.ones_like(sequences), torch.ones_like(completion, dtype=torch.bool),
+                      prompt.shape[1], torch.ones(2, dtype=torch.bool), True)
+    inputs = aligner.teacher_inputs(rollout)
+    logits = 5 * torch.randn(2, inputs.completion_length, len(char_tok), generator=torch.Generator().manual_seed(3))
+    want = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
+    got = aligner.project(logits + shift, inputs, rollout, frozenset({"teacher_logits"}))
+    assert want.mask.any() and torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.logits[got.mask], want.logits[want.mask], rtol=1e-4, atol=1e-4)
+
+
 def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
     from opd_lightning.aligners.text import scratch
 
