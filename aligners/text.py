@@ -29,6 +29,7 @@ __all__ = [
     "exp_rows",
     "exp_safe",
     "fused_softmax_",
+    "gather_columns",
     "gather_rows",
     "log_normaliser_",
     "mass_to_logits",
@@ -116,9 +117,10 @@ def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None =
     return picked.float() if out is None else out[: len(picked)].copy_(picked)
 
 
-def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int, Tensor]] | None:
-    """`values[batch, pos]` of `[B, M, V]` values as a few slices of the tensor they were sliced from: `(lo, hi,
-    rows)` with `rows` the values' rows `lo:hi`; None where they are not a few runs of consecutive rows."""
+def _row_runs(values: Tensor, batch: Tensor, pos: Tensor,
+              max_runs: int = 8) -> list[tuple[int, int, Tensor]] | None:
+    """`values[batch, pos]` of `[B, M, V]` values as slices of the tensor they were sliced from: `(lo, hi, rows)`
+    with `rows` the values' rows `lo:hi`; None where they are more than `max_runs` runs of consecutive rows."""
     if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
         return None
     b, m, v = values.shape
@@ -127,11 +129,24 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int
     per = values.stride(0) // v
     rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
     cuts = ((index[1:] - index[:-1]) != 1).nonzero().squeeze(-1).add_(1).tolist()
-    if len(cuts) >= 8:
+    if len(cuts) >= max_runs:
         return None
     firsts = index[[0, *cuts]].tolist()
     return [(lo, hi, rows[first : first + hi - lo])
             for lo, hi, first in zip([0, *cuts], [*cuts, len(index)], firsts, strict=True)]
+
+
+def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, out: Tensor) -> Tensor:
+    """`values[batch, pos][:, columns]` of `[B, M, V]` values, `[n, K]` fp32 written into `out[:n]`: each run of
+    consecutive rows read straight from `values` (only the K columns of each row are touched), else through a copy of
+    the rows."""
+    runs = _row_runs(values, batch, pos, max_runs=len(batch)) if values.dtype == out.dtype else None
+    if runs is None:
+        rows = gather_rows(values, batch, pos)
+        return torch.gather(rows, 1, columns.expand(len(rows), -1), out=out[: len(batch)])
+    for lo, hi, rows in runs:  # gather with an expanded index: several times faster than index_select on dim 1
+        torch.gather(rows, 1, columns.expand(hi - lo, -1), out=out[lo:hi])
+    return out[: len(batch)]
 
 
 def softmax_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:

@@ -11,8 +11,10 @@ cross-tokenizer target; `byte_spans` keeps all the mass.
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +28,16 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import LOG_FLOOR, TextAligner, log_normaliser_, project_chunks
+from .text import (
+    LOG_FLOOR,
+    TextAligner,
+    chunk_rows,
+    gather_columns,
+    gather_rows,
+    log_normaliser_,
+    project_chunks,
+    scratch,
+)
 
 __all__ = ["VocabMapAligner"]
 
@@ -52,6 +63,41 @@ class VocabMapAligner(TextAligner):
             raise ValueError(f"vocab_map: coverage_every must be >= 1, got {coverage_every}")
         self.coverage_every = coverage_every
 
+    def _matched_columns(self, logits: Tensor, at: Tensor, s_ids: Tensor, t_ids: Tensor) -> tuple[Tensor, ...]:
+        """The target from the matched columns of the teacher's rows alone, read straight from its logits (no copy of
+        its whole rows but at the positions `mass_coverage` is measured): (log-probs `[B, N, V_s]`, positions with a
+        target `[B, N]`, mass kept `[n]`, NaN where not measured)."""
+        size, device = self.student_vocab_size, logits.device
+        batch, pos = (at >= 0).nonzero(as_tuple=True)
+        t_pos = at[batch, pos]
+        out = torch.full((*at.shape, size), LOG_FLOOR, device=device)  # the floor wherever no matched token writes
+        flat = out.view(-1, size)
+        dst = batch * at.shape[1] + pos
+        off = torch.ones(len(flat), dtype=torch.bool, device=device)
+        off[dst] = False
+        flat[off] = 0.0  # no target: zeros, as every aligner leaves them
+        kept = torch.full((len(batch),), math.nan, device=device)
+        step = chunk_rows(len(t_ids))
+        same_rows = scratch(min(step, len(batch)), len(t_ids), device, slot="matched")
+        work = scratch(min(step, len(batch)), len(t_ids), device, slot="matched_work")
+        dst_host = dst.cpu().numpy()
+        for lo in range(0, len(batch), step):
+            b, i, t = batch[lo : lo + step], pos[lo : lo + step], t_pos[lo : lo + step]
+            same = gather_columns(logits, b, t, t_ids, same_rows)  # [c, K] logits of the tokens both spell
+            lse = log_normaliser_(work[: len(b)].copy_(same))  # [c]
+            same.sub_(lse[:, None]).clamp_min_(LOG_FLOOR)
+            rows = dst_host[lo : lo + step]
+            cuts = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+            for a, z in itertools.pairwise(cuts):  # each run of consecutive target rows: one scatter into a slice
+                flat[int(rows[a]) : int(rows[a]) + z - a].scatter_(1, s_ids.expand(z - a, -1), same[a:z])
+            measured = (i % self.coverage_every == 0).nonzero().squeeze(-1)
+            if len(measured):
+                whole = gather_rows(logits, b[measured], t[measured])
+                kept[lo + measured] = (lse[measured] - log_normaliser_(whole)).exp()
+        valid = torch.zeros(at.shape, dtype=torch.bool, device=device)
+        valid[batch, pos] = True
+        return out, valid, kept
+
     @property
     def matched(self) -> tuple[Tensor, Tensor]:
         """(student ids, teacher ids) spelling the same text."""
@@ -69,6 +115,12 @@ class VocabMapAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
+        if isinstance(teacher_logits, Tensor) and TEACHER_NATIVE_LOGITS not in needs:
+            logp, valid, kept = self._matched_columns(teacher_logits, at, s_ids, t_ids)
+            tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
+            return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp,
+                                 vocab_pairs=(s_ids, t_ids), token_logprobs=tokens,
+                                 mass_coverage=float(kept.nanmean()) if bool((~kept.isnan()).any()) else None)
 
         def matched(rows: Tensor, _batch: Tensor, pos: Tensor, _t: Tensor) -> tuple[Tensor, Tensor]:
             n = len(rows)  # gather and scatter with expanded indices: several times faster than `rows[:, t_ids]`

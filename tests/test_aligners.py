@@ -370,7 +370,7 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
     """`softmax_rows` and `exp_rows` read runs of consecutive rows straight from the logits and scattered rows from a
     copy, with the same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or
     whose logits are all too small for exp without the max."""
-    from opd_lightning.aligners.text import copy_rows_, exp_rows, exp_safe, softmax_rows
+    from opd_lightning.aligners.text import copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
 
     base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
     values = base[:, 2:]  # sliced like completion logits
@@ -381,6 +381,9 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
         torch.testing.assert_close(softmax_rows(values, batch, pos, buffer), values[batch, pos].softmax(-1), msg=name)
         torch.testing.assert_close(exp_rows(values, batch, pos, buffer), values[batch, pos].exp(), msg=name)
         assert buffer.data_ptr() == exp_rows(values, batch, pos, buffer).data_ptr()
+        columns = torch.tensor([7, 0, 12, 3])
+        torch.testing.assert_close(gather_columns(values, batch, pos, columns, buffer[:, :4].contiguous()),
+                                   values[batch, pos][:, columns], msg=name)
     dst, src = torch.zeros(10, 4), torch.randn(6, 4)
     dst_rows, src_rows = np.array([1, 2, 3, 7, 8, 9]), np.array([0, 1, 3, 4, 5, 2])
     copy_rows_(dst, dst_rows, src, src_rows)
