@@ -23,7 +23,7 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .text import LOG_FLOOR, TextAligner, fused_softmax_, project_chunks
+from .text import LOG_FLOOR, TextAligner, exp_rows, exp_safe, fused_softmax_, project_chunks, scratch, softmax_rows
 from .trie import sum_columns
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
@@ -46,7 +46,11 @@ def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
 
 def _byte_logprobs(probs: Tensor, classes: Tensor) -> Tensor:
     """`to_byte_logprobs` from next-token probabilities (summing to one up to a common factor per row)."""
-    mass = sum_columns(probs, classes, BYTE_CLASSES)  # [..., 257]
+    return _mass_logprobs(sum_columns(probs, classes, BYTE_CLASSES))  # [..., 257]
+
+
+def _mass_logprobs(mass: Tensor) -> Tensor:
+    """Byte-class masses `[..., 257]` renormalised to log-probs, floored at `LOG_FLOOR`."""
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(LOG_FLOOR)
 
@@ -81,9 +85,21 @@ class CharLevelAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
-        def to_bytes(rows: Tensor, *_) -> tuple[Tensor, Tensor]:  # rows: the chunk's own copy, soft-maxed in place
-            return _byte_logprobs(fused_softmax_(rows), self.teacher_classes), rows.new_ones(rows.shape[0])
+        reads = isinstance(teacher_logits, Tensor)  # else the teacher's rows computed chunk by chunk (`HiddenRows`)
 
-        target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes)  # [B, N, 257]
+        def to_bytes(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            if not reads:  # the chunk's own copy of its rows, soft-maxed in place
+                return _byte_logprobs(fused_softmax_(logits), self.teacher_classes), logits.new_ones(len(b))
+            v_t = logits.shape[-1]
+            buffer = scratch(len(b), v_t, logits.device)
+            # exp of the logits, unnormalised: byte classes are normalised by their own sum
+            mass = sum_columns(exp_rows(logits, b, t, buffer), self.teacher_classes, BYTE_CLASSES, keep_skipped=True)
+            unsafe = (~exp_safe(mass.sum(-1), v_t)).nonzero().squeeze(-1)
+            if len(unsafe):  # a logit too large, or all too small, for exp without the max: soft-maxed
+                probs = softmax_rows(logits, b[unsafe], t[unsafe], scratch(len(unsafe), v_t, logits.device, slot="safe"))
+                mass[unsafe] = sum_columns(probs, self.teacher_classes, BYTE_CLASSES, keep_skipped=True)
+            return _mass_logprobs(mass[:, :BYTE_CLASSES]), mass.new_ones(len(b))
+
+        target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes, copy=not reads)  # [B, N, 257]
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,
                              student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))

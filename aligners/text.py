@@ -117,10 +117,12 @@ def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None =
     return picked.float() if out is None else out[: len(picked)].copy_(picked)
 
 
-def _row_runs(values: Tensor, batch: Tensor, pos: Tensor,
-              max_runs: int = 8) -> list[tuple[int, int, Tensor]] | None:
+def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int, Tensor]] | None:
     """`values[batch, pos]` of `[B, M, V]` values as slices of the tensor they were sliced from: `(lo, hi, rows)`
-    with `rows` the values' rows `lo:hi`; None where they are more than `max_runs` runs of consecutive rows."""
+    with `rows` the values' rows `lo:hi`, one per run of consecutive rows; None where `values` is no such tensor.
+
+    A kernel run per slice reads the rows where they are: at a large vocabulary even single-row runs cost less in
+    call overhead (microseconds) than copying the rows first (about a tenth of a millisecond per 262k-wide row)."""
     if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
         return None
     b, m, v = values.shape
@@ -129,8 +131,6 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor,
     per = values.stride(0) // v
     rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
     cuts = ((index[1:] - index[:-1]) != 1).nonzero().squeeze(-1).add_(1).tolist()
-    if len(cuts) >= max_runs:
-        return None
     firsts = index[[0, *cuts]].tolist()
     return [(lo, hi, rows[first : first + hi - lo])
             for lo, hi, first in zip([0, *cuts], [*cuts, len(index)], firsts, strict=True)]
@@ -140,7 +140,7 @@ def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, 
     """`values[batch, pos][:, columns]` of `[B, M, V]` values, `[n, K]` fp32 written into `out[:n]`: each run of
     consecutive rows read straight from `values` (only the K columns of each row are touched), else through a copy of
     the rows."""
-    runs = _row_runs(values, batch, pos, max_runs=len(batch)) if values.dtype == out.dtype else None
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
     if runs is None:
         rows = gather_rows(values, batch, pos)
         return torch.gather(rows, 1, columns.expand(len(rows), -1), out=out[: len(batch)])
@@ -152,9 +152,10 @@ def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, 
 def softmax_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
     """`softmax(values[batch, pos])` of `[B, M, V]` values, `[n, V]` fp32, written into `out[:n]`.
 
-    Where the rows are a few runs of consecutive rows of the tensor `values` was sliced from (a projection reads a
-    row's positions in order), each run is soft-maxed straight from `values` into `out`: one fused kernel, no copy of
-    the rows first. Otherwise the rows are copied (`gather_rows`) and soft-maxed in place.
+    Each run of consecutive rows of the tensor `values` was sliced from (a projection reads a row's positions in
+    order) is soft-maxed straight from `values` into `out`: one fused kernel, no copy of the rows first. Values that
+    are no such tensor (the teacher's hidden states and output layer) are copied (`gather_rows`) and soft-maxed in
+    place.
     """
     runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
     if runs is None:
@@ -168,7 +169,7 @@ def exp_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
     """`exp(values[batch, pos])` of `[B, M, V]` values, unnormalised, `[n, V]` fp32 written into `out[:n]`: a
     softmax without its max and scaling passes, for a caller that sums (or scatters) the values and normalises the
     smaller result. Rows too large or too small for that (see `exp_safe`) are for the caller to redo with
-    `softmax_rows`. Straight from `values` where the rows are runs of consecutive rows, else from a copy.
+    `softmax_rows`. Straight from `values`, a run of consecutive rows at a time, where it is a tensor; else from a copy.
 
     `softmax_` subtracts each row's max so that its largest value is 1; these values are exact as they are wherever
     that max is at least log(tiny) - LOG_FLOOR (about -7.3): every entry within exp(LOG_FLOOR) of it is then a
@@ -207,7 +208,7 @@ def put_rows_(out: Tensor, batch: Tensor, pos: Tensor, rows: Tensor) -> None:
 
 def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
                    fn: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
-                   native: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   native: bool = False, copy: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Project the teacher's rows at the valid positions of `index` a chunk at a time.
 
     Copying every aligned row out of `[B, M, V_teacher]` logits at once, then soft-maxing the copy, would allocate
@@ -223,6 +224,8 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
             (projected log-probs `[c, width]`, probability mass kept `[c]`: a row that kept none has no target; NaN:
             not measured, the row has a target).
         native: also return the teacher's own logits at the valid positions, `[B, N, V_teacher]`.
+        copy: False: `fn` gets `teacher_logits` itself in place of the copied rows, and reads the chunk's rows
+            (`[batch, teacher pos]`) its own way (e.g. `exp_rows`, straight from the logits); not with `native`.
 
     Returns:
         (projected `[B, N, width]`, positions with a target `[B, N]`, mass kept `[n]`, native logits or None).
@@ -233,10 +236,10 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
     own = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device) if native else None
     kept, step = [], chunk_rows(max(teacher_logits.shape[-1], width))
-    buffer = scratch(min(step, len(batch)), teacher_logits.shape[-1], teacher_logits.device)
+    buffer = scratch(min(step, len(batch)), teacher_logits.shape[-1], teacher_logits.device) if copy else None
     for start in range(0, len(batch), step):
         b, i, t = (x[start : start + step] for x in (batch, pos, teacher_pos))
-        rows = gather_rows(teacher_logits, b, t, buffer)  # [c, V_teacher] a copy
+        rows = gather_rows(teacher_logits, b, t, buffer) if copy else teacher_logits  # [c, V_teacher] a copy
         if own is not None:
             put_rows_(own, b, i, rows)
         logp, mass = fn(rows, b, i, t)

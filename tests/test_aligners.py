@@ -395,7 +395,8 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
 
 
 @pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
-def test_byte_spans_target_is_invariant_to_a_shift_of_the_teachers_logits(char_tok, shift):
+@pytest.mark.parametrize("name", ["byte_spans", "char_level"])
+def test_targets_from_exp_are_invariant_to_a_shift_of_the_teachers_logits(char_tok, shift, name):
     """A softmax ignores a constant added to a row's logits, so must the target: rows too large for exp (their
     sum overflows) or too small (probabilities would underflow without the max) are soft-maxed instead."""
     from opd_lightning.aligners import ALIGNERS
@@ -404,7 +405,7 @@ def test_byte_spans_target_is_invariant_to_a_shift_of_the_teachers_logits(char_t
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
 
     student = bpe_tokenizer()
-    aligner = ALIGNERS.build("byte_spans")
+    aligner = ALIGNERS.build(name)
     aligner.bind(student, char_tok, len(student), len(char_tok))
     text = student("12+34=46, 7-3=4, 81-9=72, 5+5=10", add_special_tokens=False)["input_ids"]
     completion = torch.tensor([text[:8], text[4:12]])
