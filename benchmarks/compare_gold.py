@@ -62,7 +62,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from benchmarks.leaderboard import fit_and_score, seed_args
+from benchmarks.leaderboard import fit_and_score, score_saved, seed_args
 from benchmarks.quickstart import machine, record
 
 CONFIG = "configs/quickstart/distill_cross.yaml"
@@ -252,13 +252,7 @@ def gold_refusal(tokenizer) -> str | None:
 
 def score_dir(path: Path, comparison: Comparison) -> float:
     """lm-eval exact match of the saved model in `path` on the comparison's test split, loaded as the library loads."""
-    from opd_lightning.evaluation import evaluate_model
-    from opd_lightning.models import HFModel
-
-    spec = HFModel(path=str(path))
-    tokenizer = spec.load_tokenizer()
-    scores = evaluate_model(spec.load_model(tokenizer), tokenizer, [comparison.task], limit=comparison.limit)
-    return scores[comparison.task][comparison.metric]
+    return score_saved(path, comparison.task, comparison.metric, comparison.limit)
 
 
 def shared_teacher(out: Path, teacher_steps: int | None, comparison: Comparison) -> dict:
