@@ -236,7 +236,13 @@ class Diagnostics(nn.Module):
     - `completion_len`: valid tokens per row; `truncation_rate`: share of rows stopped by the length limit.
     - `repetition_rate`: share of valid tokens whose n-gram occurred earlier in the row (`repeated_token_mask`).
     - `repeat_advantage_ratio`: mean `a_t` on repeated tokens over mean `a_t` on the others (Luo et al. 2026:
-      4-9x), from the sums of the whole accumulation; NaN when either group is empty or the second mean is 0.
+      4-9x), from the sums of the whole accumulation; NaN when either group is empty or the second mean is 0. A
+      ratio reads backwards when the mean advantage of the other tokens is negative (on-policy, the teacher usually
+      finds the student's tokens less likely than the student does): repeats penalised less than the rest then
+      give a ratio below 1.
+    - `repeat_advantage_gap`: mean `a_t` on repeated tokens minus mean `a_t` on the others, in nats: how much more
+      the teacher favours (relative to the student) a repeated token than another, whatever the signs; NaN when
+      either group is empty.
     - `align_coverage`, `grad_coherence`: means of the values given (see `output_layer_grad_coherence`).
     - `noncanonical_rate`: share of on-policy completions whose tokens differ from the student tokenizer's own
       encoding of their text (`noncanonical_rows`): the student wrote the text by another path, e.g. "4", "6" for
@@ -250,7 +256,7 @@ class Diagnostics(nn.Module):
         """
         Args:
             topk: size of each model's top-k set for `diag/topk_overlap` (clipped to the vocabulary).
-            ngram: n-gram length for `diag/repetition_rate` and `diag/repeat_advantage_ratio`.
+            ngram: n-gram length for `diag/repetition_rate` and `diag/repeat_advantage_ratio`/`_gap`.
             max_positions: compute the full-distribution statistics (entropies, top-k overlap) on at most this
                 many evenly spaced valid positions per update, to bound their cost at large vocabularies; the
                 log-ratio, repetition and advantage statistics always use every valid position. None: all.
@@ -346,7 +352,9 @@ class Diagnostics(nn.Module):
             if 0 < host["adv_repeated_n"] < host["teacher_tokens"]:
                 other = (t["logratio"] - t["adv_repeated"]) / (n - n_rep)
                 ratio = torch.where(other != 0, t["adv_repeated"] / n_rep / other, ratio)
+                out["diag/repeat_advantage_gap"] = t["adv_repeated"] / n_rep - other
             out["diag/repeat_advantage_ratio"] = ratio
+            out.setdefault("diag/repeat_advantage_gap", torch.full_like(n, torch.nan))
         if host["early_n"] > 0 and host["late_n"] > 0:
             out["diag/logratio_drift"] = t["logratio_late"] / t["late_n"] - t["logratio_early"] / t["early_n"]
         return {key: value.float() for key, value in out.items()}

@@ -50,8 +50,9 @@ class RolloutGuard(Callback):
     """Warn, and optionally stop, when a diagnostic stays past its limit."""
 
     def __init__(self, max_repetition_rate: float | None = 0.3, max_truncation_rate: float | None = 0.5,
-                 max_repeat_advantage_ratio: float | None = None, min_topk_overlap: float | None = None,
-                 min_grad_coherence: float | None = None, min_logratio_drift: float | None = None,
+                 max_repeat_advantage_ratio: float | None = None, max_repeat_advantage_gap: float | None = None,
+                 min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
+                 min_logratio_drift: float | None = None,
                  patience: int = 3, stop: bool = False) -> None:
         """
         Args:
@@ -61,6 +62,8 @@ class RolloutGuard(Callback):
                 None disables the check.
             max_repeat_advantage_ratio: limit on `diag/repeat_advantage_ratio` (mean log-ratio advantage of repeated
                 tokens over that of the others); None disables the check.
+            max_repeat_advantage_gap: limit on `diag/repeat_advantage_gap` (the same two means' difference, in
+                nats, which keeps its sign when both means are negative); None disables the check.
             min_topk_overlap: floor on `diag/topk_overlap` (mass both models put on their shared top-k tokens);
                 None disables the check.
             min_grad_coherence: floor on `diag/grad_coherence` (norm of the summed output-layer gradient over the
@@ -74,7 +77,8 @@ class RolloutGuard(Callback):
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
         given = {"diag/repetition_rate": max_repetition_rate, "diag/truncation_rate": max_truncation_rate,
-                 "diag/repeat_advantage_ratio": max_repeat_advantage_ratio, "diag/topk_overlap": min_topk_overlap,
+                 "diag/repeat_advantage_ratio": max_repeat_advantage_ratio,
+                 "diag/repeat_advantage_gap": max_repeat_advantage_gap, "diag/topk_overlap": min_topk_overlap,
                  "diag/grad_coherence": min_grad_coherence, "diag/logratio_drift": min_logratio_drift}
         self.limits = {name: limit for name, limit in given.items() if limit is not None}
         self.patience, self.stop = patience, stop

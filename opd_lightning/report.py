@@ -34,7 +34,7 @@ __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Che
 Series = list[tuple[int, float]]  # (step, value), ordered by step
 EvalKey = tuple[str, str, int, str]  # (model, stage, step, "task/metric") of one eval score
 # Metrics that are NaN by definition on some steps (no repeated token, nothing to divide by): not a fault.
-UNDEFINED_OK = ("diag/repeat_advantage_ratio",)
+UNDEFINED_OK = ("diag/repeat_advantage_ratio", "diag/repeat_advantage_gap")
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "topk_overlap": 0.7,  # end-of-run floor; Li et al. 2026: successful runs rise from ~0.72 to >0.91
@@ -42,6 +42,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "repetition_rate": 0.2,  # ceiling: share of tokens that repeat an earlier n-gram of their completion
     "truncation_rate": 0.2,  # ceiling: share of rollouts cut at max_new_tokens
     "repeat_advantage_ratio": 2.0,  # ceiling; Luo et al. 2026: repeated tokens get 4-9x the advantage before collapse
+    "repeat_advantage_gap": 1.0,  # ceiling, nats: repeated tokens favoured by the teacher by more than the others
     "align_coverage": 0.9,  # floor: share of student tokens the aligner maps onto teacher tokens
     "grad_coherence": 0.05,  # floor: ||sum g_t|| / sum ||g_t|| on the output layer (~1/sqrt(n) when random)
     "logratio_drift": -0.5,  # floor: mean log-ratio of a completion's second half minus its first half, in nats
@@ -61,6 +62,7 @@ CHECKS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "repetition_rate": (_diag("repetition_rate"), "max", "tokens repeating an earlier n-gram"),
     "truncation_rate": (_diag("truncation_rate", "train/rollout/truncation_rate"), "max", "rollouts hit the cap"),
     "repeat_advantage_ratio": (_diag("repeat_advantage_ratio"), "max", "advantage of repeated tokens over others"),
+    "repeat_advantage_gap": (_diag("repeat_advantage_gap"), "max", "repeated tokens' advantage minus the others'"),
     "align_coverage": (_diag("align_coverage", "train/align/coverage"), "min", "tokenizer alignment coverage"),
     "grad_coherence": (_diag("grad_coherence"), "min", "per-position gradients pull together"),
     "logratio_drift": (_diag("logratio_drift"), "min", "the teacher's judgement holds deeper into the completion"),

@@ -101,9 +101,24 @@ def test_repetition_rate_and_repeat_advantage_ratio_by_hand():
     repeated, other = a[5:7], a[:5] + a[7:]
     want = (sum(repeated) / 2) / (sum(other) / 8)
     assert out["diag/repeat_advantage_ratio"].item() == pytest.approx(want, rel=1e-5)
+    assert out["diag/repeat_advantage_gap"].item() == pytest.approx(sum(repeated) / 2 - sum(other) / 8, rel=1e-5)
     diag.reset()
     diag.update_tokens(student[1:], teacher[1:], ids[1:], mask[1:])  # no repeated token: undefined
-    assert math.isnan(diag.compute()["diag/repeat_advantage_ratio"].item())
+    out = diag.compute()
+    assert math.isnan(out["diag/repeat_advantage_ratio"].item()) and math.isnan(out["diag/repeat_advantage_gap"].item())
+
+
+def test_repeat_advantage_gap_keeps_its_sign_where_the_ratio_reads_backwards():
+    """Both groups' mean advantage negative, the repeated tokens less penalised: favoured, gap > 0, ratio < 1."""
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    student = torch.zeros(1, 7, 8).scatter(-1, ids[..., None], 4.0)  # the student is sure of its tokens
+    boost = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0]])  # the teacher less so, least on the others
+    teacher = torch.zeros(1, 7, 8).scatter(-1, ids[..., None], boost[..., None])
+    diag = Diagnostics(ngram=3)
+    diag.update_tokens(student, teacher, ids, mask)
+    out = diag.compute()
+    assert out["diag/repeat_advantage_ratio"].item() < 1 < out["diag/repeat_advantage_gap"].item()
 
 
 def test_logratio_by_position_in_the_completion_by_hand():
@@ -165,7 +180,7 @@ def test_two_updates_equal_one_concatenated_update():
     joined.update_tokens(*cat)
     joined.update_rollout(cat[3], cat[3][:, -1])
     got, want = split.compute(), joined.compute()
-    assert got.keys() == want.keys() and len(got) == 13
+    assert got.keys() == want.keys() and len(got) == 14
     for key in want:
         torch.testing.assert_close(got[key], want[key], equal_nan=True)
 

@@ -31,10 +31,11 @@ def write_metrics(version_dir: Path, rows: list[dict[str, float]]) -> None:
 def train_row(i: int, healthy: bool) -> dict[str, float]:
     f = i / (len(STEPS) - 1)  # 0 -> 1 over the run
     diag = {"topk_overlap": 0.72 + 0.2 * f, "repetition_rate": 0.05, "truncation_rate": 0.01,
-            "repeat_advantage_ratio": 1.1, "align_coverage": 0.97, "grad_coherence": 0.3,
-            "logratio_drift": -0.05} if healthy else \
+            "repeat_advantage_ratio": 1.1, "repeat_advantage_gap": 0.1, "align_coverage": 0.97,
+            "grad_coherence": 0.3, "logratio_drift": -0.05} if healthy else \
            {"topk_overlap": 0.8 - 0.3 * f, "repetition_rate": 0.1 + 0.4 * f, "truncation_rate": 0.5,
-            "repeat_advantage_ratio": 1 + 5 * f, "align_coverage": 0.6, "grad_coherence": 0.01,
+            "repeat_advantage_ratio": 1 + 5 * f, "repeat_advantage_gap": 3 * f, "align_coverage": 0.6,
+            "grad_coherence": 0.01,
             "logratio_drift": -0.2 - f}
     diag |= {"logratio_mean": -0.5 + 0.4 * f, "logratio_pos_frac": 0.4, "entropy_student": 1.5,
              "entropy_teacher": 1.2, "completion_len": 30.0}
