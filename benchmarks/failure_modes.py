@@ -36,7 +36,9 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
 `MODES` gives one), the step at which it had stayed past the limit for `PATIENCE` observations (`guards.crossing`: the
-step `RolloutGuard` with that limit acts at, and stops the run with `stop: true`). Runs are stored in
+step `RolloutGuard` with that limit acts at, and stops the run with `stop: true`); a "drop" watch judges the top-k
+overlap by its fall below the mean of the run's first `BASELINE` observations (`RolloutGuard`'s
+`max_topk_overlap_drop`, at `opd report`'s `topk_overlap_drop` unless `MODES` gives one). Runs are stored in
 `benchmarks/failure_modes_runs.csv` (each run's diagnostics as means over windows of `WINDOW` steps, and its scores;
 the guards' steps are read again from the run folders when they are here); the table and
 `benchmarks/failure_modes.png` are regenerated from it with `--no-run`.
@@ -82,6 +84,7 @@ PNG = Path(__file__).with_name("failure_modes.png")
 # sqrt(p (1 - p) / 500), 0.018 at p = 0.2, so 0.05 is 2.8 of them (2.3 at the long task's p = 0.6).
 DROP = 0.05
 PATIENCE = 3  # observations past the threshold before the guard acts
+BASELINE = 10  # observations that set a drop watch's reference (RolloutGuard's default `baseline`)
 WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
           "diag/logratio_drift", "diag/repetition_rate", "diag/repeat_advantage_ratio", "diag/entropy_student",
@@ -98,7 +101,8 @@ MODES = {
         "eval_every": 10,  # the sampled-token runs' score fell within the first 50 steps: seen step by step
         # The hypothesis' own signal at opd report's floor, and the top-k overlap at a floor set after the first
         # three seeds (the signal that moved before the score fell in them; not validated on other runs).
-        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9)), "plot": 1,  # the one that moved
+        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
+        "plot": 1,  # the one that moved
         "variants": {
             "sampled_token": ("`sampled_token` (one sample's log-ratio per token)", ["--model.loss", "sampled_token"]),
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
@@ -109,7 +113,7 @@ MODES = {
         "title": "A teacher whose menu does not overlap the student's: reverse KL from two teachers of one strength",
         "start": "cross", "config": PAIRS["cross"]["config"], "task": "arithmetic", "start_steps": 600,
         "eval_every": 50,
-        "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9)),
+        "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
         "needs": (lambda: trained_teacher("builtin:arithmetic_bpe"),),
         "variants": {
             "char_teacher": ("character teacher, `exact_spans`", [
@@ -128,7 +132,8 @@ MODES = {
         "title": "The teacher's advice deeper into the student's own prefix: on-policy only against SFT mixed in",
         "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
-        "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9)), "needs": (lambda: long_teacher(),),
+        "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
+        "needs": (lambda: long_teacher(),),
         "variants": {
             "on_policy": ("reverse KL on the student's rollouts only (λ = 1)", [
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0"]),
@@ -141,7 +146,8 @@ MODES = {
         "title": "Repetition collapse under sampled-token OPD, from a teacher that copies a loop in its context",
         "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
-        "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9)),
+        "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9),
+                  ("diag/topk_overlap", None, "drop")),
         "needs": (lambda: copy_teacher(), lambda: long_teacher()),
         "variants": {
             "sampled_token": ("`sampled_token` on the student's rollouts only (λ = 1)", [
@@ -211,19 +217,30 @@ def long_teacher() -> Path:
     return _train_teacher(LONG_TEACHER, ["--config", "configs/long_addition/teacher.yaml"])
 
 
-def limit_of(metric: str, limit: float | None) -> float:
-    """A watched diagnostic's limit: the one given, else `opd report`'s threshold."""
-    return DEFAULT_THRESHOLDS[metric.removeprefix("diag/")] if limit is None else limit
+def watches(mode: str) -> list[tuple[str, float | None, str]]:
+    """`mode`'s watched (diagnostic, limit, kind): kind "level" (a limit on the value) or "drop" (a limit on its fall
+    below the mean of the run's first `BASELINE` observations, `RolloutGuard(max_topk_overlap_drop=...)`)."""
+    return [(w[0], w[1], w[2] if len(w) > 2 else "level") for w in MODES[mode]["watch"]]
 
 
-def _label(metric: str, limit: float | None) -> str:
+def limit_of(metric: str, limit: float | None, kind: str = "level") -> float:
+    """A watched diagnostic's limit: the one given, else `opd report`'s threshold (for a drop, its `<name>_drop`)."""
+    name = metric.removeprefix("diag/") + ("_drop" if kind == "drop" else "")
+    return DEFAULT_THRESHOLDS[name] if limit is None else limit
+
+
+def _label(metric: str, limit: float | None, kind: str = "level") -> str:
+    if kind == "drop":
+        return f"{metric} drop>{limit_of(metric, limit, kind):g}"
     return f"{metric}{'<' if BOUNDS[metric] == 'min' else '>'}{limit_of(metric, limit):g}"
 
 
 def crossings(mode: str, logged: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
-    """For each watched (diagnostic, limit) of `mode`, the step the guard acts at (`guards.crossing`), or None."""
-    return {_label(m, lim): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE)
-            for m, lim in MODES[mode]["watch"]}
+    """For each watched (diagnostic, limit, kind) of `mode`, the step the guard acts at (`guards.crossing`), or
+    None."""
+    return {_label(m, lim, kind): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE) if kind == "level" else
+            crossing(logged[m], -limit_of(m, lim, kind), "min", PATIENCE, baseline=BASELINE)
+            for m, lim, kind in watches(mode)}
 
 
 def _crossings(mode: str, cell: str) -> dict[str, int | None]:
@@ -355,23 +372,23 @@ def _ends(values: list[float]) -> tuple[float, float]:
 
 def table(mode: str, runs: list[dict]) -> str:
     spec = MODES[mode]
-    watched = [(m, lim) for m, lim in spec["watch"]]
-    metrics = list(dict.fromkeys(m for m, _ in watched))
+    watched = watches(mode)
+    metrics = list(dict.fromkeys(m for m, _, _ in watched))
     header = ("| run | seed | teacher | score: start → lowest → end | falls at step | "
               + " | ".join(f"`{m.removeprefix('diag/')}`: first → last window" for m in metrics) + " | "
-              + " | ".join(f"guard `{_label(m, lim).removeprefix('diag/')}` acts at step" for m, lim in watched)
+              + " | ".join(f"guard `{_label(*w).removeprefix('diag/')}` acts at step" for w in watched)
               + " | mean abs log-ratio (last windows) | entropy (first → last) |")
     lines = [header, "|" + "---|" * (7 + len(metrics) + len(watched))]
     for variant, (label, _) in spec["variants"].items():
         for r in sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"]):
             scores = [v for _, v in r["history"]]
             ends = [" → ".join(map(_fmt, _ends(r["windows"][m]))) for m in metrics]
-            acts = [r["crossing"].get(_label(m, lim)) for m, lim in watched]
+            acts = [r["crossing"].get(_label(*w), "–") for w in watched]  # –: not computed (no logs here)
             lines.append(
                 f"| {label} | {r['seed']} | {_fmt(r['teacher_score'])} | "
                 f"{scores[0]:.3f} → {min(scores):.3f} → {scores[-1]:.3f} | "
                 f"{falls(r) if falls(r) is not None else 'never'} | {' | '.join(ends)} | "
-                f"{' | '.join('never' if a is None else str(a) for a in acts)} | "
+                f"{' | '.join('never' if a is None else str(a) for a in acts)} | "  # a step, never or –
                 f"{_fmt(_ends(r['windows']['diag/logratio_abs'])[1])} | "
                 f"{' → '.join(map(_fmt, _ends(r['windows']['diag/entropy_student'])))} |")
     return "\n".join(lines)

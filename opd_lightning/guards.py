@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from opd_lightning.report import CHECKS
 
-__all__ = ["BOUNDS", "RolloutGuard", "crossing", "past_limit"]
+__all__ = ["BOUNDS", "RolloutGuard", "Watch", "crossing", "past_limit"]
 
 # Which side of its limit each diagnostic must stay on, "max" (a ceiling) or "min" (a floor): `opd report`'s checks.
 BOUNDS: dict[str, str] = {metrics[0]: bound for metrics, bound, _ in CHECKS.values()}
@@ -32,18 +32,36 @@ def past_limit(value: float, limit: float, bound: str) -> bool:
     return not math.isnan(value) and (value > limit if bound == "max" else value < limit)
 
 
-def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int) -> int | None:
-    """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
-    (the step the guard acts at), or None. Steps without an observation, and NaN values (a metric undefined on
-    that step), do not count either way."""
-    strikes = 0
-    for step, value in series:
+class Watch:
+    """One watched limit, fed a diagnostic's observations in order: acts when `patience` of them in a row are past
+    `limit` (`bound` "max": above; "min": below). With `baseline` > 0 the first `baseline` observations only set a
+    reference (their mean), and each later one is judged by its difference from it: a limit on how far the
+    diagnostic moved from where the run began, whatever that level was. NaN is no observation."""
+
+    def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0) -> None:
+        self.limit, self.bound, self.patience, self.baseline = limit, bound, patience, baseline
+        self.strikes, self.start = 0, []
+
+    def observe(self, value: float) -> bool:
+        """Take one observation; True when the guard acts on it (the `patience`-th in a row past the limit)."""
         if math.isnan(value):
-            continue
-        strikes = strikes + 1 if past_limit(value, limit, bound) else 0
-        if strikes == patience:
-            return step
-    return None
+            return False
+        if len(self.start) < self.baseline:
+            self.start.append(value)
+            return False
+        judged = value - sum(self.start) / len(self.start) if self.baseline else value
+        self.strikes = self.strikes + 1 if past_limit(judged, self.limit, self.bound) else 0
+        return self.strikes == self.patience
+
+
+def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int,
+             baseline: int = 0) -> int | None:
+    """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
+    (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
+    `baseline` observations). Steps without an observation, and NaN values (a metric undefined on that step), do not
+    count either way."""
+    watch = Watch(limit, bound, patience, baseline)
+    return next((step for step, value in series if watch.observe(value)), None)
 
 
 class RolloutGuard(Callback):
@@ -52,8 +70,8 @@ class RolloutGuard(Callback):
     def __init__(self, max_repetition_rate: float | None = 0.3, max_truncation_rate: float | None = 0.5,
                  max_repeat_advantage_ratio: float | None = None, max_repeat_advantage_gap: float | None = None,
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
-                 min_logratio_drift: float | None = None,
-                 patience: int = 3, stop: bool = False) -> None:
+                 min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
+                 baseline: int = 10, patience: int = 3, stop: bool = False) -> None:
         """
         Args:
             max_repetition_rate: limit on `diag/repetition_rate` (share of completion tokens that repeat an earlier
@@ -71,6 +89,10 @@ class RolloutGuard(Callback):
                 measurement is one observation); None disables the check.
             min_logratio_drift: floor on `diag/logratio_drift` (mean log-ratio over the second half of each
                 completion minus over its first half); None disables the check.
+            max_topk_overlap_drop: limit on how far `diag/topk_overlap` falls below its mean over the run's first
+                `baseline` observations (`opd report`'s `topk_overlap_drop` check, watched as the run goes); None
+                disables the check.
+            baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
         """
@@ -80,9 +102,16 @@ class RolloutGuard(Callback):
                  "diag/repeat_advantage_ratio": max_repeat_advantage_ratio,
                  "diag/repeat_advantage_gap": max_repeat_advantage_gap, "diag/topk_overlap": min_topk_overlap,
                  "diag/grad_coherence": min_grad_coherence, "diag/logratio_drift": min_logratio_drift}
+        if baseline < 1:
+            raise ValueError(f"baseline must be at least 1, got {baseline}")
         self.limits = {name: limit for name, limit in given.items() if limit is not None}
         self.patience, self.stop = patience, stop
-        self.strikes = dict.fromkeys(self.limits, 0)
+        # label -> (diagnostic read, its watch): absolute limits by the diagnostic's name, the drop by its own
+        self.watches = {name: (name, Watch(limit, BOUNDS[name], patience)) for name, limit in self.limits.items()}
+        if max_topk_overlap_drop is not None:
+            self.limits["diag/topk_overlap_drop"] = max_topk_overlap_drop
+            self.watches["diag/topk_overlap_drop"] = ("diag/topk_overlap",
+                                                      Watch(-max_topk_overlap_drop, "min", patience, baseline))
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -90,15 +119,15 @@ class RolloutGuard(Callback):
         # that measure them); a module without them: what was logged through self.log.
         observed = getattr(pl_module, "step_diagnostics", None)
         observed = trainer.callback_metrics if observed is None else observed
-        for name, limit in self.limits.items():
-            if (value := observed.get(name)) is None or math.isnan(value := float(value)):
-                continue  # not measured on this step, or undefined on it: no observation
-            bound = BOUNDS[name]
-            self.strikes[name] = self.strikes[name] + 1 if past_limit(value, limit, bound) else 0
-            if self.strikes[name] == self.patience:
-                self.tripped.append((trainer.global_step, name, value))
+        for label, (name, watch) in self.watches.items():
+            if (value := observed.get(name)) is None:
+                continue  # not measured on this step: no observation
+            if watch.observe(value := float(value)):
+                self.tripped.append((trainer.global_step, label, value))
                 action = "stopping training" if self.stop else "continuing (set stop: true to end the run here)"
-                side = "above" if bound == "max" else "below"
+                side = "above" if watch.bound == "max" else "below"
+                limit = (f"its first-{watch.baseline}-observation mean by more than {-watch.limit}" if watch.baseline
+                         else str(watch.limit))
                 rank_zero_warn(f"{name} = {value:.3f} has been {side} {limit} for {self.patience} observations at "
                                f"step {trainer.global_step}: the run is degenerating; {action}")
                 if self.stop:

@@ -120,3 +120,33 @@ def test_guard_and_crossing_act_at_the_same_step():
             guard.on_train_batch_end(SimpleNamespace(global_step=step, should_stop=False), module, None, None, 0)
         assert want == {"diag/topk_overlap": 5, "diag/repeat_advantage_ratio": 6}[name]
         assert [t[0] for t in guard.tripped] == [want]
+
+
+def test_overlap_drop_is_judged_against_the_runs_first_observations():
+    """`max_topk_overlap_drop`: the first `baseline` observations set the reference (their mean), and the guard acts
+    at the `patience`-th later observation in a row more than the drop below it, wherever the level started; the
+    guard and `crossing` agree step for step."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opd_lightning.guards import RolloutGuard, crossing
+
+    for level in (0.95, 0.6):  # the same fall from a high and from a low start
+        values = [(0, level + 0.01), (1, level - 0.01), (2, level - 0.04), (3, float("nan")), (4, level - 0.06),
+                  (5, level - 0.07), (6, level - 0.02), (7, level - 0.08), (8, level - 0.09), (9, level - 0.1)]
+        want = crossing(values, -0.05, "min", patience=2, baseline=2)
+        assert want == 5  # steps 4 and 5 are more than 0.05 below the mean of steps 0-1; step 6 resets the count
+        guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, max_topk_overlap_drop=0.05,
+                             baseline=2, patience=2)
+        def feed(guard=guard, values=values):
+            for step, value in values:
+                module = SimpleNamespace(step_diagnostics={"diag/topk_overlap": value})
+                guard.on_train_batch_end(SimpleNamespace(global_step=step, should_stop=False), module, None, None, 0)
+
+        with pytest.warns(UserWarning, match="below its first-2-observation mean by more than 0.05"):
+            feed()
+        assert [t[:2] for t in guard.tripped] == [(5, "diag/topk_overlap_drop"), (8, "diag/topk_overlap_drop")]
+        assert crossing(values, 0.7, "min", patience=2) == (None if level == 0.95 else 1)  # an absolute floor differs
+    with pytest.raises(ValueError, match="baseline must be at least 1"):
+        RolloutGuard(baseline=0)
