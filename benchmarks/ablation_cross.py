@@ -3,8 +3,8 @@ in the teacher's target.
 
     .venv/bin/python -m benchmarks.ablation_cross [--rows ...] [--seeds 0 1 2] [--steps 1500] [--parallel 2]
 
-Every row is `configs/quickstart/distill_cross.yaml` (the byte-level BPE student, forward KL, λ = 0.5, 1,500 steps)
-with one change:
+Every row is `configs/quickstart/distill_cross.yaml` (the byte-level BPE student, forward KL, 1,500 steps) at the
+recipe it shipped with before the `*_on_policy_sft` rows (λ = 0.5, no SFT term: `RECIPE`), with one change:
 - `byte_spans`: the config's aligner before this ablation (off the realised path a longer student token gets its
   first teacher token's mass);
 - `exact_spans`: the exact target, every student token's likelihood of its text under the teacher, branches and
@@ -18,9 +18,11 @@ with one change:
   without the shape of its other guesses; `exact_spans_top1_sft` adds SFT on gold to the top-1;
 - `lead1`: `exact_spans` (default bounds) with `lead_topk: 1`, the whole target: the tree below the teacher's most
   likely first token only;
-- `shipped`: the config as it ships, `exact_spans` at its default bounds with `teacher_topk: 1`;
-- `shipped_on_policy_sft`: the shipped target on every step's rollouts (λ = 1) with SFT on the same step's gold
-  completions added: SFT's whole signal plus the teacher's on the student's samples;
+- `shipped`: `exact_spans` at its default bounds with `teacher_topk: 1`, half the steps on-policy (the config before
+  `shipped_on_policy_sft`);
+- `shipped_on_policy_sft`: the config as it ships: that target on every step's rollouts (λ = 1) with SFT on the
+  same step's gold completions added, SFT's whole signal plus the teacher's on the student's samples; `oracle_on_policy_sft` the same
+  recipe from the oracle (its whole target);
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
   separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
@@ -46,6 +48,9 @@ STORE = Path(__file__).with_name("ablation_cross_runs.json")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
 OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each student misses
+# The recipe every row starts from (the config's before it took the `shipped_on_policy_sft` row's): a row's own
+# options come after and override it.
+RECIPE = ["--model.rollout.on_policy_fraction", "0.5", "--model.extra_terms", "[]"]
 EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {
@@ -61,8 +66,9 @@ ROWS = {
     # student free in how it spreads its own rest: the teacher's mode without the shape of its hedges.
     "exact_spans_top1": ("exact target, top-1 + tail bucket", [*EXACT, "--model.teacher_topk", "1"]),
     "exact_spans_top3": ("exact target, top-3 + tail bucket", [*EXACT, "--model.teacher_topk", "3"]),
-    # What the config ships now: exact_spans at its default bounds (branches below 1e-4 unqueried) with top-1.
-    "shipped": ("**shipped: exact_spans (default bounds), top-1 + tail bucket**", []),
+    # The config as it shipped before the last rows: exact_spans at its default bounds (branches below 1e-4
+    # unqueried) with top-1, half the steps on-policy, no SFT term.
+    "shipped": ("exact_spans (default bounds), top-1 + tail bucket (the config before `shipped_on_policy_sft`)", []),
     "oracle_top1": ("oracle, top-1 + tail bucket", [*ORACLE_ARGS, "--model.teacher_topk", "1"]),
     # The teacher's leading token fixed to its most likely one at each aligned position, the exact tree below it,
     # the whole target kept: the character teacher's hedges on the digits after the first (neighbours, as the
@@ -74,9 +80,13 @@ ROWS = {
                               "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     # Every step on-policy with the shipped target, plus SFT on the same step's gold completions (weight 1): all of
     # SFT's signal, with the teacher's on the student's own samples added to it.
-    "shipped_on_policy_sft": ("shipped target, every step on-policy (λ = 1), + SFT on gold (weight 1)",
+    # What the config ships now.
+    "shipped_on_policy_sft": ("**shipped: the same target, every step on-policy (λ = 1), + SFT on gold (weight 1)**",
                               ["--model.teacher_topk", "1", "--model.rollout.on_policy_fraction", "1.0",
                                "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
+    "oracle_on_policy_sft": ("oracle, every step on-policy (λ = 1), + SFT on gold (weight 1)",
+                             [*ORACLE_ARGS, "--model.rollout.on_policy_fraction", "1.0",
+                              "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     # The same targets on the gold completions only (λ = 0): what the on-policy half of the steps adds or costs.
     "exact_spans_gold": ("exact target, gold completions only (λ = 0)",
                          [*EXACT, "--model.rollout.on_policy_fraction", "0.0"]),
@@ -87,7 +97,8 @@ ROWS = {
 
 def run(row: str, seed: int, steps: int) -> dict:
     dense = [] if row == "shipped" else ["--model.teacher_topk", "null"]  # a row's own top-k comes after
-    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *dense, *ROWS[row][1]]
+    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *RECIPE, *dense,
+            *ROWS[row][1]]
     result = fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
     hf = ROOT / row / f"seed_{seed}" / "hf"
     return {**result, **error_kinds(hf)} if "score" in result and (hf / "config.json").exists() else result
@@ -190,8 +201,9 @@ def main() -> None:
 Command: `.venv/bin/python -m benchmarks.ablation_cross --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`
 (each row's seeds are listed; rows with fewer seeds than asked had not run yet).
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs two at a time, one thread each, fp32.
-Every row is `{CONFIG}` ({args.steps} steps, forward KL, λ = 0.5, the byte-level BPE student) with only the target
-changed (the rows other than `shipped` set `teacher_topk` themselves); the student starts at 0.000. "Of the oracle's ratio" divides a row's student/teacher ratio by the oracle
+Every row is `{CONFIG}` ({args.steps} steps, forward KL, the byte-level BPE student) at λ = 0.5 with no SFT term (its
+recipe before the `*_on_policy_sft` rows, which change it) and only the target changed (the rows other than `shipped`
+set `teacher_topk` themselves); the student starts at 0.000. "Of the oracle's ratio" divides a row's student/teacher ratio by the oracle
 row's. Coverage: the share of student completion tokens with a target (`diag/align_coverage`); non-canonical rollouts: the
 share of on-policy completions whose tokens are not the student tokenizer's encoding of their text
 (`diag/noncanonical_rate`); both means over each run's last 50 logged steps. Misses: the share of the 500 test
