@@ -50,9 +50,13 @@ def main() -> None:
     total = timings["teacher_stage_s"] + timings["distill_stage_s"] + cross_s
     model = yaml.safe_load(Path("configs/quickstart/distill_cross.yaml").read_text())["model"]
     topk = model.get("teacher_topk")
+    terms = [t.get("init_args", t) for t in model.get("extra_terms") or []]  # the short or the class_path form
+    extra = [f"`{t['loss']}` on the {t.get('completions', 'rollout')} completions (weight {t.get('weight', 1.0)})"
+             for t in terms]
     recipe = (f"aligner `{model['aligner']}`, loss `{model['loss']}`, "
               + (f"teacher top-{topk} + tail bucket" if topk else "the whole teacher target")
-              + " (the best row of \"Across tokenizers: where the transfer is lost\" below)")
+              + f", λ = {model['rollout']['on_policy_fraction']}" + "".join(f", plus {e}" for e in extra)
+              + " (the shipped row of \"Across tokenizers: where the transfer is lost\" below)")
     record(f"""## Quickstart (`make demo`)
 
 Command: `.venv/bin/python -m benchmarks.quickstart` (runs what `make demo` runs). Date: {datetime.date.today()}.
