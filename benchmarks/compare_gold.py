@@ -84,7 +84,7 @@ class Comparison:
 
 
 COMPARISONS = {
-    "quickstart": Comparison((CONFIG,), "arithmetic", "exact_match", None, None, ("exact_spans", "forward_kl", 1), "the quickstart's fresh byte-level BPE student"),
+    "quickstart": Comparison((CONFIG, "benchmarks/compare_gold_quickstart.yaml"), "arithmetic", "exact_match", None, None, ("exact_spans", "forward_kl", 1), "the quickstart's fresh byte-level BPE student"),
     **{f"smollm2_{p}": Comparison(("configs/real/smollm2_same_tokenizer.yaml", "configs/real/sequences.yaml"),
                                "sequences", "exact_match/strict", 300, p / 100, ("bpe_subset", "reverse_kl", None),
                                f"the 15-layer SmolLM2 student of the real config with a tokenizer keeping {p}% of "
