@@ -117,7 +117,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     starts, and the probabilities the lookahead's walks read (at the starts and at the later positions the walks
     reach).
 
-    Each row is soft-maxed once, a chunk of rows at a time, whether a start, a walk position or both; the row
+    Each row is exponentiated once (`exp_rows`; normalised by the sum of its scattered columns, or soft-maxed where
+    exp without the max is unsafe), a chunk of rows at a time, whether a start, a walk position or both; the row
     bookkeeping is done on the host. A start no walk goes below (most of them) is final at the first level: its row
     is renormalised over the mass the student can spell and written as log-probs (floored at `LOG_FLOOR`) while the
     chunk is at hand. The `deep` starts' rows are kept apart as masses normalised by the teacher's whole row, for the
