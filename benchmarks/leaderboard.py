@@ -78,6 +78,11 @@ PAIRS = {
 }
 
 
+# Every run's recipe whatever its config ships (the cross-tokenizer config now adds SFT on gold and rolls out on
+# every step): half the steps on-policy, the loss alone. A row's own options come after it.
+RECIPE = ["--model.rollout.on_policy_fraction", "0.5", "--model.extra_terms", "[]"]
+
+
 # Rows beyond the registered losses: the policy-gradient losses' credit schemes, each named `<loss>+<variant>`.
 VARIANTS = {
     "sampled_token+gae": {"name": "sampled_token", "credit": "gae"},
@@ -202,7 +207,7 @@ def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
         key["start_score"] = start[1]  # which start: runs from another build of it are not mixed with these
     spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
     args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss", spec,
-            "--model.teacher_topk", "null", *seed_args(seed), *extra]  # every loss on the whole target
+            "--model.teacher_topk", "null", *seed_args(seed), *RECIPE, *extra]  # every loss on the whole target
     return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key)
 
 
