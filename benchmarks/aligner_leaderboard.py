@@ -35,6 +35,7 @@ from opd_lightning.losses import LOSSES
 
 from benchmarks.leaderboard import (
     DIAGNOSTICS,
+    RECIPE,
     _fmt,
     eval_overlay,
     fit_and_score,
@@ -105,7 +106,7 @@ def run(pair_name: str, row: str, seed: int, steps: int) -> dict:
     teacher = teacher_dir(pair.student if row == "oracle" else pair.teacher)
     args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), "--model.student.tokenizer", pair.student,
             "--model.teacher.path", str(teacher), "--model.loss", loss, "--model.teacher_topk", "null",
-            *seed_args(seed)]
+            *seed_args(seed), *RECIPE]
     args += ["--model.rollout.on_policy_fraction", "0.0"] if aligner is None else ["--model.aligner", aligner]
     return fit_and_score(args, ROOT / pair_name / row / f"seed_{seed}", steps,
                          {"pair": pair_name, "row": row, "seed": seed})

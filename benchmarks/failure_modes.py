@@ -63,6 +63,7 @@ import yaml
 
 from benchmarks.leaderboard import (
     PAIRS,
+    RECIPE,
     _fmt,
     eval_overlay,
     fit_and_score,
@@ -300,7 +301,8 @@ def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: 
     spec = MODES[mode]
     if reuse and (done := finished(mode, variant, seed, steps, eval_every, start)) is not None:
         return done
-    args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed),
+    pinned = RECIPE if spec["config"] == PAIRS["cross"]["config"] else []  # that config's recipe before it took SFT
+    args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed), *pinned,
             "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
             "null", "--model.diagnostics.grad_coherence_every", "5", *spec["variants"][variant][1]]
     out = ROOT / mode / variant / f"seed_{seed}"
