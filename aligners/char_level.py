@@ -23,7 +23,7 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .text import LOG_FLOOR, TextAligner, exp_rows, exp_safe, fused_softmax_, project_chunks, scratch, softmax_rows
+from .text import LOG_FLOOR, TextAligner, exp_rows, exp_safe, project_chunks, scratch, softmax_rows
 from .trie import sum_columns
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
@@ -85,11 +85,9 @@ class CharLevelAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
-        reads = isinstance(teacher_logits, Tensor)  # else the teacher's rows computed chunk by chunk (`HiddenRows`)
-
         def to_bytes(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            if not reads:  # the chunk's own copy of its rows, soft-maxed in place
-                return _byte_logprobs(fused_softmax_(logits), self.teacher_classes), logits.new_ones(len(b))
+            """A chunk's byte-class log-probs, its rows read by `exp_rows` (straight from the logits, or computed
+            from the teacher's hidden states and output layer, `HiddenRows`)."""
             v_t = logits.shape[-1]
             buffer = scratch(len(b), v_t, logits.device)
             # exp of the logits, unnormalised: byte classes are normalised by their own sum
@@ -100,6 +98,6 @@ class CharLevelAligner(TextAligner):
                 mass[unsafe] = sum_columns(probs, self.teacher_classes, BYTE_CLASSES, keep_skipped=True)
             return _mass_logprobs(mass[:, :BYTE_CLASSES]), mass.new_ones(len(b))
 
-        target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes, copy=not reads)  # [B, N, 257]
+        target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes, copy=False)  # [B, N, 257]
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,
                              student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))

@@ -35,6 +35,7 @@ __all__ = [
     "mass_to_logits",
     "project_chunks",
     "put_rows_",
+    "runs",
     "scratch",
     "softmax_",
     "softmax_rows",
@@ -117,6 +118,18 @@ def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None =
     return picked.float() if out is None else out[: len(picked)].copy_(picked)
 
 
+def runs(*indices: np.ndarray) -> list[tuple[int, int]]:
+    """`(lo, hi)` of each run of positions over which every one of the (equally long) index arrays steps by one."""
+    n = len(indices[0])
+    if not n:
+        return []
+    breaks = np.zeros(n - 1, dtype=bool)
+    for index in indices:
+        breaks |= np.diff(index) != 1
+    cut = (np.flatnonzero(breaks) + 1).tolist()
+    return list(zip([0, *cut], [*cut, n], strict=True))
+
+
 def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int, Tensor]] | None:
     """`values[batch, pos]` of `[B, M, V]` values as slices of the tensor they were sliced from: `(lo, hi, rows)`
     with `rows` the values' rows `lo:hi`, one per run of consecutive rows; None where `values` is no such tensor.
@@ -129,11 +142,8 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int
     if not (values.stride(2) == 1 and values.stride(1) == v and values.stride(0) % v == 0):
         return None
     per = values.stride(0) // v
-    rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
-    cuts = ((index[1:] - index[:-1]) != 1).nonzero().squeeze(-1).add_(1).tolist()
-    firsts = index[[0, *cuts]].tolist()
-    return [(lo, hi, rows[first : first + hi - lo])
-            for lo, hi, first in zip([0, *cuts], [*cuts, len(index)], firsts, strict=True)]
+    rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), (batch * per + pos).numpy()
+    return [(lo, hi, rows[int(index[lo]) : int(index[lo]) + hi - lo]) for lo, hi in runs(index)]
 
 
 def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, out: Tensor) -> Tensor:
@@ -193,10 +203,7 @@ def exp_safe(totals: Tensor, width: int) -> Tensor:
 def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray) -> None:
     """`dst[dst_rows] = src[src_rows]` for `[R, W]` and `[c, W]` tensors, one slice copy per run of rows consecutive on
     both sides: no gathered copy of the source rows first (a projection writes a chunk's rows in order, a few runs)."""
-    if not len(dst_rows):
-        return
-    cut = np.flatnonzero((np.diff(dst_rows) != 1) | (np.diff(src_rows) != 1)) + 1
-    for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(dst_rows)], strict=True):
+    for lo, hi in runs(dst_rows, src_rows):
         d, s = int(dst_rows[lo]), int(src_rows[lo])
         dst[d : d + hi - lo].copy_(src[s : s + hi - lo])
 

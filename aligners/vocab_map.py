@@ -11,10 +11,8 @@ cross-tokenizer target; `byte_spans` keeps all the mass.
 
 from __future__ import annotations
 
-import itertools
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +33,8 @@ from .text import (
     gather_columns,
     gather_rows,
     log_normaliser_,
-    project_chunks,
+    put_rows_,
+    runs,
     scratch,
 )
 
@@ -63,10 +62,15 @@ class VocabMapAligner(TextAligner):
             raise ValueError(f"vocab_map: coverage_every must be >= 1, got {coverage_every}")
         self.coverage_every = coverage_every
 
-    def _matched_columns(self, logits: Tensor, at: Tensor, s_ids: Tensor, t_ids: Tensor) -> tuple[Tensor, ...]:
-        """The target from the matched columns of the teacher's rows alone, read straight from its logits (no copy of
-        its whole rows but at the positions `mass_coverage` is measured): (log-probs `[B, N, V_s]`, positions with a
-        target `[B, N]`, mass kept `[n]`, NaN where not measured)."""
+    def _matched_columns(self, logits: Tensor, at: Tensor, s_ids: Tensor, t_ids: Tensor,
+                         native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The target from the matched columns of the teacher's rows: (log-probs `[B, N, V_s]`, positions with a
+        target `[B, N]`, mass kept `[n]`, NaN where not measured, the teacher's own logits `[B, N, V_t]` or None).
+
+        The matched columns are read straight from the teacher's logits where they are a tensor and its own logits
+        are not asked for (whole rows are then copied only where `mass_coverage` is measured); otherwise each chunk's
+        whole rows are copied first (computed from the teacher's hidden states and output layer, or kept as
+        `native`)."""
         size, device = self.student_vocab_size, logits.device
         batch, pos = (at >= 0).nonzero(as_tuple=True)
         t_pos = at[batch, pos]
@@ -76,27 +80,35 @@ class VocabMapAligner(TextAligner):
         off = torch.ones(len(flat), dtype=torch.bool, device=device)
         off[dst] = False
         flat[off] = 0.0  # no target: zeros, as every aligner leaves them
+        own = torch.zeros((*at.shape, logits.shape[-1]), device=device) if native else None
+        copies = native or not isinstance(logits, Tensor)
         kept = torch.full((len(batch),), math.nan, device=device)
-        step = chunk_rows(len(t_ids))
+        step = chunk_rows(logits.shape[-1] if copies else len(t_ids))
+        whole_rows = scratch(min(step, len(batch)), logits.shape[-1], device) if copies else None
         same_rows = scratch(min(step, len(batch)), len(t_ids), device, slot="matched")
         work = scratch(min(step, len(batch)), len(t_ids), device, slot="matched_work")
         dst_host = dst.cpu().numpy()
         for lo in range(0, len(batch), step):
             b, i, t = batch[lo : lo + step], pos[lo : lo + step], t_pos[lo : lo + step]
-            same = gather_columns(logits, b, t, t_ids, same_rows)  # [c, K] logits of the tokens both spell
+            if copies:
+                rows = gather_rows(logits, b, t, whole_rows)  # [c, V_t] a copy
+                if own is not None:
+                    put_rows_(own, b, i, rows)
+                same = torch.gather(rows, 1, t_ids.expand(len(b), -1), out=same_rows[: len(b)])
+            else:
+                same = gather_columns(logits, b, t, t_ids, same_rows)  # [c, K] logits of the tokens both spell
             lse = log_normaliser_(work[: len(b)].copy_(same))  # [c]
             same.sub_(lse[:, None]).clamp_min_(LOG_FLOOR)
-            rows = dst_host[lo : lo + step]
-            cuts = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
-            for a, z in itertools.pairwise(cuts):  # each run of consecutive target rows: one scatter into a slice
-                flat[int(rows[a]) : int(rows[a]) + z - a].scatter_(1, s_ids.expand(z - a, -1), same[a:z])
+            rows_out = dst_host[lo : lo + step]
+            for a, z in runs(rows_out):  # each run of consecutive target rows: one scatter into a slice
+                flat[int(rows_out[a]) : int(rows_out[a]) + z - a].scatter_(1, s_ids.expand(z - a, -1), same[a:z])
             measured = (i % self.coverage_every == 0).nonzero().squeeze(-1)
             if len(measured):
-                whole = gather_rows(logits, b[measured], t[measured])
+                whole = rows[measured] if copies else gather_rows(logits, b[measured], t[measured])
                 kept[lo + measured] = (lse[measured] - log_normaliser_(whole)).exp()
         valid = torch.zeros(at.shape, dtype=torch.bool, device=device)
         valid[batch, pos] = True
-        return out, valid, kept
+        return out, valid, kept, own
 
     @property
     def matched(self) -> tuple[Tensor, Tensor]:
@@ -115,27 +127,8 @@ class VocabMapAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
-        if isinstance(teacher_logits, Tensor) and TEACHER_NATIVE_LOGITS not in needs:
-            logp, valid, kept = self._matched_columns(teacher_logits, at, s_ids, t_ids)
-            tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
-            return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp,
-                                 vocab_pairs=(s_ids, t_ids), token_logprobs=tokens,
-                                 mass_coverage=float(kept.nanmean()) if bool((~kept.isnan()).any()) else None)
-
-        def matched(rows: Tensor, _batch: Tensor, pos: Tensor, _t: Tensor) -> tuple[Tensor, Tensor]:
-            n = len(rows)  # gather and scatter with expanded indices: several times faster than `rows[:, t_ids]`
-            same = rows.gather(1, t_ids.expand(n, -1))  # [c, K] logits of the tokens both vocabularies spell
-            lse = log_normaliser_(same.clone()).unsqueeze(-1)  # [c, 1]
-            out = rows.new_full((n, self.student_vocab_size), LOG_FLOOR)
-            out.scatter_(1, s_ids.expand(n, -1), (same - lse).clamp_min_(LOG_FLOOR))
-            kept = rows.new_full((n,), math.nan)  # NaN: not measured (the position has a target all the same)
-            measured = (pos % self.coverage_every == 0).nonzero().squeeze(-1)
-            if len(measured):
-                kept[measured] = (lse[measured, 0] - log_normaliser_(rows[measured])).exp()
-            return out, kept
-
-        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, matched,
-                                                   native=TEACHER_NATIVE_LOGITS in needs)
+        logp, valid, kept, native = self._matched_columns(teacher_logits, at, s_ids, t_ids,
+                                                          TEACHER_NATIVE_LOGITS in needs)
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=(s_ids, t_ids), token_logprobs=tokens,

@@ -39,7 +39,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
+from benchmarks.leaderboard import RECIPE, _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
@@ -48,9 +48,6 @@ STORE = Path(__file__).with_name("ablation_cross_runs.json")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
 OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each student misses
-# The recipe every row starts from (the config's before it took the `shipped_on_policy_sft` row's): a row's own
-# options come after and override it.
-RECIPE = ["--model.rollout.on_policy_fraction", "0.5", "--model.extra_terms", "[]"]
 EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
 ROWS = {
@@ -97,6 +94,7 @@ ROWS = {
 
 def run(row: str, seed: int, steps: int) -> dict:
     dense = [] if row == "shipped" else ["--model.teacher_topk", "null"]  # a row's own top-k comes after
+    # every row from the config's recipe before it took the `shipped_on_policy_sft` row's; a row's own options override
     args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *RECIPE, *dense,
             *ROWS[row][1]]
     result = fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
