@@ -20,6 +20,11 @@ Runs go `--parallel` at a time with one thread each; wall times are comparable w
 quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.yaml`). Writes the tables and
 `benchmarks/leaderboard.png` into benchmarks/RESULTS.md, and every run's numbers to `benchmarks/leaderboard_runs.csv`.
 
+- `long`: `configs/long_addition/distill.yaml` (the long task's teacher into its small fresh student, same tokenizer,
+  completions of 18-41 characters), scored by lm-eval's `long_addition` (the sum written after the first `:`); its
+  runs go into tables, plots and a RESULTS block of their own (`leaderboard_long`, `leaderboard_warm_long`), so run it
+  in its own invocation. Needs the long task's teacher (`opd fit --config configs/long_addition/teacher.yaml`).
+
 `--warm STEPS` runs the warm-start leaderboard instead: each pair's fresh student is first trained by SFT on the gold
 completions for STEPS steps (seed 0, once, `runs/leaderboard_warm/<pair>/start`, its score stated in the table),
 and every run goes on from that student; its own table, `benchmarks/leaderboard_warm.png` and
@@ -51,6 +56,7 @@ RUNS_CSV = Path(__file__).with_name("leaderboard_runs.csv")
 WARM_ROOT = Path("runs/leaderboard_warm")
 WARM_CSV = Path(__file__).with_name("leaderboard_warm_runs.csv")
 TEACHER = Path("runs/quickstart/teacher/hf")
+LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/teacher.yaml
 DIAGNOSTICS = ("diag/topk_overlap", "diag/logratio_mean", "diag/entropy_student", "diag/repetition_rate",
                "diag/align_coverage", "diag/noncanonical_rate")
 
@@ -66,15 +72,23 @@ def eval_overlay(evaluate_teacher: bool = False, export: bool = False, task: str
     return "\n".join(["trainer:", "  callbacks:", *callbacks]) + "\n"
 
 
-OVERLAY = eval_overlay()
+ARITHMETIC = {"task": "arithmetic", "metric": "exact_match", "teacher": TEACHER, "problems": 500,
+              "teacher_command": "make demo (or the quickstart teacher stage)",
+              "setting": "the quickstart distillations ({teacher}; {start}; λ = 0.5; batch 128; AdamW 3e-3)"}
 PAIRS = {
-    "same": {"config": "configs/quickstart/distill.yaml", "aligners": {},
+    "same": {**ARITHMETIC, "config": "configs/quickstart/distill.yaml", "aligners": {},
              "skip": ("xtoken_hkl", "xtoken_pkl"),  # they compare two vocabularies through X-Token's projection
              "title": "same tokenizer (one token per character)"},
-    "cross": {"config": "configs/quickstart/distill_cross.yaml",
+    "cross": {**ARITHMETIC, "config": "configs/quickstart/distill_cross.yaml",
               "aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
               "default_aligner": "byte_spans",
               "title": "across tokenizers (character teacher → byte-level BPE student)"},
+    "long": {"config": "configs/long_addition/distill.yaml", "aligners": {}, "skip": ("xtoken_hkl", "xtoken_pkl"),
+             "task": "long_addition", "metric": "exact_match/sum", "teacher": LONG_TEACHER, "problems": 500,
+             "teacher_command": "opd fit --config configs/long_addition/teacher.yaml",
+             "setting": "the long task's distillation ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
+                        "up to 44 new tokens)",
+             "title": "long task, same tokenizer (one token per character)"},
 }
 
 
@@ -125,12 +139,22 @@ def run_parser(steps: int) -> argparse.ArgumentParser:
     return parser
 
 
-def prepare(root: Path, overlay: str) -> None:
-    """Check that the quickstart teacher exists, and write the runs' config overlay into `root`."""
-    if not (TEACHER / "config.json").exists():
-        raise SystemExit(f"{TEACHER} is missing: run `make demo` (or the quickstart teacher stage) first")
+def prepare(root: Path, overlay: str, pair: str = "same") -> Path:
+    """Check that `pair`'s teacher exists (default: the quickstart's), and write the runs' config overlay into
+    `root` (one file per task, so that leaderboards of two tasks can share `root`); its path."""
+    teacher = PAIRS[pair]["teacher"]
+    if not (teacher / "config.json").exists():
+        raise SystemExit(f"{teacher} is missing: run `{PAIRS[pair]['teacher_command']}` first")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "overlay.yaml").write_text(overlay)
+    path = overlay_path(root, pair)
+    path.write_text(overlay)
+    return path
+
+
+def overlay_path(root: Path, pair: str) -> Path:
+    """Where `prepare` writes the overlay of `pair`'s runs: `overlay.yaml` for the arithmetic pairs."""
+    task = PAIRS[pair]["task"] if pair in PAIRS else "arithmetic"
+    return root / ("overlay.yaml" if task == "arithmetic" else f"overlay_{task}.yaml")
 
 
 def seed_args(seed: int) -> list[str]:
@@ -184,8 +208,8 @@ def warm_student(pair: str, steps: int, root: Path = WARM_ROOT, config: str | No
     out = root / pair / "start"
     scored = out / "score.json"
     if not scored.exists() or json.loads(scored.read_text())["steps"] != steps:
-        prepare(root, eval_overlay(export=True, task=task))
-        args = ["--config", config or PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss",
+        overlay = prepare(root, eval_overlay(export=True, task=task), pair if pair in PAIRS else "same")
+        args = ["--config", config or PAIRS[pair]["config"], "--config", str(overlay), "--model.loss",
                 "cross_entropy", "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
         result = fit_and_score(args, out, steps, {"pair": pair}, task=task, metric=metric)
         if "score" not in result:
@@ -206,17 +230,18 @@ def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
                   "--model.student.tokenizer", "null"]
         key["start_score"] = start[1]  # which start: runs from another build of it are not mixed with these
     spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
-    args = ["--config", PAIRS[pair]["config"], "--config", str(root / "overlay.yaml"), "--model.loss", spec,
+    args = ["--config", PAIRS[pair]["config"], "--config", str(overlay_path(root, pair)), "--model.loss", spec,
             "--model.teacher_topk", "null", *seed_args(seed), *RECIPE, *extra]  # every loss on the whole target
-    return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key)
+    return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key, PAIRS[pair]["task"],
+                         PAIRS[pair]["metric"])
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def table(results: list[dict]) -> str:
-    header = ("| loss | aligner | exact match (mean ± std) | seeds | wall s/run | topk overlap | log-ratio | "
+def table(results: list[dict], metric: str = "exact match") -> str:
+    header = (f"| loss | aligner | {metric} (mean ± std) | seeds | wall s/run | topk overlap | log-ratio | "
               "student entropy | repetition | coverage |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     by_loss: dict[str, list[dict]] = {}
@@ -259,9 +284,10 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
                yerr=[statistics.stdev(by_loss[n]) if len(by_loss[n]) > 1 else 0 for n in names], capsize=4)
         for i, n in enumerate(names):
             ax.scatter([i] * len(by_loss[n]), by_loss[n], color="black", s=10, zorder=3)
-        ax.set_ylabel("exact match (test, 500)")
+        spec = PAIRS[pair]
+        ax.set_ylabel(f"{spec['metric']} (test, {spec['problems']})")
         ax.set_ylim(0, 1)
-        ax.set_title(f"Loss leaderboard: arithmetic, {PAIRS[pair]['title']}")
+        ax.set_title(f"Loss leaderboard: {spec['task']}, {spec['title']}")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -277,9 +303,16 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only write the tables of the runs recorded")
     args = parser.parse_args()
     warm = args.warm is not None
+    tasks = {PAIRS[pair]["task"] for pair in args.pairs}
+    if len(tasks) > 1:
+        parser.error(f"--pairs {' '.join(args.pairs)} mixes tasks ({', '.join(sorted(tasks))}): run each task's "
+                     "pairs in an invocation of their own")
+    task = tasks.pop()
+    metric = PAIRS[args.pairs[0]]["metric"]
     root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
-    starts = {pair: warm_student(pair, args.warm) for pair in args.pairs} if warm else {}
-    prepare(root, OVERLAY)  # after the warm starts, whose overlay (with export) this replaces
+    starts = {pair: warm_student(pair, args.warm, task=task, metric=metric) for pair in args.pairs} if warm else {}
+    prepare(root, eval_overlay(task=task), args.pairs[0])  # after the warm starts, whose overlay (with export)
+    # this replaces
     store = root / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
@@ -309,21 +342,25 @@ def main() -> None:
                   flush=True)
     chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
-    name = "leaderboard_warm" if warm else "leaderboard"
+    name = ("leaderboard_warm" if warm else "leaderboard") + ("" if task == "arithmetic" else f"_{task.split('_')[0]}")
     plot(chosen, Path(__file__).with_name(f"{name}.png"))
     write_runs(runs_csv, columns, done)
     dates = sorted({r["date"] for runs in chosen.values() for r in runs})
     tables = "\n\n".join(f"### Leaderboard{' (warm start)' if warm else ''}: {PAIRS[pair]['title']}\n\n"
-                         f"Config: `{PAIRS[pair]['config']}`.\n\n{table(runs)}" for pair, runs in chosen.items())
+                         f"Config: `{PAIRS[pair]['config']}`.\n\n{table(runs, metric)}"
+                         for pair, runs in chosen.items())
     start = ("students warmed up by SFT on gold for " + f"{args.warm} steps (" + "; ".join(
         f"{PAIRS[p]['title'].split(' (')[0]}: {score:.3f}" for p, (_, score) in starts.items()) + "), each run "
              "going on from that student") if warm else "fresh students at 0.000"
-    text = f"""## Leaderboard{' from warm students' if warm else ''}
+    setting = PAIRS[args.pairs[0]]["setting"].format(teacher=f"teacher {teacher_score(args.pairs[0], warm)}",
+                                                     start=start)
+    on_task = "" if task == "arithmetic" else f" on the `{task}` task"
+    text = f"""## Leaderboard{' from warm students' if warm else ''}{on_task}
 
 Command: `.venv/bin/python -m benchmarks.leaderboard --pairs {' '.join(args.pairs)} --steps {args.steps} \
 --seeds {' '.join(map(str, args.seeds))}{f' --warm {args.warm}' if warm else ''}`.
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs {args.parallel} at a time, one thread each, fp32.
-Setting: the quickstart distillations (teacher {teacher_score(warm)}; {start}; λ = 0.5; batch 128; AdamW 3e-3)
+Setting: {setting}
 with only the loss changed, {args.steps} optimizer steps, default hyperparameters of each loss. Diagnostics are
 means over each run's last 50 logged steps, averaged over seeds (– where a loss has no teacher distribution to
 compare). Coverage is the share of student positions the aligner gives a target. Rows `sampled_token+<credit>` are
@@ -346,15 +383,18 @@ def write_runs(path: Path, columns: list[str], done: dict) -> None:
         writer.writerows(done[k] for k in sorted(done))
 
 
-def teacher_score(warm: bool) -> str:
-    """The teacher's exact match as the tables state it: the cold-start runs recorded were made with the teacher of
-    their day (0.956); the warm-start ones with today's `runs/quickstart/teacher/hf`, scored once here (lm-eval on
-    the 500 test problems) and kept in `runs/leaderboard_warm/teacher_score.json`."""
-    if not warm:
+def teacher_score(pair: str, warm: bool) -> str:
+    """`pair`'s teacher's score as the tables state it: the cold-start arithmetic runs recorded were made with the
+    teacher of their day (0.956); the others with today's teacher of the pair, scored once here (lm-eval on the test
+    problems) and kept in `runs/leaderboard_warm/teacher_score.json` (arithmetic) or
+    `runs/leaderboard_warm/teacher_score_<task>.json`."""
+    spec = PAIRS[pair]
+    if not warm and spec["task"] == "arithmetic":
         return "0.956"
-    cache = WARM_ROOT / "teacher_score.json"
+    cache = WARM_ROOT / ("teacher_score.json" if spec["task"] == "arithmetic" else f"teacher_score_{spec['task']}.json")
     if not cache.exists():
-        cache.write_text(json.dumps({"score": score_saved(TEACHER, "arithmetic", "exact_match")}))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"score": score_saved(spec["teacher"], spec["task"], spec["metric"])}))
     return f"{json.loads(cache.read_text())['score']:.3f}"
 
 
