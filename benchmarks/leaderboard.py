@@ -21,9 +21,11 @@ quickstart teacher (`make demo` or `opd fit --config configs/quickstart/teacher.
 `benchmarks/leaderboard.png` into benchmarks/RESULTS.md, and every run's numbers to `benchmarks/leaderboard_runs.csv`.
 
 - `long`: `configs/long_addition/distill.yaml` (the long task's teacher into its small fresh student, same tokenizer,
-  completions of 18-41 characters), scored by lm-eval's `long_addition` (the sum written after the first `:`); its
-  runs go into tables, plots and a RESULTS block of their own (`leaderboard_long`, `leaderboard_warm_long`), so run it
-  in its own invocation. Needs the long task's teacher (`opd fit --config configs/long_addition/teacher.yaml`).
+  completions of 18-41 characters), and `long_cross`: `configs/long_addition/distill_cross.yaml` (the same teacher
+  into a student with the quickstart's byte-level BPE tokenizer, aligners as for `cross`); both scored by lm-eval's
+  `long_addition` (the sum written after the first `:`), their runs in tables, plots and a RESULTS block of their own
+  (`leaderboard_long`, `leaderboard_warm_long`), so run them in an invocation without the arithmetic pairs. They need
+  the long task's teacher (`opd fit --config configs/long_addition/teacher.yaml`).
 
 `--warm STEPS` runs the warm-start leaderboard instead: each pair's fresh student is first trained by SFT on the gold
 completions for STEPS steps (seed 0, once, `runs/leaderboard_warm/<pair>/start`, its score stated in the table),
@@ -89,6 +91,14 @@ PAIRS = {
              "setting": "the long task's distillation ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
                         "up to 44 new tokens)",
              "title": "long task, same tokenizer (one token per character)"},
+    "long_cross": {"config": "configs/long_addition/distill_cross.yaml",
+                   "aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
+                   "default_aligner": "byte_spans", "task": "long_addition", "metric": "exact_match/sum",
+                   "teacher": LONG_TEACHER, "problems": 500,
+                   "teacher_command": "opd fit --config configs/long_addition/teacher.yaml",
+                   "setting": "the long task's distillations ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
+                              "up to 44 new tokens)",
+                   "title": "long task, across tokenizers (character teacher → byte-level BPE student)"},
 }
 
 
