@@ -141,17 +141,19 @@ class TokenTrie:
 
     def children(self, paths: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """Children of many paths (`[n, L]` -1 padded, `[n]` lengths): (path index, student id, range start, range
-        end), each `[e]`, in sorted order."""
+        end), each `[e]`, in sorted order. A path longer than every decomposition (a student spelling of a teacher
+        token in more pieces than its own tokenizer makes) continues none: it has no children."""
         size, n = len(self.table), len(paths)
         if not size:
             return (np.zeros(0, dtype=np.int64),) * 4
-        lo, hi = np.zeros(n, dtype=np.int64), np.full(n, size, dtype=np.int64)
-        for d in range(int(lengths.max(initial=0))):  # narrow each range to the rows continuing the path at depth d
-            on = np.flatnonzero((lengths > d) & (hi > lo))
+        width = self.table.shape[1] - 1  # the longest decomposition
+        lo, hi = np.zeros(n, dtype=np.int64), np.where(lengths <= width, size, 0).astype(np.int64)
+        for d in range(min(int(lengths.max(initial=0)), width)):  # narrow each range to the rows continuing the path
+            on = np.flatnonzero((lengths > d) & (hi > lo))  # at depth d
             key = self.groups[d, lo[on]] * (self.student_vocab_size + 1) + paths[on, d] + 1
             lo[on], hi[on] = np.searchsorted(self.keys[d], key, "left"), np.searchsorted(self.keys[d], key, "right")
         found = hi > lo
-        below = lengths + 1  # children are the groups one level below a path, inside its range
+        below = np.minimum(lengths, width) + 1  # children are the groups one level below a path, inside its range
         first = np.where(found, self.groups[below, np.minimum(lo, size - 1)], 0)
         count = np.where(found, self.groups[below, np.maximum(hi - 1, 0)] - first + 1, 0)
         path = np.repeat(np.arange(len(lo)), count)

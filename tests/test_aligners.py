@@ -432,3 +432,20 @@ def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
     assert big.shape == (40, 50) and scratch(1, 2, "cpu").data_ptr() == big.data_ptr()
     other = scratch(2, 5, "cpu", torch.float64)
     assert other.dtype == torch.float64 and other.data_ptr() != big.data_ptr()
+
+
+def test_conditional_gives_no_mass_to_a_path_longer_than_every_decomposition():
+    """A student may spell a teacher token in more pieces than its own tokenizer does (sampled single bytes): such a
+    path continues no decomposition, so its row keeps no mass (the aligner masks it), beside rows that do."""
+    student, teacher = subset_pair(0.9)
+    s_bytes, t_bytes = TokenBytes.from_tokenizer(student), TokenBytes.from_tokenizer(teacher)
+    trie = TokenTrie(t_bytes, s_bytes, student, len(student))
+    spell = spell_with_model(student, teacher, t_bytes)
+    width = max(len(p) for p in spell.values())
+    longest = next(p for p in spell.values() if len(p) == width)
+    byte_ids = [i for i in range(len(student)) if s_bytes.table[i] and len(s_bytes.table[i]) == 1][: width + 2]
+    paths = [longest[:1], tuple(byte_ids[: width + 1]), tuple(byte_ids), longest]
+    probs = torch.softmax(torch.randn(len(paths), len(teacher), generator=torch.Generator().manual_seed(3)), -1)
+    got = trie.conditional(probs, paths)
+    torch.testing.assert_close(got[0].double(), subset_conditional(probs[0], paths[0], spell, len(student)))
+    assert got[1:].sum() == 0  # too long (two lengths past the table), and a whole decomposition: no next token
