@@ -131,7 +131,7 @@ MODES = {
     },
     "depth": {
         "title": "The teacher's advice deeper into the student's own prefix: on-policy only against SFT mixed in",
-        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
+        "start": "long", "config": PAIRS["long"]["config"], "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
         "needs": (lambda: long_teacher(),),
@@ -145,7 +145,7 @@ MODES = {
     },
     "repetition": {
         "title": "Repetition collapse under sampled-token OPD, from a teacher that copies a loop in its context",
-        "start": "long", "config": "configs/long_addition/distill.yaml", "task": "long_addition", "start_steps": 800,
+        "start": "long", "config": PAIRS["long"]["config"], "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9),
                   ("diag/topk_overlap", None, "drop")),
@@ -438,9 +438,7 @@ def main() -> None:
         for m in args.modes:
             for need in MODES[m].get("needs", ()):
                 need()
-        starts = {MODES[m]["start"]: warm_student(MODES[m]["start"], MODES[m]["start_steps"], ROOT, MODES[m]["config"],
-                                                  MODES[m]["task"], MODES[m].get("metric", "exact_match"))
-                  for m in args.modes}
+        starts = {MODES[m]["start"]: warm_student(MODES[m]["start"], MODES[m]["start_steps"], ROOT) for m in args.modes}
         for m in args.modes:
             prepare(ROOT / m, eval_overlay(evaluate_teacher=True, task=MODES[m]["task"], on_fit_start=True))
         jobs = [(m, v, s) for m in args.modes for s in args.seeds for v in MODES[m]["variants"]

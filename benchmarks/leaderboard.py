@@ -74,30 +74,27 @@ def eval_overlay(evaluate_teacher: bool = False, export: bool = False, task: str
     return "\n".join(["trainer:", "  callbacks:", *callbacks]) + "\n"
 
 
+# What a pair's task fixes (its teacher, lm-eval task and metric, the setting its tables state) and what its
+# tokenizers fix (the aligner of each loss), combined into the pairs below.
 ARITHMETIC = {"task": "arithmetic", "metric": "exact_match", "teacher": TEACHER, "problems": 500,
               "teacher_command": "make demo (or the quickstart teacher stage)",
               "setting": "the quickstart distillations ({teacher}; {start}; λ = 0.5; batch 128; AdamW 3e-3)"}
+LONG_ADDITION = {"task": "long_addition", "metric": "exact_match/sum", "teacher": LONG_TEACHER, "problems": 500,
+                 "teacher_command": "opd fit --config configs/long_addition/teacher.yaml",
+                 "setting": "the long task's distillations ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
+                            "up to 44 new tokens)"}
+SAME_TOKENIZER = {"aligners": {},
+                  "skip": ("xtoken_hkl", "xtoken_pkl")}  # they compare two vocabularies through X-Token's projection
+ACROSS_TOKENIZERS = {"aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
+                     "default_aligner": "byte_spans"}
 PAIRS = {
-    "same": {**ARITHMETIC, "config": "configs/quickstart/distill.yaml", "aligners": {},
-             "skip": ("xtoken_hkl", "xtoken_pkl"),  # they compare two vocabularies through X-Token's projection
+    "same": {**ARITHMETIC, **SAME_TOKENIZER, "config": "configs/quickstart/distill.yaml",
              "title": "same tokenizer (one token per character)"},
-    "cross": {**ARITHMETIC, "config": "configs/quickstart/distill_cross.yaml",
-              "aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
-              "default_aligner": "byte_spans",
+    "cross": {**ARITHMETIC, **ACROSS_TOKENIZERS, "config": "configs/quickstart/distill_cross.yaml",
               "title": "across tokenizers (character teacher → byte-level BPE student)"},
-    "long": {"config": "configs/long_addition/distill.yaml", "aligners": {}, "skip": ("xtoken_hkl", "xtoken_pkl"),
-             "task": "long_addition", "metric": "exact_match/sum", "teacher": LONG_TEACHER, "problems": 500,
-             "teacher_command": "opd fit --config configs/long_addition/teacher.yaml",
-             "setting": "the long task's distillation ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
-                        "up to 44 new tokens)",
+    "long": {**LONG_ADDITION, **SAME_TOKENIZER, "config": "configs/long_addition/distill.yaml",
              "title": "long task, same tokenizer (one token per character)"},
-    "long_cross": {"config": "configs/long_addition/distill_cross.yaml",
-                   "aligners": {"dskd": "dskd_cma", "xtoken_hkl": "xtoken", "xtoken_pkl": "xtoken"},
-                   "default_aligner": "byte_spans", "task": "long_addition", "metric": "exact_match/sum",
-                   "teacher": LONG_TEACHER, "problems": 500,
-                   "teacher_command": "opd fit --config configs/long_addition/teacher.yaml",
-                   "setting": "the long task's distillations ({teacher}; {start}; λ = 0.5; batch 64; AdamW 3e-3; "
-                              "up to 44 new tokens)",
+    "long_cross": {**LONG_ADDITION, **ACROSS_TOKENIZERS, "config": "configs/long_addition/distill_cross.yaml",
                    "title": "long task, across tokenizers (character teacher → byte-level BPE student)"},
 }
 
@@ -163,8 +160,12 @@ def prepare(root: Path, overlay: str, pair: str = "same") -> Path:
 
 def overlay_path(root: Path, pair: str) -> Path:
     """Where `prepare` writes the overlay of `pair`'s runs: `overlay.yaml` for the arithmetic pairs."""
-    task = PAIRS[pair]["task"] if pair in PAIRS else "arithmetic"
-    return root / ("overlay.yaml" if task == "arithmetic" else f"overlay_{task}.yaml")
+    return per_task(root / "overlay.yaml", PAIRS[pair]["task"])
+
+
+def per_task(path: Path, task: str) -> Path:
+    """`path` for the arithmetic pairs' files, `<stem>_<task><suffix>` beside it for another task's."""
+    return path if task == "arithmetic" else path.with_name(f"{path.stem}_{task}{path.suffix}")
 
 
 def seed_args(seed: int) -> list[str]:
@@ -210,18 +211,17 @@ def scored_run(out: Path, key: dict, task: str = "arithmetic", metric: str = "ex
     return {**key, "score": scores["student"], **teacher, **diag}
 
 
-def warm_student(pair: str, steps: int, root: Path = WARM_ROOT, config: str | None = None,
-                 task: str = "arithmetic", metric: str = "exact_match") -> tuple[Path, float]:
-    """The warm start of `pair`'s student: the fresh student of `config` (default: the pair's) after `steps`
-    optimizer steps of SFT on the gold completions (seed 0), saved once under `<root>/<pair>/start`; its path and
-    lm-eval score (`metric` of `task`)."""
-    out = root / pair / "start"
+def warm_student(pair: str, steps: int, root: Path = WARM_ROOT) -> tuple[Path, float]:
+    """The warm start of `pair`'s student: the fresh student of the pair's config after `steps` optimizer steps of
+    SFT on the gold completions (seed 0), saved once under `<root>/<pair>/start`; its path and lm-eval score (the
+    pair's metric of its task)."""
+    spec, out = PAIRS[pair], root / pair / "start"
     scored = out / "score.json"
     if not scored.exists() or json.loads(scored.read_text())["steps"] != steps:
-        overlay = prepare(root, eval_overlay(export=True, task=task), pair if pair in PAIRS else "same")
-        args = ["--config", config or PAIRS[pair]["config"], "--config", str(overlay), "--model.loss",
-                "cross_entropy", "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
-        result = fit_and_score(args, out, steps, {"pair": pair}, task=task, metric=metric)
+        overlay = prepare(root, eval_overlay(export=True, task=spec["task"]), pair)
+        args = ["--config", spec["config"], "--config", str(overlay), "--model.loss", "cross_entropy",
+                "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
+        result = fit_and_score(args, out, steps, {"pair": pair}, task=spec["task"], metric=spec["metric"])
         if "score" not in result:
             raise SystemExit(f"the warm start of {pair} failed:\n{result['error']}")
         scored.write_text(json.dumps(result))
@@ -320,9 +320,8 @@ def main() -> None:
     task = tasks.pop()
     metric = PAIRS[args.pairs[0]]["metric"]
     root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
-    starts = {pair: warm_student(pair, args.warm, task=task, metric=metric) for pair in args.pairs} if warm else {}
-    prepare(root, eval_overlay(task=task), args.pairs[0])  # after the warm starts, whose overlay (with export)
-    # this replaces
+    starts = {pair: warm_student(pair, args.warm) for pair in args.pairs} if warm else {}
+    prepare(root, eval_overlay(task=task), args.pairs[0])  # after the warm starts, replacing their overlay (export)
     store = root / "results.json"
     recorded = json.loads(store.read_text()) if store.exists() else []
     csv_runs = recorded_runs(runs_csv, ("pair", "loss", "aligner", "date"))
@@ -401,7 +400,7 @@ def teacher_score(pair: str, warm: bool) -> str:
     spec = PAIRS[pair]
     if not warm and spec["task"] == "arithmetic":
         return "0.956"
-    cache = WARM_ROOT / ("teacher_score.json" if spec["task"] == "arithmetic" else f"teacher_score_{spec['task']}.json")
+    cache = per_task(WARM_ROOT / "teacher_score.json", spec["task"])
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"score": score_saved(spec["teacher"], spec["task"], spec["metric"])}))

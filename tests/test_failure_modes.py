@@ -41,3 +41,13 @@ def test_the_score_falls_at_the_first_evaluation_below_the_start_by_more_than_th
     assert fm.falls(run) == 40  # 0.18 is within DROP of 0.196, 0.1 is not
     run["history"] = [(0, 0.2), (20, 0.19), (40, 0.3)]
     assert fm.falls(run) is None
+
+
+def test_each_mode_runs_the_config_task_and_metric_of_its_warm_start():
+    """The warm start is built from its pair alone (`leaderboard.warm_student`): a mode's own runs must agree."""
+    from benchmarks.leaderboard import PAIRS
+
+    for mode, spec in fm.MODES.items():
+        pair = PAIRS[spec["start"]]
+        assert (spec["config"], spec["task"], spec.get("metric", "exact_match")) == \
+            (pair["config"], pair["task"], pair["metric"]), mode
