@@ -5,7 +5,8 @@ completions that keep hitting the length limit are the usual first sign. A teach
 overlap the student's (`diag/topk_overlap` low or falling, Li et al. 2026), per-token advantages that cancel in the
 summed gradient (`diag/grad_coherence` low) and a teacher whose judgement of the student's tokens worsens deeper
 into the student's own prefix (`diag/logratio_drift` negative) are watched as well; `benchmarks/failure_modes.py`
-measures, on failures reproduced at CPU scale, when each acts against when the score falls. The guard reads
+measures, on failures reproduced at CPU scale, when each acts against when the score falls, and
+`benchmarks/guard_check.py` judges candidate rules on those runs and on the warm-start leaderboards'. The guard reads
 the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
 `stop: true` it also ends training, so a checkpoint from before the collapse is what remains. `crossing` is the same
 rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
@@ -14,6 +15,7 @@ rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -36,11 +38,20 @@ class Watch:
     """One watched limit, fed a diagnostic's observations in order: acts when `patience` of them in a row are past
     `limit` (`bound` "max": above; "min": below). With `baseline` > 0 the first `baseline` observations only set a
     reference (their mean), and each later one is judged by its difference from it: a limit on how far the
-    diagnostic moved from where the run began, whatever that level was. NaN is no observation."""
+    diagnostic moved from where the run began, whatever that level was; with `scaled` as well, that difference is in
+    units of the reference observations' standard deviation (a limit of 4: four of the run's own early spreads). With
+    `window` > 1 what is judged is the mean of the last `window` judged observations (none is judged before `window`
+    of them). NaN is no observation."""
 
-    def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0) -> None:
+    def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0, scaled: bool = False,
+                 window: int = 1) -> None:
+        if scaled and baseline < 2:
+            raise ValueError(f"a scaled limit needs a baseline of at least 2 observations, got {baseline}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         self.limit, self.bound, self.patience, self.baseline = limit, bound, patience, baseline
-        self.strikes, self.start = 0, []
+        self.scaled, self.window = scaled, window
+        self.strikes, self.start, self.recent = 0, [], []
 
     def observe(self, value: float) -> bool:
         """Take one observation; True when the guard acts on it (the `patience`-th in a row past the limit)."""
@@ -49,18 +60,24 @@ class Watch:
         if len(self.start) < self.baseline:
             self.start.append(value)
             return False
+        self.recent = [*self.recent[-(self.window - 1):], value] if self.window > 1 else [value]
+        if len(self.recent) < self.window:
+            return False
+        value = sum(self.recent) / self.window
         judged = value - sum(self.start) / len(self.start) if self.baseline else value
+        if self.scaled:
+            judged /= max(statistics.stdev(self.start), 1e-12)
         self.strikes = self.strikes + 1 if past_limit(judged, self.limit, self.bound) else 0
         return self.strikes == self.patience
 
 
 def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int,
-             baseline: int = 0) -> int | None:
+             baseline: int = 0, scaled: bool = False, window: int = 1) -> int | None:
     """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
     (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
-    `baseline` observations). Steps without an observation, and NaN values (a metric undefined on that step), do not
+    `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric undefined on that step), do not
     count either way."""
-    watch = Watch(limit, bound, patience, baseline)
+    watch = Watch(limit, bound, patience, baseline, scaled, window)
     return next((step for step, value in series if watch.observe(value)), None)
 
 

@@ -150,3 +150,26 @@ def test_overlap_drop_is_judged_against_the_runs_first_observations():
         assert crossing(values, 0.7, "min", patience=2) == (None if level == 0.95 else 1)  # an absolute floor differs
     with pytest.raises(ValueError, match="baseline must be at least 1"):
         RolloutGuard(baseline=0)
+
+
+def test_scaled_watch_judges_a_moving_mean_in_the_baselines_standard_deviations():
+    """`scaled` with `window`: the reference is the first `baseline` observations' mean and standard deviation, and
+    each later moving mean of `window` observations is judged by its distance from that mean in those deviations."""
+    import pytest
+
+    from opd_lightning.guards import Watch, crossing
+
+    # baseline 1, 2, 3: mean 2, sample sd 1. Then 3 (window not full: not judged), 5 (mean of 3 and 5 is 4: 2 sd),
+    # 1 (mean 3: 1 sd), 7 (mean 4: 2 sd), 8 (mean 7.5: 5.5 sd).
+    values = list(enumerate([1.0, 2.0, 3.0, 3.0, 5.0, float("nan"), 1.0, 7.0, 8.0]))
+    assert crossing(values, 1.5, "max", patience=1, baseline=3, scaled=True, window=2) == 4
+    assert crossing(values, 1.5, "max", patience=2, baseline=3, scaled=True, window=2) == 8  # 1 sd at step 6 resets
+    assert crossing(values, 5.0, "max", patience=1, baseline=3, scaled=True, window=2) == 8
+    assert crossing(values, 5.6, "max", patience=1, baseline=3, scaled=True, window=2) is None
+    assert crossing(values, 1.5, "max", patience=1, baseline=3, window=2) == 4  # unscaled: 4 - 2 = 2 > 1.5 as well
+    assert crossing(values, 2.5, "max", patience=1, baseline=3, window=2) == 8  # ... but 2 is not above 2.5
+    assert crossing([(s, -v) for s, v in values], -5.0, "min", patience=1, baseline=3, scaled=True, window=2) == 8
+    with pytest.raises(ValueError, match="baseline of at least 2"):
+        Watch(1.0, "max", 1, baseline=1, scaled=True)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        Watch(1.0, "max", 1, window=0)

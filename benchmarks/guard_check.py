@@ -1,0 +1,173 @@
+"""Guard rules judged on runs already logged: do they act before a run's score falls, and stay quiet otherwise?
+
+    .venv/bin/python -m benchmarks.guard_check [--no-record]
+
+`benchmarks/failure_modes.py` chose its watched limits on its own runs. This script applies each rule of `RULES`
+(`guards.crossing`, the rule `RolloutGuard` applies as a run goes) to the per-step diagnostics of two sets of runs
+already in `runs/` (it trains nothing):
+- the failure-mode runs (`runs/failure_modes/<mode>/<variant>/seed_<n>`), scored every 10-50 steps: for a run whose
+  score falls (an evaluation more than `failure_modes.DROP` below its start), whether the rule acts before the first
+  evaluation that shows the fall; for the others, whether it acts at all. These are the runs the rules were found
+  on (in-sample);
+- the warm-start leaderboards' runs (`runs/leaderboard_warm/<pair>/<loss>/seed_<n>`: every loss of the zoo, three
+  seeds, from a student warmed by SFT), scored at their start and end only: whether the rule acts on runs that end
+  above their start by more than `DROP` (an alarm there stops a run that was going to gain), on runs that end within
+  `DROP` of it, and on runs that end below it by more than `DROP`. None of these runs was looked at to choose a
+  rule (out-of-sample).
+A "rise" or "fall" rule judges a diagnostic against the mean of its first `BASELINE` observations, in units of
+their standard deviation, over a moving mean of `WINDOW` observations; diagnostics of the rollouts' log-ratio and
+entropy are read on on-policy steps only (on the other steps the teacher scores gold completions). Writes one block
+into benchmarks/RESULTS.md unless `--no-record`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.failure_modes import BASELINE, DROP, PATIENCE
+from benchmarks.failure_modes import ROOT as FAILURE_ROOT
+from benchmarks.leaderboard import PAIRS, WARM_ROOT
+from benchmarks.quickstart import machine, record
+from opd_lightning.guards import crossing
+
+WINDOW = 5  # observations per moving mean of a scaled rule
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One guard rule: `limit` on `metric` (`bound` "max" a ceiling, "min" a floor), past it `patience` times in a row;
+    `kind` "level" judges the value itself, "drop" its difference from the run's first `BASELINE` observations' mean,
+    "scaled" that difference in their standard deviations over a moving mean of `WINDOW` observations."""
+
+    label: str
+    metric: str
+    bound: str
+    limit: float
+    kind: str = "level"
+    patience: int = PATIENCE
+    on_policy: bool = False  # observed on on-policy steps only
+
+    def observed(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> list[tuple[int, float]]:
+        """The observations the rule reads from a run's logs."""
+        return [(s, v) for s, v in logged.get(self.metric, []) if not self.on_policy or s in on_policy]
+
+    def judges(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> bool:
+        """Whether a run logged enough of the rule's metric for the rule to judge it (beyond its baseline)."""
+        return len(self.observed(logged, on_policy)) >= (0 if self.kind == "level" else BASELINE) + WINDOW
+
+    def acts_at(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> int | None:
+        values = self.observed(logged, on_policy)
+        if self.kind == "level":
+            return crossing(values, self.limit, self.bound, self.patience)
+        return crossing(values, self.limit, self.bound, self.patience, baseline=BASELINE,
+                        scaled=self.kind == "scaled", window=WINDOW if self.kind == "scaled" else 1)
+
+
+RULES = (
+    Rule("`topk_overlap` below 0.9", "diag/topk_overlap", "min", 0.9),
+    Rule("`topk_overlap` more than 0.02 below its start (`opd report`'s drop threshold)", "diag/topk_overlap", "min",
+         -0.02, "drop"),
+    Rule("`topk_overlap` more than 0.05 below its start, 10 in a row", "diag/topk_overlap", "min", -0.05, "drop", 10),
+    Rule("`repetition_rate` above 0.2", "diag/repetition_rate", "max", 0.2),
+    Rule("`logratio_abs` 4 sd above its start", "diag/logratio_abs", "max", 4.0, "scaled", 1, True),
+    Rule("`logratio_mean` 4 sd below its start", "diag/logratio_mean", "min", -4.0, "scaled", 1, True),
+    Rule("`entropy_student` 4 sd above its start", "diag/entropy_student", "max", 4.0, "scaled", 1, True),
+)
+
+
+def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]:
+    """Every rule's metric as `[(step, value)]` in step order, and the on-policy steps, from a run's metrics.csv."""
+    names = {rule.metric for rule in RULES}
+    out: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    on_policy = set()
+    for row in csv.DictReader((version / "metrics.csv").open()):
+        step = int(row["step"])
+        if row.get("train/rollout/on_policy") and float(row["train/rollout/on_policy"]) == 1.0:
+            on_policy.add(step)
+        for name in names:
+            if row.get(name) and math.isfinite(value := float(row[name])):
+                out[name].append((step, value))
+    return {name: sorted(values) for name, values in out.items()}, on_policy
+
+
+def student_history(version: Path, metric: str) -> list[tuple[int, float]]:
+    """The student's lm-eval scores by step, from a run's eval_history.jsonl."""
+    rows = [json.loads(line) for line in (version / "eval_history.jsonl").read_text().splitlines()]
+    return sorted((r["step"], next(iter(r["results"].values()))[metric]) for r in rows if r["model"] == "student")
+
+
+def failure_mode_runs() -> list[dict]:
+    """Each logged failure-mode run: its label, the step its fall is first seen (None: never) and its logs."""
+    from benchmarks.failure_modes import MODES
+
+    runs = []
+    for mode, spec in MODES.items():
+        for variant in spec["variants"]:
+            for version in sorted((FAILURE_ROOT / mode / variant).glob("seed_*/logs/version_0")):
+                if not (version / "eval_history.jsonl").exists():
+                    continue
+                history = student_history(version, spec.get("metric", "exact_match"))
+                fall = next((s for s, v in history if v < history[0][1] - DROP), None)
+                runs.append({"run": f"{mode}/{variant}/{version.parents[1].name}", "fall": fall,
+                             "logs": logged(version)})
+    return runs
+
+
+def leaderboard_runs() -> list[dict]:
+    """Each logged warm-leaderboard run with its start and end scores, classed by how its score moved."""
+    runs = []
+    for entry in json.loads((WARM_ROOT / "results.json").read_text()):
+        version = WARM_ROOT / entry["pair"] / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+        if "score" not in entry or not (version / "metrics.csv").exists():
+            continue
+        moved = entry["score"] - entry["start_score"]
+        runs.append({"run": f"{entry['pair']}/{entry['loss']}/seed_{entry['seed']}", "pair": entry["pair"],
+                     "moved": "up" if moved > DROP else "down" if moved < -DROP else "level", "logs": logged(version)})
+    return runs
+
+
+def table(failing: list[dict], leaderboard: list[dict]) -> str:
+    falls = [r for r in failing if r["fall"] is not None]
+    healthy = [r for r in failing if r["fall"] is None]
+    moved = {kind: [r for r in leaderboard if r["moved"] == kind] for kind in ("up", "level", "down")}
+    header = ("| rule | failure modes: acts before the fall is seen | acts on failure-mode runs that never fall | "
+              "leaderboard runs ending up: acts | ending level: acts | ending down: acts |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for rule in RULES:  # each share over the runs that logged the rule's metric
+        steps = {r["run"]: rule.acts_at(*r["logs"]) for r in failing + leaderboard if rule.judges(*r["logs"])}
+        early = sum(steps.get(r["run"]) is not None and steps[r["run"]] < r["fall"] for r in falls)
+        cells = [f"{early}/{sum(r['run'] in steps for r in falls)}",
+                 *(f"{sum(steps.get(r['run']) is not None for r in runs)}/{sum(r['run'] in steps for r in runs)}"
+                   for runs in (healthy, *moved.values()))]
+        lines.append(f"| {rule.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-record", action="store_true", help="print the table without writing RESULTS.md")
+    args = parser.parse_args(argv)
+    failing, leaderboard = failure_mode_runs(), leaderboard_runs()
+    if not failing or not leaderboard:
+        raise SystemExit(f"no logged runs to judge: run benchmarks.failure_modes ({FAILURE_ROOT}) and "
+                         f"benchmarks.leaderboard --warm ({WARM_ROOT}) first")
+    pairs = sorted({r["pair"] for r in leaderboard}, key=list(PAIRS).index)
+    section = (f"### Guard rules judged on logged runs\n\nCommand: `.venv/bin/python -m benchmarks.guard_check`. "
+               f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
+               f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
+               f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}); a score "
+               f"\"falls\", ends \"up\" or \"down\" by more than {DROP}. Scaled rules: baseline {BASELINE} "
+               f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard)}")
+    print(section)
+    if not args.no_record:
+        record(section, "guard_check")
+
+
+if __name__ == "__main__":
+    main()
