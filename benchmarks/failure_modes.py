@@ -88,8 +88,8 @@ PATIENCE = 3  # observations past the threshold before the guard acts
 BASELINE = 10  # observations that set a drop watch's reference (RolloutGuard's default `baseline`)
 WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
-          "diag/logratio_drift", "diag/repetition_rate", "diag/repeat_advantage_ratio", "diag/entropy_student",
-          "diag/completion_len")
+          "diag/logratio_drift", "diag/repetition_rate", "diag/repeat_advantage_ratio", "diag/repeat_advantage_gap",
+          "diag/entropy_student", "diag/completion_len")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/distill.yaml's teacher
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
@@ -147,8 +147,8 @@ MODES = {
         "title": "Repetition collapse under sampled-token OPD, from a teacher that copies a loop in its context",
         "start": "long", "config": PAIRS["long"]["config"], "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
-        "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None), ("diag/topk_overlap", 0.9),
-                  ("diag/topk_overlap", None, "drop")),
+        "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None),
+                  ("diag/repeat_advantage_gap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
         "needs": (lambda: copy_teacher(), lambda: long_teacher()),
         "variants": {
             "sampled_token": ("`sampled_token` on the student's rollouts only (λ = 1)", [

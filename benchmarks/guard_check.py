@@ -75,6 +75,7 @@ RULES = (
          -0.02, "drop"),
     Rule("`topk_overlap` more than 0.05 below its start, 10 in a row", "diag/topk_overlap", "min", -0.05, "drop", 10),
     Rule("`repetition_rate` above 0.2", "diag/repetition_rate", "max", 0.2),
+    Rule("`repeat_advantage_gap` above 1 nat", "diag/repeat_advantage_gap", "max", 1.0),
     Rule("`logratio_abs` 4 sd above its start", "diag/logratio_abs", "max", 4.0, "scaled", 1, True),
     Rule("`logratio_mean` 4 sd below its start", "diag/logratio_mean", "min", -4.0, "scaled", 1, True),
     Rule("`entropy_student` 4 sd above its start", "diag/entropy_student", "max", 4.0, "scaled", 1, True),
