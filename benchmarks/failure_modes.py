@@ -56,6 +56,7 @@ import random
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -251,13 +252,13 @@ def _crossings(mode: str, cell: str) -> dict[str, int | None]:
     return {_label(*MODES[mode]["watch"][0]): int(cell) if cell else None}
 
 
-def series(version: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every `SERIES` metric a run logged, `[(step, value)]` in step order."""
-    out: dict[str, list[tuple[int, float]]] = {name: [] for name in SERIES}
+def series(version: Path, names: Iterable[str] = SERIES) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of `names` a run logged, `[(step, value)]` in step order."""
+    out: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     for row in csv.DictReader((version / "metrics.csv").open()):
-        for name in SERIES:
+        for name, values in out.items():
             if row.get(name):
-                out[name].append((int(row["step"]), float(row[name])))
+                values.append((int(row["step"]), float(row[name])))
     return {name: sorted(values) for name, values in out.items()}
 
 

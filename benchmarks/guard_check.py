@@ -23,20 +23,20 @@ into benchmarks/RESULTS.md unless `--no-record`.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.failure_modes import BASELINE, DROP, PATIENCE
+from benchmarks.failure_modes import BASELINE, DROP, PATIENCE, falls, series
 from benchmarks.failure_modes import ROOT as FAILURE_ROOT
-from benchmarks.leaderboard import PAIRS, WARM_ROOT
+from benchmarks.leaderboard import PAIRS, WARM_ROOT, scored_run
 from benchmarks.quickstart import machine, record
 from opd_lightning.guards import crossing
 
 WINDOW = 5  # observations per moving mean of a scaled rule
+ON_POLICY = "train/rollout/on_policy"  # 1.0 on the steps that distil the student's own rollouts
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,11 @@ RULES = (
 
 
 def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]:
-    """Every rule's metric as `[(step, value)]` in step order, and the on-policy steps, from a run's metrics.csv."""
-    names = {rule.metric for rule in RULES}
-    out: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
-    on_policy = set()
-    for row in csv.DictReader((version / "metrics.csv").open()):
-        step = int(row["step"])
-        if row.get("train/rollout/on_policy") and float(row["train/rollout/on_policy"]) == 1.0:
-            on_policy.add(step)
-        for name in names:
-            if row.get(name) and math.isfinite(value := float(row[name])):
-                out[name].append((step, value))
-    return {name: sorted(values) for name, values in out.items()}, on_policy
-
-
-def student_history(version: Path, metric: str) -> list[tuple[int, float]]:
-    """The student's lm-eval scores by step, from a run's eval_history.jsonl."""
-    rows = [json.loads(line) for line in (version / "eval_history.jsonl").read_text().splitlines()]
-    return sorted((r["step"], next(iter(r["results"].values()))[metric]) for r in rows if r["model"] == "student")
+    """Every rule's metric as `[(step, value)]` in step order (finite values only), and the on-policy steps, from a
+    run's metrics.csv."""
+    logs = series(version, {*(rule.metric for rule in RULES), ON_POLICY})
+    on_policy = {step for step, value in logs.pop(ON_POLICY) if value == 1.0}
+    return {name: [(s, v) for s, v in values if math.isfinite(v)] for name, values in logs.items()}, on_policy
 
 
 def failure_mode_runs() -> list[dict]:
@@ -113,9 +100,8 @@ def failure_mode_runs() -> list[dict]:
             for version in sorted((FAILURE_ROOT / mode / variant).glob("seed_*/logs/version_0")):
                 if not (version / "eval_history.jsonl").exists():
                     continue
-                history = student_history(version, spec.get("metric", "exact_match"))
-                fall = next((s for s, v in history if v < history[0][1] - DROP), None)
-                runs.append({"run": f"{mode}/{variant}/{version.parents[1].name}", "fall": fall,
+                run = scored_run(version.parents[1], {}, spec["task"], spec.get("metric", "exact_match"), history=True)
+                runs.append({"run": f"{mode}/{variant}/{version.parents[1].name}", "fall": falls(run),
                              "logs": logged(version)})
     return runs
 

@@ -75,8 +75,8 @@ def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, pati
              baseline: int = 0, scaled: bool = False, window: int = 1) -> int | None:
     """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
     (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
-    `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric undefined on that step), do not
-    count either way."""
+    `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric
+    undefined on that step), do not count either way."""
     watch = Watch(limit, bound, patience, baseline, scaled, window)
     return next((step for step, value in series if watch.observe(value)), None)
 
