@@ -26,16 +26,17 @@ import argparse
 import datetime
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.failure_modes import BASELINE, DROP, PATIENCE, falls, series
 from benchmarks.failure_modes import ROOT as FAILURE_ROOT
 from benchmarks.leaderboard import PAIRS, WARM_ROOT, scored_run
 from benchmarks.quickstart import machine, record
-from opd_lightning.guards import crossing
+from opd_lightning.guards import Drift, crossing
 
 WINDOW = 5  # observations per moving mean of a scaled rule
+NEW_SEEDS = 3  # seeds from this one on were run after every rule here was fixed (held out)
 ON_POLICY = "train/rollout/on_policy"  # 1.0 on the steps that distil the student's own rollouts
 
 
@@ -69,6 +70,23 @@ class Rule:
                         scaled=self.kind == "scaled", window=WINDOW if self.kind == "scaled" else 1)
 
 
+@dataclass(frozen=True)
+class JointRule:
+    """`RolloutGuard`'s `drift` rule (`watch.Drift`, at its defaults): two diagnostics, on-policy steps only."""
+
+    label: str
+    rule: Drift = field(default_factory=Drift)
+
+    def observed(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> list[list[tuple[int, float]]]:
+        return [[(s, v) for s, v in logged.get(name, []) if s in on_policy] for name in self.rule.metrics]
+
+    def judges(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> bool:
+        return min(map(len, self.observed(logged, on_policy))) >= self.rule.baseline + self.rule.window
+
+    def acts_at(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> int | None:
+        return self.rule.crossing(*self.observed(logged, on_policy))
+
+
 RULES = (
     Rule("`topk_overlap` below 0.9", "diag/topk_overlap", "min", 0.9),
     Rule("`topk_overlap` more than 0.02 below its start (`opd report`'s drop threshold)", "diag/topk_overlap", "min",
@@ -79,13 +97,16 @@ RULES = (
     Rule("`logratio_abs` 4 sd above its start", "diag/logratio_abs", "max", 4.0, "scaled", 1, True),
     Rule("`logratio_mean` 4 sd below its start", "diag/logratio_mean", "min", -4.0, "scaled", 1, True),
     Rule("`entropy_student` 4 sd above its start", "diag/entropy_student", "max", 4.0, "scaled", 1, True),
+    JointRule("drift: `topk_overlap` 3 sd below its start and `logratio_abs` 4 sd above, 2 in a row each "
+              "(`RolloutGuard(drift=...)`)"),
 )
+METRICS = {name for rule in RULES for name in (rule.rule.metrics if isinstance(rule, JointRule) else (rule.metric,))}
 
 
 def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]:
     """Every rule's metric as `[(step, value)]` in step order (finite values only), and the on-policy steps, from a
     run's metrics.csv."""
-    logs = series(version, {*(rule.metric for rule in RULES), ON_POLICY})
+    logs = series(version, {*METRICS, ON_POLICY})
     on_policy = {step for step, value in logs.pop(ON_POLICY) if value == 1.0}
     return {name: [(s, v) for s, v in values if math.isfinite(v)] for name, values in logs.items()}, on_policy
 
@@ -102,6 +123,7 @@ def failure_mode_runs() -> list[dict]:
                     continue
                 run = scored_run(version.parents[1], {}, spec["task"], spec.get("metric", "exact_match"), history=True)
                 runs.append({"run": f"{mode}/{variant}/{version.parents[1].name}", "fall": falls(run),
+                             "new": int(version.parents[1].name.removeprefix("seed_")) >= NEW_SEEDS,
                              "logs": logged(version)})
     return runs
 
@@ -115,23 +137,26 @@ def leaderboard_runs() -> list[dict]:
             continue
         moved = entry["score"] - entry["start_score"]
         runs.append({"run": f"{entry['pair']}/{entry['loss']}/seed_{entry['seed']}", "pair": entry["pair"],
-                     "moved": "up" if moved > DROP else "down" if moved < -DROP else "level", "logs": logged(version)})
+                     "new": entry["seed"] >= NEW_SEEDS, "moved": "up" if moved > DROP else "down" if moved < -DROP else "level", "logs": logged(version)})
     return runs
 
 
 def table(failing: list[dict], leaderboard: list[dict]) -> str:
-    falls = [r for r in failing if r["fall"] is not None]
-    healthy = [r for r in failing if r["fall"] is None]
-    moved = {kind: [r for r in leaderboard if r["moved"] == kind] for kind in ("up", "level", "down")}
-    header = ("| rule | failure modes: acts before the fall is seen | acts on failure-mode runs that never fall | "
-              "leaderboard runs ending up: acts | ending level: acts | ending down: acts |")
-    lines = [header, "|---|---|---|---|---|---|"]
-    for rule in RULES:  # each share over the runs that logged the rule's metric
+    """Per rule, how many runs of each group it acts on (before the fall, for the failure-mode runs that fall), over
+    the runs of the group that logged what it reads."""
+    groups = [[r for r in failing if r["fall"] is not None and r["new"] == new] for new in (False, True)]
+    groups += [[r for r in failing if r["fall"] is None]]
+    groups += [[r for r in leaderboard if r["moved"] == "up" and r["new"] == new] for new in (False, True)]
+    groups += [[r for r in leaderboard if r["moved"] == kind] for kind in ("level", "down")]
+    header = (f"| rule | failure modes, seeds below {NEW_SEEDS}: acts before the fall is seen | seeds {NEW_SEEDS} and up "
+              f"(held out): acts before the fall | failure-mode runs that never fall: acts | leaderboard runs ending "
+              f"up, seeds below {NEW_SEEDS}: acts | ending up, seeds {NEW_SEEDS} and up (held out): acts | ending "
+              "level: acts | ending down: acts |")
+    lines = [header, "|---" * (len(groups) + 1) + "|"]
+    for rule in RULES:
         steps = {r["run"]: rule.acts_at(*r["logs"]) for r in failing + leaderboard if rule.judges(*r["logs"])}
-        early = sum(steps.get(r["run"]) is not None and steps[r["run"]] < r["fall"] for r in falls)
-        cells = [f"{early}/{sum(r['run'] in steps for r in falls)}",
-                 *(f"{sum(steps.get(r['run']) is not None for r in runs)}/{sum(r['run'] in steps for r in runs)}"
-                   for runs in (healthy, *moved.values()))]
+        acts = lambda r, steps=steps: steps.get(r["run"]) is not None and (r.get("fall") is None or steps[r["run"]] < r["fall"])
+        cells = (f"{sum(acts(r) for r in runs)}/{sum(r['run'] in steps for r in runs)}" for runs in groups)
         lines.append(f"| {rule.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

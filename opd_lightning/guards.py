@@ -15,70 +15,17 @@ rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Iterable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from opd_lightning.report import CHECKS
+from opd_lightning.watch import Drift, DriftWatch, Watch, crossing, past_limit
 
-__all__ = ["BOUNDS", "RolloutGuard", "Watch", "crossing", "past_limit"]
+__all__ = ["BOUNDS", "Drift", "RolloutGuard", "Watch", "crossing", "past_limit"]
 
 # Which side of its limit each diagnostic must stay on, "max" (a ceiling) or "min" (a floor): `opd report`'s checks.
 BOUNDS: dict[str, str] = {metrics[0]: bound for metrics, bound, _ in CHECKS.values()}
-
-
-def past_limit(value: float, limit: float, bound: str) -> bool:
-    """Whether `value` is on the wrong side of `limit` (`bound` "max": above it; "min": below it); NaN is not."""
-    return not math.isnan(value) and (value > limit if bound == "max" else value < limit)
-
-
-class Watch:
-    """One watched limit, fed a diagnostic's observations in order: acts when `patience` of them in a row are past
-    `limit` (`bound` "max": above; "min": below). With `baseline` > 0 the first `baseline` observations only set a
-    reference (their mean), and each later one is judged by its difference from it: a limit on how far the
-    diagnostic moved from where the run began, whatever that level was; with `scaled` as well, that difference is in
-    units of the reference observations' standard deviation (a limit of 4: four of the run's own early spreads). With
-    `window` > 1 what is judged is the mean of the last `window` judged observations (none is judged before `window`
-    of them). NaN is no observation."""
-
-    def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0, scaled: bool = False,
-                 window: int = 1) -> None:
-        if scaled and baseline < 2:
-            raise ValueError(f"a scaled limit needs a baseline of at least 2 observations, got {baseline}")
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        self.limit, self.bound, self.patience, self.baseline = limit, bound, patience, baseline
-        self.scaled, self.window = scaled, window
-        self.strikes, self.start, self.recent = 0, [], []
-
-    def observe(self, value: float) -> bool:
-        """Take one observation; True when the guard acts on it (the `patience`-th in a row past the limit)."""
-        if math.isnan(value):
-            return False
-        if len(self.start) < self.baseline:
-            self.start.append(value)
-            return False
-        self.recent = [*self.recent[-(self.window - 1):], value] if self.window > 1 else [value]
-        if len(self.recent) < self.window:
-            return False
-        value = sum(self.recent) / self.window
-        judged = value - sum(self.start) / len(self.start) if self.baseline else value
-        if self.scaled:
-            judged /= max(statistics.stdev(self.start), 1e-12)
-        self.strikes = self.strikes + 1 if past_limit(judged, self.limit, self.bound) else 0
-        return self.strikes == self.patience
-
-
-def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int,
-             baseline: int = 0, scaled: bool = False, window: int = 1) -> int | None:
-    """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
-    (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
-    `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric
-    undefined on that step), do not count either way."""
-    watch = Watch(limit, bound, patience, baseline, scaled, window)
-    return next((step for step, value in series if watch.observe(value)), None)
 
 
 class RolloutGuard(Callback):
@@ -88,7 +35,7 @@ class RolloutGuard(Callback):
                  max_repeat_advantage_ratio: float | None = None, max_repeat_advantage_gap: float | None = None,
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
                  min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
-                 baseline: int = 10, patience: int = 3, stop: bool = False) -> None:
+                 drift: Drift | None = None, baseline: int = 10, patience: int = 3, stop: bool = False) -> None:
         """
         Args:
             max_repetition_rate: limit on `diag/repetition_rate` (share of completion tokens that repeat an earlier
@@ -109,6 +56,9 @@ class RolloutGuard(Callback):
             max_topk_overlap_drop: limit on how far `diag/topk_overlap` falls below its mean over the run's first
                 `baseline` observations (`opd report`'s `topk_overlap_drop` check, watched as the run goes); None
                 disables the check.
+            drift: the joint drift rule (`Drift`: the top-k overlap falling and the log-ratio's size rising, each in
+                the run's own early standard deviations, on on-policy steps), with its own baseline, window and
+                patience; None disables it. `benchmarks/guard_check.py` records where it acts against where runs fall.
             baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
@@ -129,6 +79,7 @@ class RolloutGuard(Callback):
             self.limits["diag/topk_overlap_drop"] = max_topk_overlap_drop
             self.watches["diag/topk_overlap_drop"] = ("diag/topk_overlap",
                                                       Watch(-max_topk_overlap_drop, "min", patience, baseline))
+        self.drift = None if drift is None else DriftWatch(drift)
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -140,12 +91,23 @@ class RolloutGuard(Callback):
             if (value := observed.get(name)) is None:
                 continue  # not measured on this step: no observation
             if watch.observe(value := float(value)):
-                self.tripped.append((trainer.global_step, label, value))
-                action = "stopping training" if self.stop else "continuing (set stop: true to end the run here)"
                 side = "above" if watch.bound == "max" else "below"
                 limit = (f"its first-{watch.baseline}-observation mean by more than {-watch.limit}" if watch.baseline
                          else str(watch.limit))
-                rank_zero_warn(f"{name} = {value:.3f} has been {side} {limit} for {self.patience} observations at "
-                               f"step {trainer.global_step}: the run is degenerating; {action}")
-                if self.stop:
-                    trainer.should_stop = True
+                self._act(trainer, label, value, f"{name} = {value:.3f} has been {side} {limit} for {self.patience} "
+                                                 "observations")
+        if self.drift is not None and float(observed.get("rollout/on_policy", 1.0)) == 1.0:
+            overlap, size = (float(observed.get(name, math.nan)) for name in Drift.metrics)
+            if self.drift.observe(overlap, size):
+                rule = self.drift.rule
+                self._act(trainer, "drift", overlap, f"diag/topk_overlap has fallen {rule.overlap_fall_sd:g} and "
+                          f"diag/logratio_abs risen {rule.logratio_rise_sd:g} of their first-{rule.baseline}-"
+                          f"observation standard deviations (now {overlap:.3f} and {size:.3f})")
+
+    def _act(self, trainer: Trainer, label: str, value: float, what: str) -> None:
+        """Record and warn that the guard acts on `label`, and end training if it stops runs."""
+        self.tripped.append((trainer.global_step, label, value))
+        action = "stopping training" if self.stop else "continuing (set stop: true to end the run here)"
+        rank_zero_warn(f"{what} at step {trainer.global_step}: the run is degenerating; {action}")
+        if self.stop:
+            trainer.should_stop = True

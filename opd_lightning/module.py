@@ -491,7 +491,8 @@ class DistillationModule(LightningModule):
         # Measured on a sample of steps only: written straight to the loggers, as Lightning would repeat a value
         # logged with self.log on the steps that do not log it.
         sampled = {k: float(diagnostics.pop(k)) for k in SAMPLED_DIAGNOSTICS if k in diagnostics}
-        self.step_diagnostics = {**diagnostics, **sampled}  # for RolloutGuard (read, and synced, only by it)
+        # for RolloutGuard (read, and synced, only by it); whether the step distilled the student's own rollouts
+        self.step_diagnostics = {**diagnostics, **sampled, "rollout/on_policy": metrics["rollout/on_policy"]}
         self.log_dict(diagnostics)
         for logger in self.loggers if sampled else []:
             logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd_lightning.watch import Drift
+
 __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "metric_ends",
            "read_evals",
            "read_metrics", "read_run", "resolve_metrics", "resolve_versions"]
@@ -46,6 +48,8 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "align_coverage": 0.9,  # floor: share of student tokens the aligner maps onto teacher tokens
     "grad_coherence": 0.05,  # floor: ||sum g_t|| / sum ||g_t|| on the output layer (~1/sqrt(n) when random)
     "logratio_drift": -0.5,  # floor: mean log-ratio of a completion's second half minus its first half, in nats
+    "drift_overlap_sd": Drift.overlap_fall_sd,  # the joint drift rule (`watch.Drift`): topk_overlap's fall and
+    "drift_logratio_sd": Drift.logratio_rise_sd,  # logratio_abs's rise, in their first on-policy steps' sds
     "loss_ratio": 1.0,  # ceiling of train/loss last-window mean / first-window mean ("not decreasing")
     "eval_gain": 0.0,  # floor of (last - first) student eval score
 }
@@ -238,6 +242,7 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
         (start, end), limit = metric_ends(found[1]), thresholds["topk_overlap_drop"]
         out.append(Check("topk_overlap_drop", start - end <= limit,
                          f"`{found[0]}` {start:.4g} -> {end:.4g} (tolerated fall {limit:g})"))
+    out.append(drift_check(metrics, thresholds))
     if (found := _pick(metrics, ("train/loss",))) and len(found[1]) > 1:
         (start, end), limit = metric_ends(found[1]), thresholds["loss_ratio"]
         ratio = end / start if start else math.inf
@@ -253,6 +258,23 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
     bad = {n: c for n, c in bad.items() if c}
     out.append(Check("nan", not bad, ", ".join(f"`{n}` has {c} NaN/inf" for n, c in bad.items()) or "all finite"))
     return out
+
+
+def drift_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Check:
+    """The joint drift rule (`watch.Drift`, at the thresholds' limits) over the run's on-policy training steps: where
+    `RolloutGuard(drift=...)` would have acted."""
+    rule = Drift(thresholds["drift_overlap_sd"], thresholds["drift_logratio_sd"])
+    if missing := [name for name in rule.metrics if name not in metrics]:
+        return Check("drift", None, f"not logged ({', '.join(missing)})")
+    off_policy = {step for step, value in metrics.get("train/rollout/on_policy", []) if value != 1.0}
+    series = [[(s, v) for s, v in metrics[name] if s not in off_policy] for name in rule.metrics]
+    if min(map(len, series)) < rule.baseline + rule.window:
+        return Check("drift", None, f"fewer than {rule.baseline + rule.window} on-policy steps logged: not judged")
+    step = rule.crossing(*series)
+    told = (f"`diag/topk_overlap` {rule.overlap_fall_sd:g} sd below and `diag/logratio_abs` {rule.logratio_rise_sd:g} "
+            f"sd above their first {rule.baseline} on-policy steps (moving mean of {rule.window}, {rule.patience} in "
+            "a row)")
+    return Check("drift", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
 
 
 def _panels(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],

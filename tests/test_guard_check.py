@@ -12,7 +12,7 @@ def _logs(abs_values: list[float], on_policy_every: int = 1) -> tuple[dict, set[
 
 
 def test_rules_count_early_acts_alarms_and_runs_without_the_metric():
-    rule = next(r for r in gc.RULES if r.metric == "diag/logratio_abs")
+    rule = next(r for r in gc.RULES if getattr(r, "metric", None) == "diag/logratio_abs")
     quiet = [1.0, 1.1, 0.9] * 10  # baseline mean 1.0; never more than a fraction of a deviation off it
     rising = [1.0, 1.1, 0.9] * 4 + [3.0] * 10
     # Steps 0-9 set the reference (mean 1.0, sd 0.08); the first moving mean judged is steps 10-14's, 14 sd above.
@@ -20,10 +20,28 @@ def test_rules_count_early_acts_alarms_and_runs_without_the_metric():
     # Off-policy steps are not observations: with every other step off-policy the same rise is seen at twice the step.
     doubled = [v for v in rising for _ in range(2)]
     assert rule.acts_at(*_logs(doubled, on_policy_every=2)) == 28
-    failing = [{"run": "a", "fall": 30, "logs": _logs(rising)},  # acts at 14, before the fall is seen at 30
-               {"run": "b", "fall": 10, "logs": _logs(rising)},  # acts after it
-               {"run": "c", "fall": None, "logs": _logs(quiet)}]  # never falls, no alarm
-    board = [{"run": "d", "moved": "up", "logs": _logs(rising)}, {"run": "e", "moved": "up", "logs": _logs(quiet)},
-             {"run": "f", "moved": "down", "logs": ({}, set())}]  # no log-ratio logged: not judged by this rule
+    failing = [{"run": "a", "fall": 30, "new": False, "logs": _logs(rising)},  # acts at 14, before the fall at 30
+               {"run": "b", "fall": 10, "new": False, "logs": _logs(rising)},  # acts after it
+               {"run": "g", "fall": 20, "new": True, "logs": _logs(rising)},  # held out: acts before the fall
+               {"run": "c", "fall": None, "new": False, "logs": _logs(quiet)}]  # never falls, no alarm
+    board = [{"run": "d", "moved": "up", "new": False, "logs": _logs(rising)},
+             {"run": "e", "moved": "up", "new": False, "logs": _logs(quiet)},
+             {"run": "h", "moved": "up", "new": True, "logs": _logs(quiet)},
+             {"run": "f", "moved": "down", "new": False, "logs": ({}, set())}]  # no log-ratio: not judged by this rule
     row = next(line for line in gc.table(failing, board).splitlines() if line.startswith(f"| {rule.label} |"))
-    assert row.split(" | ")[1:] == ["1/2", "0/1", "1/2", "0/0", "0/0 |"]
+    assert row.split(" | ")[1:] == ["1/2", "1/1", "0/1", "1/2", "0/1", "0/0", "0/0 |"]
+
+
+def test_the_drift_row_needs_both_diagnostics_to_cross():
+    """The joint rule acts on a run only where the top-k overlap falls as well, at the later of the two crossings."""
+    drift = next(r for r in gc.RULES if isinstance(r, gc.JointRule))
+    rising = [1.0, 1.1, 0.9] * 4 + [3.0] * 10  # |log-ratio|: crosses at 15 (2 in a row from the first judged, 14)
+    falling = [0.95, 0.97] * 5 + [0.95] * 6 + [0.5] * 6  # overlap: mean 0.96, sd 0.011; moving mean -9.5 sd at 16, 17
+    steady = [0.95, 0.97] * 11
+    logs = lambda overlap: ({"diag/logratio_abs": list(enumerate(rising)), "diag/topk_overlap": list(enumerate(overlap))},
+                            set(range(22)))
+    assert drift.acts_at(*logs(falling)) == 17 and drift.acts_at(*logs(steady)) is None
+    board = [{"run": "d", "moved": "up", "new": False, "logs": logs(steady)},
+             {"run": "e", "moved": "down", "new": False, "logs": logs(falling)}]
+    row = next(line for line in gc.table([], board).splitlines() if line.startswith(f"| {drift.label} |"))
+    assert row.split(" | ")[1:] == ["0/0", "0/0", "0/0", "0/1", "0/0", "0/0", "1/1 |"]

@@ -173,3 +173,77 @@ def test_scaled_watch_judges_a_moving_mean_in_the_baselines_standard_deviations(
         Watch(1.0, "max", 1, baseline=1, scaled=True)
     with pytest.raises(ValueError, match="window must be at least 1"):
         Watch(1.0, "max", 1, window=0)
+
+
+def test_drift_acts_once_both_diagnostics_have_crossed_on_policy_steps_only():
+    """`Drift`: each diagnostic judged in its baseline's standard deviations, the rule acting at the later of the two
+    crossings; `RolloutGuard(drift=...)` fed the same steps acts there, ignoring off-policy steps, and `opd report`'s
+    drift check names the same step."""
+    from types import SimpleNamespace
+
+    from opd_lightning.guards import Drift, RolloutGuard
+    from opd_lightning.report import DEFAULT_THRESHOLDS, drift_check
+    from opd_lightning.watch import DriftWatch
+
+    rule = Drift(overlap_fall_sd=2.0, logratio_rise_sd=2.0, baseline=3, window=1, patience=1)
+    # overlap: baseline 1.0, 0.9, 0.8 (mean 0.9, sd 0.1), then -1.5 sd, -3 sd (crossed at step 4), 0 sd.
+    # log-ratio size: baseline 1, 2, 3 (mean 2, sd 1), then +1, +1.5, +2.5 sd (crossed at step 5).
+    overlap = list(enumerate([1.0, 0.9, 0.8, 0.75, 0.6, 0.9]))
+    size = list(enumerate([1.0, 2.0, 3.0, 3.0, 3.5, 4.5]))
+    assert rule.crossing(overlap, size) == 5
+    assert rule.crossing(overlap, size[:5]) is None  # one diagnostic crossed: the rule does not act
+    assert Drift(2.0, 2.0, 3, 1, patience=2).crossing(overlap, size) is None  # neither stays past for two in a row
+    watch = DriftWatch(rule)
+    assert [watch.observe(o, s) for (_, o), (_, s) in zip(overlap, size, strict=True)] == [False] * 5 + [True]
+    assert not watch.observe(0.0, 100.0)  # once per run
+
+    guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, drift=rule, stop=True)
+    steps = [(step, o, s, 1.0) for (step, o), (_, s) in zip(overlap, size, strict=True)]
+    steps.insert(3, (2.5, 0.0, 100.0, 0.0))  # an off-policy step far past both limits: not an observation
+    trainer = SimpleNamespace(global_step=0, should_stop=False)
+    metrics = {name: [] for name in (*Drift.metrics, "train/rollout/on_policy")}
+    for step, o, s, on_policy in steps:
+        trainer.global_step = step
+        observed = {"diag/topk_overlap": o, "diag/logratio_abs": s, "rollout/on_policy": on_policy}
+        guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=observed), None, None, 0)
+        for name, value in zip(metrics, (o, s, on_policy), strict=True):
+            metrics[name].append((step, value))
+        assert trainer.should_stop == (step == 5)
+    assert guard.tripped == [(5, "drift", 0.9)]
+
+    loose = {**DEFAULT_THRESHOLDS, "drift_overlap_sd": 2.0, "drift_logratio_sd": 2.0}
+    check = drift_check(metrics, loose)  # the report's rule keeps Drift's baseline of 10: too few steps here
+    assert check.ok is None and "fewer than 15 on-policy steps" in check.detail
+    assert drift_check({"diag/topk_overlap": overlap}, loose).detail == "not logged (diag/logratio_abs)"
+
+    # The report at Drift's defaults (baseline 10, moving mean of 5, 2 in a row): overlap 0.95/0.97 then 0.90 from
+    # step 10 (window full at 14: -5.7 sd, crossed at 15); log-ratio size 1.0/1.2 then 1.1, and 3.0 from step 16
+    # (moving means 1.1, 1.1, 1.48 = +3.6 sd at 16, 1.86 = +7.2 sd at 17 and 18: crossed at 18).
+    overlap = [(s, 0.95 + 0.02 * (s % 2)) for s in range(10)] + [(s, 0.90) for s in range(10, 25)]
+    size = [(s, 1.0 + 0.2 * (s % 2)) for s in range(10)] + [(s, 1.1 if s < 16 else 3.0) for s in range(10, 25)]
+    on_policy = [(s, 1.0) for s in range(25)]
+    spike = {"diag/topk_overlap": (13, 0.0), "diag/logratio_abs": (13, 100.0), "train/rollout/on_policy": (13, 0.0)}
+    shift = lambda series: [(s if s < 13 else s + 1, v) for s, v in series]  # step 13 becomes an off-policy step
+    logged = {name: sorted([*shift(series), spike[name]]) for name, series in
+              zip(spike, (overlap, size, on_policy), strict=True)}
+    assert Drift().crossing(overlap, size) == 18
+    check = drift_check(logged, DEFAULT_THRESHOLDS)
+    assert check.ok is False and check.detail.endswith("crossed at step 19")  # step 18, moved past the spike
+
+
+def test_drift_guard_reads_the_modules_on_policy_steps(teacher_dir, tmp_path):
+    """In a real fit the module hands the guard both diagnostics and whether each step was on-policy: limits every
+    step passes make the guard act at the first on-policy step after its baseline (2) and window (1); with gold
+    batches only, never."""
+    from opd_lightning.guards import Drift, RolloutGuard
+
+    always = Drift(overlap_fall_sd=-1e9, logratio_rise_sd=-1e9, baseline=2, window=1, patience=1)
+    for fraction, acts in ((1.0, [(2, "drift")]), (0.0, [])):
+        guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, drift=always, stop=True)
+        data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
+        trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          callbacks=[guard])
+        trainer.fit(make_module(teacher_dir, on_policy_fraction=fraction), datamodule=data)
+        assert [t[:2] for t in guard.tripped] == [(step + 1, label) for step, label in acts]
+        assert trainer.global_step == (3 if acts else 5)

@@ -1,0 +1,126 @@
+"""Watched limits on a run's diagnostics: the rules `RolloutGuard` applies as a run goes and `opd report` and the
+benchmarks apply to logged series afterwards, kept apart from both so that either can import them.
+
+A `Watch` judges one diagnostic against a limit, absolute or relative to the run's own first observations; `Drift`
+joins two of them, the student's top-k overlap with the teacher falling and the size of its per-token log-ratio
+rising, which `benchmarks/guard_check.py` found to act before most of the reproduced falls and on none of the
+warm-start runs that went on to gain. Pure Python: no Lightning, no tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Drift", "DriftWatch", "Watch", "crossing", "past_limit"]
+
+Series = Iterable[tuple[int, float]]  # (step, value), in step order
+
+
+def past_limit(value: float, limit: float, bound: str) -> bool:
+    """Whether `value` is on the wrong side of `limit` (`bound` "max": above it; "min": below it); NaN is not."""
+    return not math.isnan(value) and (value > limit if bound == "max" else value < limit)
+
+
+class Watch:
+    """One watched limit, fed a diagnostic's observations in order: acts when `patience` of them in a row are past
+    `limit` (`bound` "max": above; "min": below). With `baseline` > 0 the first `baseline` observations only set a
+    reference (their mean), and each later one is judged by its difference from it: a limit on how far the
+    diagnostic moved from where the run began, whatever that level was; with `scaled` as well, that difference is in
+    units of the reference observations' standard deviation (a limit of 4: four of the run's own early spreads). With
+    `window` > 1 what is judged is the mean of the last `window` judged observations (none is judged before `window`
+    of them). NaN is no observation."""
+
+    def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0, scaled: bool = False,
+                 window: int = 1) -> None:
+        if scaled and baseline < 2:
+            raise ValueError(f"a scaled limit needs a baseline of at least 2 observations, got {baseline}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.limit, self.bound, self.patience, self.baseline = limit, bound, patience, baseline
+        self.scaled, self.window = scaled, window
+        self.strikes, self.start, self.recent = 0, [], []
+
+    def observe(self, value: float) -> bool:
+        """Take one observation; True when the guard acts on it (the `patience`-th in a row past the limit)."""
+        if math.isnan(value):
+            return False
+        if len(self.start) < self.baseline:
+            self.start.append(value)
+            return False
+        self.recent = [*self.recent[-(self.window - 1):], value] if self.window > 1 else [value]
+        if len(self.recent) < self.window:
+            return False
+        value = sum(self.recent) / self.window
+        judged = value - sum(self.start) / len(self.start) if self.baseline else value
+        if self.scaled:
+            judged /= max(statistics.stdev(self.start), 1e-12)
+        self.strikes = self.strikes + 1 if past_limit(judged, self.limit, self.bound) else 0
+        return self.strikes == self.patience
+
+
+def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int,
+             baseline: int = 0, scaled: bool = False, window: int = 1) -> int | None:
+    """The step at which a logged series `[(step, value)]` has been past `limit` for `patience` observations in a row
+    (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
+    `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric
+    undefined on that step), do not count either way."""
+    watch = Watch(limit, bound, patience, baseline, scaled, window)
+    return next((step for step, value in series if watch.observe(value)), None)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The joint drift rule: the mass both models put on their shared top-k tokens (`diag/topk_overlap`) falls
+    `overlap_fall_sd` of its baseline standard deviations below its start, and the mean size of the sampled tokens'
+    log-ratio (`diag/logratio_abs`, |log p_T - log p_S|) rises `logratio_rise_sd` of its own above its start, each
+    judged on a moving mean of `window` observations after the first `baseline` and for `patience` in a row; the rule
+    acts once both have (in either order). Either alone also marks a student that is changing fast, as often one that
+    gains; together they mark a student leaving the teacher's menu while the teacher disagrees more with what it
+    writes. Observed on on-policy steps only: on a step that distils gold completions the log-ratio is the teacher's
+    on text the student did not write.
+
+    Attributes:
+        overlap_fall_sd: baseline standard deviations `diag/topk_overlap` must fall below its baseline mean.
+        logratio_rise_sd: baseline standard deviations `diag/logratio_abs` must rise above its baseline mean.
+        baseline: on-policy observations that set each reference (mean and standard deviation); at least 2.
+        window: observations per moving mean judged.
+        patience: judged moving means in a row past the limit before a diagnostic counts as crossed.
+    """
+
+    overlap_fall_sd: float = 3.0
+    logratio_rise_sd: float = 4.0
+    baseline: int = 10
+    window: int = 5
+    patience: int = 2
+
+    metrics = ("diag/topk_overlap", "diag/logratio_abs")  # what the rule reads, in `watches`' order
+
+    def watches(self) -> tuple[Watch, Watch]:
+        """Fresh watches for the two diagnostics, in `metrics`' order."""
+        return (Watch(-self.overlap_fall_sd, "min", self.patience, self.baseline, True, self.window),
+                Watch(self.logratio_rise_sd, "max", self.patience, self.baseline, True, self.window))
+
+    def crossing(self, overlap: Series, logratio_abs: Series) -> int | None:
+        """The step the rule acts at on two logged series (on-policy steps only), or None: the later of the steps at
+        which each diagnostic crossed."""
+        steps = [next((step for step, value in series if watch.observe(value)), None)
+                 for watch, series in zip(self.watches(), (overlap, logratio_abs), strict=True)]
+        return None if None in steps else max(steps)
+
+
+class DriftWatch:
+    """`Drift` fed as a run goes: `observe` takes one on-policy step's two diagnostics, and is True on the step the
+    rule acts (once per run)."""
+
+    def __init__(self, rule: Drift) -> None:
+        self.rule, self.watches, self.crossed = rule, rule.watches(), [False, False]
+
+    def observe(self, overlap: float, logratio_abs: float) -> bool:
+        if all(self.crossed):
+            return False
+        for i, value in enumerate((overlap, logratio_abs)):
+            self.crossed[i] |= self.watches[i].observe(value)
+        return all(self.crossed)
