@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout, position_ids
+from opd_lightning.target import row_view
 
 from .base import CHUNK_ROWS, Aligner, TeacherInputs, token_logprobs_chunked
 from .bytes import TokenBytes
@@ -99,17 +100,13 @@ def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None =
     """`values[batch, pos]` of `[B, M, V]` values in fp32, `[n, V]`: a copy, written into `out[:n]` when given. Values
     given as hidden states through an output layer (`HiddenRows`) have those rows' logits computed, and no others.
 
-    One `index_select` over rows: indexing two dimensions at once runs a general gather that is 2-3x slower at a 262k
-    vocabulary. The rows of the teacher's completion logits (a slice of its output, so not viewable as `[B * M, V]`)
-    are addressed through a strided view of the rows of the tensor they were sliced from. Projections call this
-    chunk after chunk with one `out` buffer: a fresh 128 MB tensor per chunk costs more in page faults than the copy.
+    One `index_select` over the rows of `row_view` where the layout allows it. Projections call this chunk after chunk
+    with one `out` buffer: a fresh 128 MB tensor per chunk costs more in page faults than the copy.
     """
     if not isinstance(values, Tensor):  # the teacher's hidden states and output layer (`HiddenRows`): computed here
         return values.gather(batch, pos, out)
-    b, m, v = values.shape
-    if b and m and values.stride(2) == 1 and values.stride(1) == v and values.stride(0) % v == 0:
-        per = values.stride(0) // v  # rows of the underlying tensor between two batch rows
-        rows, index = values.as_strided(((b - 1) * per + m, v), (v, 1)), batch * per + pos
+    if (view := row_view(values)) is not None:
+        rows, index = view[0], batch * view[1] + pos
         if out is not None and values.dtype == out.dtype:
             return torch.index_select(rows, 0, index, out=out[: len(index)])
         picked = rows.index_select(0, index)

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from opd_lightning.rollout import Rollout
-from opd_lightning.target import TEACHER_NATIVE_LOGITS, VOCAB_PAIRS, VOCAB_PROJECTION, TeacherTarget
+from opd_lightning.target import TEACHER_NATIVE_LOGITS, VOCAB_PAIRS, VOCAB_PROJECTION, PositionRows, TeacherTarget
 
-from .base import ALIGNERS, CHUNK_ROWS, TeacherInputs
+from .base import ALIGNERS, TeacherInputs
 from .text import TextAligner
 from .trie import decompose
 
@@ -100,17 +100,6 @@ def projection_entries(forward: Decompositions, backward: Decompositions | None,
     return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(w).float()
 
 
-def native_rows(teacher_logits: Tensor, index: Tensor) -> Tensor:
-    """The teacher's logits `[B, M, V_t]` at the teacher position `index` `[B, N]` serves (-1: none): `[B, N, V_t]`
-    fp32, zero where none, copied `CHUNK_ROWS` rows at a time (no second full-size temporary)."""
-    out = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device)
-    batch, pos = (index >= 0).nonzero(as_tuple=True)
-    for start in range(0, len(batch), CHUNK_ROWS):
-        b, i = batch[start : start + CHUNK_ROWS], pos[start : start + CHUNK_ROWS]
-        out[b, i] = teacher_logits[b, index[b, i]].float()
-    return out
-
-
 @ALIGNERS.register("xtoken")
 class XTokenAligner(TextAligner, nn.Module):
     """X-Token's sparse projection W between the vocabularies; the teacher's own logits at shared token starts."""
@@ -160,7 +149,7 @@ class XTokenAligner(TextAligner, nn.Module):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)  # [B, N]
         valid = at >= 0
-        native = native_rows(teacher_logits, at) if TEACHER_NATIVE_LOGITS in needs else None
+        native = PositionRows(teacher_logits, at) if TEACHER_NATIVE_LOGITS in needs else None  # read when indexed
         device = teacher_logits.device
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, native_logits=native,
                              vocab_pairs=tuple(p.to(device) for p in self.pairs),

@@ -8,8 +8,9 @@ byte-level BPE pairs where the student keeps 10% and 90% of the teacher's merges
 here on the text bank below). Each batch is `--rows` completions of `--tokens` student tokens cut from the text
 bank (code, prose, CJK, emoji, accents, numbers, whitespace runs). The timed part is what an aligner adds to a
 training step: `teacher_inputs` (re-tokenisation and span alignment) plus `project` (targets at the student's
-positions, for a dense same-vocabulary loss), the median of `torch.utils.benchmark.Timer.blocked_autorange` over at
-least `--min-time` seconds and three runs. The baseline, timed on the same batch and the same teacher logits in the
+positions, for a dense same-vocabulary loss; where the target reads the teacher's rows only when indexed, `xtoken`'s
+native logits, the rows at its mask as its losses read them), the median of
+`torch.utils.benchmark.Timer.blocked_autorange` over at least `--min-time` seconds and three runs. The baseline, timed on the same batch and the same teacher logits in the
 same run, is what TRL's GOLD trainer (trl 1.16, `use_uld_loss`, its defaults) does for alignment in a step
 (`gold_alignment`); "× GOLD" is its time over the aligner's. Peak memory is the process's resident-set peak above
 its level before a call (the largest of three calls). On the real pair the teacher's logits come from a real
@@ -41,6 +42,7 @@ from torch.utils.benchmark import Timer
 
 from benchmarks.quickstart import machine, record
 from opd_lightning.rollout import Rollout
+from opd_lightning.target import PositionRows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from aligner_reference import first_byte_distribution, spell_with_model, subset_conditional
@@ -194,6 +196,8 @@ def measure(name: str, student, teacher, rollout: Rollout, logits: torch.Tensor,
         target = aligner.project(logits, inputs, rollout, needs)
         if name == "dskd_cma":
             aligner.project_hidden(target, states, inputs, rollout)
+        if isinstance(target.native_logits, PositionRows):  # read when indexed: the rows its losses read, timed here
+            target.native_logits[target.mask]
         return inputs, target
 
     inputs, target = step()

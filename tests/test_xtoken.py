@@ -268,3 +268,28 @@ def test_w_on_smollm2_and_gemma3_is_sparse_and_pins_the_teachers_own_tokens(real
     for text in ("2", " Hundreds"):
         (s_id,), (t_id,) = (tok(text, add_special_tokens=False)["input_ids"] for tok in (student, teacher))
         assert cols[rows == s_id].tolist() == [t_id] and weights[rows == s_id].tolist() == [1.0]
+
+
+def test_position_rows_read_like_the_tensor_they_stand_for():
+    """`PositionRows` (xtoken's native logits): indexed by a mask, by (rows, cols) or by integers, it gives the rows a
+    `[B, N, V]` copy built position by position would (zero where the index is -1), in fp32, from a slice of a larger
+    output, from a layout no row view serves and from bf16 values; with no teacher position, zeros."""
+    from opd_lightning.target import PositionRows
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 20, 37, generator=g)
+    index = torch.randint(-1, 15, (3, 11), generator=g)
+    for values in (full[:, 5:], full[:, :15], full.transpose(1, 2).contiguous().transpose(1, 2)[:, 2:17],
+                   full[:, :15].bfloat16()):
+        want = torch.zeros(3, 11, 37)
+        for b in range(3):
+            for n in range(11):
+                if index[b, n] >= 0:
+                    want[b, n] = values[b, index[b, n]].float()
+        rows = PositionRows(values, index)
+        mask = index % 3 != 0
+        assert rows.shape == (3, 11, 37) and torch.equal(rows.dense(), want)
+        assert torch.equal(rows[mask], want[mask]) and torch.equal(rows[1, 4], want[1, 4])
+        picked = (torch.tensor([2, 0, 1]), torch.tensor([3, 3, 10]))
+        assert torch.equal(rows[picked], want[picked]) and rows[mask].dtype == torch.float32
+    assert torch.equal(PositionRows(torch.zeros(2, 0, 5), torch.full((2, 3), -1)).dense(), torch.zeros(2, 3, 5))
