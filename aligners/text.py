@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout, position_ids
-from opd_lightning.target import row_view
+from opd_lightning.target import PositionRows, row_view
 
 from .base import CHUNK_ROWS, Aligner, TeacherInputs, token_logprobs_chunked
 from .bytes import TokenBytes
@@ -197,12 +197,17 @@ def exp_safe(totals: Tensor, width: int) -> Tensor:
     return torch.isfinite(totals) & (totals >= bound)
 
 
-def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray) -> None:
+def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray, op=None) -> None:
     """`dst[dst_rows] = src[src_rows]` for `[R, W]` and `[c, W]` tensors, one slice copy per run of rows consecutive on
-    both sides: no gathered copy of the source rows first (a projection writes a chunk's rows in order, a few runs)."""
+    both sides: no gathered copy of the source rows first (a projection writes a chunk's rows in order, a few runs).
+    With `op` (an elementwise torch function taking `out=`, e.g. `torch.log`), `dst[dst_rows] = op(src[src_rows])`
+    in the same single pass."""
     for lo, hi in runs(dst_rows, src_rows):
         d, s = int(dst_rows[lo]), int(src_rows[lo])
-        dst[d : d + hi - lo].copy_(src[s : s + hi - lo])
+        if op is None:
+            dst[d : d + hi - lo].copy_(src[s : s + hi - lo])
+        else:
+            op(src[s : s + hi - lo], out=dst[d : d + hi - lo])
 
 
 def put_rows_(out: Tensor, batch: Tensor, pos: Tensor, rows: Tensor) -> None:
@@ -227,9 +232,9 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
         fn: `(rows [c, V_teacher] fp32 copy, may be modified; batch [c]; student pos [c]; teacher pos [c])` ->
             (projected log-probs `[c, width]`, probability mass kept `[c]`: a row that kept none has no target; NaN:
             not measured, the row has a target).
-        native: also return the teacher's own logits at the valid positions, `[B, N, V_teacher]`.
+        native: also return the teacher's own logits at `index` (`PositionRows`, read when indexed).
         copy: False: `fn` gets `teacher_logits` itself in place of the copied rows, and reads the chunk's rows
-            (`[batch, teacher pos]`) its own way (e.g. `exp_rows`, straight from the logits); not with `native`.
+            (`[batch, teacher pos]`) its own way (e.g. `exp_rows`, straight from the logits).
 
     Returns:
         (projected `[B, N, width]`, positions with a target `[B, N]`, mass kept `[n]`, native logits or None).
@@ -238,21 +243,18 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     teacher_pos = index[batch, pos]
     shape = (*index.shape, width)
     out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
-    own = torch.zeros((*index.shape, teacher_logits.shape[-1]), device=teacher_logits.device) if native else None
     kept, step = [], chunk_rows(max(teacher_logits.shape[-1], width))
     buffer = scratch(min(step, len(batch)), teacher_logits.shape[-1], teacher_logits.device) if copy else None
     for start in range(0, len(batch), step):
         b, i, t = (x[start : start + step] for x in (batch, pos, teacher_pos))
         rows = gather_rows(teacher_logits, b, t, buffer) if copy else teacher_logits  # [c, V_teacher] a copy
-        if own is not None:
-            put_rows_(own, b, i, rows)
         logp, mass = fn(rows, b, i, t)
         put_rows_(out, b, i, logp)
         kept.append(mass)
     kept_all = torch.cat(kept) if kept else out.new_zeros(0)
     valid = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
     valid[batch, pos] = ~(kept_all <= 0)  # NaN: not measured, a target all the same
-    return out, valid, kept_all, own
+    return out, valid, kept_all, PositionRows(teacher_logits, index) if native else None
 
 
 def span_logprobs(teacher_logits: Tensor, view: TextView, n_student: int) -> Tensor:

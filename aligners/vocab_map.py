@@ -22,6 +22,7 @@ from opd_lightning.target import (
     TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     VOCAB_PAIRS,
+    PositionRows,
     TeacherTarget,
 )
 
@@ -33,7 +34,6 @@ from .text import (
     gather_columns,
     gather_rows,
     log_normaliser_,
-    put_rows_,
     runs,
     scratch,
 )
@@ -65,12 +65,12 @@ class VocabMapAligner(TextAligner):
     def _matched_columns(self, logits: Tensor, at: Tensor, s_ids: Tensor, t_ids: Tensor,
                          native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The target from the matched columns of the teacher's rows: (log-probs `[B, N, V_s]`, positions with a
-        target `[B, N]`, mass kept `[n]`, NaN where not measured, the teacher's own logits `[B, N, V_t]` or None).
+        target `[B, N]`, mass kept `[n]`, NaN where not measured, the teacher's own logits at `at` (`PositionRows`,
+        read when indexed) or None).
 
-        The matched columns are read straight from the teacher's logits where they are a tensor and its own logits
-        are not asked for (whole rows are then copied only where `mass_coverage` is measured); otherwise each chunk's
-        whole rows are copied first (computed from the teacher's hidden states and output layer, or kept as
-        `native`)."""
+        The matched columns are read straight from the teacher's logits where they are a tensor (whole rows are then
+        copied only where `mass_coverage` is measured); otherwise each chunk's whole rows are computed first, from the
+        teacher's hidden states and output layer."""
         size, device = self.student_vocab_size, logits.device
         batch, pos = (at >= 0).nonzero(as_tuple=True)
         t_pos = at[batch, pos]
@@ -80,8 +80,7 @@ class VocabMapAligner(TextAligner):
         off = torch.ones(len(flat), dtype=torch.bool, device=device)
         off[dst] = False
         flat[off] = 0.0  # no target: zeros, as every aligner leaves them
-        own = torch.zeros((*at.shape, logits.shape[-1]), device=device) if native else None
-        copies = native or not isinstance(logits, Tensor)
+        copies = not isinstance(logits, Tensor)
         kept = torch.full((len(batch),), math.nan, device=device)
         step = chunk_rows(logits.shape[-1] if copies else len(t_ids))
         whole_rows = scratch(min(step, len(batch)), logits.shape[-1], device) if copies else None
@@ -92,8 +91,6 @@ class VocabMapAligner(TextAligner):
             b, i, t = batch[lo : lo + step], pos[lo : lo + step], t_pos[lo : lo + step]
             if copies:
                 rows = gather_rows(logits, b, t, whole_rows)  # [c, V_t] a copy
-                if own is not None:
-                    put_rows_(own, b, i, rows)
                 same = torch.gather(rows, 1, t_ids.expand(len(b), -1), out=same_rows[: len(b)])
             else:
                 same = gather_columns(logits, b, t, t_ids, same_rows)  # [c, K] logits of the tokens both spell
@@ -108,7 +105,7 @@ class VocabMapAligner(TextAligner):
                 kept[lo + measured] = (lse[measured] - log_normaliser_(whole)).exp()
         valid = torch.zeros(at.shape, dtype=torch.bool, device=device)
         valid[batch, pos] = True
-        return out, valid, kept, own
+        return out, valid, kept, PositionRows(logits, at) if native else None
 
     @property
     def matched(self) -> tuple[Tensor, Tensor]:

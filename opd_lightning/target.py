@@ -91,6 +91,8 @@ def row_view(values: Tensor) -> tuple[Tensor, int] | None:
     view of the rows of the tensor they were sliced from, and the rows between two batch rows, `per`: position
     (b, m) is row `b * per + m`. One `index_select` over those rows is 2-3x faster than indexing two dimensions at
     once at a 262k vocabulary. None where the layout allows no such view."""
+    if not isinstance(values, Tensor):  # e.g. hidden states through an output layer: no rows to view
+        return None
     b, m, v = values.shape
     if b and m and values.stride(2) == 1 and values.stride(1) == v and values.stride(0) % v == 0:
         per = values.stride(0) // v
@@ -104,7 +106,8 @@ class PositionRows:
     row), read only when indexed: the teacher's own logits at the student's positions (`native_logits`) without a
     `[B, N, V_teacher]` copy, which at a 262k vocabulary is gigabytes that a loss would copy again to pick its valid
     rows. Indexed like the `[B, N, V]` tensor it stands for (a `[B, N]` mask, `(rows, cols)`, integers), it returns
-    those rows as a new fp32 tensor without gradient; `shape` is that tensor's."""
+    those rows as a new fp32 tensor without gradient; `shape` is that tensor's. `values` may also be logits given as
+    hidden states and an output layer (`losses.fused.HiddenRows`): only the rows read are then computed."""
 
     values: Tensor
     index: Tensor
