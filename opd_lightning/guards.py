@@ -4,10 +4,11 @@ Repetition can become locally rewarding in OPD and collapse a run within tens of
 completions that keep hitting the length limit are the usual first sign. A teacher whose next-token menu does not
 overlap the student's (`diag/topk_overlap` low or falling, Li et al. 2026), per-token advantages that cancel in the
 summed gradient (`diag/grad_coherence` low) and a teacher whose judgement of the student's tokens worsens deeper
-into the student's own prefix (`diag/logratio_drift` negative) are watched as well; `benchmarks/failure_modes.py`
-measures, on failures reproduced at CPU scale, when each acts against when the score falls, and
-`benchmarks/guard_check.py` judges candidate rules on those runs and on the warm-start leaderboards'. The guard reads
-the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
+into the student's own prefix (`diag/logratio_drift` negative) are watched as well, and so is the joint drift rule
+(`watch.Drift`: the top-k overlap falling while the log-ratio's size rises, each against the run's own start);
+`benchmarks/failure_modes.py` measures, on failures reproduced at CPU scale, when each acts against when the score
+falls, and `benchmarks/guard_check.py` judges candidate rules on those runs and on the warm-start leaderboards'. The
+guard reads the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
 `stop: true` it also ends training, so a checkpoint from before the collapse is what remains. `crossing` is the same
 rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
 """
