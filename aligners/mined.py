@@ -25,7 +25,7 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import TextAligner, mass_to_logits, project_chunks, softmax_
+from .text import TextAligner, project_chunks, top_logprobs, topk_to_logits
 
 __all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
 
@@ -180,15 +180,12 @@ class MinEdAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
 
-        def nearest_topk(rows: Tensor, *_) -> tuple[Tensor, Tensor]:
-            top = softmax_(rows).topk(min(self.topk, rows.shape[-1]), -1)  # values, indices [c, k]
-            mapped = self.nearest_table(top.indices)  # [c, k]
-            mass = rows.new_zeros(rows.shape[0], self.student_vocab_size)
-            mass.scatter_add_(1, mapped.clamp_min(0), top.values * (mapped >= 0))
-            return mass_to_logits(mass)
+        def nearest_topk(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            top, ids = top_logprobs(logits, b, t, min(self.topk, logits.shape[-1]))  # probabilities, ids [c, k]
+            return topk_to_logits(top, self.nearest_table(ids), self.student_vocab_size)
 
         logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, nearest_topk,
-                                                   native=TEACHER_NATIVE_LOGITS in needs)
+                                                   native=TEACHER_NATIVE_LOGITS in needs, copy=False)
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,

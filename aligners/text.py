@@ -41,6 +41,8 @@ __all__ = [
     "softmax_",
     "softmax_rows",
     "span_logprobs",
+    "top_logprobs",
+    "topk_to_logits",
     "vocab_pairs",
 ]
 
@@ -350,6 +352,42 @@ def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     if mass.device.type != "cpu" or empty.any():  # a pass over `[n, V]` saved on the CPU when every row kept mass
         logp.masked_fill_(empty.unsqueeze(-1), 0.0)
     return logp, kept
+
+
+def topk_to_logits(values: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """`mass_to_logits` of masses `values` `[c, k]` scattered onto the columns `ids` `[c, k]` (-1: nowhere, dropped)
+    of `width`-wide rows, without a pass over the rows per operation: every column is `LOG_FLOOR` but the k written,
+    ids repeated within a row share their summed mass. Returns (log-probs `[c, width]`, the mass each row kept `[c]`;
+    a row that kept none is all zeros, uniform logits for the caller to mask)."""
+    keep = ids >= 0
+    values = values * keep
+    kept = values.sum(-1)  # [c]
+    same = (ids[:, :, None] == ids[:, None, :]) & keep[:, None, :]  # [c, k, k] the entries each id collects
+    summed = (same.to(values.dtype) @ values[:, :, None]).squeeze(-1)  # [c, k]
+    tiny = torch.finfo(values.dtype).tiny
+    logp = (summed / kept.clamp_min(tiny)[:, None]).clamp_min_(tiny).log_().clamp_min_(LOG_FLOOR)
+    out = values.new_full((values.shape[0], width + 1), LOG_FLOOR)  # the last column takes the dropped entries
+    out.scatter_(1, ids.where(keep, width), logp)
+    out = out[:, :width]
+    if (empty := kept <= 0).any():
+        out[empty] = 0.0
+    return out, kept
+
+
+def top_logprobs(values: Tensor, batch: Tensor, pos: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest probabilities of `softmax(values[batch, pos])` and their ids, `[n, k]` each, from `[B, M, V]`
+    values: a log-normaliser and a top-k read each row where it is (`_row_runs`), no softmax written over the rows.
+    Values that are no such fp32 tensor are copied first (`gather_rows`: hidden states through an output layer
+    are computed there)."""
+    runs = _row_runs(values, batch, pos) if values.dtype == torch.float32 else None
+    if runs is None:
+        runs = [(0, len(batch), gather_rows(values, batch, pos))]
+    top, ids = torch.empty(len(batch), k, device=values.device), torch.empty(len(batch), k, dtype=torch.long,
+                                                                            device=values.device)
+    for lo, hi, rows in runs:
+        torch.topk(rows, k, -1, out=(top[lo:hi], ids[lo:hi]))
+        top[lo:hi].sub_(torch.logsumexp(rows, -1, keepdim=True)).exp_()
+    return top, ids
 
 
 def log_normaliser_(rows: Tensor) -> Tensor:

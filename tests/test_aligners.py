@@ -449,3 +449,27 @@ def test_conditional_gives_no_mass_to_a_path_longer_than_every_decomposition():
     got = trie.conditional(probs, paths)
     torch.testing.assert_close(got[0].double(), subset_conditional(probs[0], paths[0], spell, len(student)))
     assert got[1:].sum() == 0  # too long (two lengths past the table), and a whole decomposition: no next token
+
+
+def test_topk_to_logits_equals_the_dense_scatter_it_replaces():
+    """`topk_to_logits` (mined's target) equals `mass_to_logits` of the masses scattered into full rows: repeated ids
+    summed, -1 dropped, a row that keeps nothing all zeros; `top_logprobs` equals softmax then top-k, read from a slice
+    of a larger tensor, a bf16 one, and rows in any order."""
+    from opd_lightning.aligners.text import mass_to_logits, top_logprobs, topk_to_logits
+
+    values = torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    ids = torch.tensor([[3, 1, 3, -1], [0, 2, 5, 2], [-1, -1, -1, -1]])
+    dense = torch.zeros(3, 7)
+    dense.scatter_add_(1, ids.clamp_min(0), values * (ids >= 0))
+    want_logp, want_kept = mass_to_logits(dense.clone())
+    logp, kept = topk_to_logits(values, ids, 7)
+    assert torch.allclose(logp, want_logp, atol=1e-6) and torch.allclose(kept, want_kept)
+    assert torch.equal(logp[2], torch.zeros(7)) and logp[0, 3] == pytest.approx(np.log(0.6 / 0.8), abs=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 9, 50, generator=g) * 3
+    batch, pos = torch.tensor([0, 0, 2, 1, 1]), torch.tensor([1, 2, 0, 5, 3])
+    for logits in (full[:, 2:], full[:, 2:].bfloat16()):
+        top, idx = top_logprobs(logits, batch, pos, 4)
+        ref = torch.softmax(logits[batch, pos].float(), -1).topk(4, -1)
+        assert torch.equal(idx, ref.indices) and torch.allclose(top, ref.values, atol=1e-6)
