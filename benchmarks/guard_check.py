@@ -137,7 +137,8 @@ def leaderboard_runs() -> list[dict]:
             continue
         moved = entry["score"] - entry["start_score"]
         runs.append({"run": f"{entry['pair']}/{entry['loss']}/seed_{entry['seed']}", "pair": entry["pair"],
-                     "new": entry["seed"] >= NEW_SEEDS, "moved": "up" if moved > DROP else "down" if moved < -DROP else "level", "logs": logged(version)})
+                     "new": entry["seed"] >= NEW_SEEDS, "moved": "up" if moved > DROP else "down" if moved < -DROP
+                     else "level", "logs": logged(version)})
     return runs
 
 
@@ -155,7 +156,8 @@ def table(failing: list[dict], leaderboard: list[dict]) -> str:
     lines = [header, "|---" * (len(groups) + 1) + "|"]
     for rule in RULES:
         steps = {r["run"]: rule.acts_at(*r["logs"]) for r in failing + leaderboard if rule.judges(*r["logs"])}
-        acts = lambda r, steps=steps: steps.get(r["run"]) is not None and (r.get("fall") is None or steps[r["run"]] < r["fall"])
+        acts = lambda r, steps=steps: (steps.get(r["run"]) is not None
+                                       and (r.get("fall") is None or steps[r["run"]] < r["fall"]))
         cells = (f"{sum(acts(r) for r in runs)}/{sum(r['run'] in steps for r in runs)}" for runs in groups)
         lines.append(f"| {rule.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
