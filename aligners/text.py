@@ -33,6 +33,7 @@ __all__ = [
     "gather_columns",
     "gather_rows",
     "log_normaliser_",
+    "log_totals",
     "mass_to_logits",
     "project_chunks",
     "put_rows_",
@@ -195,6 +196,18 @@ def exp_safe(totals: Tensor, width: int) -> Tensor:
     probability above exp(LOG_FLOOR) underflowed."""
     bound = width * torch.finfo(torch.float32).tiny * math.exp(-LOG_FLOOR)  # sum <= width * exp(max)
     return torch.isfinite(totals) & (totals >= bound)
+
+
+def log_totals(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    """`logsumexp(values[batch, pos], -1)` of `[B, M, V]` values, `[n]`: one exp pass into `out` (`[n, V]` scratch,
+    overwritten) read straight from `values` (`exp_rows`) and a sum; rows `exp_safe` rejects are redone with their max
+    subtracted. Two passes over each row, where `logsumexp` of a copy takes five."""
+    totals = exp_rows(values, batch, pos, out).sum(-1)
+    logs = totals.log()
+    unsafe = (~exp_safe(totals, out.shape[-1])).nonzero().squeeze(-1)
+    if len(unsafe):
+        logs[unsafe] = torch.logsumexp(gather_rows(values, batch[unsafe], pos[unsafe]), -1)
+    return logs
 
 
 def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray, op=None) -> None:

@@ -34,6 +34,7 @@ from .text import (
     gather_columns,
     gather_rows,
     log_normaliser_,
+    log_totals,
     runs,
     scratch,
 )
@@ -74,12 +75,9 @@ class VocabMapAligner(TextAligner):
         size, device = self.student_vocab_size, logits.device
         batch, pos = (at >= 0).nonzero(as_tuple=True)
         t_pos = at[batch, pos]
-        out = torch.full((*at.shape, size), LOG_FLOOR, device=device)  # the floor wherever no matched token writes
+        out = torch.zeros((*at.shape, size), device=device)  # no target: zeros, as every aligner leaves them
         flat = out.view(-1, size)
         dst = batch * at.shape[1] + pos
-        off = torch.ones(len(flat), dtype=torch.bool, device=device)
-        off[dst] = False
-        flat[off] = 0.0  # no target: zeros, as every aligner leaves them
         copies = not isinstance(logits, Tensor)
         kept = torch.full((len(batch),), math.nan, device=device)
         step = chunk_rows(logits.shape[-1] if copies else len(t_ids))
@@ -97,12 +95,17 @@ class VocabMapAligner(TextAligner):
             lse = log_normaliser_(work[: len(b)].copy_(same))  # [c]
             same.sub_(lse[:, None]).clamp_min_(LOG_FLOOR)
             rows_out = dst_host[lo : lo + step]
-            for a, z in runs(rows_out):  # each run of consecutive target rows: one scatter into a slice
-                flat[int(rows_out[a]) : int(rows_out[a]) + z - a].scatter_(1, s_ids.expand(z - a, -1), same[a:z])
+            for a, z in runs(rows_out):  # each run of consecutive target rows: the floor where no matched token
+                rows_at = flat[int(rows_out[a]) : int(rows_out[a]) + z - a]  # writes, then one scatter
+                rows_at.fill_(LOG_FLOOR).scatter_(1, s_ids.expand(z - a, -1), same[a:z])
             measured = (i % self.coverage_every == 0).nonzero().squeeze(-1)
-            if len(measured):
-                whole = rows[measured] if copies else gather_rows(logits, b[measured], t[measured])
-                kept[lo + measured] = (lse[measured] - log_normaliser_(whole)).exp()
+            if len(measured):  # the share of the whole row's mass the matched columns hold
+                if copies:
+                    whole = log_normaliser_(rows[measured])
+                else:
+                    whole = log_totals(logits, b[measured], t[measured], scratch(len(measured), logits.shape[-1],
+                                                                                 device, slot="coverage"))
+                kept[lo + measured] = (lse[measured] - whole).exp()
         valid = torch.zeros(at.shape, dtype=torch.bool, device=device)
         valid[batch, pos] = True
         return out, valid, kept, PositionRows(logits, at) if native else None

@@ -395,7 +395,23 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
 
 
 @pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
-@pytest.mark.parametrize("name", ["byte_spans", "char_level"])
+def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(shift):
+    """`log_totals` (exp straight from the logits, then a sum) equals a float64 `logsumexp` of the same rows, also
+    where a row's exp overflows (+95) or underflows (-110) and it is redone with its max subtracted."""
+    from opd_lightning.aligners.text import log_totals
+
+    base = 4 * torch.randn(3, 9, 50, generator=torch.Generator().manual_seed(1))
+    values = base[:, 2:] + shift
+    values[1, 3] += 95.0 - shift  # one row overflows whatever the shift
+    for batch, pos in ((torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 2, 3, 6])),
+                       (torch.arange(21) % 3, torch.arange(21) % 7)):
+        got = log_totals(values, batch, pos, torch.full((len(batch), 50), float("nan")))
+        want = torch.logsumexp(values[batch, pos].double(), -1)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
+@pytest.mark.parametrize("name", ["byte_spans", "char_level", "vocab_map"])
 def test_targets_from_exp_are_invariant_to_a_shift_of_the_teachers_logits(char_tok, shift, name):
     """A softmax ignores a constant added to a row's logits, so must the target: rows too large for exp (their
     sum overflows) or too small (probabilities would underflow without the max) are soft-maxed instead."""
@@ -419,6 +435,8 @@ def test_targets_from_exp_are_invariant_to_a_shift_of_the_teachers_logits(char_t
     got = aligner.project(logits + shift, inputs, rollout, frozenset({"teacher_logits"}))
     assert want.mask.any() and torch.equal(got.mask, want.mask)
     torch.testing.assert_close(got.logits[got.mask], want.logits[want.mask], rtol=1e-4, atol=1e-4)
+    if want.mass_coverage is not None:  # vocab_map's share of the row, from the same exp-and-sum
+        assert got.mass_coverage == pytest.approx(want.mass_coverage, rel=1e-5)
 
 
 def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
