@@ -47,6 +47,7 @@ ROOT = Path("runs/ablation")
 STORE = Path(__file__).with_name("ablation_cross_runs.json")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 CONFIG = "configs/quickstart/distill_cross.yaml"
+TRAIN_CHECKED = 500  # training problems each saved student answers, beside the test set
 OVERLAY = eval_overlay(evaluate_teacher=True, export=True)  # <run>/hf: how each student misses
 EXACT = ["--model.aligner", "{name: exact_spans, branches: null, depth: null, min_mass: 0}"]
 ORACLE_ARGS = ["--model.teacher.path", str(ORACLE), "--model.aligner", "identity"]
@@ -105,33 +106,40 @@ def run(row: str, seed: int, steps: int) -> dict:
 def error_kinds(hf: Path) -> dict[str, float]:
     """How a saved student misses on the 500 test problems, greedy as lm-eval decodes: shares of problems answered
     right, off by 1 or 2 (a neighbour), off by 3 to 9, off by a multiple of ten (a wrong tens digit), or otherwise
-    (further off, or not a number)."""
+    (further off, or not a number); and the share of the first 500 training problems it answers right (`fit/train`:
+    near its test score, the student is under-fit, not memorising its training set)."""
     import torch
 
     from opd_lightning.models import HFModel
     from opd_lightning.tasks.arithmetic import load_problems
 
-    problems = load_problems("test")
     spec = HFModel(path=str(hf))
     tokenizer = spec.load_tokenizer()
     model = spec.load_model(tokenizer).eval()
-    enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def answers(problems: list[dict[str, str]]) -> list[str]:
+        enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    problems = load_problems("test")
     kinds = dict.fromkeys(("right", "neighbour", "units", "tens", "other"), 0)
-    for problem, text in zip(problems, texts, strict=True):
+    for problem, text in zip(problems, answers(problems), strict=True):
         gap = abs(int(text.strip()) - int(problem["completion"])) if text.strip().lstrip("-").isdigit() else -1
         kinds["right" if gap == 0 else "neighbour" if 0 < gap <= 2 else "units" if 2 < gap < 10 else
               "tens" if gap % 10 == 0 and gap > 0 else "other"] += 1
-    return {f"errors/{k}": v / len(problems) for k, v in kinds.items()}
+    train = load_problems("train")[:TRAIN_CHECKED]
+    fit = sum(text.strip() == p["completion"] for p, text in zip(train, answers(train), strict=True)) / len(train)
+    return {**{f"errors/{k}": v / len(problems) for k, v in kinds.items()}, "fit/train": fit}
 
 
 def table(results: list[dict], oracle_ratio: float | None) -> str:
     header = ("| target | student after (seeds) | mean ± std | teacher | student / teacher | of the oracle's ratio | "
-              "coverage | non-canonical rollouts | misses: ±1-2 / ±3-9 / ±10k / other | wall s/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "coverage | non-canonical rollouts | misses: ±1-2 / ±3-9 / ±10k / other | training problems right | "
+              "wall s/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _) in ROWS.items():
         runs = [r for r in results if r["row"] == row and "score" in r]
         if not runs:
@@ -140,13 +148,14 @@ def table(results: list[dict], oracle_ratio: float | None) -> str:
         teacher = statistics.mean(r["teacher_score"] for r in runs) if row != "sft" else None
         ratio = statistics.mean(scores) / teacher if teacher else None
         share = f"{ratio / oracle_ratio:.2f}" if ratio and oracle_ratio else "–"
-        coverage, noncanonical, *misses = (_mean([r.get(k, math.nan) for r in runs]) for k in (
-            "diag/align_coverage", "diag/noncanonical_rate", "errors/neighbour", "errors/units", "errors/tens",
-            "errors/other"))
+        coverage, noncanonical, fit, *misses = (_mean([r.get(k, math.nan) for r in runs]) for k in (
+            "diag/align_coverage", "diag/noncanonical_rate", "fit/train", "errors/neighbour", "errors/units",
+            "errors/tens", "errors/other"))
         lines.append(f"| {label} | {', '.join(f'{s:.3f}' for s in scores)} | {statistics.mean(scores):.3f} ± "
                      f"{statistics.stdev(scores) if len(scores) > 1 else 0.0:.3f} | "
                      f"{f'{teacher:.3f}' if teacher else '–'} | {f'{ratio:.3f}' if ratio else '–'} | {share} | "
                      f"{_fmt(coverage)} | {_fmt(noncanonical)} | {' / '.join(_fmt(m, 2) for m in misses)} | "
+                     f"{_fmt(fit)} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines)
 
@@ -183,9 +192,9 @@ def main() -> None:
             store.write_text(json.dumps(list(done.values()), indent=2))  # merged: other invocations may be writing
             print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "wall_s", "error")}), flush=True)
     done = {**_recorded(store), **done}
-    for key, result in done.items():  # runs recorded before the misses were counted
+    for key, result in done.items():  # runs recorded before the misses (or the training problems) were counted
         hf = ROOT / result["row"] / f"seed_{result['seed']}" / "hf"
-        if "errors/units" not in result and result["steps"] == args.steps and (hf / "config.json").exists():
+        if "fit/train" not in result and result["steps"] == args.steps and (hf / "config.json").exists():
             done[key] = {**result, **error_kinds(hf)}
     store.write_text(json.dumps(list(done.values()), indent=2))
     results = [r for (row, seed, steps), r in done.items()
@@ -206,7 +215,8 @@ row's. Coverage: the share of student completion tokens with a target (`diag/ali
 share of on-policy completions whose tokens are not the student tokenizer's encoding of their text
 (`diag/noncanonical_rate`); both means over each run's last 50 logged steps. Misses: the share of the 500 test
 problems each saved student (greedy, as lm-eval decodes) answers off by 1-2, by 3-9, by a multiple of ten (a wrong tens
-digit) or otherwise, averaged over seeds; the rest it answers right.
+digit) or otherwise, averaged over seeds; the rest it answers right. Training problems right: the share of the first
+{TRAIN_CHECKED} training problems the same students answer right (mean over seeds).
 
 {table(results, oracle_ratio)}"""
     print(text)

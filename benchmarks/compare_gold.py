@@ -37,7 +37,8 @@ saved `hf` directory; seconds per optimizer step is the wall time from the start
 last, divided by the steps (start-up, saving and evaluation excluded); peak memory is the training process's
 `ru_maxrss` read at the end of its last step, before any evaluation (the library's runs evaluate in-process after
 that step, so a whole-process peak would charge lm-eval to them only). Runs go one at a time; finished runs (same
-row, settings, seed, steps and teacher, in `<out>/results.json`) are reused unless `--rerun`. Writes the table into
+row, settings, seed, steps and teacher, in `<out>/results.json`) are reused unless `--rerun`; processes running other
+seeds into the same `--out` at once add to that store, not over each other's runs. Writes the table into
 benchmarks/RESULTS.md (one block per comparison) unless `--no-record`.
 """
 
@@ -584,8 +585,10 @@ def main() -> None:
                 continue
             run = run_trl if row == "trl_gold" else run_opd
             result = run(row, settings[row], seed, args.steps, args.out, teacher, comparison)
-            done[_identity(result)] = result
-            store.write_text(json.dumps(list(done.values()), indent=2))
+            done = {**_recorded(store), **done, _identity(result): result}  # with runs another process recorded
+            partial = store.with_suffix(".partial")
+            partial.write_text(json.dumps(list(done.values()), indent=2))
+            partial.replace(store)  # whole, for a process reading it at the same moment
             print(json.dumps({k: result.get(k) for k in ("row", "seed", "score", "step_s", "peak_rss_mb", "error")}),
                   flush=True)
     results = [done[identity] for seeds in wanted.values() for identity in seeds.values() if identity in done]

@@ -54,16 +54,16 @@ class Rule:
     patience: int = PATIENCE
     on_policy: bool = False  # observed on on-policy steps only
 
-    def observed(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> list[tuple[int, float]]:
+    def observed(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> list[tuple[int, float]]:
         """The observations the rule reads from a run's logs."""
-        return [(s, v) for s, v in logged.get(self.metric, []) if not self.on_policy or s in on_policy]
+        return [(s, v) for s, v in logged.get(self.metric, []) if not self.on_policy or s not in off_policy]
 
-    def judges(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> bool:
+    def judges(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> bool:
         """Whether a run logged enough of the rule's metric for the rule to judge it (beyond its baseline)."""
-        return len(self.observed(logged, on_policy)) >= (0 if self.kind == "level" else BASELINE) + WINDOW
+        return len(self.observed(logged, off_policy)) >= (0 if self.kind == "level" else BASELINE) + WINDOW
 
-    def acts_at(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> int | None:
-        values = self.observed(logged, on_policy)
+    def acts_at(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> int | None:
+        values = self.observed(logged, off_policy)
         if self.kind == "level":
             return crossing(values, self.limit, self.bound, self.patience)
         return crossing(values, self.limit, self.bound, self.patience, baseline=BASELINE,
@@ -77,14 +77,11 @@ class JointRule:
     label: str
     rule: Drift = field(default_factory=Drift)
 
-    def observed(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> list[list[tuple[int, float]]]:
-        return [[(s, v) for s, v in logged.get(name, []) if s in on_policy] for name in self.rule.metrics]
+    def judges(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> bool:
+        return self.rule.judges(self.rule.series(logged, off_policy))
 
-    def judges(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> bool:
-        return min(map(len, self.observed(logged, on_policy))) >= self.rule.baseline + self.rule.window
-
-    def acts_at(self, logged: dict[str, list[tuple[int, float]]], on_policy: set[int]) -> int | None:
-        return self.rule.crossing(*self.observed(logged, on_policy))
+    def acts_at(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> int | None:
+        return self.rule.crossing(*self.rule.series(logged, off_policy))
 
 
 RULES = (
@@ -104,11 +101,11 @@ METRICS = {name for rule in RULES for name in (rule.rule.metrics if isinstance(r
 
 
 def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]:
-    """Every rule's metric as `[(step, value)]` in step order (finite values only), and the on-policy steps, from a
-    run's metrics.csv."""
+    """Every rule's metric as `[(step, value)]` in step order (finite values only), and the off-policy steps (those
+    that distilled gold completions), from a run's metrics.csv."""
     logs = series(version, {*METRICS, ON_POLICY})
-    on_policy = {step for step, value in logs.pop(ON_POLICY) if value == 1.0}
-    return {name: [(s, v) for s, v in values if math.isfinite(v)] for name, values in logs.items()}, on_policy
+    off_policy = {step for step, value in logs.pop(ON_POLICY) if value != 1.0}
+    return {name: [(s, v) for s, v in values if math.isfinite(v)] for name, values in logs.items()}, off_policy
 
 
 def failure_mode_runs() -> list[dict]:

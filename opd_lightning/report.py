@@ -266,9 +266,8 @@ def drift_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Che
     rule = Drift(thresholds["drift_overlap_sd"], thresholds["drift_logratio_sd"])
     if missing := [name for name in rule.metrics if name not in metrics]:
         return Check("drift", None, f"not logged ({', '.join(missing)})")
-    off_policy = {step for step, value in metrics.get("train/rollout/on_policy", []) if value != 1.0}
-    series = [[(s, v) for s, v in metrics[name] if s not in off_policy] for name in rule.metrics]
-    if min(map(len, series)) < rule.baseline + rule.window:
+    series = rule.series(metrics, {step for step, value in metrics.get("train/rollout/on_policy", []) if value != 1.0})
+    if not rule.judges(series):
         return Check("drift", None, f"fewer than {rule.baseline + rule.window} on-policy steps logged: not judged")
     step = rule.crossing(*series)
     told = (f"`diag/topk_overlap` {rule.overlap_fall_sd:g} sd below and `diag/logratio_abs` {rule.logratio_rise_sd:g} "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = ["Drift", "DriftWatch", "Watch", "crossing", "past_limit"]
@@ -102,6 +102,16 @@ class Drift:
         """Fresh watches for the two diagnostics, in `metrics`' order."""
         return (Watch(-self.overlap_fall_sd, "min", self.patience, self.baseline, True, self.window),
                 Watch(self.logratio_rise_sd, "max", self.patience, self.baseline, True, self.window))
+
+    def series(self, logged: Mapping[str, Series], off_policy: Collection[int]) -> list[list[tuple[int, float]]]:
+        """The rule's two diagnostics, in `metrics`' order, from a run's logs (`{metric: [(step, value)]}`), without
+        the steps in `off_policy` (those that distilled gold completions)."""
+        return [[(s, v) for s, v in logged.get(name, []) if s not in off_policy] for name in self.metrics]
+
+    def judges(self, series: list[list[tuple[int, float]]]) -> bool:
+        """Whether both series (`series`' result) hold enough observations to be judged: a baseline and one moving
+        mean past it."""
+        return min(map(len, series)) >= self.baseline + self.window
 
     def crossing(self, overlap: Series, logratio_abs: Series) -> int | None:
         """The step the rule acts at on two logged series (on-policy steps only), or None: the later of the steps at
