@@ -1,6 +1,6 @@
 """Guard rules judged on runs already logged: do they act before a run's score falls, and stay quiet otherwise?
 
-    .venv/bin/python -m benchmarks.guard_check [--no-record]
+    .venv/bin/python -m benchmarks.guard_check [--search] [--no-record]
 
 `benchmarks/failure_modes.py` chose its watched limits on its own runs. This script applies each rule of `RULES`
 (`guards.crossing`, the rule `RolloutGuard` applies as a run goes) to the per-step diagnostics of two sets of runs
@@ -17,7 +17,8 @@ already in `runs/` (it trains nothing):
 A "rise" or "fall" rule judges a diagnostic against the mean of its first `BASELINE` observations, in units of
 their standard deviation, over a moving mean of `WINDOW` observations; diagnostics of the rollouts' log-ratio and
 entropy are read on on-policy steps only (on the other steps the teacher scores gold completions). Writes one block
-into benchmarks/RESULTS.md unless `--no-record`.
+into benchmarks/RESULTS.md unless `--no-record`. `--search` also judges every setting of the joint drift rule in
+`SEARCH` (baseline, moving mean, patience and both limits) the same way, and writes the best of them as a second block.
 """
 
 from __future__ import annotations
@@ -160,9 +161,73 @@ def table(failing: list[dict], leaderboard: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The joint rule's settings searched by `--search`: every combination (384 rules).
+SEARCH = {"baseline": (3, 5, 10), "window": (1, 2, 3, 5), "patience": (1, 2), "overlap_fall_sd": (2.0, 3.0, 4.0, 6.0),
+          "logratio_rise_sd": (2.0, 3.0, 4.0, 6.0)}
+MODES = ("cancellation", "overlap", "depth", "repetition")
+
+
+def joint_steps(runs: list[dict], rule: Drift, memo: dict) -> dict[str, int | None]:
+    """`rule.crossing` of each run that logged enough to be judged, by run: the later of its two diagnostics'
+    crossings, each found once per (run, diagnostic, its settings) and kept in `memo` across the rules searched."""
+    steps = {}
+    for r in runs:
+        series = rule.series(*r["logs"])
+        if not rule.judges(series):
+            continue
+        crossed = []
+        for watch, name, values in zip(rule.watches(), rule.metrics, series, strict=True):
+            key = (r["run"], name, watch.limit, rule.baseline, rule.window, rule.patience)
+            if key not in memo:
+                memo[key] = next((step for step, value in values if watch.observe(value)), None)
+            crossed.append(memo[key])
+        steps[r["run"]] = None if None in crossed else max(crossed)
+    return steps
+
+
+def search(failing: list[dict], leaderboard: list[dict]) -> str:
+    """Every joint rule of `SEARCH` over the same runs: the rules that act on none of the gaining warm-leaderboard
+    runs of seeds below `NEW_SEEDS` (the best 8 by the falls they act on early there), and the one acting early on
+    the most of those falls while acting on at most a tenth of the gaining runs; with the falls each acts on early,
+    by failure mode (all seeds)."""
+    import itertools
+
+    memo: dict = {}
+    rows = []
+    for values in itertools.product(*SEARCH.values()):
+        rule = Drift(**dict(zip(SEARCH, values, strict=True)))
+        steps = joint_steps(failing + leaderboard, rule, memo)
+        early = lambda r, steps=steps: steps.get(r["run"]) is not None and steps[r["run"]] < r["fall"]
+        falls = [[r for r in failing if r["fall"] is not None and r["run"] in steps and r["new"] == new]
+                 for new in (False, True)]
+        gains = [[r for r in leaderboard if r["moved"] == "up" and r["run"] in steps and r["new"] == new]
+                 for new in (False, True)]
+        rows.append({"rule": rule, "early": [sum(map(early, runs)) for runs in falls], "falls": list(map(len, falls)),
+                     "alarms": [sum(steps[r["run"]] is not None for r in runs) for runs in gains],
+                     "gains": list(map(len, gains)),
+                     "modes": [sum(early(r) for r in falls[0] + falls[1] if r["run"].startswith(f"{mode}/"))
+                               for mode in MODES],
+                     "mode_falls": [sum(r["run"].startswith(f"{mode}/") for r in falls[0] + falls[1])
+                                    for mode in MODES]})
+    quiet = sorted((r for r in rows if r["alarms"][0] == 0), key=lambda r: -r["early"][0])[:8]
+    loud = max((r for r in rows if r["alarms"][0] <= r["gains"][0] / 10), key=lambda r: r["early"][0])
+    header = (f"| baseline | moving mean | in a row | overlap fall (sd) | log-ratio rise (sd) | falls acted on early, "
+              f"seeds below {NEW_SEEDS} | held out | gaining runs acted on, seeds below {NEW_SEEDS} | held out | "
+              f"early, by mode: {' / '.join(MODES)} |")
+    lines = [header, "|---" * 10 + "|"]
+    for r in [*quiet, loud]:
+        d = r["rule"]
+        lines.append(f"| {d.baseline} | {d.window} | {d.patience} | {d.overlap_fall_sd:g} | {d.logratio_rise_sd:g} | "
+                     f"{r['early'][0]}/{r['falls'][0]} | {r['early'][1]}/{r['falls'][1]} | "
+                     f"{r['alarms'][0]}/{r['gains'][0]} | {r['alarms'][1]}/{r['gains'][1]} | "
+                     + " / ".join(f"{a}/{n}" for a, n in zip(r["modes"], r["mode_falls"], strict=True)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-record", action="store_true", help="print the table without writing RESULTS.md")
+    parser.add_argument("--search", action="store_true", help="also search the joint rule's settings (`SEARCH`)")
     args = parser.parse_args(argv)
     failing, leaderboard = failure_mode_runs(), leaderboard_runs()
     if not failing or not leaderboard:
@@ -178,6 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     print(section)
     if not args.no_record:
         record(section, "guard_check")
+    if args.search:
+        found = (f"### The joint rule's settings searched\n\nCommand: `.venv/bin/python -m benchmarks.guard_check "
+                 f"--search`. Date: {datetime.date.today()}. The same runs as above. Every combination of "
+                 + "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in SEARCH.items())
+                 + f" ({math.prod(map(len, SEARCH.values()))} rules): the 8 acting on none of the gaining runs of seeds"
+                 f" below {NEW_SEEDS} with the most falls acted on early there, then the one acting early on the most"
+                 f" of those falls while acting on at most a tenth of those gaining runs (last row).\n\n"
+                 f"{search(failing, leaderboard)}")
+        print(found)
+        if not args.no_record:
+            record(found, "guard_search")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,24 @@ def test_the_drift_row_needs_both_diagnostics_to_cross():
              {"run": "e", "moved": "down", "new": False, "logs": logs(falling)}]
     row = next(line for line in gc.table([], board).splitlines() if line.startswith(f"| {drift.label} |"))
     assert row.split(" | ")[1:] == ["0/0", "0/0", "0/0", "0/1", "0/0", "0/0", "1/1 |"]
+
+
+def test_the_search_finds_each_rules_crossing_as_the_rule_does():
+    """`joint_steps`, which remembers each diagnostic's crossing across the rules searched, gives every rule the step
+    `Drift.crossing` gives on its own, and leaves out runs too short to judge."""
+    from opd_lightning.watch import Drift
+
+    rising = [1.0, 1.1, 0.9] * 4 + [3.0] * 10
+    runs = [{"run": name, "logs": ({"diag/logratio_abs": list(enumerate(rising)),
+                                    "diag/topk_overlap": list(enumerate(overlap))}, set())}
+            for name, overlap in (("falls", [0.95, 0.97] * 5 + [0.95] * 6 + [0.5] * 6),
+                                  ("steady", [0.95, 0.97] * 11), ("short", [0.95, 0.97] * 3))]
+    memo: dict = {}
+    rules = (Drift(), Drift(3.0, 30.0), Drift(baseline=3, window=1, patience=1), Drift(2.0, 6.0, baseline=5, window=2))
+    for rule in rules:  # the second differs from the first in its limits only: the memo must tell them apart
+        steps = gc.joint_steps(runs, rule, memo)
+        want = {r["run"]: rule.crossing(*rule.series(*r["logs"])) for r in runs
+                if rule.judges(rule.series(*r["logs"]))}
+        assert steps == want
+    defaults = gc.joint_steps(runs, Drift(), memo)  # 6 observations: fewer than a baseline of 10 and a mean of 5
+    assert defaults == {"falls": 17, "steady": None}  # as in the drift row's test above
