@@ -179,7 +179,7 @@ def joint_steps(runs: list[dict], rule: Drift, memo: dict) -> dict[str, int | No
         for watch, name, values in zip(rule.watches(), rule.metrics, series, strict=True):
             key = (r["run"], name, watch.limit, rule.baseline, rule.window, rule.patience)
             if key not in memo:
-                memo[key] = next((step for step, value in values if watch.observe(value)), None)
+                memo[key] = watch.acts_at(values)
             crossed.append(memo[key])
         steps[r["run"]] = None if None in crossed else max(crossed)
     return steps

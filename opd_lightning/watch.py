@@ -60,6 +60,10 @@ class Watch:
         self.strikes = self.strikes + 1 if past_limit(judged, self.limit, self.bound) else 0
         return self.strikes == self.patience
 
+    def acts_at(self, series: Series) -> int | None:
+        """Feed a logged series `[(step, value)]` in order: the step of the observation the watch acts on, or None."""
+        return next((step for step, value in series if self.observe(value)), None)
+
 
 def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, patience: int,
              baseline: int = 0, scaled: bool = False, window: int = 1) -> int | None:
@@ -67,8 +71,7 @@ def crossing(series: Iterable[tuple[int, float]], limit: float, bound: str, pati
     (the step the guard acts at), or None: `Watch`'s rule (with `baseline`, relative to the mean of the first
     `baseline` observations; `scaled` and `window` as there). Steps without an observation, and NaN values (a metric
     undefined on that step), do not count either way."""
-    watch = Watch(limit, bound, patience, baseline, scaled, window)
-    return next((step for step, value in series if watch.observe(value)), None)
+    return Watch(limit, bound, patience, baseline, scaled, window).acts_at(series)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,7 @@ class Drift:
     def crossing(self, overlap: Series, logratio_abs: Series) -> int | None:
         """The step the rule acts at on two logged series (on-policy steps only), or None: the later of the steps at
         which each diagnostic crossed."""
-        steps = [next((step for step, value in series if watch.observe(value)), None)
-                 for watch, series in zip(self.watches(), (overlap, logratio_abs), strict=True)]
+        steps = [watch.acts_at(series) for watch, series in zip(self.watches(), (overlap, logratio_abs), strict=True)]
         return None if None in steps else max(steps)
 
 
