@@ -25,8 +25,8 @@ from opd_lightning.target import TeacherTarget, token_logprobs
 if TYPE_CHECKING:
     from opd_lightning.rollout import Rollout
 
-__all__ = ["ALIGNERS", "Aligner", "TeacherHidden", "TeacherInputs", "dense_token_logprobs", "fit_vocab",
-           "token_logprobs_chunked"]
+__all__ = ["ALIGNERS", "Aligner", "BoundaryPairs", "TeacherHidden", "TeacherInputs", "dense_token_logprobs",
+           "fit_vocab", "token_logprobs_chunked"]
 
 ALIGNERS: Registry = Registry("aligner")
 
@@ -51,6 +51,18 @@ class TeacherHidden:
     logits: Tensor  # [B, M, V_teacher] the teacher's logits there
     student_embeddings: Tensor  # [V, H_student] the student's input embedding table, detached
     teacher_embeddings: Tensor  # [V_teacher, H_teacher] the teacher's
+
+
+@dataclass
+class BoundaryPairs:
+    """Positions of a batch where the student's and the teacher's tokenizations end a token on the same byte, over
+    the whole sequence (prompt and completion): the last token of each span of `spans.align_ends` on both sides,
+    so both models have read exactly the same text there. One entry per pair, `[K]` each (int64, bool)."""
+
+    batch: Tensor  # row of the batch
+    student: Tensor  # column in the rollout's `sequences` [B, P + N]
+    teacher: Tensor  # column in the teacher's `input_ids` [B, T_teacher]
+    in_prompt: Tensor  # bool: the pair lies in the prompt
 
 
 class Aligner(abc.ABC):
@@ -99,6 +111,13 @@ class Aligner(abc.ABC):
         that an aligner's own parameters learn; the teacher's tensors in `states` carry no gradient.
         """
         raise NotImplementedError(f"aligner {self.registry_name!r} does not provide hidden states")
+
+    def boundary_pairs(self, inputs: TeacherInputs, rollout: Rollout) -> BoundaryPairs:
+        """The positions, prompt and completion, at which both tokenizations end a token on the same byte (for losses
+        that compare the two models' hidden states along the whole sequence, e.g. `hidden_match`)."""
+        raise NotImplementedError(f"aligner {self.registry_name!r} does not pair the two models' positions along the "
+                                  "sequence: use identity (one tokenizer) or an aligner that re-tokenises the text "
+                                  "(byte_spans, exact_spans, char_level, vocab_map, ...)")
 
     @staticmethod
     def _known() -> str:

@@ -20,7 +20,7 @@ from opd_lightning.target import (
     TeacherTarget,
 )
 
-from .base import ALIGNERS, Aligner, TeacherHidden, TeacherInputs, dense_token_logprobs, fit_vocab
+from .base import ALIGNERS, Aligner, BoundaryPairs, TeacherHidden, TeacherInputs, dense_token_logprobs, fit_vocab
 
 __all__ = ["IdentityAligner"]
 
@@ -65,6 +65,11 @@ class IdentityAligner(Aligner):
     def teacher_inputs(self, rollout: Rollout) -> TeacherInputs:
         return TeacherInputs(rollout.sequences, rollout.attention_mask, rollout.position_ids,
                              rollout.completion_mask.shape[1])
+
+    def boundary_pairs(self, inputs: TeacherInputs, rollout: Rollout) -> BoundaryPairs:
+        """Every token of the sequence, at the same column on both sides."""
+        batch, column = rollout.attention_mask.bool().nonzero(as_tuple=True)
+        return BoundaryPairs(batch, column, column, column < rollout.prompt_length)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .bytes import TokenBytes, char_byte_offsets
 
-__all__ = ["SpanAlignment", "TextView", "align_ends", "lossy_decode", "retokenise"]
+__all__ = ["SpanAlignment", "TextView", "align_ends", "lossy_decode", "prompt_boundaries", "retokenise", "span_lasts"]
 
 
 @dataclass
@@ -75,6 +75,19 @@ def align_ends(student_ends: np.ndarray, teacher_ends: np.ndarray, limit: int) -
     aligned = inside & (path < len(s_starts)) & (s_starts[np.minimum(path, max(len(s_starts) - 1, 0))] == t_start)
     return SpanAlignment(span_of(student_ends), span_of(teacher_ends), at_start.astype(np.int64),
                          np.where(inside, containing, -1).astype(np.int64), np.where(aligned, path, -1).astype(np.int64))
+
+
+def span_lasts(student_span: np.ndarray, teacher_span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every span on both sides of one row (`[N]`, `[M]` span ids, -1: none), the index of its last student token
+    and of its last teacher token: where both tokenizations end on the same byte. Two arrays `[K]`, in span order."""
+
+    def lasts(span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.flatnonzero((span >= 0) & (span != np.append(span[1:], -1)))
+        return span[index], index
+
+    (s_id, s_index), (t_id, t_index) = lasts(student_span), lasts(teacher_span)
+    _, s_at, t_at = np.intersect1d(s_id, t_id, assume_unique=True, return_indices=True)
+    return s_index[s_at], t_index[t_at]
 
 
 @dataclass
@@ -218,6 +231,36 @@ def retokenise(student: TokenBytes, teacher_tokenizer, teacher_encoder, prompt_i
         student_span=_expand(fields["ss"], n), teacher_span=_expand(fields["ts"], m),
         teacher_at_start=_expand(fields["tas"], n), containing=_expand(fields["con"], n),
         path_start=_expand(fields["ps"], n), texts=texts)
+
+
+def prompt_boundaries(student: TokenBytes, teacher_tokenizer, teacher_bytes: TokenBytes | None, prompt_ids: np.ndarray,
+                      prompt_mask: np.ndarray, teacher_ids: np.ndarray,
+                      teacher_mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, the prompt columns `(student [K], teacher [K])` at which both tokenizations of the prompt end a token on
+    the same byte (`span_lasts` of `align_ends`).
+
+    `prompt_ids`/`prompt_mask` are the student's left-padded prompts `[B, P]`, `teacher_ids`/`teacher_mask` the
+    teacher's `[B, P_t]` as `retokenise` wrote them (the teacher tokenizer's encoding of each prompt's text, special
+    tokens included). A prompt whose bytes are not valid UTF-8, or whose re-encoding differs from the teacher's ids,
+    gets no pairs rather than wrong ones.
+    """
+    s_cols = [np.flatnonzero(m) for m in prompt_mask]
+    t_cols = [np.flatnonzero(m) for m in teacher_mask]
+    data = [student.join(ids[cols]) for ids, cols in zip(prompt_ids, s_cols, strict=True)]
+    texts = [d.decode("utf-8", errors="replace") for d in data]
+    enc = teacher_tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    out = []
+    for b, (raw, text) in enumerate(zip(data, texts, strict=True)):
+        t_ids = teacher_ids[b, t_cols[b]]
+        if len(text.encode()) != len(raw) or list(enc["input_ids"][b]) != t_ids.tolist():
+            out.append((np.zeros(0, dtype=np.int64),) * 2)
+            continue
+        s_ends = student.ends(prompt_ids[b, s_cols[b]])
+        t_ends = _teacher_ends(teacher_bytes, t_ids, enc["offset_mapping"][b], text)
+        a = align_ends(s_ends, t_ends, len(raw))
+        s_at, t_at = span_lasts(a.student_span, a.teacher_span)
+        out.append((s_cols[b][s_at], t_cols[b][t_at]))
+    return out
 
 
 def _expand(rows: list[np.ndarray], width: int) -> Tensor:

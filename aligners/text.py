@@ -17,9 +17,9 @@ from torch import Tensor
 from opd_lightning.rollout import Rollout, position_ids
 from opd_lightning.target import PositionRows, row_view
 
-from .base import CHUNK_ROWS, Aligner, TeacherInputs, token_logprobs_chunked
+from .base import CHUNK_ROWS, Aligner, BoundaryPairs, TeacherInputs, token_logprobs_chunked
 from .bytes import TokenBytes
-from .spans import TextView, retokenise
+from .spans import TextView, prompt_boundaries, retokenise, span_lasts
 from .trie import prefixless_encoder
 
 __all__ = [
@@ -323,6 +323,26 @@ class TextAligner(Aligner):
                              "predict the first completion token; give the prompts some text")
         return TeacherInputs(view.input_ids, view.attention_mask, position_ids(view.attention_mask),
                              view.teacher_ids.shape[1], alignment=view)
+
+    def boundary_pairs(self, inputs: TeacherInputs, rollout: Rollout) -> BoundaryPairs:
+        """The prompt's common token ends (`spans.prompt_boundaries`), then the completion's: the last token of each
+        span of the alignment `teacher_inputs` made (the EOS pair included)."""
+        view = inputs.alignment
+        p, p_t = rollout.prompt_length, view.input_ids.shape[1] - view.teacher_ids.shape[1]
+        seq, mask = rollout.sequences.cpu().numpy(), rollout.attention_mask.cpu().numpy().astype(bool)
+        t_ids, t_mask = view.input_ids.cpu().numpy(), view.attention_mask.cpu().numpy().astype(bool)
+        prompt = prompt_boundaries(self.student_bytes, self.teacher_tokenizer, self.teacher_bytes, seq[:, :p],
+                                   mask[:, :p], t_ids[:, :p_t], t_mask[:, :p_t])
+        s_span, t_span = view.student_span.cpu().numpy(), view.teacher_span.cpu().numpy()
+        parts = []
+        for b, (s_prompt, t_prompt) in enumerate(prompt):
+            s_at, t_at = span_lasts(s_span[b], t_span[b])
+            parts.append((np.full(len(s_prompt) + len(s_at), b), np.concatenate([s_prompt, p + s_at]),
+                          np.concatenate([t_prompt, p_t + t_at]), np.arange(len(s_prompt) + len(s_at)) < len(s_prompt)))
+        batch, student, teacher, in_prompt = (torch.from_numpy(np.concatenate(x)) for x in zip(*parts, strict=True))
+        device = rollout.sequences.device
+        return BoundaryPairs(batch.long().to(device), student.long().to(device), teacher.long().to(device),
+                             in_prompt.to(device))
 
     def coverage(self, has_target: Tensor, rollout: Rollout) -> float:
         """Share of the rollout's valid completion tokens with a target."""

@@ -24,6 +24,7 @@ from .base import (
     LOSSES,
     DenseDivergence,
     DistillationLoss,
+    LayerStates,
     LossInputs,
     LossOutput,
     check_teacher,
@@ -48,6 +49,7 @@ from .dskd import DSKD, dskd
 from .entropy_aware import EntropyAware, entropy_aware, teacher_entropy, topk_forward_kl_per_token
 from .fused import HiddenRows, default_chunk, fused_dense_divergence, fused_dense_sum
 from .gold import GOLD, gold, gold_per_token
+from .hidden_match import HiddenMatch, default_layer_pairs, hidden_match
 from .kl import (
     ForwardKL,
     ReverseKL,
@@ -96,7 +98,9 @@ __all__ = [
     "EntropyAware",
     "ForwardKL",
     "GeneralizedJSD",
+    "HiddenMatch",
     "HiddenRows",
+    "LayerStates",
     "LossInputs",
     "LossOutput",
     "ReverseKL",
@@ -115,6 +119,7 @@ __all__ = [
     "clipped_policy_loss",
     "cross_entropy",
     "default_chunk",
+    "default_layer_pairs",
     "dense_divergence",
     "dense_sum",
     "discounted_returns",
@@ -129,6 +134,7 @@ __all__ = [
     "generalized_jsd_per_token",
     "gold",
     "gold_per_token",
+    "hidden_match",
     "iw_opd_weights",
     "length_normalised_returns",
     "normalise",

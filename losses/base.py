@@ -39,6 +39,7 @@ __all__ = [
     "LOSSES",
     "DenseDivergence",
     "DistillationLoss",
+    "LayerStates",
     "LossInputs",
     "LossOutput",
     "check_teacher",
@@ -56,6 +57,18 @@ LOG_ZERO = -1.0e4  # log-probability written where a distribution has no support
 
 
 @dataclass
+class LayerStates:
+    """Both models' hidden states, layer by layer, at the positions of whole sequences (prompt and completion) where
+    the two tokenizations end a token on the same byte (`aligners.BoundaryPairs`; every token with one tokenizer).
+    Filled by the training module for losses that set `reads_layers` (`hidden_match`)."""
+
+    student: dict[int, Tensor]  # hidden-state index -> [K, H_student] at the pairs, with the graph
+    teacher: dict[int, Tensor]  # hidden-state index -> [K, H_teacher] at the pairs, no gradient
+    in_prompt: Tensor  # [K] bool: the pair lies in the prompt
+    rows: Tensor  # [K] the batch row of each pair
+
+
+@dataclass
 class LossInputs:
     """Tensors at the student's completion positions, and the teacher's target there; shapes in the comments."""
 
@@ -66,6 +79,7 @@ class LossInputs:
     student_hidden: Tensor | None = None  # [B, N, H_student] hidden state that predicts each token (HIDDEN_STATES)
     student_head: Tensor | None = None  # [V, H_student] the student's output layer weight (HIDDEN_STATES)
     old_logprobs: Tensor | None = None  # [B, N] student log-probs when the rollout was sampled
+    layers: LayerStates | None = None  # both models' hidden states along the whole sequence (`reads_layers`)
     num_items: Tensor | float | None = None  # normaliser for the optimizer step; None -> mask.sum()
 
     @property
@@ -131,6 +145,9 @@ class DistillationLoss(nn.Module, metaclass=abc.ABCMeta):
     #: True when the loss reads the student's own hidden states (`LossInputs.student_hidden`) without the teacher's
     #: (e.g. a value head); HIDDEN_STATES in `requires` asks for both sides.
     reads_student_hidden: bool = False
+    #: True when the loss compares the two models' hidden states layer by layer along whole sequences
+    #: (`LossInputs.layers`, e.g. `hidden_match`); such a loss also implements `setup_layers`.
+    reads_layers: bool = False
     #: True when the loss takes the student as `fused.HiddenRows` (hidden states and output layer) in place of its
     #: logits, a chunk of positions at a time (the fused output layer): the dense divergences, `uld`, `gold`.
     fuses: bool = False

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from opd_lightning.aligners import Aligner, TeacherHidden
 from opd_lightning.losses import HIDDEN_STATES, LossInputs
 
-__all__ = ["check_bypassed", "fill_student_hidden", "needs_hidden", "output_layer", "output_layer_bypassed",
-           "output_layer_input", "reads_hidden", "setup_sizes", "teacher_hidden", "vocab_size"]
+__all__ = ["capture_layers", "check_bypassed", "fill_student_hidden", "layer_depth", "needs_hidden", "output_layer",
+           "output_layer_bypassed", "output_layer_input", "reads_hidden", "reads_layers", "setup_sizes", "teacher_hidden",
+           "vocab_size"]
 
 
 @contextmanager
@@ -33,6 +34,55 @@ def output_layer_input(model: nn.Module, store: list | None) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or getattr(decoder, "embed_tokens", None) is None:
+        raise ValueError(f"{type(model).__name__} does not expose its decoder's embeddings and layers "
+                         "(`get_decoder().embed_tokens` and `.layers`), which a loss reading its layers' hidden states "
+                         "(hidden_match) hooks: use a decoder-only transformers model, or another loss")
+    return decoder, layers
+
+
+def layer_depth(model: nn.Module) -> int:
+    """Number of decoder layers of `model`: its hidden states are numbered 0 (embeddings) to this."""
+    return len(_decoder_layers(model)[1])
+
+
+@contextmanager
+def capture_layers(model: nn.Module, indices: Iterable[int], store: dict[int, Tensor]) -> Iterator[None]:
+    """During the block, `store[i]` (`[B, T, H]`, with its graph) becomes the hidden state that transformers'
+    `output_hidden_states=True` numbers `i`, at every position of the forward: 0 the embeddings' output, `i` in
+    1..L-1 the output of decoder layer `i`, L the last layer's output after the final norm (what the output layer
+    reads; the last layer's own output where the decoder has no `norm`). Read by forward hooks, so the forward keeps
+    its own arguments (`logits_to_keep` cuts the logits, not these) and only the layers asked for are kept."""
+    indices = sorted(set(indices))
+    if not indices:
+        yield
+        return
+    decoder, layers = _decoder_layers(model)
+    depth = len(layers)
+    handles = []
+    try:
+        for i in indices:
+            if not 0 <= i <= depth:
+                raise ValueError(f"hidden state {i} asked of {type(model).__name__}, which numbers its hidden states "
+                                 f"0 to {depth} (embeddings, then its {depth} layers)")
+            module = (decoder.embed_tokens if i == 0 else layers[i - 1] if i < depth
+                      else getattr(decoder, "norm", None) or layers[-1])
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reads_layers(loss) -> bool:
+    """Whether `loss` compares the two models' hidden states layer by layer along whole sequences (`hidden_match`)."""
+    return getattr(loss, "reads_layers", False)
 
 
 def needs_hidden(terms: Iterable, completions: str) -> bool:
@@ -54,6 +104,8 @@ def setup_sizes(terms: Iterable, aligner: Aligner, student: nn.Module, teacher: 
     """Let every loss and the aligner create their size-dependent parameters (a no-op for most)."""
     sizes = (_width(student), _width(teacher))
     for term in terms:
+        if reads_layers(term.loss):
+            term.loss.setup_layers(layer_depth(student), layer_depth(teacher))
         term.loss.setup(*sizes)
     aligner.setup(*sizes)
 

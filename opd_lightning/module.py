@@ -35,11 +35,13 @@ from opd_lightning.diagnostics import (
     output_layer_grad_coherence,
 )
 from opd_lightning.hidden import (
+    capture_layers,
     fill_student_hidden,
     needs_hidden,
     output_layer,
     output_layer_input,
     reads_hidden,
+    reads_layers,
     setup_sizes,
     vocab_size,
 )
@@ -48,6 +50,7 @@ from opd_lightning.losses import (
     LOSSES,
     DistillationLoss,
     HiddenRows,
+    LayerStates,
     LossInputs,
     TeacherTarget,
     TopK,
@@ -127,8 +130,8 @@ class DistillationModule(LightningModule):
             grad_clip_norm: clip the gradient's global norm to this value before each step; None disables.
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
-            extra_lr: learning rate of the trainable parts outside the student (DSKD's projectors, the `dskd_cma`
-                attention), as a second parameter group; None: the optimizer's own. DSKD's recipe uses 1e-3.
+            extra_lr: learning rate of the trainable parts outside the student (DSKD's projectors, `hidden_match`'s
+                maps, the `dskd_cma` attention), as a second parameter group; None: the optimizer's own. DSKD's recipe uses 1e-3.
             seed: seed of the rollouts' draws: the on/off-policy choice from (seed, step), the same on every rank,
                 and each row's sampling noise from (seed, step, dataset row); a resumed run draws what an
                 uninterrupted one would.
@@ -170,7 +173,11 @@ class DistillationModule(LightningModule):
 
         self.aligner = resolve_aligner(aligner)
         self.teacher_tokenizer = None
-        needs_teacher = any(t.reference == "teacher" and t.needs_reference for t in self.terms)
+        for term in self.terms:
+            if reads_layers(term.loss) and term.reference != "teacher":
+                raise ValueError(f"loss {term.loss.registry_name!r} compares the student's layers with the teacher's: "
+                                 f"its term's reference must be 'teacher', got {term.reference!r}")
+        needs_teacher = any(t.reference == "teacher" and (t.needs_reference or reads_layers(t.loss)) for t in self.terms)
         policy = self.rollout_policy
         if teacher is None and (needs_teacher or (policy.on_policy_fraction < 1 and policy.off_policy_source == "teacher")):
             raise ValueError("this configuration needs a teacher (a loss term reads teacher outputs, or "
@@ -289,13 +296,18 @@ class DistillationModule(LightningModule):
         student_logits, targets = {}, {}
         total, metrics = torch.zeros((), device=self.device), {}
         hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
+        layers: dict[str, dict[int, Tensor]] = {}  # hidden states [B, P + N, H] by index, for `reads_layers` losses
         for term in self.terms:
             rollout = rollouts[term.completions]
             fused = self._fuses(term.completions, rollout)  # no `[B, N, V]` logits (coherence: `_fused_grad_coherence`)
             if term.completions not in student_logits:
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
                 store = [] if keep and not fused else None
-                with output_layer_input(self.student, store):
+                wanted = {i for t in self.terms if t.completions == term.completions and reads_layers(t.loss)
+                          for i in t.loss.student_layers}
+                layers[term.completions] = {}
+                with output_layer_input(self.student, store), \
+                        capture_layers(self.student, wanted, layers[term.completions]):
                     student_logits[term.completions] = self._student_logits(rollout, fused)
                 if store:
                     hidden[term.completions] = store[0][:, :-1]
@@ -307,6 +319,8 @@ class DistillationModule(LightningModule):
                                 num_items=counts[term.completions])
             if reads_hidden(term.loss):
                 fill_student_hidden(inputs, hidden[term.completions], self.student)
+            if reads_layers(term.loss):
+                inputs.layers = self._layer_states(term.loss, rollout, layers[term.completions])
             out = term.loss(inputs)
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
@@ -318,6 +332,21 @@ class DistillationModule(LightningModule):
             self._diag.update_grad_coherence(self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"],
                                                                         targets, counts["rollout"]))
         return total, metrics
+
+    def _layer_states(self, loss: DistillationLoss, rollout: Rollout, student: dict[int, Tensor]) -> LayerStates:
+        """Both models' hidden states at the positions of `rollout` where their tokenizations end a token on the same
+        byte (`Aligner.boundary_pairs`), for a loss that `reads_layers`: the student's from its forward on the batch
+        (`student`, by index), the teacher's from a forward of its own on the same text, prompt included."""
+        with torch.no_grad():
+            inputs = self.aligner.teacher_inputs(rollout)
+            pairs = self.aligner.boundary_pairs(inputs, rollout)
+            teacher: dict[int, Tensor] = {}
+            with capture_layers(self.teacher, loss.teacher_layers, teacher):
+                self.teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                             position_ids=inputs.position_ids, logits_to_keep=1)
+            teacher = {i: h[pairs.batch, pairs.teacher] for i, h in teacher.items()}
+        return LayerStates({i: h[pairs.batch, pairs.student] for i, h in student.items()}, teacher, pairs.in_prompt,
+                           pairs.batch)
 
     def _fused_grad_coherence(self, rollout: Rollout, student: HiddenRows, targets: dict, count: Tensor) -> Tensor:
         """`diag/grad_coherence` of a fused batch, without its `[B, N, V]` logits. Every term on the rollout is a loss
@@ -530,7 +559,7 @@ class DistillationModule(LightningModule):
             extra = self._extra_parameters()
             if not extra:
                 raise ValueError("extra_lr is set but nothing outside the student trains: it applies to DSKD's "
-                                 "projectors and the dskd_cma aligner; drop it")
+                                 "projectors, hidden_match's maps and the dskd_cma aligner; drop it")
             student = [p for p in self.student.parameters() if p.requires_grad]
             params = [{"params": student}, {"params": extra, "lr": self.extra_lr}]
         optimizer = self.optimizer_factory(params)

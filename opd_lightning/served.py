@@ -235,6 +235,9 @@ def check_served(terms, aligner, teacher_topk: int | None, policy, server: Teach
     whole = {HIDDEN_STATES: "hidden states", TEACHER_NATIVE_LOGITS: "whole distribution in its own vocabulary",
              VOCAB_PROJECTION: "whole distribution in its own vocabulary"}
     for term in terms:
+        if getattr(term.loss, "reads_layers", False):
+            raise ValueError(f"loss {term.loss.registry_name!r} reads the teacher's layers' hidden states, which a "
+                             "served teacher does not return: load the teacher in the process (model.teacher.path)")
         if term.reference != "teacher" or not term.needs_reference:
             continue
         missing = sorted({whole[c] for c in term.loss.requires & set(whole)})

@@ -32,7 +32,9 @@ from opd_lightning.losses import (
 
 from opd_lightning.registry import UnknownNameError
 
-NAMES = sorted(LOSSES)
+# `hidden_match` compares hidden states along whole sequences, not distributions at the completion positions: its
+# properties are tested in test_hidden_match.py.
+NAMES = sorted(set(LOSSES) - {"hidden_match"})
 # Losses whose value is not a divergence between the two distributions, and why.
 SURROGATES = {
     "sampled_token": "a policy-gradient surrogate: its value is −r·A and takes the advantages' sign",
@@ -83,7 +85,7 @@ def value_and_grad(loss, student, teacher, target, mask, **extra):
 def test_registry_holds_exactly_the_documented_losses():
     assert set(LOSSES) == {"forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
                            "topk_reverse_kl", "sampled_token", "entropy_aware", "cross_entropy", "uld", "gold",
-                           "dskd", "xtoken_pkl", "xtoken_hkl", "cr_opd"}
+                           "dskd", "xtoken_pkl", "xtoken_hkl", "cr_opd", "hidden_match"}
     with pytest.raises(UnknownNameError, match="Did you mean 'reverse_kl'"):
         LOSSES.build("revers_kl")
 
