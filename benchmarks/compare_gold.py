@@ -17,7 +17,9 @@ Rows:
   documentation recommends for different tokenizers (`use_uld_loss`, `uld_use_hybrid_loss`, weights 0.6 / 0.4);
 - `opd_gold`: this library's `gold` loss (the same hybrid, same β and weights) through the `byte_spans` aligner;
 - `opd_best`: this library with the comparison's best aligner, loss and teacher top-k (`--best-aligner`,
-  `--best-loss`, `--best-topk` override them).
+  `--best-loss`, `--best-topk` override them);
+- `opd_best_hidden`: `opd_best` with the `hidden_match` term added on the same rollouts (weight 1): the student's
+  layers regressed onto the teacher's at the shared token boundaries of prompt and completion; no other data.
 Everything that can be shared is: the student (built by the same code from the same config and seed), the teacher,
 the training rows (the gold completion closed by the student's EOS, tokenised as the library does, checked row by
 row in the TRL run), the batch, λ, the sampling settings, the optimizer and its schedule (TRL gets a torch AdamW and a
@@ -96,7 +98,8 @@ GOLD_HYBRID = {"beta": 0.5, "matched_weight": 0.6, "unmatched_weight": 0.4}  # T
 DEFAULTS = {"out": None, "best_aligner": None, "best_loss": None, "best_topk": None,
             "teacher_steps": None}  # options left out of the recorded command when unchanged
 ROWS = {"trl_gold": "GOLD (TRL `GOLDTrainer`, ULD hybrid)", "opd_gold": "opd-lightning `gold`",
-        "opd_best": "opd-lightning, best"}
+        "opd_best": "opd-lightning, best", "opd_best_hidden": "opd-lightning, best + `hidden_match`"}
+HIDDEN_TERMS = "[{loss: hidden_match, weight: 3.0}]"  # on the rollouts: the same rows GOLD trains on
 OVERLAY = """trainer:
   callbacks:
     - class_path: opd_lightning.evaluation.LmEvalCallback
@@ -311,6 +314,8 @@ def run_opd(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
     args += ["--config", str(out / "overlay.yaml"), "--model.teacher.path", teacher["path"],
              "--model.aligner", setting["aligner"], "--model.loss", setting["loss"], "--model.teacher_topk",
              str(setting.get("topk") or "null"), *seed_args(seed), *student_overrides(comparison, out)]
+    if "terms" in setting:
+        args += ["--model.extra_terms", setting["terms"]]
     result = fit_and_score(args, run_dir, steps, _key(row, setting, seed, teacher), comparison.task,
                            comparison.metric)
     if "score" in result:
@@ -340,6 +345,7 @@ def run_trl(row: str, setting: dict, seed: int, steps: int, out: Path, teacher: 
 
 def _key(row: str, setting: dict, seed: int, teacher: dict) -> dict:
     topk = f" (teacher top-{setting['topk']})" if setting.get("topk") else ""
+    topk += f" + {setting['terms']}" if "terms" in setting else ""
     return {"row": row, "setting": f"{setting['aligner']} + {setting['loss']}{topk}", "seed": seed,
             "teacher": teacher["name"]}
 
@@ -471,7 +477,11 @@ def row_settings(best_aligner: str, best_loss: str, best_topk: int | None) -> di
             "opd_gold": {"aligner": "byte_spans", "loss": gold, "label": f"byte_spans + gold ({hybrid})"},
             "opd_best": {"aligner": best_aligner, "loss": best_loss, "topk": best_topk,
                          "label": f"`{best_aligner}` + `{best_loss}`" + (f", teacher top-{best_topk}" if best_topk
-                                                                          else "")}}
+                                                                          else "")},
+            "opd_best_hidden": {"aligner": best_aligner, "loss": best_loss, "topk": best_topk, "terms": HIDDEN_TERMS,
+                                "label": f"`{best_aligner}` + `{best_loss}`" + (f", teacher top-{best_topk}"
+                                                                                 if best_topk else "")
+                                + ", + `hidden_match` on the rollouts (weight 3)"}}
 
 
 def checks(results: list[dict]) -> str:
