@@ -24,7 +24,11 @@ recipe it shipped with before the `*_on_policy_sft` rows (λ = 0.5, no SFT term:
   same step's gold completions added, SFT's whole signal plus the teacher's on the student's samples; `oracle_on_policy_sft` the same
   recipe from the oracle (its whole target);
 - `exact_spans_gold`, `oracle_gold`: the exact target and the oracle on the gold completions only (λ = 0), which
-  separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds.
+  separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds;
+- `shipped_hidden`, `shipped_hidden3`: `shipped_on_policy_sft` with the `hidden_match` term on the same gold
+  completions at weight 1 and 3 (the student's layers regressed onto the teacher's at the token boundaries both
+  tokenizations share, prompt included); `sft_hidden3` the term beside SFT alone (λ = 0, no distribution term);
+  `oracle_hidden3` the oracle's `oracle_on_policy_sft` recipe with the term (weight 3).
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
 `benchmarks/ablation_cross_runs.json`, kept with the code so that `--no-run` rebuilds the table from a fresh clone)
 are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the

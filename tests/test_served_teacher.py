@@ -213,6 +213,8 @@ def test_unreachable_servers_unknown_models_and_refused_requests_name_the_fix(se
     ({"teacher_topk": 8}, r"teacher_topk = 8 is more than the served teacher returns"),
     ({"teacher_topk": 2, "on_policy_fraction": 0.5, "off_policy_source": "teacher"}, r"teacher write completions"),
     ({"loss": "dskd", "aligner": "dskd_cma"}, r"reads the teacher's hidden states"),
+    ({"teacher_topk": 2, "extra_terms": [{"loss": "hidden_match", "completions": "gold"}]},
+     r"hidden_match.*reads the teacher's layers' hidden states"),
     ({"student_served": True}, r"only a teacher can be served"),
 ])
 def test_what_a_served_teacher_cannot_give_is_refused_when_the_module_is_built(served_bpe, bpe_teacher_dir, options,
