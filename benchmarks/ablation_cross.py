@@ -43,7 +43,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.leaderboard import RECIPE, _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
+from benchmarks.leaderboard import CROSS_LOSS, RECIPE, _fmt, eval_overlay, fit_and_score, prepare, run_parser, seed_args
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 
@@ -89,9 +89,8 @@ ROWS = {
                              [*EXACT, "--model.teacher_topk", "1", "--model.extra_terms",
                               "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     # Every step on-policy with the shipped target, plus SFT on the same step's gold completions (weight 1): all of
-    # SFT's signal, with the teacher's on the student's own samples added to it.
-    # What the config ships now.
-    "shipped_on_policy_sft": ("**shipped: the same target, every step on-policy (λ = 1), + SFT on gold (weight 1)**",
+    # SFT's signal, with the teacher's on the student's own samples added to it (the config before `shipped_hidden3`).
+    "shipped_on_policy_sft": ("the same target, every step on-policy (λ = 1), + SFT on gold (weight 1)",
                               ["--model.teacher_topk", "1", "--model.rollout.on_policy_fraction", "1.0",
                                "--model.extra_terms", "[{loss: cross_entropy, weight: 1.0, completions: gold}]"]),
     "oracle_on_policy_sft": ("oracle, every step on-policy (λ = 1), + SFT on gold (weight 1)",
@@ -112,7 +111,8 @@ ROWS = {
     "shipped_hidden3": ("`shipped_on_policy_sft` + `hidden_match` on gold (weight 3, prompt and completion)",
                         [*ON_POLICY_SFT, "--model.extra_terms", f"[{SFT_TERM}, {hidden_term(3.0)}]"]),
     # The same term beside SFT alone (λ = 0, no distribution from the teacher): what the states give by themselves.
-    "sft_hidden3": ("SFT on gold + `hidden_match` on gold (weight 3), no distribution term (λ = 0)",
+    # What the config ships now.
+    "sft_hidden3": ("**shipped: SFT on gold + `hidden_match` on gold (weight 3), no distribution term (λ = 0)**",
                     ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0",
                      "--model.extra_terms", f"[{hidden_term(3.0)}]"]),
     # The oracle's recipe with its states matched the same way (one tokenizer: every token is a boundary).
@@ -125,7 +125,7 @@ ROWS = {
 def run(row: str, seed: int, steps: int) -> dict:
     dense = [] if row == "shipped" else ["--model.teacher_topk", "null"]  # a row's own top-k comes after
     # every row from the config's recipe before it took the `shipped_on_policy_sft` row's; a row's own options override
-    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *RECIPE, *dense,
+    args = ["--config", CONFIG, "--config", str(ROOT / "overlay.yaml"), *seed_args(seed), *CROSS_LOSS, *RECIPE, *dense,
             *ROWS[row][1]]
     result = fit_and_score(args, ROOT / row / f"seed_{seed}", steps, {"row": row, "seed": seed})
     hf = ROOT / row / f"seed_{seed}" / "hf"

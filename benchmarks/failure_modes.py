@@ -63,6 +63,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.leaderboard import (
+    CROSS_LOSS,
     PAIRS,
     RECIPE,
     _fmt,
@@ -302,7 +303,7 @@ def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: 
     spec = MODES[mode]
     if reuse and (done := finished(mode, variant, seed, steps, eval_every, start)) is not None:
         return done
-    pinned = RECIPE if spec["config"] == PAIRS["cross"]["config"] else []  # that config's recipe before it took SFT
+    pinned = [*CROSS_LOSS, *RECIPE] if spec["config"] == PAIRS["cross"]["config"] else []  # its recipe before SFT
     args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed), *pinned,
             "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
             "null", "--model.diagnostics.grad_coherence_every", "5", *spec["variants"][variant][1]]

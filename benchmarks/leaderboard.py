@@ -102,6 +102,9 @@ PAIRS = {
 # Every run's recipe whatever its config ships (the cross-tokenizer config now adds SFT on gold and rolls out on
 # every step): half the steps on-policy, the loss alone. A row's own options come after it.
 RECIPE = ["--model.rollout.on_policy_fraction", "0.5", "--model.extra_terms", "[]"]
+# The cross-tokenizer quickstart config's loss and target form before it shipped SFT with `hidden_match`, for the
+# benchmarks whose rows take them from that config; given before a row's own options.
+CROSS_LOSS = ["--model.loss", "forward_kl", "--model.teacher_topk", "1"]
 
 
 # Rows beyond the registered losses: the policy-gradient losses' credit schemes, each named `<loss>+<variant>`.
@@ -220,7 +223,7 @@ def warm_student(pair: str, steps: int, root: Path = WARM_ROOT) -> tuple[Path, f
     if not scored.exists() or json.loads(scored.read_text())["steps"] != steps:
         overlay = prepare(root, eval_overlay(export=True, task=spec["task"]), pair)
         args = ["--config", spec["config"], "--config", str(overlay), "--model.loss", "cross_entropy",
-                "--model.rollout.on_policy_fraction", "0.0", *seed_args(0)]
+                "--model.rollout.on_policy_fraction", "0.0", "--model.extra_terms", "[]", *seed_args(0)]
         result = fit_and_score(args, out, steps, {"pair": pair}, task=spec["task"], metric=spec["metric"])
         if "score" not in result:
             raise SystemExit(f"the warm start of {pair} failed:\n{result['error']}")

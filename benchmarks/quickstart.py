@@ -53,8 +53,9 @@ def main() -> None:
     terms = [t.get("init_args", t) for t in model.get("extra_terms") or []]  # the short or the class_path form
     extra = [f"`{t['loss']}` on the {t.get('completions', 'rollout')} completions (weight {t.get('weight', 1.0)})"
              for t in terms]
-    recipe = (f"aligner `{model['aligner']}`, loss `{model['loss']}`, "
-              + (f"teacher top-{topk} + tail bucket" if topk else "the whole teacher target")
+    target = (f", teacher top-{topk} + tail bucket" if topk else ", the whole teacher target"
+              if model["loss"] != "cross_entropy" else "")
+    recipe = (f"aligner `{model['aligner']}`, loss `{model['loss']}`{target}"
               + f", λ = {model['rollout']['on_policy_fraction']}" + "".join(f", plus {e}" for e in extra)
               + " (the shipped row of \"Across tokenizers: where the transfer is lost\" below)")
     record(f"""## Quickstart (`make demo`)
