@@ -131,7 +131,8 @@ class DistillationModule(LightningModule):
             optimizer: optimizer factory (LightningCLI `class_path`/`init_args`), given the trainable parameters.
             scheduler: learning-rate scheduler factory, stepped once per optimizer step.
             extra_lr: learning rate of the trainable parts outside the student (DSKD's projectors, `hidden_match`'s
-                maps, the `dskd_cma` attention), as a second parameter group; None: the optimizer's own. DSKD's recipe uses 1e-3.
+                maps, the `dskd_cma` attention), as a second parameter group; None: the optimizer's own. DSKD's
+                recipe uses 1e-3.
             seed: seed of the rollouts' draws: the on/off-policy choice from (seed, step), the same on every rank,
                 and each row's sampling noise from (seed, step, dataset row); a resumed run draws what an
                 uninterrupted one would.
@@ -550,7 +551,8 @@ class DistillationModule(LightningModule):
         self._log_eval_diagnostics("test")
 
     def _extra_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters outside the student: DSKD's projectors, the `dskd_cma` attention."""
+        """Trainable parameters outside the student: DSKD's projectors, `hidden_match`'s maps, the `dskd_cma`
+        attention."""
         return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("student.")]
 
     def configure_optimizers(self):
