@@ -357,7 +357,8 @@ class DistillationModule(LightningModule):
         rows, cols = rollout.completion_mask.nonzero(as_tuple=True)
         weight, bias = student.weight.detach(), None if student.bias is None else student.bias.detach()
         step = student.chunk_size or default_chunk(weight.shape[0])
-        terms = [t for t in self.terms if t.completions == "rollout"]
+        # a term reading layer states (hidden_match) does not read the logits: its gradient with respect to them is 0
+        terms = [t for t in self.terms if t.completions == "rollout" and not reads_layers(t.loss)]
         sums = CoherenceSums()
         for lo in range(0, rows.numel(), step):
             r, c = rows[lo : lo + step], cols[lo : lo + step]

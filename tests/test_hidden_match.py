@@ -242,3 +242,21 @@ def test_the_term_is_refused_where_the_teacher_has_no_layers_to_read(teacher_dir
     with pytest.raises(ValueError, match="needs a teacher"):
         DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0), loss="cross_entropy",
                            extra_terms=[LossTerm("hidden_match", completions="gold")])
+
+
+def test_on_fused_rollouts_the_term_joins_a_step_whose_gradient_coherence_is_measured(teacher_dir):
+    """The fused path's coherence rebuilds each rollout term's gradient on the logits a chunk at a time; `hidden_match`
+    reads no logits (its gradient there is zero), so it is left out of that rebuild and the step runs."""
+    from opd_lightning.diagnostics import DiagnosticsConfig
+
+    module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:arithmetic_bpe", seed=0),
+                                teacher=HFModel(path=teacher_dir), loss="forward_kl", aligner="byte_spans",
+                                extra_terms=[LossTerm("hidden_match", weight=1.0)], logits_chunk_size=4,
+                                diagnostics=DiagnosticsConfig(grad_coherence_every=1),
+                                sampling=SamplingConfig(max_new_tokens=4),
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    module.manual_backward = lambda loss: loss.backward()
+    assert "rollout" in module._fused
+    total, metrics = module._run_step(BATCH, train=True)
+    assert torch.isfinite(total) and metrics["loss/hidden_match"] > 0
+    assert "diag/grad_coherence" in module.train_diag.compute()
