@@ -214,6 +214,8 @@ def main() -> None:
     jobs = [] if args.no_run else [(row, seed) for row in args.rows for seed in args.seeds
                                    if args.rerun or (row, seed, args.steps) not in done]
     print(f"{len(jobs)} runs to do, {len(done)} recorded", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 -- resolved once: the lazy import of
+    # transformers is not safe from two threads at once (error_kinds loads each finished student in a worker thread)
     with ThreadPoolExecutor(args.parallel) as pool:
         for result in pool.map(lambda job: run(*job, args.steps), jobs):
             if "score" in result:
