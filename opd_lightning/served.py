@@ -235,7 +235,7 @@ def check_served(terms, aligner, teacher_topk: int | None, policy, server: Teach
     whole = {HIDDEN_STATES: "hidden states", TEACHER_NATIVE_LOGITS: "whole distribution in its own vocabulary",
              VOCAB_PROJECTION: "whole distribution in its own vocabulary"}
     for term in terms:
-        if getattr(term.loss, "reads_layers", False):
+        if term.loss.reads_layers:
             raise ValueError(f"loss {term.loss.registry_name!r} reads the teacher's layers' hidden states, which a "
                              "served teacher does not return: load the teacher in the process (model.teacher.path)")
         if term.reference != "teacher" or not term.needs_reference:
