@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 from torch import Tensor
 
 from opd_lightning.rollout import Rollout
@@ -96,12 +97,14 @@ class BpeSubsetAligner(TextAligner):
         view = inputs.alignment
         ok = (view.path_start >= 0) & rollout.completion_mask
         index = view.containing.masked_fill(~ok, -1)
-        ids, starts = rollout.completion_ids.cpu(), view.path_start.cpu()
+        ids, starts = rollout.completion_ids.cpu().numpy(), view.path_start.cpu().numpy()
 
         def condition(rows: Tensor, batch: Tensor, pos: Tensor, _: Tensor) -> tuple[Tensor, Tensor]:
-            paths = [tuple(ids[b, int(starts[b, i]) : i].tolist()) for b, i in zip(batch.tolist(), pos.tolist(),
-                                                                                    strict=True)]
-            return mass_to_logits(self.trie.conditional(softmax_(rows), paths))  # [c, V_s]
+            b, i = batch.cpu().numpy(), pos.cpu().numpy()
+            first, lengths = starts[b, i], i - starts[b, i]  # each path: the student tokens ids[b, first:i]
+            at = first[:, None] + np.arange(int(lengths.max(initial=0)) + 1)  # [c, L]
+            padded = np.where(at < i[:, None], ids[b[:, None], np.minimum(at, ids.shape[1] - 1)], -1)
+            return mass_to_logits(self.trie.conditional_padded(softmax_(rows), padded, lengths))  # [c, V_s]
 
         logp, valid, kept, _ = project_chunks(teacher_logits, index, self.student_vocab_size, condition)
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None

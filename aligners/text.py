@@ -18,6 +18,7 @@ from opd_lightning.rollout import Rollout, position_ids
 from opd_lightning.target import PositionRows, row_view
 
 from .base import CHUNK_ROWS, Aligner, BoundaryPairs, TeacherInputs, token_logprobs_chunked
+from .buffers import scratch, target_buffer
 from .bytes import TokenBytes
 from .spans import TextView, prompt_boundaries, retokenise, span_lasts
 from .trie import prefixless_encoder
@@ -42,6 +43,7 @@ __all__ = [
     "softmax_",
     "softmax_rows",
     "span_logprobs",
+    "target_rows",
     "top_logprobs",
     "topk_to_logits",
     "vocab_pairs",
@@ -71,27 +73,18 @@ def fused_softmax_(rows: Tensor) -> Tensor:
 # 16 rows (base.CHUNK_ROWS) made `vocab_map` six times slower than chunks of 128 on the real pair; larger chunks
 # gained little more. The memory is small beside the `[B, N, V_s]` target.
 CHUNK_ELEMENTS = 2**25
+# Values per run of rows below which reading the rows run by run costs more in calls than copying them (`_row_runs`).
+RUN_ELEMENTS = 2**16
 
-_SCRATCH: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
-
-
-def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32,
-            slot: str = "rows") -> Tensor:
-    """A reused `[rows, width]` work buffer (contents undefined), one per slot, device and dtype, kept between calls.
-
-    The projections copy each chunk of teacher rows into a buffer of up to `CHUNK_ELEMENTS` values before soft-maxing
-    it in place. Allocated afresh on every call, a buffer that size comes from the operating system each time (the
-    allocator maps large blocks directly) and is paged in while written: on the synthetic benchmark batch that page
-    faulting cost eight times the copy itself. Kept, it costs its size for the life of the process: 128 MB at most for
-    the chunk slots, and for `byte_spans`' "deep" slot the rows its walks go below (a third of a batch's positions on
-    the SmolLM2/Gemma-3 pair, `[n, V_s]`).
-    Not re-entrant: a caller must be done with a slot's buffer before the next call on the same slot and device.
-    """
-    key, need = (slot, torch.device(device), dtype), rows * width
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < need:
-        buffer = _SCRATCH[key] = torch.empty(max(need, 1), dtype=dtype, device=device)
-    return buffer[:need].view(rows, width)
+def target_rows(shape: tuple[int, int, int], batch: Tensor, pos: Tensor) -> Tensor:
+    """The `[B, N, W]` fp32 tensor a projection writes its target into (`buffers.target_buffer`: kept memory on the
+    CPU when nothing holds it): zeros at every position but `(batch, pos)`, whose rows the caller writes (undefined
+    until then). Zeroing only the other rows saves a pass over the whole target."""
+    out = target_buffer(shape, batch.device)
+    others = torch.ones(shape[0] * shape[1], dtype=torch.bool, device=batch.device)
+    others[batch * shape[1] + pos] = False
+    out.view(-1, shape[-1]).index_fill_(0, others.nonzero().squeeze(-1), 0.0)
+    return out
 
 
 def chunk_rows(width: int) -> int:
@@ -135,13 +128,20 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int
     with `rows` the values' rows `lo:hi`, one per run of consecutive rows; None where `values` is no such tensor.
 
     A kernel run per slice reads the rows where they are: at a large vocabulary even single-row runs cost less in
-    call overhead (microseconds) than copying the rows first (about a tenth of a millisecond per 262k-wide row)."""
+    call overhead (microseconds) than copying the rows first (about a tenth of a millisecond per 262k-wide row). Where
+    the runs hold fewer than `RUN_ELEMENTS` values on average (short runs of narrow rows: an 8,000-token teacher whose
+    tokens each span several student tokens), the callers' calls per run cost more than one copy of the rows, and
+    this returns None too (on the synthetic 10% pair of `benchmarks/alignment.py`, `mined` spent 2 of its 3 seconds
+    in per-run `logsumexp` calls of a row or two each)."""
     if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
         return None
     if (view := row_view(values)) is None:
         return None
     rows, index = view[0], (batch * view[1] + pos).numpy()
-    return [(lo, hi, rows[int(index[lo]) : int(index[lo]) + hi - lo]) for lo, hi in runs(index)]
+    spans = runs(index)
+    if len(batch) * rows.shape[-1] < RUN_ELEMENTS * len(spans):
+        return None
+    return [(lo, hi, rows[int(index[lo]) : int(index[lo]) + hi - lo]) for lo, hi in spans]
 
 
 def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, out: Tensor) -> Tensor:
@@ -235,8 +235,7 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
 
     Copying every aligned row out of `[B, M, V_teacher]` logits at once, then soft-maxing the copy, would allocate
     (and page in) two more tensors of the logits' size; one chunk of rows at a time (`chunk_rows`) keeps the extra
-    memory small and the work the same. Outputs start as zeros (lazily allocated pages), and only valid rows are
-    written.
+    memory small and the work the same. Rows without a target are zeros (`target_rows`).
 
     Args:
         teacher_logits: `[B, M, V_teacher]`.
@@ -254,8 +253,7 @@ def project_chunks(teacher_logits: Tensor, index: Tensor, width: int,
     """
     batch, pos = (index >= 0).nonzero(as_tuple=True)
     teacher_pos = index[batch, pos]
-    shape = (*index.shape, width)
-    out = torch.zeros(shape, dtype=torch.float32, device=teacher_logits.device)
+    out = target_rows((*index.shape, width), batch, pos)  # [B, N, width]
     kept, step = [], chunk_rows(max(teacher_logits.shape[-1], width))
     buffer = scratch(min(step, len(batch)), teacher_logits.shape[-1], teacher_logits.device) if copy else None
     for start in range(0, len(batch), step):

@@ -166,22 +166,37 @@ class TokenTrie:
     def conditional(self, probs: Tensor, paths: list[tuple[int, ...]]) -> Tensor:
         """Next-student-token distributions `[n, V_s]` given the student tokens `paths[r]` already inside the teacher
         token predicted by row r of `probs` (`[n, V_t]`). Rows with an empty path are `marginal`."""
-        out = self.marginal(probs)
         lengths = np.array([len(p) for p in paths], dtype=np.int64)
+        padded = np.full((len(paths), int(lengths.max(initial=0)) + 1), -1, dtype=np.int64)  # [n, L]
+        for r, p in enumerate(paths):
+            padded[r, : len(p)] = p
+        return self.conditional_padded(probs, padded, lengths)
+
+    def conditional_padded(self, probs: Tensor, padded: np.ndarray, lengths: np.ndarray) -> Tensor:
+        """`conditional` with the paths given as rows of `padded` `[n, L]` (row r's first `lengths[r]` entries).
+
+        A child's mass is the sum of the teacher probabilities over its range of the trie's sorted rows: only the
+        entries of those ranges are read (a few per child; the rows' whole vocabularies are not sorted or summed),
+        accumulated in float64 so that the children's shares are exact to fp32."""
+        out = self.marginal(probs)
         deep = np.flatnonzero(lengths > 0)
         if not len(deep):
             return out
-        padded = np.full((len(deep), int(lengths.max()) + 1), -1, dtype=np.int64)  # [d, L]
-        for k, r in enumerate(deep):
-            padded[k, : lengths[r]] = paths[r]
-        local, ids, lo, hi = (torch.from_numpy(x).to(probs.device) for x in self.children(padded, lengths[deep]))
-        deep_t = torch.from_numpy(deep).to(probs.device)
-        sorted_probs = probs[deep_t][:, self.order.to(probs.device)]  # [d, K]
-        cs = torch.nn.functional.pad(sorted_probs.double().cumsum(-1), (1, 0))  # [d, K + 1]
-        mass = (cs[local, hi] - cs[local, lo]).to(probs.dtype)  # [children]
-        inside = torch.zeros(len(deep), self.student_vocab_size, dtype=probs.dtype, device=probs.device)
-        inside.view(-1).index_add_(0, local * self.student_vocab_size + ids, mass)
-        out[deep_t] = inside / inside.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        local, ids, lo, hi = self.children(padded[deep], lengths[deep])
+        size = hi - lo
+        child = np.repeat(np.arange(len(lo)), size)  # each read entry's child
+        entry = lo[child] + np.arange(len(child)) - (np.cumsum(size) - size)[child]  # its sorted row
+        device = probs.device
+        rows = torch.from_numpy(deep[local[child]]).to(device)
+        read = probs[rows, self.order.to(device)[torch.from_numpy(entry).to(device)]].double()  # [E]
+        mass = torch.zeros(len(lo), dtype=torch.float64, device=device).index_add_(0, torch.from_numpy(child).to(device),
+                                                                                    read)  # [children]
+        local_t = torch.from_numpy(local).to(device)
+        totals = torch.zeros(len(deep), dtype=torch.float64, device=device).index_add_(0, local_t, mass)  # [d]
+        share = (mass / totals[local_t].clamp_min(torch.finfo(torch.float64).tiny)).to(out.dtype)  # [children]
+        deep_t = torch.from_numpy(deep).to(device)
+        out.index_fill_(0, deep_t, 0.0)  # the deep rows: their children's shares only (one child id per entry)
+        out.index_put_((deep_t[local_t], torch.from_numpy(ids).to(device)), share, accumulate=True)
         return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,12 +32,13 @@ from .text import (
     LOG_FLOOR,
     TextAligner,
     chunk_rows,
+    copy_rows_,
+    exp_safe,
     gather_columns,
     gather_rows,
-    log_normaliser_,
     log_totals,
-    runs,
     scratch,
+    target_rows,
 )
 
 __all__ = ["VocabMapAligner"]
@@ -62,49 +64,62 @@ class VocabMapAligner(TextAligner):
         if coverage_every < 1:
             raise ValueError(f"vocab_map: coverage_every must be >= 1, got {coverage_every}")
         self.coverage_every = coverage_every
+        self._read: tuple | None = None  # (the pairs it was made from, `_tables`)
 
-    def _matched_columns(self, logits: Tensor, at: Tensor, s_ids: Tensor, t_ids: Tensor,
-                         native: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(`[V_s]` the teacher id each student id reads, 0 where it has none; `[U]` the student ids with none), made
+        from the pairs at the first call after `bind` on a device."""
+        if self._read is None or self._read[0] is not self.pairs or self._read[1].device != device:
+            s_ids, t_ids = self.pairs
+            read = torch.zeros(self.student_vocab_size, dtype=torch.long)
+            read[s_ids] = t_ids
+            none = torch.ones(self.student_vocab_size, dtype=torch.bool)
+            none[s_ids] = False
+            self._read = self.pairs, read.to(device), none.nonzero().squeeze(-1).to(device)
+        return self._read[1:]
+
+    def _matched_columns(self, logits: Tensor, at: Tensor, native: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The target from the matched columns of the teacher's rows: (log-probs `[B, N, V_s]`, positions with a
         target `[B, N]`, mass kept `[n]`, NaN where not measured, the teacher's own logits at `at` (`PositionRows`,
         read when indexed) or None).
 
-        The matched columns are read straight from the teacher's logits where they are a tensor (whole rows are then
-        copied only where `mass_coverage` is measured); otherwise each chunk's whole rows are computed first, from the
-        teacher's hidden states and output layer."""
+        Each chunk of rows is read in the student's column order (a gather through the table `_tables`, straight from
+        the logits where they are a tensor: only the matched columns of each row are touched), the columns with no
+        teacher token set to -inf, normalised by one exp-and-sum pass, and written into the target as log-probs
+        floored at `LOG_FLOOR` (the -inf columns land on the floor); whole rows are read only where `mass_coverage`
+        is measured. Teacher logits given as hidden states and an output layer have each chunk's rows computed first.
+        """
         size, device = self.student_vocab_size, logits.device
+        read, unmatched = self._tables(device)
         batch, pos = (at >= 0).nonzero(as_tuple=True)
         t_pos = at[batch, pos]
-        out = torch.zeros((*at.shape, size), device=device)  # no target: zeros, as every aligner leaves them
+        out = target_rows((*at.shape, size), batch, pos)  # no target: zeros, as every aligner leaves them
         flat = out.view(-1, size)
-        dst = batch * at.shape[1] + pos
-        copies = not isinstance(logits, Tensor)
+        dst = (batch * at.shape[1] + pos).cpu().numpy()
         kept = torch.full((len(batch),), math.nan, device=device)
-        step = chunk_rows(logits.shape[-1] if copies else len(t_ids))
-        whole_rows = scratch(min(step, len(batch)), logits.shape[-1], device) if copies else None
-        same_rows = scratch(min(step, len(batch)), len(t_ids), device, slot="matched")
-        work = scratch(min(step, len(batch)), len(t_ids), device, slot="matched_work")
-        dst_host = dst.cpu().numpy()
+        copies = not isinstance(logits, Tensor)  # hidden states and an output layer: whole rows computed per chunk
+        step = chunk_rows(logits.shape[-1] if copies else size)
+        c_max = min(step, len(batch))
+        whole_rows = scratch(c_max, logits.shape[-1], device) if copies else None
+        rows_buffer, work = (scratch(c_max, size, device, slot=slot) for slot in ("matched", "matched_work"))
         for lo in range(0, len(batch), step):
             b, i, t = batch[lo : lo + step], pos[lo : lo + step], t_pos[lo : lo + step]
-            if copies:
-                rows = gather_rows(logits, b, t, whole_rows)  # [c, V_t] a copy
-                same = torch.gather(rows, 1, t_ids.expand(len(b), -1), out=same_rows[: len(b)])
-            else:
-                same = gather_columns(logits, b, t, t_ids, same_rows)  # [c, K] logits of the tokens both spell
-            lse = log_normaliser_(work[: len(b)].copy_(same))  # [c]
-            same.sub_(lse[:, None]).clamp_min_(LOG_FLOOR)
-            rows_out = dst_host[lo : lo + step]
-            for a, z in runs(rows_out):  # each run of consecutive target rows: the floor where no matched token
-                rows_at = flat[int(rows_out[a]) : int(rows_out[a]) + z - a]  # writes, then one scatter
-                rows_at.fill_(LOG_FLOOR).scatter_(1, s_ids.expand(z - a, -1), same[a:z])
+            values = logits
+            if copies:  # the chunk's rows computed once, read below as a [c, 1, V_t] tensor
+                values = gather_rows(logits, b, t, whole_rows).unsqueeze(1)
+                b, t = torch.arange(len(b), device=device), torch.zeros_like(t)
+            rows = gather_columns(values, b, t, read, rows_buffer)  # [c, V_s] in the student's column order
+            rows.index_fill_(1, unmatched, -math.inf)
+            totals = torch.exp(rows, out=work[: len(b)]).sum(-1)  # [c] the matched columns' mass, unnormalised
+            lse = totals.log()
+            if len(unsafe := (~exp_safe(totals, size)).nonzero().squeeze(-1)):  # exp overflowed or underflowed
+                lse[unsafe] = torch.logsumexp(rows[unsafe], -1)
+            copy_rows_(flat, dst[lo : lo + step], rows.sub_(lse[:, None]).clamp_min_(LOG_FLOOR), np.arange(len(b)))
             measured = (i % self.coverage_every == 0).nonzero().squeeze(-1)
             if len(measured):  # the share of the whole row's mass the matched columns hold
-                if copies:
-                    whole = log_normaliser_(rows[measured])
-                else:
-                    whole = log_totals(logits, b[measured], t[measured], scratch(len(measured), logits.shape[-1],
-                                                                                 device, slot="coverage"))
+                whole = log_totals(values, b[measured], t[measured], scratch(len(measured), logits.shape[-1], device,
+                                                                              slot="coverage"))
                 kept[lo + measured] = (lse[measured] - whole).exp()
         valid = torch.zeros(at.shape, dtype=torch.bool, device=device)
         valid[batch, pos] = True
@@ -127,8 +142,7 @@ class VocabMapAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
         s_ids, t_ids = (p.to(teacher_logits.device) for p in self.pairs)
-        logp, valid, kept, native = self._matched_columns(teacher_logits, at, s_ids, t_ids,
-                                                          TEACHER_NATIVE_LOGITS in needs)
+        logp, valid, kept, native = self._matched_columns(teacher_logits, at, TEACHER_NATIVE_LOGITS in needs)
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=(s_ids, t_ids), token_logprobs=tokens,

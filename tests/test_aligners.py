@@ -366,17 +366,22 @@ def test_gather_rows_and_put_rows_equal_advanced_indexing():
     torch.testing.assert_close(out, want)
 
 
-def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows():
-    """`softmax_rows` and `exp_rows` read runs of consecutive rows straight from the logits and scattered rows from a
-    copy, with the same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or
-    whose logits are all too small for exp without the max."""
-    from opd_lightning.aligners.text import copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
+@pytest.mark.parametrize("run_elements", [0, 2**16])
+def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypatch, run_elements):
+    """`softmax_rows` and `exp_rows` read runs of consecutive rows straight from the logits, or from a copy where the
+    runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these 13-wide rows), with the
+    same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or whose logits
+    are all too small for exp without the max."""
+    from opd_lightning.aligners import text
+    from opd_lightning.aligners.text import _row_runs, copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
 
+    monkeypatch.setattr(text, "RUN_ELEMENTS", run_elements)
     base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
     values = base[:, 2:]  # sliced like completion logits
     cases = {"runs": (torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 0, 1, 6])),
              "scattered": (torch.arange(21) % 3, torch.arange(21) % 7)}
     for name, (batch, pos) in cases.items():
+        assert (_row_runs(values, batch, pos) is None) == bool(run_elements), name
         buffer = torch.full((len(batch) + 2, 13), float("nan"))
         torch.testing.assert_close(softmax_rows(values, batch, pos, buffer), values[batch, pos].softmax(-1), msg=name)
         torch.testing.assert_close(exp_rows(values, batch, pos, buffer), values[batch, pos].exp(), msg=name)
@@ -452,6 +457,38 @@ def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
     assert other.dtype == torch.float64 and other.data_ptr() != big.data_ptr()
 
 
+def test_target_buffer_is_reused_only_when_nothing_else_holds_it():
+    """A projection's target memory is kept between calls on the CPU, and handed out again only once every tensor
+    reading it is gone: while a caller, a view of it or autograd's saved tensors hold it, a call gets fresh memory and
+    the held values stay as they were."""
+    from opd_lightning.aligners.buffers import release, target_buffer
+
+    release()
+    first = target_buffer((2, 3, 5), "cpu", slot="test")
+    ptr = first.data_ptr()
+    first.fill_(1.0)
+    held = target_buffer((2, 3, 5), "cpu", slot="test")  # `first` is alive: fresh memory
+    assert held.data_ptr() != ptr
+    held.fill_(2.0)
+    assert torch.equal(first, torch.ones(2, 3, 5))
+    view = first[1]
+    del first, held
+    assert target_buffer((2, 3, 5), "cpu", slot="test").data_ptr() != ptr  # a view still reads it
+    del view
+    again = target_buffer((2, 3, 5), "cpu", slot="test")
+    assert again.data_ptr() == ptr  # dropped: the kept memory
+    weight = torch.ones(2, 3, 5, requires_grad=True)
+    loss = (weight * again).sum()  # autograd saves `again` for the backward pass
+    del again
+    assert target_buffer((2, 3, 5), "cpu", slot="test").data_ptr() != ptr
+    loss.backward()
+    del loss
+    assert target_buffer((1, 4), "cpu", slot="test").data_ptr() == ptr  # smaller: the same memory
+    bigger = target_buffer((7, 11), "cpu", slot="test")
+    assert bigger.shape == (7, 11) and bigger.is_contiguous()
+    release()
+
+
 def test_conditional_gives_no_mass_to_a_path_longer_than_every_decomposition():
     """A student may spell a teacher token in more pieces than its own tokenizer does (sampled single bytes): such a
     path continues no decomposition, so its row keeps no mass (the aligner masks it), beside rows that do."""
@@ -469,10 +506,11 @@ def test_conditional_gives_no_mass_to_a_path_longer_than_every_decomposition():
     assert got[1:].sum() == 0  # too long (two lengths past the table), and a whole decomposition: no next token
 
 
-def test_topk_to_logits_equals_the_dense_scatter_it_replaces():
+def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
     """`topk_to_logits` (mined's target) equals `mass_to_logits` of the masses scattered into full rows: repeated ids
     summed, -1 dropped, a row that keeps nothing all zeros; `top_logprobs` equals softmax then top-k, read from a slice
-    of a larger tensor, a bf16 one, and rows in any order."""
+    of a larger tensor (run by run, and from a copy), a bf16 one, and rows in any order."""
+    from opd_lightning.aligners import text
     from opd_lightning.aligners.text import mass_to_logits, top_logprobs, topk_to_logits
 
     values = torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
@@ -487,7 +525,46 @@ def test_topk_to_logits_equals_the_dense_scatter_it_replaces():
     g = torch.Generator().manual_seed(0)
     full = torch.randn(3, 9, 50, generator=g) * 3
     batch, pos = torch.tensor([0, 0, 2, 1, 1]), torch.tensor([1, 2, 0, 5, 3])
-    for logits in (full[:, 2:], full[:, 2:].bfloat16()):
+    for logits, run_elements in ((full[:, 2:], 0), (full[:, 2:], 2**16), (full[:, 2:].bfloat16(), 0)):
+        monkeypatch.setattr(text, "RUN_ELEMENTS", run_elements)
         top, idx = top_logprobs(logits, batch, pos, 4)
         ref = torch.softmax(logits[batch, pos].float(), -1).topk(4, -1)
         assert torch.equal(idx, ref.indices) and torch.allclose(top, ref.values, atol=1e-6)
+
+
+@pytest.mark.parametrize("pair", ["char_to_bpe", "subset"])
+def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char_tok, pair):
+    """At every position with a target, `vocab_map`'s log-probs are the teacher's log-softmax over the tokens both
+    vocabularies spell (float64 reference), placed at the student's ids, `LOG_FLOOR` at every other student id; its
+    `mass_coverage` (measured at every position) is the mean share of the teacher's row those tokens hold."""
+    from opd_lightning.aligners import ALIGNERS
+    from opd_lightning.aligners.text import LOG_FLOOR
+
+    from opd_lightning.rollout import Rollout
+    from opd_lightning.tasks.arithmetic import bpe_tokenizer
+
+    student, teacher = (bpe_tokenizer(), char_tok) if pair == "char_to_bpe" else subset_pair(0.5)
+    aligner = ALIGNERS.build("vocab_map", coverage_every=1)
+    aligner.bind(student, teacher, len(student), len(teacher))
+    text = "12+34=46, 7-3=4, 81-9=72, 5+5=10" if pair == "char_to_bpe" else TEXTS[0] + " " + TEXTS[1]
+    ids = student(text, add_special_tokens=False)["input_ids"]
+    completion = torch.tensor([ids[:10], ids[3:13]])
+    prompt = torch.tensor([student("12+", add_special_tokens=False)["input_ids"]] * 2)
+    sequences = torch.cat([prompt, completion], 1)
+    rollout = Rollout(sequences, torch.ones_like(sequences), torch.ones_like(completion, dtype=torch.bool),
+                      prompt.shape[1], torch.ones(2, dtype=torch.bool), True)
+    inputs = aligner.teacher_inputs(rollout)
+    logits = 4 * torch.randn(2, inputs.completion_length, len(teacher), generator=torch.Generator().manual_seed(5))
+    got = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
+    s_ids, t_ids = aligner.matched
+    at = inputs.alignment.teacher_at_start
+    assert got.mask.any() and torch.equal(got.mask, (at >= 0) & rollout.completion_mask)
+    shares = []
+    for b, i in got.mask.nonzero().tolist():
+        row = logits[b, at[b, i]].double()
+        want = torch.full((len(student),), LOG_FLOOR, dtype=torch.float64)
+        want[s_ids] = (row[t_ids] - torch.logsumexp(row[t_ids], -1)).clamp_min(LOG_FLOOR)
+        torch.testing.assert_close(got.logits[b, i].double(), want, rtol=0, atol=2e-5)
+        shares.append(float((torch.logsumexp(row[t_ids], -1) - torch.logsumexp(row, -1)).exp()))
+    assert got.mass_coverage == pytest.approx(np.mean(shares), rel=1e-5)
+    assert torch.equal(got.logits[~got.mask], torch.zeros_like(got.logits[~got.mask]))
