@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from opd_lightning.buffers import target_buffer
+
 __all__ = ["CAPABILITIES", "FIELDS", "HIDDEN_STATES", "TEACHER_LOGITS", "TEACHER_NATIVE_LOGITS", "TEACHER_TOKEN_LOGPROBS",
            "TEACHER_TOPK", "VOCAB_PAIRS", "VOCAB_PROJECTION", "PositionRows", "TeacherSequence", "TeacherTarget",
            "TopK", "row_view", "token_logprobs", "upcast"]
@@ -133,9 +135,10 @@ class PositionRows:
             view = row_view(self.values)
             if view is None:
                 rows = self.values[batch, pos.clamp_min(0)]
-            else:
+            else:  # into kept memory where nothing holds it (`buffers.target_buffer`): gigabytes at a 262k vocabulary
                 flat = (batch * view[1] + pos.clamp_min(0)).reshape(-1)
-                rows = view[0].index_select(0, flat).view(*pos.shape, self.values.shape[-1])
+                out = target_buffer((len(flat), view[0].shape[-1]), self.device, view[0].dtype, slot="position_rows")
+                rows = torch.index_select(view[0], 0, flat, out=out).view(*pos.shape, self.values.shape[-1])
             return rows.float().masked_fill_((pos < 0)[..., None], 0.0)
 
     def detach(self) -> PositionRows:

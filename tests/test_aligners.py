@@ -461,7 +461,7 @@ def test_target_buffer_is_reused_only_when_nothing_else_holds_it():
     """A projection's target memory is kept between calls on the CPU, and handed out again only once every tensor
     reading it is gone: while a caller, a view of it or autograd's saved tensors hold it, a call gets fresh memory and
     the held values stay as they were."""
-    from opd_lightning.aligners.buffers import release, target_buffer
+    from opd_lightning.buffers import release, target_buffer
 
     release()
     first = target_buffer((2, 3, 5), "cpu", slot="test")
