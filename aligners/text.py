@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opd_lightning.buffers import scratch, target_buffer
 from opd_lightning.rollout import Rollout, position_ids
 from opd_lightning.target import PositionRows, row_view
 
 from .base import CHUNK_ROWS, Aligner, BoundaryPairs, TeacherInputs, token_logprobs_chunked
-from opd_lightning.buffers import scratch, target_buffer
 from .bytes import TokenBytes
 from .spans import TextView, prompt_boundaries, retokenise, span_lasts
 from .trie import prefixless_encoder
