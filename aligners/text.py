@@ -26,6 +26,7 @@ from .trie import prefixless_encoder
 __all__ = [
     "LOG_FLOOR",
     "TextAligner",
+    "block_topk",
     "chunk_rows",
     "copy_rows_",
     "exp_rows",
@@ -405,18 +406,41 @@ def topk_to_logits(values: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Ten
 
 def top_logprobs(values: Tensor, batch: Tensor, pos: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest probabilities of `softmax(values[batch, pos])` and their ids, `[n, k]` each, from `[B, M, V]`
-    values: a log-normaliser and a top-k read each row where it is (`_row_runs`), no softmax written over the rows.
-    Values that are no such fp32 tensor are copied first (`gather_rows`: hidden states through an output layer
-    are computed there)."""
+    values: a top-k (`block_topk`) read from each row where it is (`_row_runs`) and a log-normaliser from one exp pass
+    into kept memory (`log_totals`); no softmax is written over the rows. Values that are no such fp32 tensor (or whose
+    runs are too short, `_row_runs`) are copied first into kept memory (`gather_rows`: hidden states through an output
+    layer are computed there), and both read the copy."""
+    width, device = values.shape[-1], values.device
     runs = _row_runs(values, batch, pos) if values.dtype == torch.float32 else None
     if runs is None:
-        runs = [(0, len(batch), gather_rows(values, batch, pos))]
-    top, ids = torch.empty(len(batch), k, device=values.device), torch.empty(len(batch), k, dtype=torch.long,
-                                                                            device=values.device)
+        rows = gather_rows(values, batch, pos, scratch(len(batch), width, device, slot="top"))
+        values, batch, pos = rows.unsqueeze(1), torch.arange(len(rows), device=device), torch.zeros_like(pos)
+        runs = [(0, len(rows), rows)]
+    top, ids = torch.empty(len(batch), k, device=device), torch.empty(len(batch), k, dtype=torch.long, device=device)
     for lo, hi, rows in runs:
-        torch.topk(rows, k, -1, out=(top[lo:hi], ids[lo:hi]))
-        top[lo:hi].sub_(torch.logsumexp(rows, -1, keepdim=True)).exp_()
-    return top, ids
+        top[lo:hi], ids[lo:hi] = block_topk(rows, k)
+    totals = log_totals(values, batch, pos, scratch(len(batch), width, device, slot="top_exp"))  # [n]
+    return top.sub_(totals[:, None]).exp_(), ids
+
+
+def block_topk(rows: Tensor, k: int, block: int = 256) -> tuple[Tensor, Tensor]:
+    """`torch.topk(rows, k, -1)` of `[r, V]` rows in about one pass over them: each block of `block` columns' max,
+    the k blocks with the largest, then the top k among those blocks' columns (and the last, partial block's).
+
+    Exact: a block holding one of a row's k largest values has a max at least the k-th largest value, and at most k
+    blocks do, so the k blocks kept hold all of them (with ties at the k-th value, another of the tied columns may be
+    returned; the values are the same). At a 262k vocabulary it takes a quarter of `torch.topk`'s time on this
+    machine; rows of fewer than `4 * k` blocks go to `torch.topk` itself."""
+    r, width = rows.shape
+    blocks = width // block
+    if blocks < 4 * k:
+        return torch.topk(rows, k, -1)
+    best = rows[:, : blocks * block].unflatten(-1, (blocks, block)).amax(-1).topk(k, -1).indices  # [r, k]
+    columns = (best[:, :, None] * block + torch.arange(block, device=rows.device)).flatten(1)  # [r, k * block]
+    if blocks * block < width:  # the partial block: always a candidate
+        columns = torch.cat([columns, torch.arange(blocks * block, width, device=rows.device).expand(r, -1)], 1)
+    values, at = rows.gather(1, columns).topk(k, -1)
+    return values, columns.gather(1, at)
 
 
 def log_normaliser_(rows: Tensor) -> Tensor:

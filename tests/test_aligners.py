@@ -568,3 +568,23 @@ def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char
         shares.append(float((torch.logsumexp(row[t_ids], -1) - torch.logsumexp(row, -1)).exp()))
     assert got.mass_coverage == pytest.approx(np.mean(shares), rel=1e-5)
     assert torch.equal(got.logits[~got.mask], torch.zeros_like(got.logits[~got.mask]))
+
+
+@pytest.mark.parametrize("width", [8 * 40, 8 * 40 + 5, 8 * 39 + 7, 50])
+def test_block_topk_equals_torch_topk(width):
+    """`block_topk` (the k best blocks by their max, then the k best of their columns) gives `torch.topk`'s values
+    and ids: whole blocks, a partial last block, and rows too narrow for blocks; here also on rows whose largest
+    values crowd into one block and rows with a tied k-th value (the values then agree, the ids may not)."""
+    from opd_lightning.aligners.text import block_topk
+
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randn(6, width, generator=g)
+    rows[1, :10] += 20.0  # the k largest all in the first block
+    rows[2, -3:] += 20.0  # in the last (partial) block
+    values, ids = block_topk(rows, 5, block=8)
+    want = torch.topk(rows, 5, -1)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+    tied = torch.zeros(2, width)
+    tied[:, ::7] = 1.0  # many columns share the largest value
+    values, ids = block_topk(tied, 5, block=8)
+    assert torch.equal(values, torch.topk(tied, 5, -1).values) and bool((tied.gather(1, ids) == 1.0).all())
