@@ -399,6 +399,17 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
     assert exp_safe(logits.exp().sum(-1), 13).tolist() == [True, False, False, True]
 
 
+def _rollout_after(student, prompt: str, completions: list[list[int]]):
+    """A rollout of equally long `completions` (student ids, every token valid) after one `prompt`."""
+    from opd_lightning.rollout import Rollout
+
+    completion = torch.tensor(completions)
+    ids = torch.tensor([student(prompt, add_special_tokens=False)["input_ids"]] * len(completions))
+    sequences = torch.cat([ids, completion], 1)
+    return Rollout(sequences, torch.ones_like(sequences), torch.ones_like(completion, dtype=torch.bool), ids.shape[1],
+                   torch.ones(len(completions), dtype=torch.bool), True)
+
+
 @pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
 def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(shift):
     """`log_totals` (exp straight from the logits, then a sum) equals a float64 `logsumexp` of the same rows, also
@@ -422,18 +433,13 @@ def test_targets_from_exp_are_invariant_to_a_shift_of_the_teachers_logits(char_t
     sum overflows) or too small (probabilities would underflow without the max) are soft-maxed instead."""
     from opd_lightning.aligners import ALIGNERS
 
-    from opd_lightning.rollout import Rollout
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
 
     student = bpe_tokenizer()
     aligner = ALIGNERS.build(name)
     aligner.bind(student, char_tok, len(student), len(char_tok))
     text = student("12+34=46, 7-3=4, 81-9=72, 5+5=10", add_special_tokens=False)["input_ids"]
-    completion = torch.tensor([text[:8], text[4:12]])
-    prompt = torch.tensor([student("12+", add_special_tokens=False)["input_ids"]] * 2)
-    sequences = torch.cat([prompt, completion], 1)
-    rollout = Rollout(sequences, torch.ones_like(sequences), torch.ones_like(completion, dtype=torch.bool),
-                      prompt.shape[1], torch.ones(2, dtype=torch.bool), True)
+    rollout = _rollout_after(student, "12+", [text[:8], text[4:12]])
     inputs = aligner.teacher_inputs(rollout)
     logits = 5 * torch.randn(2, inputs.completion_length, len(char_tok), generator=torch.Generator().manual_seed(3))
     want = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
@@ -540,7 +546,6 @@ def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char
     from opd_lightning.aligners import ALIGNERS
     from opd_lightning.aligners.text import LOG_FLOOR
 
-    from opd_lightning.rollout import Rollout
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
 
     student, teacher = (bpe_tokenizer(), char_tok) if pair == "char_to_bpe" else subset_pair(0.5)
@@ -548,11 +553,7 @@ def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char
     aligner.bind(student, teacher, len(student), len(teacher))
     text = "12+34=46, 7-3=4, 81-9=72, 5+5=10" if pair == "char_to_bpe" else TEXTS[0] + " " + TEXTS[1]
     ids = student(text, add_special_tokens=False)["input_ids"]
-    completion = torch.tensor([ids[:10], ids[3:13]])
-    prompt = torch.tensor([student("12+", add_special_tokens=False)["input_ids"]] * 2)
-    sequences = torch.cat([prompt, completion], 1)
-    rollout = Rollout(sequences, torch.ones_like(sequences), torch.ones_like(completion, dtype=torch.bool),
-                      prompt.shape[1], torch.ones(2, dtype=torch.bool), True)
+    rollout = _rollout_after(student, "12+", [ids[:10], ids[3:13]])
     inputs = aligner.teacher_inputs(rollout)
     logits = 4 * torch.randn(2, inputs.completion_length, len(teacher), generator=torch.Generator().manual_seed(5))
     got = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
