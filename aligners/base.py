@@ -78,7 +78,7 @@ class Aligner(abc.ABC):
     same_tokenizer = False
     #: True when `project` queries the teacher beyond its main pass (`TeacherInputs.branches` is then filled).
     queries_teacher = False
-    #: True when `project` reads the teacher's logits only a set of positions at a time (`text.gather_rows`,
+    #: True when `project` reads the teacher's logits only a set of positions at a time (`rows.gather_rows`,
     #: `token_logprobs_chunked`), so that a fused step may hand them as hidden states and the output layer
     #: (`HiddenRows`), whose logits are computed for those positions alone.
     reads_rows = False

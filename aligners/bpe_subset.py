@@ -23,7 +23,8 @@ from opd_lightning.rollout import Rollout
 from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TeacherTarget
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import TextAligner, mass_to_logits, project_chunks, softmax_
+from .rows import softmax_
+from .text import TextAligner, mass_to_logits, project_chunks
 from .trie import TokenTrie
 
 __all__ = ["BpeSubsetAligner", "bpe_subset_problem", "keep_merges"]

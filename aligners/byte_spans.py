@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opd_lightning.buffers import scratch
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import (
     TEACHER_LOGITS,
@@ -33,19 +34,8 @@ from opd_lightning.target import (
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
-from .text import (
-    LOG_FLOOR,
-    TextAligner,
-    chunk_rows,
-    copy_rows_,
-    exp_rows,
-    exp_safe,
-    mass_to_logits,
-    scratch,
-    softmax_rows,
-    span_logprobs,
-    target_rows,
-)
+from .rows import LOG_FLOOR, chunk_rows, copy_rows_, exp_rows, exp_safe, softmax_rows
+from .text import TextAligner, mass_to_logits, span_logprobs, target_rows
 from .trie import TokenTrie, sum_columns
 
 __all__ = ["ByteSpanAligner"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opd_lightning.buffers import scratch
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .text import LOG_FLOOR, TextAligner, exp_rows, exp_safe, project_chunks, scratch, softmax_rows
+from .rows import LOG_FLOOR, exp_rows, exp_safe, softmax_rows
+from .text import TextAligner, project_chunks
 from .trie import sum_columns
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]

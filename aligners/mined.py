@@ -25,7 +25,8 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import TextAligner, project_chunks, top_logprobs, topk_to_logits
+from .rows import top_logprobs
+from .text import TextAligner, project_chunks, topk_to_logits
 
 __all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opd_lightning.buffers import scratch
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import (
     TEACHER_LOGITS,
@@ -28,18 +29,8 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .text import (
-    LOG_FLOOR,
-    TextAligner,
-    chunk_rows,
-    copy_rows_,
-    exp_safe,
-    gather_columns,
-    gather_rows,
-    log_totals,
-    scratch,
-    target_rows,
-)
+from .rows import LOG_FLOOR, chunk_rows, copy_rows_, exp_safe, gather_columns, gather_rows, log_totals
+from .text import TextAligner, target_rows
 
 __all__ = ["VocabMapAligner"]
 

@@ -336,8 +336,10 @@ def floor_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Call
     columns (`trie.sum_columns`, one `index_add_`; here into `char_level`'s 257 byte classes, the smallest such
     space). No re-tokenisation, no bookkeeping, no target written. `byte_spans` and `char_level` do this and more;
     `vocab_map`, which reads only the matched columns, need not."""
-    from opd_lightning.aligners.text import chunk_rows, exp_rows, scratch
+    from opd_lightning.aligners.rows import chunk_rows, exp_rows
     from opd_lightning.aligners.trie import sum_columns
+
+    from opd_lightning.buffers import scratch
 
     aligner = ALIGNERS.build("char_level")
     aligner.bind(student, teacher, len(student), len(teacher))

@@ -43,7 +43,7 @@ def scratch(rows: int, width: int, device: torch.device, dtype: torch.dtype = to
             slot: str = "rows") -> Tensor:
     """A reused `[rows, width]` work buffer (contents undefined), one per slot, device and dtype, kept between calls.
 
-    The projections copy each chunk of teacher rows into a buffer of up to `text.CHUNK_ELEMENTS` values before
+    The projections copy each chunk of teacher rows into a buffer of up to `rows.CHUNK_ELEMENTS` values before
     soft-maxing it in place: 128 MB at most for the chunk slots, and for `byte_spans`' "deep" slot the rows its walks
     go below (a third of a batch's positions on the SmolLM2/Gemma-3 pair, `[n, V_s]`). On the synthetic benchmark
     batch, allocating it afresh per call cost eight times the copy itself in page faults.

@@ -346,7 +346,7 @@ def test_mined_nearest_spelling_is_a_true_nearest_neighbour(toks):
 
 
 def test_gather_rows_and_put_rows_equal_advanced_indexing():
-    from opd_lightning.aligners.text import gather_rows, put_rows_
+    from opd_lightning.aligners.rows import gather_rows, put_rows_
 
     base = torch.randn(5, 5, 11, generator=torch.Generator().manual_seed(0))
     batch, pos = torch.tensor([2, 0, 0, 1]), torch.tensor([3, 0, 2, 3])
@@ -372,10 +372,10 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
     runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these 13-wide rows), with the
     same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or whose logits
     are all too small for exp without the max."""
-    from opd_lightning.aligners import text
-    from opd_lightning.aligners.text import _row_runs, copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
+    from opd_lightning.aligners import rows
+    from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
 
-    monkeypatch.setattr(text, "RUN_ELEMENTS", run_elements)
+    monkeypatch.setattr(rows, "RUN_ELEMENTS", run_elements)
     base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
     values = base[:, 2:]  # sliced like completion logits
     cases = {"runs": (torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 0, 1, 6])),
@@ -414,7 +414,7 @@ def _rollout_after(student, prompt: str, completions: list[list[int]]):
 def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(shift):
     """`log_totals` (exp straight from the logits, then a sum) equals a float64 `logsumexp` of the same rows, also
     where a row's exp overflows (+95) or underflows (-110) and it is redone with its max subtracted."""
-    from opd_lightning.aligners.text import log_totals
+    from opd_lightning.aligners.rows import log_totals
 
     base = 4 * torch.randn(3, 9, 50, generator=torch.Generator().manual_seed(1))
     values = base[:, 2:] + shift
@@ -451,7 +451,7 @@ def test_targets_from_exp_are_invariant_to_a_shift_of_the_teachers_logits(char_t
 
 
 def test_scratch_is_one_buffer_per_device_and_dtype_that_grows():
-    from opd_lightning.aligners.text import scratch
+    from opd_lightning.buffers import scratch
 
     a = scratch(3, 7, torch.device("cpu"))
     assert a.shape == (3, 7) and a.dtype == torch.float32 and a.is_contiguous()
@@ -516,8 +516,9 @@ def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
     """`topk_to_logits` (mined's target) equals `mass_to_logits` of the masses scattered into full rows: repeated ids
     summed, -1 dropped, a row that keeps nothing all zeros; `top_logprobs` equals softmax then top-k, read from a slice
     of a larger tensor (run by run, and from a copy), a bf16 one, and rows in any order."""
-    from opd_lightning.aligners import text
-    from opd_lightning.aligners.text import mass_to_logits, top_logprobs, topk_to_logits
+    from opd_lightning.aligners import rows
+    from opd_lightning.aligners.rows import top_logprobs
+    from opd_lightning.aligners.text import mass_to_logits, topk_to_logits
 
     values = torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
     ids = torch.tensor([[3, 1, 3, -1], [0, 2, 5, 2], [-1, -1, -1, -1]])
@@ -532,7 +533,7 @@ def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
     full = torch.randn(3, 9, 50, generator=g) * 3
     batch, pos = torch.tensor([0, 0, 2, 1, 1]), torch.tensor([1, 2, 0, 5, 3])
     for logits, run_elements in ((full[:, 2:], 0), (full[:, 2:], 2**16), (full[:, 2:].bfloat16(), 0)):
-        monkeypatch.setattr(text, "RUN_ELEMENTS", run_elements)
+        monkeypatch.setattr(rows, "RUN_ELEMENTS", run_elements)
         top, idx = top_logprobs(logits, batch, pos, 4)
         ref = torch.softmax(logits[batch, pos].float(), -1).topk(4, -1)
         assert torch.equal(idx, ref.indices) and torch.allclose(top, ref.values, atol=1e-6)
@@ -544,7 +545,7 @@ def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char
     vocabularies spell (float64 reference), placed at the student's ids, `LOG_FLOOR` at every other student id; its
     `mass_coverage` (measured at every position) is the mean share of the teacher's row those tokens hold."""
     from opd_lightning.aligners import ALIGNERS
-    from opd_lightning.aligners.text import LOG_FLOOR
+    from opd_lightning.aligners.rows import LOG_FLOOR
 
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
 
@@ -576,7 +577,7 @@ def test_block_topk_equals_torch_topk(width):
     """`block_topk` (the k best blocks by their max, then the k best of their columns) gives `torch.topk`'s values
     and ids: whole blocks, a partial last block, and rows too narrow for blocks; here also on rows whose largest
     values crowd into one block and rows with a tied k-th value (the values then agree, the ids may not)."""
-    from opd_lightning.aligners.text import block_topk
+    from opd_lightning.aligners.rows import block_topk
 
     g = torch.Generator().manual_seed(width)
     rows = torch.randn(6, width, generator=g)

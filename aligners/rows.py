@@ -1,0 +1,263 @@
+"""Reading a teacher's `[B, M, V]` rows at the positions a projection chooses, and the few passes over them every
+projection is made of: exponentials, normalisers, top-k, copies into and out of chunks.
+
+Rows are read where they lie when they come in runs of consecutive positions (`_row_runs`: one kernel call per run,
+no copy), else from one copy; logits given as hidden states and an output layer (`losses.fused.HiddenRows`) have only
+the rows read computed. Buffers a projection writes into are kept between calls (`opd_lightning.buffers`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from opd_lightning.buffers import scratch
+from opd_lightning.target import row_view
+
+from .base import CHUNK_ROWS
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "LOG_FLOOR",
+    "RUN_ELEMENTS",
+    "block_topk",
+    "chunk_rows",
+    "copy_rows_",
+    "exp_rows",
+    "exp_safe",
+    "fused_softmax_",
+    "gather_columns",
+    "gather_rows",
+    "log_normaliser_",
+    "log_totals",
+    "put_rows_",
+    "runs",
+    "softmax_",
+    "softmax_rows",
+    "top_logprobs",
+]
+
+LOG_FLOOR = -80.0  # log-probability given to student tokens a projected teacher distribution cannot reach
+
+
+def softmax_(rows: Tensor) -> Tensor:
+    """Softmax over the last axis, in place (the rows are the caller's own copy): no second `[c, V]` tensor."""
+    rows.sub_(rows.amax(-1, keepdim=True)).exp_()
+    return rows.div_(rows.sum(-1, keepdim=True))
+
+
+def fused_softmax_(rows: Tensor) -> Tensor:
+    """Softmax over the last axis of rows that are the caller's own copy: one fused kernel (a max pass, an
+    exp-and-sum pass, a scaling pass), about half of `softmax_`'s five passes over a 262k vocabulary. On the CPU it
+    writes over `rows` (the kernel reads each element before writing it).
+
+    Its sum runs sequentially in fp32 and is off by up to ~2e-5 at a 262k vocabulary; a caller needing an exact
+    normalisation divides what it derives from the rows by their pairwise sum (`probs.sum(-1)`), often on a smaller
+    tensor.
+    """
+    return torch.softmax(rows, -1, out=rows) if rows.device.type == "cpu" else torch.softmax(rows, -1)
+
+
+# Teacher logits read at a time: 2**25 fp32 values (128 MB, 128 rows of a 262k vocabulary). Per chunk the projection
+# makes a dozen tensor calls; on two shared cores each parallel call can wait on a descheduled thread, and chunks of
+# 16 rows (base.CHUNK_ROWS) made `vocab_map` six times slower than chunks of 128 on the real pair; larger chunks
+# gained little more. The memory is small beside the `[B, N, V_s]` target.
+CHUNK_ELEMENTS = 2**25
+
+
+# Values per run of rows below which reading the rows run by run costs more in calls than copying them (`_row_runs`).
+RUN_ELEMENTS = 2**16
+
+
+def chunk_rows(width: int) -> int:
+    """Rows per chunk for rows `width` wide: `CHUNK_ELEMENTS` values, and at least `CHUNK_ROWS` rows."""
+    return max(CHUNK_ROWS, CHUNK_ELEMENTS // max(width, 1))
+
+
+def gather_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
+    """`values[batch, pos]` of `[B, M, V]` values in fp32, `[n, V]`: a copy, written into `out[:n]` when given. Values
+    given as hidden states through an output layer (`HiddenRows`) have those rows' logits computed, and no others.
+
+    One `index_select` over the rows of `row_view` where the layout allows it. Projections call this chunk after chunk
+    with one `out` buffer: a fresh 128 MB tensor per chunk costs more in page faults than the copy.
+    """
+    if not isinstance(values, Tensor):  # the teacher's hidden states and output layer (`HiddenRows`): computed here
+        return values.gather(batch, pos, out)
+    if (view := row_view(values)) is not None:
+        rows, index = view[0], batch * view[1] + pos
+        if out is not None and values.dtype == out.dtype:
+            return torch.index_select(rows, 0, index, out=out[: len(index)])
+        picked = rows.index_select(0, index)
+    else:
+        picked = values[batch, pos]
+    return picked.float() if out is None else out[: len(picked)].copy_(picked)
+
+
+def runs(*indices: np.ndarray) -> list[tuple[int, int]]:
+    """`(lo, hi)` of each run of positions over which every one of the (equally long) index arrays steps by one."""
+    n = len(indices[0])
+    if not n:
+        return []
+    breaks = np.zeros(n - 1, dtype=bool)
+    for index in indices:
+        breaks |= np.diff(index) != 1
+    cut = (np.flatnonzero(breaks) + 1).tolist()
+    return list(zip([0, *cut], [*cut, n], strict=True))
+
+
+def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int, Tensor]] | None:
+    """`values[batch, pos]` of `[B, M, V]` values as slices of the tensor they were sliced from: `(lo, hi, rows)`
+    with `rows` the values' rows `lo:hi`, one per run of consecutive rows; None where `values` is no such tensor.
+
+    A kernel run per slice reads the rows where they are: at a large vocabulary even single-row runs cost less in
+    call overhead (microseconds) than copying the rows first (about a tenth of a millisecond per 262k-wide row). Where
+    the runs hold fewer than `RUN_ELEMENTS` values on average (short runs of narrow rows: an 8,000-token teacher whose
+    tokens each span several student tokens), the callers' calls per run cost more than one copy of the rows, and
+    this returns None too (on the synthetic 10% pair of `benchmarks/alignment.py`, `mined` spent 2 of its 3 seconds
+    in per-run `logsumexp` calls of a row or two each)."""
+    if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
+        return None
+    if (view := row_view(values)) is None:
+        return None
+    rows, index = view[0], (batch * view[1] + pos).numpy()
+    spans = runs(index)
+    if len(batch) * rows.shape[-1] < RUN_ELEMENTS * len(spans):
+        return None
+    return [(lo, hi, rows[int(index[lo]) : int(index[lo]) + hi - lo]) for lo, hi in spans]
+
+
+def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, out: Tensor) -> Tensor:
+    """`values[batch, pos][:, columns]` of `[B, M, V]` values, `[n, K]` fp32 written into `out[:n]`: each run of
+    consecutive rows read straight from `values` (only the K columns of each row are touched), else through a copy of
+    the rows."""
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
+    if runs is None:
+        rows = gather_rows(values, batch, pos)
+        return torch.gather(rows, 1, columns.expand(len(rows), -1), out=out[: len(batch)])
+    for lo, hi, rows in runs:  # gather with an expanded index: several times faster than index_select on dim 1
+        torch.gather(rows, 1, columns.expand(hi - lo, -1), out=out[lo:hi])
+    return out[: len(batch)]
+
+
+def softmax_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    """`softmax(values[batch, pos])` of `[B, M, V]` values, `[n, V]` fp32, written into `out[:n]`.
+
+    Each run of consecutive rows of the tensor `values` was sliced from (a projection reads a row's positions in
+    order) is soft-maxed straight from `values` into `out`: one fused kernel, no copy of the rows first. Values that
+    are no such tensor (the teacher's hidden states and output layer) are copied (`gather_rows`) and soft-maxed in
+    place.
+    """
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
+    if runs is None:
+        return fused_softmax_(gather_rows(values, batch, pos, out))
+    for lo, hi, rows in runs:
+        torch.softmax(rows, -1, out=out[lo:hi])
+    return out[: len(batch)]
+
+
+def exp_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    """`exp(values[batch, pos])` of `[B, M, V]` values, unnormalised, `[n, V]` fp32 written into `out[:n]`: a
+    softmax without its max and scaling passes, for a caller that sums (or scatters) the values and normalises the
+    smaller result. Rows too large or too small for that (see `exp_safe`) are for the caller to redo with
+    `softmax_rows`. Straight from `values`, a run of consecutive rows at a time, where it is a tensor; else from a copy.
+
+    `softmax_` subtracts each row's max so that its largest value is 1; these values are exact as they are wherever
+    that max is at least log(tiny) - LOG_FLOOR (about -7.3): every entry within exp(LOG_FLOOR) of it is then a
+    normal float. A row's sum bounds its max from below (sum <= V * exp(max)), which is what `exp_safe` checks."""
+    runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
+    if runs is None:
+        return gather_rows(values, batch, pos, out).exp_()
+    for lo, hi, rows in runs:
+        torch.exp(rows, out=out[lo:hi])
+    return out[: len(batch)]
+
+
+def exp_safe(totals: Tensor, width: int) -> Tensor:
+    """Which rows of `exp_rows`, `width` values wide, can be normalised by their sums `totals` `[c]`: finite (no value
+    overflowed) and large enough that the row's largest logit is at least log(tiny) - LOG_FLOOR, so that no
+    probability above exp(LOG_FLOOR) underflowed."""
+    bound = width * torch.finfo(torch.float32).tiny * math.exp(-LOG_FLOOR)  # sum <= width * exp(max)
+    return torch.isfinite(totals) & (totals >= bound)
+
+
+def log_totals(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    """`logsumexp(values[batch, pos], -1)` of `[B, M, V]` values, `[n]`: one exp pass into `out` (`[n, V]` scratch,
+    overwritten) read straight from `values` (`exp_rows`) and a sum; rows `exp_safe` rejects are redone with their max
+    subtracted. Two passes over each row, where `logsumexp` of a copy takes five."""
+    totals = exp_rows(values, batch, pos, out).sum(-1)
+    logs = totals.log()
+    unsafe = (~exp_safe(totals, out.shape[-1])).nonzero().squeeze(-1)
+    if len(unsafe):
+        logs[unsafe] = torch.logsumexp(gather_rows(values, batch[unsafe], pos[unsafe]), -1)
+    return logs
+
+
+def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndarray, op=None) -> None:
+    """`dst[dst_rows] = src[src_rows]` for `[R, W]` and `[c, W]` tensors, one slice copy per run of rows consecutive on
+    both sides: no gathered copy of the source rows first (a projection writes a chunk's rows in order, a few runs).
+    With `op` (an elementwise torch function taking `out=`, e.g. `torch.log`), `dst[dst_rows] = op(src[src_rows])`
+    in the same single pass."""
+    for lo, hi in runs(dst_rows, src_rows):
+        d, s = int(dst_rows[lo]), int(src_rows[lo])
+        if op is None:
+            dst[d : d + hi - lo].copy_(src[s : s + hi - lo])
+        else:
+            op(src[s : s + hi - lo], out=dst[d : d + hi - lo])
+
+
+def put_rows_(out: Tensor, batch: Tensor, pos: Tensor, rows: Tensor) -> None:
+    """`out[batch, pos] = rows` for a contiguous `[B, N, W]` `out`, as one `index_copy_` over its rows."""
+    out.view(-1, out.shape[-1]).index_copy_(0, batch * out.shape[1] + pos, rows.to(out.dtype))
+
+
+def top_logprobs(values: Tensor, batch: Tensor, pos: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest probabilities of `softmax(values[batch, pos])` and their ids, `[n, k]` each, from `[B, M, V]`
+    values: a top-k (`block_topk`) read from each row where it is (`_row_runs`) and a log-normaliser from one exp pass
+    into kept memory (`log_totals`); no softmax is written over the rows. Values that are no such fp32 tensor (or whose
+    runs are too short, `_row_runs`) are copied first into kept memory (`gather_rows`: hidden states through an output
+    layer are computed there), and both read the copy."""
+    width, device = values.shape[-1], values.device
+    runs = _row_runs(values, batch, pos) if values.dtype == torch.float32 else None
+    if runs is None:
+        rows = gather_rows(values, batch, pos, scratch(len(batch), width, device, slot="top"))
+        values, batch, pos = rows.unsqueeze(1), torch.arange(len(rows), device=device), torch.zeros_like(pos)
+        runs = [(0, len(rows), rows)]
+    top, ids = torch.empty(len(batch), k, device=device), torch.empty(len(batch), k, dtype=torch.long, device=device)
+    for lo, hi, rows in runs:
+        top[lo:hi], ids[lo:hi] = block_topk(rows, k)
+    totals = log_totals(values, batch, pos, scratch(len(batch), width, device, slot="top_exp"))  # [n]
+    return top.sub_(totals[:, None]).exp_(), ids
+
+
+def block_topk(rows: Tensor, k: int, block: int = 256) -> tuple[Tensor, Tensor]:
+    """`torch.topk(rows, k, -1)` of `[r, V]` rows in about one pass over them: each block of `block` columns' max,
+    the k blocks with the largest, then the top k among those blocks' columns (and the last, partial block's).
+
+    Exact: a block holding one of a row's k largest values has a max at least the k-th largest value, and at most k
+    blocks do, so the k blocks kept hold all of them (with ties at the k-th value, another of the tied columns may be
+    returned; the values are the same). At a 262k vocabulary it takes a quarter of `torch.topk`'s time on this
+    machine; rows of fewer than `4 * k` blocks go to `torch.topk` itself."""
+    r, width = rows.shape
+    blocks = width // block
+    if blocks < 4 * k:
+        return torch.topk(rows, k, -1)
+    best = rows[:, : blocks * block].unflatten(-1, (blocks, block)).amax(-1).topk(k, -1).indices  # [r, k]
+    columns = (best[:, :, None] * block + torch.arange(block, device=rows.device)).flatten(1)  # [r, k * block]
+    if blocks * block < width:  # the partial block: always a candidate
+        columns = torch.cat([columns, torch.arange(blocks * block, width, device=rows.device).expand(r, -1)], 1)
+    values, at = rows.gather(1, columns).topk(k, -1)
+    return values, columns.gather(1, at)
+
+
+def log_normaliser_(rows: Tensor) -> Tensor:
+    """log Σ exp over the last axis, `[c]`, of rows that are the caller's own copy (overwritten with their softmax).
+
+    Half the time of `logsumexp` at a 262k vocabulary: one fused softmax, whose largest probability is exactly
+    1 / (its own sum) and whose pairwise sum corrects that sum's rounding, plus three cheap reductions.
+    """
+    top = rows.amax(-1)
+    probs = fused_softmax_(rows)
+    return top - probs.amax(-1).log() + probs.sum(-1).log()
