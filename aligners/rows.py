@@ -116,8 +116,8 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int
     call overhead (microseconds) than copying the rows first (about a tenth of a millisecond per 262k-wide row). Where
     the runs hold fewer than `RUN_ELEMENTS` values on average (short runs of narrow rows: an 8,000-token teacher whose
     tokens each span several student tokens), the callers' calls per run cost more than one copy of the rows, and
-    this returns None too (on the synthetic 10% pair of `benchmarks/alignment.py`, `mined` spent 2 of its 3 seconds
-    in per-run `logsumexp` calls of a row or two each)."""
+    this returns None too (a profile of `mined` on the synthetic 10% pair of `benchmarks/alignment.py`, with the two
+    cores shared with a training run, found two thirds of its time in per-run calls on a row or two each)."""
     if not (isinstance(values, Tensor) and values.device.type == "cpu" and len(batch)):
         return None
     if (view := row_view(values)) is None:
