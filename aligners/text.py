@@ -180,8 +180,6 @@ def vocab_pairs(student: TokenBytes, teacher: TokenBytes) -> tuple[Tensor, Tenso
     return torch.from_numpy(arr[:, 0].copy()), torch.from_numpy(arr[:, 1].copy())
 
 
-
-
 def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     """Renormalise projected probability masses `[n, V]` to log-probs floored at `LOG_FLOOR`.
 

@@ -189,8 +189,8 @@ class TokenTrie:
         device = probs.device
         rows = torch.from_numpy(deep[local[child]]).to(device)
         read = probs[rows, self.order.to(device)[torch.from_numpy(entry).to(device)]].double()  # [E]
-        mass = torch.zeros(len(lo), dtype=torch.float64, device=device).index_add_(0, torch.from_numpy(child).to(device),
-                                                                                    read)  # [children]
+        child_t = torch.from_numpy(child).to(device)
+        mass = torch.zeros(len(lo), dtype=torch.float64, device=device).index_add_(0, child_t, read)  # [children]
         local_t = torch.from_numpy(local).to(device)
         totals = torch.zeros(len(deep), dtype=torch.float64, device=device).index_add_(0, local_t, mass)  # [d]
         share = (mass / totals[local_t].clamp_min(torch.finfo(torch.float64).tiny)).to(out.dtype)  # [children]

@@ -55,19 +55,17 @@ class VocabMapAligner(TextAligner):
         if coverage_every < 1:
             raise ValueError(f"vocab_map: coverage_every must be >= 1, got {coverage_every}")
         self.coverage_every = coverage_every
-        self._read: tuple | None = None  # (the pairs it was made from, `_tables`)
+        self.read = torch.zeros(0, dtype=torch.long)  # [V_s] the teacher id each student id reads, 0 where none
+        self.unread = torch.zeros(0, dtype=torch.long)  # [U] the student ids with no teacher token
 
-    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(`[V_s]` the teacher id each student id reads, 0 where it has none; `[U]` the student ids with none), made
-        from the pairs at the first call after `bind` on a device."""
-        if self._read is None or self._read[0] is not self.pairs or self._read[1].device != device:
-            s_ids, t_ids = self.pairs
-            read = torch.zeros(self.student_vocab_size, dtype=torch.long)
-            read[s_ids] = t_ids
-            none = torch.ones(self.student_vocab_size, dtype=torch.bool)
-            none[s_ids] = False
-            self._read = self.pairs, read.to(device), none.nonzero().squeeze(-1).to(device)
-        return self._read[1:]
+    def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
+        super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
+        s_ids, t_ids = self.pairs
+        self.read = torch.zeros(student_vocab_size, dtype=torch.long)
+        self.read[s_ids] = t_ids
+        none = torch.ones(student_vocab_size, dtype=torch.bool)
+        none[s_ids] = False
+        self.unread = none.nonzero().squeeze(-1)
 
     def _matched_columns(self, logits: Tensor, at: Tensor, native: bool
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -75,14 +73,14 @@ class VocabMapAligner(TextAligner):
         target `[B, N]`, mass kept `[n]`, NaN where not measured, the teacher's own logits at `at` (`PositionRows`,
         read when indexed) or None).
 
-        Each chunk of rows is read in the student's column order (a gather through the table `_tables`, straight from
+        Each chunk of rows is read in the student's column order (a gather through the table `read`, straight from
         the logits where they are a tensor: only the matched columns of each row are touched), the columns with no
         teacher token set to -inf, normalised by one exp-and-sum pass, and written into the target as log-probs
         floored at `LOG_FLOOR` (the -inf columns land on the floor); whole rows are read only where `mass_coverage`
         is measured. Teacher logits given as hidden states and an output layer have each chunk's rows computed first.
         """
         size, device = self.student_vocab_size, logits.device
-        read, unmatched = self._tables(device)
+        read, unmatched = self.read.to(device), self.unread.to(device)
         batch, pos = (at >= 0).nonzero(as_tuple=True)
         t_pos = at[batch, pos]
         out = target_rows((*at.shape, size), batch, pos)  # no target: zeros, as every aligner leaves them
