@@ -34,9 +34,9 @@ from opd_lightning.target import (
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .lookahead import Lookahead
-from .rows import LOG_FLOOR, chunk_rows, copy_rows_, exp_rows, exp_safe, softmax_rows
+from .rows import BLOCK_ELEMENTS, LOG_FLOOR, copy_rows_, exp_blocks, exp_safe, softmax_rows
 from .text import TextAligner, mass_to_logits, span_logprobs, target_rows
-from .trie import TokenTrie, sum_columns
+from .trie import ColumnSums, TokenTrie
 
 __all__ = ["ByteSpanAligner"]
 
@@ -58,6 +58,7 @@ class ByteSpanAligner(TextAligner):
         trie = TokenTrie(self.teacher_bytes, self.student_bytes, student_tokenizer, student_vocab_size)
         self.lookahead = Lookahead(self.student_bytes, self.teacher_bytes, teacher_tokenizer, student_tokenizer,
                                    trie.first)
+        self.root_sums = ColumnSums(self.lookahead.root_map[:teacher_vocab_size], student_vocab_size)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:
@@ -79,7 +80,7 @@ class ByteSpanAligner(TextAligner):
                                     starts[0], starts[2], device=teacher_logits.device)
         deep = walks.deep.cpu().numpy()
         logp, kept, q, masses = first_level(teacher_logits, starts, at.shape[1], walks.queries,
-                                            self.lookahead.root_map, self.student_vocab_size, deep)  # [B, N, V_s]
+                                            self.root_sums, self.student_vocab_size, deep)  # [B, N, V_s]
         native = PositionRows(teacher_logits, at) if TEACHER_NATIVE_LOGITS in needs else None  # read when indexed
         if len(deep):  # the starts the walks below the first level move mass in: masses until here
             start, column, value = self.lookahead.flow(walks, q)
@@ -101,17 +102,17 @@ class ByteSpanAligner(TextAligner):
 
 
 def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_student: int,
-                queries: tuple[np.ndarray, ...], root_map: Tensor, size: int,
+                queries: tuple[np.ndarray, ...], root_sums: ColumnSums, size: int,
                 deep: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass over the teacher rows the projection reads: the first-level student-token distributions at the
     starts, and the probabilities the lookahead's walks read (at the starts and at the later positions the walks
     reach).
 
-    Each row is exponentiated once (`exp_rows`; normalised by the sum of its scattered columns, or soft-maxed where
-    exp without the max is unsafe), a chunk of rows at a time, whether a start, a walk position or both; the row
-    bookkeeping is done on the host. A start no walk goes below (most of them) is final at the first level: its row
-    is renormalised over the mass the student can spell and written as log-probs (floored at `LOG_FLOOR`) while the
-    chunk is at hand. The `deep` starts' rows are kept apart as masses normalised by the teacher's whole row, for the
+    Each row is exponentiated once (`exp_blocks`, a few rows at a time, scattered into columns and read while in
+    cache; normalised by the sum of its columns, or soft-maxed where exp without the max is unsafe), a chunk of rows
+    at a time, whether a start, a walk position or both; the row bookkeeping is done on the host. A start no walk
+    goes below (most of them) is final at the first level: its row is renormalised over the mass the student can
+    spell and written as log-probs (floored at `LOG_FLOOR`) while the chunk is at hand. The `deep` starts' rows are kept apart as masses normalised by the teacher's whole row, for the
     walks' flow to move mass within them first.
 
     Args:
@@ -119,7 +120,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         starts: (row [n], student position [n], teacher position [n]) of each start, in (row, position) order.
         n_student: N, the student's completion length.
         queries: (row [Q], teacher position [Q], teacher id [Q]) probabilities to read (`Walks.queries`).
-        root_map: `[V_t]` where each teacher token's mass goes at the first level (-1: nowhere).
+        root_sums: the column sums carrying each teacher token's mass where it goes at the first level (its
+            `[V_t]` index: the lookahead's `root_map`, -1: nowhere).
         size: the student's vocabulary size.
         deep: indices (ascending) of the starts the walks go below (`Walks.deep`).
 
@@ -142,29 +144,28 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     start_at, query_at = np.searchsorted(keys, start_key), np.searchsorted(keys, query_key)
     order = np.argsort(query_at, kind="stable")
     q = torch.zeros(len(query_key), device=device)
-    step = chunk_rows(v_t)
-    bounds = np.arange(0, len(keys) + step, step)
-    s_lo, q_lo = np.searchsorted(start_at, bounds), np.searchsorted(query_at[order], bounds)
-    buffer = scratch(min(step, len(keys)), v_t, device)
-    columns = scratch(min(step, len(keys)), size + 1, device, slot="columns")  # sum_columns' output, reused
+    columns = scratch(min(max(1, BLOCK_ELEMENTS // v_t), len(keys)), size + 1, device, slot="columns")  # reused
     floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
-    for c in range(len(bounds) - 1):
-        lo, key, s = bounds[c], keys[bounds[c] : bounds[c + 1]], slice(s_lo[c], s_lo[c + 1])
-        rows_b, rows_t = t(key // big_m), t(key % big_m)
-        probs = exp_rows(teacher_logits, rows_b, rows_t, buffer)  # [c, V_t] unnormalised: divided by the total
-        # [c, size + 1]: the columns sum to the row
-        full = sum_columns(probs, root_map, size, keep_skipped=True, out=columns[: len(key)])
+    all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
+    for lo, hi, probs in exp_blocks(teacher_logits, all_b, all_t):  # unnormalised: divided by the total
+        key, s = keys[lo:hi], slice(*np.searchsorted(start_at, (lo, hi)))
+        read = order[slice(*np.searchsorted(read_at, (lo, hi)))]
+        at, ids = query_at[read] - lo, queries[2][read]  # the block's reads, by row
+        full = root_sums(probs, keep_skipped=True, out=columns[: len(key)])  # [c, size + 1]: they sum to the row
+        raw = probs[t(at), t(ids)]  # each read's unnormalised probability
         total = full.sum(-1)  # pairwise, so exact
         unsafe = (~exp_safe(total, v_t)).nonzero().squeeze(-1)
         if len(unsafe):  # a logit too large or all too small for exp without the max: those rows soft-maxed
-            probs[unsafe] = softmax_rows(teacher_logits, rows_b[unsafe], rows_t[unsafe], scratch(len(unsafe), v_t,
-                                                                                                 device, slot="safe"))
-            full[unsafe] = sum_columns(probs[unsafe], root_map, size, keep_skipped=True)
+            probs = softmax_rows(teacher_logits, all_b[lo + unsafe], all_t[lo + unsafe],
+                                 scratch(len(unsafe), v_t, device, slot="safe"))
+            full[unsafe] = root_sums(probs, keep_skipped=True)
             total[unsafe] = full[unsafe].sum(-1)
-        read = order[q_lo[c] : q_lo[c + 1]]
-        at = t(query_at[read] - lo)
-        q[t(read)] = probs[at, t(queries[2][read])] / total[at]
-        local = start_at[s] - lo  # each start's row in the chunk
+            row_of = np.full(len(key), -1)
+            row_of[unsafe.cpu().numpy()] = np.arange(len(unsafe))
+            if (hit := row_of[at] >= 0).any():
+                raw[t(np.flatnonzero(hit))] = probs[t(row_of[at[hit]]), t(ids[hit])]
+        q[t(read)] = raw / total[t(at)]
+        local = start_at[s] - lo  # each start's row in the block
         spelled = total - full[:, size]  # the mass the student's vocabulary can spell
         final = np.ones(len(key), dtype=bool)
         final[local[is_deep[s]]] = False

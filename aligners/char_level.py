@@ -24,9 +24,9 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .rows import LOG_FLOOR, exp_rows, exp_safe, softmax_rows
+from .rows import LOG_FLOOR, exp_blocks, exp_safe, softmax_rows
 from .text import TextAligner, project_chunks
-from .trie import sum_columns
+from .trie import ColumnSums
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
 
@@ -41,14 +41,11 @@ def byte_class_ids(table: TokenBytes) -> Tensor:
     return torch.tensor(classes, dtype=torch.long)
 
 
-def to_byte_logprobs(logits: Tensor, classes: Tensor) -> Tensor:
-    """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`."""
-    return _byte_logprobs(torch.softmax(upcast(logits), -1), classes)
-
-
-def _byte_logprobs(probs: Tensor, classes: Tensor) -> Tensor:
-    """`to_byte_logprobs` from next-token probabilities (summing to one up to a common factor per row)."""
-    return _mass_logprobs(sum_columns(probs, classes, BYTE_CLASSES))  # [..., 257]
+def to_byte_logprobs(logits: Tensor, classes: Tensor | ColumnSums) -> Tensor:
+    """Next-byte log-probs `[..., 257]` from next-token logits `[..., V]` (differentiable), floored at `LOG_FLOOR`;
+    `classes`: each token's class `[V]` (`byte_class_ids`), or their `ColumnSums` made once."""
+    sums = classes if isinstance(classes, ColumnSums) else ColumnSums(classes[: logits.shape[-1]], BYTE_CLASSES)
+    return _mass_logprobs(sums(torch.softmax(upcast(logits), -1)))  # [..., 257]
 
 
 def _mass_logprobs(mass: Tensor) -> Tensor:
@@ -69,6 +66,7 @@ class CharLevelAligner(TextAligner):
         """Takes no options: byte classes are read from the tokenizers when the aligner is bound."""
         super().__init__()
         self.student_classes = self.teacher_classes = torch.zeros(0, dtype=torch.long)
+        self.student_sums = self.teacher_sums = ColumnSums(self.teacher_classes, BYTE_CLASSES)
 
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
         super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
@@ -82,24 +80,28 @@ class CharLevelAligner(TextAligner):
         # A byte only one model can start a token with carries no comparable mass: both sides drop it.
         self.student_classes = student.masked_fill(~shared[student], -1)
         self.teacher_classes = teacher.masked_fill(~shared[teacher], -1)
+        self.student_sums = ColumnSums(self.student_classes[:student_vocab_size], BYTE_CLASSES)
+        self.teacher_sums = ColumnSums(self.teacher_classes[:teacher_vocab_size], BYTE_CLASSES)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
         def to_bytes(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            """A chunk's byte-class log-probs, its rows read by `exp_rows` (straight from the logits, or computed
-            from the teacher's hidden states and output layer, `HiddenRows`)."""
+            """A chunk's byte-class log-probs, its rows exponentiated a block at a time (`exp_blocks`: straight from
+            the logits, or computed from the teacher's hidden states and output layer, `HiddenRows`) and summed into
+            classes while in cache."""
             v_t = logits.shape[-1]
-            buffer = scratch(len(b), v_t, logits.device)
             # exp of the logits, unnormalised: byte classes are normalised by their own sum
-            mass = sum_columns(exp_rows(logits, b, t, buffer), self.teacher_classes, BYTE_CLASSES, keep_skipped=True)
+            mass = scratch(len(b), BYTE_CLASSES + 1, logits.device, slot="mass")
+            for lo, hi, probs in exp_blocks(logits, b, t):
+                self.teacher_sums(probs, keep_skipped=True, out=mass[lo:hi])
             unsafe = (~exp_safe(mass.sum(-1), v_t)).nonzero().squeeze(-1)
             if len(unsafe):  # a logit too large, or all too small, for exp without the max: soft-maxed
                 probs = softmax_rows(logits, b[unsafe], t[unsafe], scratch(len(unsafe), v_t, logits.device, slot="safe"))
-                mass[unsafe] = sum_columns(probs, self.teacher_classes, BYTE_CLASSES, keep_skipped=True)
+                mass[unsafe] = self.teacher_sums(probs, keep_skipped=True)
             return _mass_logprobs(mass[:, :BYTE_CLASSES]), mass.new_ones(len(b))
 
         target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes, copy=False)  # [B, N, 257]
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=target,
-                             student_projection=lambda logits: to_byte_logprobs(logits, self.student_classes))
+                             student_projection=lambda logits: to_byte_logprobs(logits, self.student_sums))

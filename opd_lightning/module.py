@@ -279,13 +279,16 @@ class DistillationModule(LightningModule):
     def on_test_start(self) -> None:
         self._place_frozen()
 
-    def _target(self, reference: str, rollout: Rollout, needs: frozenset[str], fused: bool = False) -> TeacherTarget:
-        """The reference's target at the completion positions, in the forms the terms `needs`."""
+    def _target(self, reference: str, rollout: Rollout, needs: frozenset[str], fused: bool = False,
+                layers: dict[int, Tensor | None] | None = None) -> TeacherTarget:
+        """The reference's target at the completion positions, in the forms the terms `needs`; `layers`: the teacher's
+        hidden states to take from the same forward where there is one (`ReferenceScorer.teacher_target`)."""
         if reference == "teacher":
             if self.teacher_cache is not None and rollout.source != "student":
                 target = self.teacher_cache.target(self._split, rollout, needs)
             else:
-                target = self.scorer.teacher_target(rollout, needs, self.student, self._chunk() if fused else None)
+                target = self.scorer.teacher_target(rollout, needs, self.student, self._chunk() if fused else None,
+                                                    layers)
             self._diag.update_coverage(target.coverage)
             return target
         return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
@@ -298,6 +301,7 @@ class DistillationModule(LightningModule):
         total, metrics = torch.zeros((), device=self.device), {}
         hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
         layers: dict[str, dict[int, Tensor]] = {}  # hidden states [B, P + N, H] by index, for `reads_layers` losses
+        teacher_layers: dict[str, dict[int, Tensor | None]] = {}  # the teacher's, from its target's forward
         for term in self.terms:
             rollout = rollouts[term.completions]
             fused = self._fuses(term.completions, rollout)  # no `[B, N, V]` logits (coherence: `_fused_grad_coherence`)
@@ -314,14 +318,18 @@ class DistillationModule(LightningModule):
                     hidden[term.completions] = store[0][:, :-1]
             key = (term.reference, term.completions)
             if term.needs_reference and key not in targets:
-                targets[key] = self._target(term.reference, rollout, self._needs[key], fused)
+                wanted = teacher_layers.setdefault(term.completions, {
+                    i: None for t in self.terms if t.completions == term.completions and reads_layers(t.loss)
+                    for i in t.loss.teacher_layers}) if term.reference == "teacher" else None
+                targets[key] = self._target(term.reference, rollout, self._needs[key], fused, wanted)
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 teacher=targets.get(key) if term.needs_reference else None,
                                 num_items=counts[term.completions])
             if reads_hidden(term.loss):
                 fill_student_hidden(inputs, hidden[term.completions], self.student)
             if reads_layers(term.loss):
-                inputs.layers = self._layer_states(term.loss, rollout, layers[term.completions])
+                inputs.layers = self._layer_states(term.loss, rollout, layers[term.completions],
+                                                   teacher_layers.get(term.completions, {}))
             out = term.loss(inputs)
             total = total + term.weight * out.loss
             metrics[f"loss/{term.name}"] = out.loss.detach()
@@ -334,17 +342,21 @@ class DistillationModule(LightningModule):
                                                                         targets, counts["rollout"]))
         return total, metrics
 
-    def _layer_states(self, loss: DistillationLoss, rollout: Rollout, student: dict[int, Tensor]) -> LayerStates:
+    def _layer_states(self, loss: DistillationLoss, rollout: Rollout, student: dict[int, Tensor],
+                      taken: dict[int, Tensor | None]) -> LayerStates:
         """Both models' hidden states at the positions of `rollout` where their tokenizations end a token on the same
         byte (`Aligner.boundary_pairs`), for a loss that `reads_layers`: the student's from its forward on the batch
-        (`student`, by index), the teacher's from a forward of its own on the same text, prompt included."""
+        (`student`, by index), the teacher's from the forward that scored the same text (`taken`, prompt included),
+        else from a forward of its own on it."""
         with torch.no_grad():
             inputs = self.aligner.teacher_inputs(rollout)
             pairs = self.aligner.boundary_pairs(inputs, rollout)
-            teacher: dict[int, Tensor] = {}
-            with capture_layers(self.teacher, loss.teacher_layers, teacher):
-                self.teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                             position_ids=inputs.position_ids, logits_to_keep=1)
+            teacher = {i: taken.get(i) for i in loss.teacher_layers}
+            if any(h is None for h in teacher.values()):
+                teacher = {}
+                with capture_layers(self.teacher, loss.teacher_layers, teacher):
+                    self.teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                                 position_ids=inputs.position_ids, logits_to_keep=1)
             teacher = {i: h[pairs.batch, pairs.teacher] for i, h in teacher.items()}
         return LayerStates({i: h[pairs.batch, pairs.student] for i, h in student.items()}, teacher, pairs.in_prompt,
                            pairs.batch)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from opd_lightning.aligners import Aligner, dense_token_logprobs
 from opd_lightning.aligners.branches import BranchQueries
 from opd_lightning.hidden import (
+    capture_layers,
     check_bypassed,
     output_layer,
     output_layer_bypassed,
@@ -122,11 +123,16 @@ class ReferenceScorer:
         return needs - {TEACHER_TOPK} | ({TEACHER_LOGITS} if TEACHER_TOPK in needs else set())
 
     def teacher_target(self, rollout: Rollout, needs: frozenset[str], student: nn.Module,
-                       fused: int | None = None) -> TeacherTarget:
+                       fused: int | None = None, layers: dict[int, Tensor | None] | None = None) -> TeacherTarget:
         """The teacher's target on `rollout`, with every capability in `needs` filled. With `fused` (the module's
         `logits_chunk_size`, on batches whose losses all read the student fused), a teacher sharing the student's
         tokenizer hands its hidden states and output layer (`HiddenRows`) instead of `[B, N, V]` logits, where only
-        dense logits are needed and its output layer can be applied as a plain linear layer."""
+        dense logits are needed and its output layer can be applied as a plain linear layer.
+
+        `layers`, keyed by hidden-state index (`hidden.capture_layers`' numbering): filled with the teacher's hidden
+        states `[B, T, H]` on `aligner.teacher_inputs(rollout)` (prompt included) where the target comes from one
+        forward pass over those inputs, so that a loss reading them (`hidden_match`) needs no forward of its own;
+        left None where it does not (a fused target with one tokenizer, rows taken in groups)."""
         if fused is not None:
             target = self._fused_teacher_target(rollout, needs, student, fused)
             if target is None and self._keeps_topk_only(needs):
@@ -137,13 +143,16 @@ class ReferenceScorer:
         asked = self.needs_from_aligner(needs)
         with torch.no_grad():
             inputs = self.aligner.teacher_inputs(rollout)
-            hidden = [] if HIDDEN_STATES in needs else None
-            logits = self._teacher_rows(inputs, needs, fused)
-            if logits is None:
-                with output_layer_input(self.teacher, hidden):
-                    logits = completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
-                                               inputs.position_ids, inputs.completion_length,
-                                               keep_cache=self.aligner.queries_teacher)
+            hidden, captured = [] if HIDDEN_STATES in needs else None, {}
+            with capture_layers(self.teacher, layers or (), captured):  # the one forward below, not branch queries
+                logits = self._teacher_rows(inputs, needs, fused)
+                if logits is None:
+                    with output_layer_input(self.teacher, hidden):
+                        logits = completion_logits(self.teacher, inputs.input_ids, inputs.attention_mask,
+                                                   inputs.position_ids, inputs.completion_length,
+                                                   keep_cache=self.aligner.queries_teacher)
+            if layers is not None:
+                layers.update(captured)
             if self.aligner.queries_teacher:
                 logits, cache = logits
                 inputs.branches = BranchQueries(self.teacher, cache, inputs.attention_mask, inputs.position_ids)

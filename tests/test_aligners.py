@@ -286,6 +286,30 @@ def test_lookahead_gives_longer_student_tokens_the_teacher_likelihood_of_their_t
     torch.testing.assert_close(got.sum(), probs[0, spelled].sum())  # mass conserved
 
 
+@pytest.mark.parametrize("width, size", [(4096, 7), (4096, 300), (50, 9)])
+def test_column_sums_equal_a_float64_scatter_with_and_without_lanes(width, size):
+    """`ColumnSums` (interleaved copies of the columns where they are few beside the width) equals a float64 sum of
+    each column's entries, -1 entries in the kept extra column, runs of one column included; into `out`, and with a
+    gradient equal to the plain `index_add_`'s."""
+    from opd_lightning.aligners.trie import ColumnSums
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(-1, size, (width,), generator=g)
+    index[: width // 2] = 0  # half the row in one column, one after another (most of a 262k vocabulary's first byte)
+    values = torch.rand(3, width, generator=g, requires_grad=True)
+    sums = ColumnSums(index, size)
+    assert sums.lanes == (8 if (width, size) == (4096, 7) else 1)
+    want = torch.zeros(3, size + 1, dtype=torch.float64)
+    want.index_add_(1, index.where(index >= 0, size), values.detach().double())
+    got = sums(values, keep_skipped=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # fp32 sums of up to 2,048 values
+    torch.testing.assert_close(sums(values.detach(), out=torch.full((3, size + 1), float("nan"))).double(),
+                               want[:, :size], rtol=1e-6, atol=1e-6)
+    weights = torch.randn(size, generator=g)
+    (sums(values) * weights).sum().backward()
+    torch.testing.assert_close(values.grad, weights[index].masked_fill(index < 0, 0).expand(3, -1))
+
+
 def test_char_level_projection_is_the_first_byte_marginal(toks):
     tok = toks["unigram"]
     table = TokenBytes.from_tokenizer(tok)
@@ -368,14 +392,16 @@ def test_gather_rows_and_put_rows_equal_advanced_indexing():
 
 @pytest.mark.parametrize("run_elements", [0, 2**16])
 def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypatch, run_elements):
-    """`softmax_rows` and `exp_rows` read runs of consecutive rows straight from the logits, or from a copy where the
-    runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these 13-wide rows), with the
-    same values; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or whose logits
-    are all too small for exp without the max."""
+    """`softmax_rows`, `exp_blocks` and `gather_columns` read runs of consecutive rows straight from the logits, or
+    from a copy where the runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these
+    13-wide rows), with the same values; `exp_blocks` yields blocks of at most `BLOCK_ELEMENTS` values, in order,
+    filled across runs; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or whose
+    logits are all too small for exp without the max."""
     from opd_lightning.aligners import rows
-    from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_rows, exp_safe, gather_columns, softmax_rows
+    from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_blocks, exp_safe, gather_columns, softmax_rows
 
     monkeypatch.setattr(rows, "RUN_ELEMENTS", run_elements)
+    monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 4 * 13)  # blocks of 4 rows: across the runs of 3, 2 and 1 rows
     base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
     values = base[:, 2:]  # sliced like completion logits
     cases = {"runs": (torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 0, 1, 6])),
@@ -384,8 +410,9 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
         assert (_row_runs(values, batch, pos) is None) == bool(run_elements), name
         buffer = torch.full((len(batch) + 2, 13), float("nan"))
         torch.testing.assert_close(softmax_rows(values, batch, pos, buffer), values[batch, pos].softmax(-1), msg=name)
-        torch.testing.assert_close(exp_rows(values, batch, pos, buffer), values[batch, pos].exp(), msg=name)
-        assert buffer.data_ptr() == exp_rows(values, batch, pos, buffer).data_ptr()
+        blocks = [(lo, hi, block.clone()) for lo, hi, block in exp_blocks(values, batch, pos)]
+        assert [(lo, hi) for lo, hi, _ in blocks] == [(lo, min(lo + 4, len(batch))) for lo in range(0, len(batch), 4)]
+        torch.testing.assert_close(torch.cat([b for *_, b in blocks]), values[batch, pos].exp(), msg=name)
         columns = torch.tensor([7, 0, 12, 3])
         torch.testing.assert_close(gather_columns(values, batch, pos, columns, buffer[:, :4].contiguous()),
                                    values[batch, pos][:, columns], msg=name)
@@ -412,7 +439,7 @@ def _rollout_after(student, prompt: str, completions: list[list[int]]):
 
 @pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
 def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(shift):
-    """`log_totals` (exp straight from the logits, then a sum) equals a float64 `logsumexp` of the same rows, also
+    """`log_totals` (exp straight from the logits a block at a time, then a sum) equals a float64 `logsumexp` of the same rows, also
     where a row's exp overflows (+95) or underflows (-110) and it is redone with its max subtracted."""
     from opd_lightning.aligners.rows import log_totals
 
@@ -421,7 +448,7 @@ def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(sh
     values[1, 3] += 95.0 - shift  # one row overflows whatever the shift
     for batch, pos in ((torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([4, 5, 6, 2, 3, 6])),
                        (torch.arange(21) % 3, torch.arange(21) % 7)):
-        got = log_totals(values, batch, pos, torch.full((len(batch), 50), float("nan")))
+        got = log_totals(values, batch, pos)
         want = torch.logsumexp(values[batch, pos].double(), -1)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
@@ -515,7 +542,8 @@ def test_conditional_gives_no_mass_to_a_path_longer_than_every_decomposition():
 def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
     """`topk_to_logits` (mined's target) equals `mass_to_logits` of the masses scattered into full rows: repeated ids
     summed, -1 dropped, a row that keeps nothing all zeros; `top_logprobs` equals softmax then top-k, read from a slice
-    of a larger tensor (run by run, and from a copy), a bf16 one, and rows in any order."""
+    of a larger tensor (run by run, and from a copy), a bf16 one, rows in any order, and rows whose exp overflows or
+    underflows."""
     from opd_lightning.aligners import rows
     from opd_lightning.aligners.rows import top_logprobs
     from opd_lightning.aligners.text import mass_to_logits, topk_to_logits
@@ -532,6 +560,9 @@ def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
     g = torch.Generator().manual_seed(0)
     full = torch.randn(3, 9, 50, generator=g) * 3
     batch, pos = torch.tensor([0, 0, 2, 1, 1]), torch.tensor([1, 2, 0, 5, 3])
+    full[0, 3] += 100.0  # a row whose exp overflows, and one whose exp underflows: both soft-maxed instead
+    full[1, 5] -= 120.0
+    monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 2 * 50)  # blocks of two rows
     for logits, run_elements in ((full[:, 2:], 0), (full[:, 2:], 2**16), (full[:, 2:].bfloat16(), 0)):
         monkeypatch.setattr(rows, "RUN_ELEMENTS", run_elements)
         top, idx = top_logprobs(logits, batch, pos, 4)

@@ -182,10 +182,10 @@ def test_identity_pairs_every_token_with_itself(char_tok):
 
 
 # ------------------------------------------------------------------------------------------- in the module
-def make(teacher: str, student_tokenizer: str, aligner: str, **kwargs) -> DistillationModule:
+def make(teacher: str, student_tokenizer: str, aligner: str, completions: str = "gold", **kwargs) -> DistillationModule:
     module = DistillationModule(student=HFModel(config=TINY, tokenizer=student_tokenizer, seed=0),
                                 teacher=HFModel(path=teacher), loss="forward_kl", aligner=aligner,
-                                extra_terms=[LossTerm("hidden_match", weight=1.0, completions="gold")],
+                                extra_terms=[LossTerm("hidden_match", weight=1.0, completions=completions)],
                                 sampling=SamplingConfig(max_new_tokens=4),
                                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), **kwargs)
     module.manual_backward = lambda loss: loss.backward()  # one step without a Trainer
@@ -201,8 +201,9 @@ def test_the_term_reads_both_models_states_at_the_pairs_and_trains_its_maps(teac
     seen = []
     original = module._layer_states
 
-    def spy(loss, rollout, student):
-        states = original(loss, rollout, student)
+    def spy(loss, rollout, student, taken):
+        assert not taken  # on the gold completions, which no other term scores: the teacher runs a forward of its own
+        states = original(loss, rollout, student, taken)
         seen.append((rollout, states))
         return states
 
@@ -232,6 +233,42 @@ def test_the_term_reads_both_models_states_at_the_pairs_and_trains_its_maps(teac
     fresh = make(teacher_dir, student_tokenizer, aligner)
     fresh.load_state_dict(module.state_dict())  # a checkpoint restores the maps (strict: same keys and shapes)
     assert all(torch.equal(p, fresh.state_dict()[k]) for k, p in own.items())
+
+
+@pytest.mark.parametrize(("aligner", "student_tokenizer", "chunk"), [("exact_spans", "builtin:arithmetic_bpe", None),
+                                                                     ("byte_spans", "builtin:arithmetic_bpe", 4),
+                                                                     ("identity", "builtin:char", None)])
+def test_on_the_completions_the_teacher_scores_the_term_reads_that_forwards_states(teacher_dir, aligner,
+                                                                                   student_tokenizer, chunk):
+    """With the distribution term on the same completions, the teacher's layers come from the forward that scored
+    them (plain logits, hidden states through the output layer when fused, `exact_spans`' branch queries after it):
+    no forward of the teacher inside `_layer_states`, and the states equal its `output_hidden_states` at the pairs."""
+    from opd_lightning.hidden import _decoder_layers
+
+    module = make(teacher_dir, student_tokenizer, aligner, completions="rollout", logits_chunk_size=chunk)
+    embed = _decoder_layers(module.teacher)[0].embed_tokens
+    forwards, seen = [], []
+    embed.register_forward_hook(lambda *args: forwards.append(1))
+    original = module._layer_states
+
+    def spy(loss, rollout, student, taken):
+        before = len(forwards)
+        states = original(loss, rollout, student, taken)
+        seen.append((rollout, states, len(forwards) - before))
+        return states
+
+    module._layer_states = spy
+    total, metrics = module._run_step(BATCH, train=True)
+    assert torch.isfinite(total) and metrics["loss/hidden_match"] > 0
+    (rollout, states, own_forwards), = seen
+    assert own_forwards == 0 and len(forwards) >= 1
+    inputs = module.aligner.teacher_inputs(rollout)
+    pairs = module.aligner.boundary_pairs(inputs, rollout)
+    with torch.no_grad():
+        t_all = module.teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                               position_ids=inputs.position_ids, output_hidden_states=True).hidden_states
+    for _, j in module.terms[1].loss.layers:
+        torch.testing.assert_close(states.teacher[j], t_all[j][pairs.batch, pairs.teacher])
 
 
 def test_the_term_is_refused_where_the_teacher_has_no_layers_to_read(teacher_dir):
