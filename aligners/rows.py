@@ -71,8 +71,9 @@ CHUNK_ELEMENTS = 2**25
 
 
 # Values exponentiated at a time by `exp_blocks`: 2**22 fp32 values (16 rows of a 262k vocabulary, 16 MB), read again
-# by the caller while still in cache. Exp and a scatter-sum of the rows a projection reads on the SmolLM2/Gemma-3 pair
-# of `benchmarks/alignment.py` took 0.29 ms per row in blocks of 8-16 rows and 0.37 in chunks of 128 or more.
+# by the caller while still in cache. Exp and a scatter-sum into 258 columns of 128 such rows (`torch.utils.benchmark`,
+# 2 threads) took 27-28 ms in blocks of 8 or 16 rows, 31 ms in blocks of 32, 36 ms in one block of 128, 45-53 in
+# blocks of 1-2 (call overhead).
 BLOCK_ELEMENTS = 2**22
 
 
@@ -139,17 +140,14 @@ def _row_runs(values: Tensor, batch: Tensor, pos: Tensor) -> list[tuple[int, int
 
 def gather_columns(values: Tensor, batch: Tensor, pos: Tensor, columns: Tensor, out: Tensor) -> Tensor:
     """`values[batch, pos][:, columns]` of `[B, M, V]` values, `[n, K]` fp32 written into `out[:n]`: each run of
-    consecutive rows read straight from `values` (only the K columns of each row are touched), `BLOCK_ELEMENTS` values
-    at a time, else through a copy of the rows."""
+    consecutive rows read straight from `values` (only the K columns of each row are touched), else through a copy of
+    the rows."""
     runs = _row_runs(values, batch, pos) if values.dtype == out.dtype else None
     if runs is None:
         rows = gather_rows(values, batch, pos)
         return torch.gather(rows, 1, columns.expand(len(rows), -1), out=out[: len(batch)])
-    step = max(1, BLOCK_ELEMENTS // values.shape[-1])  # a block of rows at a time: 0.04 ms a 262k-wide row, 0.14 by 128
     for lo, hi, rows in runs:  # gather with an expanded index: several times faster than index_select on dim 1
-        for at in range(0, hi - lo, step):
-            block = rows[at : at + step]
-            torch.gather(block, 1, columns.expand(len(block), -1), out=out[lo + at : lo + at + len(block)])
+        torch.gather(rows, 1, columns.expand(hi - lo, -1), out=out[lo:hi])
     return out[: len(batch)]
 
 

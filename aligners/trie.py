@@ -53,7 +53,9 @@ class ColumnSums:
         """`[..., size]` column sums of `values` `[..., V]` (`[..., size + 1]` with the skipped column when
         `keep_skipped`, so that the columns sum to the whole of each row), written into `out` (`[..., size + 1]`,
         overwritten) when given; differentiable."""
-        target = self.target[: values.shape[-1]].to(values.device)
+        if self.target.device != values.device:  # moved once, not per call (a block of rows at a time on a GPU)
+            self.target = self.target.to(values.device)
+        target = self.target[: values.shape[-1]]
         if self.lanes == 1:
             out = values.new_zeros(*values.shape[:-1], self.size + 1) if out is None else out.zero_()
             out.index_add_(-1, target, values)
