@@ -109,11 +109,11 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     reach).
 
     Each row is exponentiated once (`exp_blocks`, a few rows at a time, scattered into columns and read while in
-    cache; normalised by the sum of its columns, or soft-maxed where exp without the max is unsafe), a chunk of rows
-    at a time, whether a start, a walk position or both; the row bookkeeping is done on the host. A start no walk
-    goes below (most of them) is final at the first level: its row is renormalised over the mass the student can
-    spell and written as log-probs (floored at `LOG_FLOOR`) while the chunk is at hand. The `deep` starts' rows are kept apart as masses normalised by the teacher's whole row, for the
-    walks' flow to move mass within them first.
+    cache; normalised by the sum of its columns, or soft-maxed where exp without the max is unsafe), whether a start,
+    a walk position or both; the row bookkeeping is done on the host. A start no walk goes below (most of them) is
+    final at the first level: its row is renormalised over the mass the student can spell and written as log-probs
+    (floored at `LOG_FLOOR`) while its block is at hand. The `deep` starts' rows are kept apart as masses normalised
+    by the teacher's whole row, for the walks' flow to move mass within them first.
 
     Args:
         teacher_logits: `[B, M, V_t]`.

@@ -17,8 +17,8 @@ its level before a call (the largest of three calls). On the real pair the teach
 Gemma-3-270M forward pass on the same batch, which is timed too: the speed target is align + project under 10% of
 that forward pass. A "bound" row times, on the same rows, what any target carrying the teacher's whole distribution
 into another space must do at least (`floor_step`: one exp and one scatter-sum of each aligned teacher row, done
-the fastest way the library knows), so that a ratio an aligner misses can be read against what the machine allows. `--no-record` prints the tables
-without writing them into `benchmarks/RESULTS.md`.
+the fastest way the library knows), so that a ratio an aligner misses can be read against what the machine allows.
+`--no-record` prints the tables without writing them into `benchmarks/RESULTS.md`.
 
 Exactness is measured against the brute-force references of `tests/aligner_reference.py` where a method claims
 exactness (`bpe_subset`: teacher likelihood of the next student token; `char_level`: next-byte distributions), as

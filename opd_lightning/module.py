@@ -308,19 +308,19 @@ class DistillationModule(LightningModule):
             if term.completions not in student_logits:
                 keep = (term.completions == "rollout" and measure) or needs_hidden(self.terms, term.completions)
                 store = [] if keep and not fused else None
-                wanted = {i for t in self.terms if t.completions == term.completions and reads_layers(t.loss)
-                          for i in t.loss.student_layers}
                 layers[term.completions] = {}
                 with output_layer_input(self.student, store), \
-                        capture_layers(self.student, wanted, layers[term.completions]):
+                        capture_layers(self.student, self._layers_read(term.completions, "student_layers"),
+                                       layers[term.completions]):
                     student_logits[term.completions] = self._student_logits(rollout, fused)
                 if store:
                     hidden[term.completions] = store[0][:, :-1]
             key = (term.reference, term.completions)
             if term.needs_reference and key not in targets:
-                wanted = teacher_layers.setdefault(term.completions, {
-                    i: None for t in self.terms if t.completions == term.completions and reads_layers(t.loss)
-                    for i in t.loss.teacher_layers}) if term.reference == "teacher" else None
+                wanted = None
+                if term.reference == "teacher":  # filled by the target's forward where it has one
+                    wanted = teacher_layers[term.completions] = dict.fromkeys(
+                        self._layers_read(term.completions, "teacher_layers"))
                 targets[key] = self._target(term.reference, rollout, self._needs[key], fused, wanted)
             inputs = LossInputs(student_logits[term.completions], rollout.completion_ids, rollout.completion_mask,
                                 teacher=targets.get(key) if term.needs_reference else None,
@@ -341,6 +341,12 @@ class DistillationModule(LightningModule):
             self._diag.update_grad_coherence(self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"],
                                                                         targets, counts["rollout"]))
         return total, metrics
+
+    def _layers_read(self, completions: str, side: str) -> set[int]:
+        """The hidden-state indices that the terms reading layers (`hidden_match`) on `completions` read, on one side:
+        `side` is "student_layers" or "teacher_layers"."""
+        return {i for t in self.terms if t.completions == completions and reads_layers(t.loss)
+                for i in getattr(t.loss, side)}
 
     def _layer_states(self, loss: DistillationLoss, rollout: Rollout, student: dict[int, Tensor],
                       taken: dict[int, Tensor | None]) -> LayerStates:

@@ -439,8 +439,8 @@ def _rollout_after(student, prompt: str, completions: list[list[int]]):
 
 @pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
 def test_log_totals_equal_float64_logsumexp_on_runs_scattered_and_unsafe_rows(shift):
-    """`log_totals` (exp straight from the logits a block at a time, then a sum) equals a float64 `logsumexp` of the same rows, also
-    where a row's exp overflows (+95) or underflows (-110) and it is redone with its max subtracted."""
+    """`log_totals` (exp straight from the logits a block at a time, then a sum) equals a float64 `logsumexp` of the
+    same rows, also where a row's exp overflows (+95) or underflows (-110) and it is redone with its max subtracted."""
     from opd_lightning.aligners.rows import log_totals
 
     base = 4 * torch.randn(3, 9, 50, generator=torch.Generator().manual_seed(1))
