@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from opd_lightning.buffers import scratch
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TeacherTarget
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .rows import softmax_
-from .text import TextAligner, mass_to_logits, project_chunks
+from .columns import ColumnSums, column_blocks
+from .rows import BLOCK_ELEMENTS, LOG_FLOOR
+from .text import TextAligner, target_rows
 from .trie import TokenTrie
 
 __all__ = ["BpeSubsetAligner", "bpe_subset_problem", "keep_merges"]
@@ -92,22 +96,62 @@ class BpeSubsetAligner(TextAligner):
                              "likelihoods and dense targets for any pair) or 'char_level' (next-byte distributions).")
         super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
         self.trie = TokenTrie(self.teacher_bytes, self.student_bytes, student_tokenizer, student_vocab_size)
+        self.first_sums = ColumnSums(self.trie.first[:teacher_vocab_size], student_vocab_size)
 
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:
         view = inputs.alignment
         ok = (view.path_start >= 0) & rollout.completion_mask
-        index = view.containing.masked_fill(~ok, -1)
-        ids, starts = rollout.completion_ids.cpu().numpy(), view.path_start.cpu().numpy()
-
-        def condition(rows: Tensor, batch: Tensor, pos: Tensor, _: Tensor) -> tuple[Tensor, Tensor]:
-            b, i = batch.cpu().numpy(), pos.cpu().numpy()
-            first, lengths = starts[b, i], i - starts[b, i]  # each path: the student tokens ids[b, first:i]
-            at = first[:, None] + np.arange(int(lengths.max(initial=0)) + 1)  # [c, L]
-            padded = np.where(at < i[:, None], ids[b[:, None], np.minimum(at, ids.shape[1] - 1)], -1)
-            return mass_to_logits(self.trie.conditional_padded(softmax_(rows), padded, lengths))  # [c, V_s]
-
-        logp, valid, kept, _ = project_chunks(teacher_logits, index, self.student_vocab_size, condition)
+        batch, pos = ok.nonzero(as_tuple=True)
+        logp, kept = self._conditionals(teacher_logits, view, rollout.completion_ids, batch, pos)  # [B, N, V_s], [n]
+        valid = torch.zeros_like(ok)
+        valid[batch, pos] = kept > 0
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, token_logprobs=tokens,
                              mass_coverage=float(kept.mean()) if len(kept) else 0.0)
+
+    def _conditionals(self, teacher_logits: Tensor, view, completion_ids: Tensor, batch: Tensor,
+                      pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Every aligned position's next-student-token log-probs, written into a `[B, N, V_s]` target, and the mass
+        each kept `[n]`, from one pass over the teacher rows the positions read (each teacher token's row once,
+        however many student tokens it holds: `columns.column_blocks`).
+
+        A position at a teacher token's start (an empty path) gets the first-student-token marginal: its row's column
+        sums renormalised over the mass the student can spell. A position inside a teacher token gets its children's
+        shares (`TokenTrie.entries`, `shares`), read from the same row while its block is in cache, and `LOG_FLOOR`
+        at every other token."""
+        device, big_m, size = teacher_logits.device, teacher_logits.shape[1], self.student_vocab_size
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        b, i, n_student = batch.cpu().numpy(), pos.cpu().numpy(), completion_ids.shape[1]
+        first = view.path_start.cpu().numpy()[b, i]  # each path: the student tokens ids[b, first:i]
+        keys, row = np.unique(b * big_m + view.containing.cpu().numpy()[b, i], return_inverse=True)  # [R], [n]
+        start, deep = np.flatnonzero(i == first), np.flatnonzero(i > first)  # row is ascending along both
+        lengths = i[deep] - first[deep]
+        at = first[deep, None] + np.arange(int(lengths.max(initial=0)) + 1)  # [d, L]
+        ids = completion_ids.cpu().numpy()
+        paths = np.where(at < i[deep, None], ids[b[deep, None], np.minimum(at, n_student - 1)], -1)
+        local, child_ids, child, teacher_ids = self.trie.entries(paths, lengths)
+        entry_row = row[deep][local[child]]  # [E] ascending
+        out = target_rows((*completion_ids.shape, size), batch, pos)
+        flat, dst = out.view(-1, size), b * n_student + i
+        kept, read = torch.zeros(len(b), device=device), torch.empty(len(child), device=device)
+        columns = scratch(min(max(1, BLOCK_ELEMENTS // teacher_logits.shape[-1]), len(keys)), size + 1, device,
+                          slot="columns")
+        floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
+        for lo, hi, full, total, values in column_blocks(teacher_logits, t(keys // big_m), t(keys % big_m),
+                                                         self.first_sums, columns):
+            s = start[slice(*np.searchsorted(row[start], (lo, hi)))]  # the block's start positions
+            e = slice(*np.searchsorted(entry_row, (lo, hi)))  # and entries
+            read[e] = values(t(entry_row[e] - lo), t(teacher_ids[e]))
+            if not len(s):
+                continue
+            spelled = total - full[:, size]  # the mass the student's vocabulary can spell
+            kept[t(s)] = (spelled / total)[t(row[s] - lo)]
+            logs = full[:, :size].div_(spelled.clamp_min(tiny)[:, None]).clamp_min_(floor).log_()
+            flat.index_copy_(0, t(dst[s]), logs if len(s) == hi - lo else logs[t(row[s] - lo)])  # one start a row
+        share, kept_deep = self.trie.shares(read, t(local), t(child), len(deep))
+        kept[t(deep)] = kept_deep.to(kept.dtype)
+        flat.index_fill_(0, t(dst[deep]), LOG_FLOOR)
+        flat.index_put_((t(dst[deep][local]), t(child_ids)), share.clamp_min(tiny).log().clamp_min(LOG_FLOOR).float())
+        flat.index_fill_(0, t(dst[kept.cpu().numpy() <= 0]), 0.0)  # no mass kept: no target
+        return out, kept

@@ -33,10 +33,11 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
+from .columns import ColumnSums, column_blocks
 from .lookahead import Lookahead
-from .rows import BLOCK_ELEMENTS, LOG_FLOOR, copy_rows_, exp_blocks, exp_safe, softmax_rows
+from .rows import BLOCK_ELEMENTS, LOG_FLOOR, copy_rows_
 from .text import TextAligner, mass_to_logits, span_logprobs, target_rows
-from .trie import ColumnSums, TokenTrie
+from .trie import TokenTrie
 
 __all__ = ["ByteSpanAligner"]
 
@@ -108,8 +109,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     starts, and the probabilities the lookahead's walks read (at the starts and at the later positions the walks
     reach).
 
-    Each row is exponentiated once (`exp_blocks`, a few rows at a time, scattered into columns and read while in
-    cache; normalised by the sum of its columns, or soft-maxed where exp without the max is unsafe), whether a start,
+    Each row is exponentiated once (`columns.column_blocks`, a few rows at a time, scattered into columns and read while
+    in cache; normalised by the sum of its columns, or soft-maxed where exp without the max is unsafe), whether a start,
     a walk position or both; the row bookkeeping is done on the host. A start no walk goes below (most of them) is
     final at the first level: its row is renormalised over the mass the student can spell and written as log-probs
     (floored at `LOG_FLOOR`) while its block is at hand. The `deep` starts' rows are kept apart as masses normalised
@@ -147,24 +148,11 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     columns = scratch(min(max(1, BLOCK_ELEMENTS // v_t), len(keys)), size + 1, device, slot="columns")  # reused
     floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
     all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
-    for lo, hi, probs in exp_blocks(teacher_logits, all_b, all_t):  # unnormalised: divided by the total
+    for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums, columns):
         key, s = keys[lo:hi], slice(*np.searchsorted(start_at, (lo, hi)))
         read = order[slice(*np.searchsorted(read_at, (lo, hi)))]
-        at, ids = query_at[read] - lo, queries[2][read]  # the block's reads, by row
-        full = root_sums(probs, keep_skipped=True, out=columns[: len(key)])  # [c, size + 1]: they sum to the row
-        raw = probs[t(at), t(ids)]  # each read's unnormalised probability
-        total = full.sum(-1)  # pairwise, so exact
-        unsafe = (~exp_safe(total, v_t)).nonzero().squeeze(-1)
-        if len(unsafe):  # a logit too large or all too small for exp without the max: those rows soft-maxed
-            probs = softmax_rows(teacher_logits, all_b[lo + unsafe], all_t[lo + unsafe],
-                                 scratch(len(unsafe), v_t, device, slot="safe"))
-            full[unsafe] = root_sums(probs, keep_skipped=True)
-            total[unsafe] = full[unsafe].sum(-1)
-            row_of = np.full(len(key), -1)
-            row_of[unsafe.cpu().numpy()] = np.arange(len(unsafe))
-            if (hit := row_of[at] >= 0).any():
-                raw[t(np.flatnonzero(hit))] = probs[t(row_of[at[hit]]), t(ids[hit])]
-        q[t(read)] = raw / total[t(at)]
+        at = t(query_at[read] - lo)  # the block's reads, by row
+        q[t(read)] = values(at, t(queries[2][read])) / total[at]
         local = start_at[s] - lo  # each start's row in the block
         spelled = total - full[:, size]  # the mass the student's vocabulary can spell
         final = np.ones(len(key), dtype=bool)

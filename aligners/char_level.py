@@ -24,9 +24,9 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
-from .rows import LOG_FLOOR, exp_blocks, exp_safe, softmax_rows
+from .columns import ColumnSums, column_blocks
+from .rows import BLOCK_ELEMENTS, LOG_FLOOR
 from .text import TextAligner, project_chunks
-from .trie import ColumnSums
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
 
@@ -88,18 +88,14 @@ class CharLevelAligner(TextAligner):
         at = inputs.alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
 
         def to_bytes(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            """A chunk's byte-class log-probs, its rows exponentiated a block at a time (`exp_blocks`: straight from
-            the logits, or computed from the teacher's hidden states and output layer, `HiddenRows`) and summed into
-            classes while in cache."""
-            v_t = logits.shape[-1]
-            # exp of the logits, unnormalised: byte classes are normalised by their own sum
+            """A chunk's byte-class log-probs, its rows exponentiated a block at a time (`columns.column_blocks`:
+            straight from the logits, or computed from the teacher's hidden states and output layer, `HiddenRows`)
+            and summed into classes while in cache."""
             mass = scratch(len(b), BYTE_CLASSES + 1, logits.device, slot="mass")
-            for lo, hi, probs in exp_blocks(logits, b, t):
-                self.teacher_sums(probs, keep_skipped=True, out=mass[lo:hi])
-            unsafe = (~exp_safe(mass.sum(-1), v_t)).nonzero().squeeze(-1)
-            if len(unsafe):  # a logit too large, or all too small, for exp without the max: soft-maxed
-                probs = softmax_rows(logits, b[unsafe], t[unsafe], scratch(len(unsafe), v_t, logits.device, slot="safe"))
-                mass[unsafe] = self.teacher_sums(probs, keep_skipped=True)
+            columns = scratch(min(len(b), max(1, BLOCK_ELEMENTS // logits.shape[-1])), BYTE_CLASSES + 1,
+                              logits.device, slot="columns")
+            for lo, hi, full, _, _ in column_blocks(logits, b, t, self.teacher_sums, columns):  # unnormalised exps,
+                mass[lo:hi] = full  # soft-maxed where unsafe: byte classes are normalised by their own sum
             return _mass_logprobs(mass[:, :BYTE_CLASSES]), mass.new_ones(len(b))
 
         target, valid, _, _ = project_chunks(teacher_logits, at, BYTE_CLASSES, to_bytes, copy=False)  # [B, N, 257]

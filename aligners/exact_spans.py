@@ -32,9 +32,9 @@ from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, Teacher
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .branches import Branch, BranchQueries
+from .columns import sum_columns
 from .cover import Cover, CoverTable, State
 from .text import TextAligner, mass_to_logits
-from .trie import sum_columns
 
 __all__ = ["ExactSpanAligner"]
 

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .bytes import TokenBytes
-from .trie import decompose, prefixless_encoder, sum_columns
+from .columns import sum_columns
+from .trie import decompose, prefixless_encoder
 
 __all__ = ["Lookahead", "Walks"]
 

@@ -26,51 +26,9 @@ import torch
 from torch import Tensor
 
 from .bytes import TokenBytes, byte_level_alphabet
+from .columns import sum_columns
 
-__all__ = ["ColumnSums", "TokenTrie", "decompose", "prefixless_encoder", "sum_columns"]
-
-
-class ColumnSums:
-    """Sums of the last axis of `[..., V]` values into `size` columns by a fixed index `[V]` (column `index[v]`,
-    skipped where -1), prepared once for the `index_add_` that does it.
-
-    Skipped entries go to one extra column (`size`), cheaper than selecting the others first. Where there are few
-    columns beside the width (`char_level`'s 257 byte classes of a 262k vocabulary, half of whose tokens start with
-    the same byte), consecutive entries of one column make each add wait on the one before; `lanes` interleaved copies
-    of the columns (entry v adds into copy `v % lanes`), summed at the end, break those chains: 1.7x faster at 262k
-    wide into 258 columns, no gain where the columns are many (`lanes` is then 1).
-    """
-
-    def __init__(self, index: Tensor, size: int) -> None:
-        width, self.size = len(index), size
-        self.lanes = min(8, max(1, width // (32 * (size + 1))))
-        target = index.where(index >= 0, size)
-        if self.lanes > 1:
-            target = target + (torch.arange(width) % self.lanes) * (size + 1)
-        self.target = target
-
-    def __call__(self, values: Tensor, keep_skipped: bool = False, out: Tensor | None = None) -> Tensor:
-        """`[..., size]` column sums of `values` `[..., V]` (`[..., size + 1]` with the skipped column when
-        `keep_skipped`, so that the columns sum to the whole of each row), written into `out` (`[..., size + 1]`,
-        overwritten) when given; differentiable."""
-        if self.target.device != values.device:  # moved once, not per call (a block of rows at a time on a GPU)
-            self.target = self.target.to(values.device)
-        target = self.target[: values.shape[-1]]
-        if self.lanes == 1:
-            out = values.new_zeros(*values.shape[:-1], self.size + 1) if out is None else out.zero_()
-            out.index_add_(-1, target, values)
-        else:
-            lanes = values.new_zeros(*values.shape[:-1], self.lanes * (self.size + 1)).index_add_(-1, target, values)
-            lanes = lanes.unflatten(-1, (self.lanes, self.size + 1))
-            out = lanes.sum(-2) if out is None else torch.sum(lanes, -2, out=out)
-        return out if keep_skipped else out[..., : self.size]
-
-
-def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False,
-                out: Tensor | None = None) -> Tensor:
-    """`ColumnSums(index, size)(values, keep_skipped, out)`, for a one-off sum (a fixed index used call after call is
-    better prepared once as a `ColumnSums`)."""
-    return ColumnSums(index[: values.shape[-1]], size)(values, keep_skipped, out)
+__all__ = ["TokenTrie", "decompose", "prefixless_encoder"]
 
 
 def _without_prefix(node):
@@ -205,28 +163,40 @@ class TokenTrie:
         """`conditional` with the paths given as rows of `padded` `[n, L]` (row r's first `lengths[r]` entries).
 
         A child's mass is the sum of the teacher probabilities over its range of the trie's sorted rows: only the
-        entries of those ranges are read (a few per child; the rows' whole vocabularies are not sorted or summed),
-        accumulated in float64 so that the children's shares are exact to fp32."""
+        entries of those ranges are read (`entries`; a few per child, the rows' whole vocabularies are not sorted or
+        summed), and shared out in float64 (`shares`)."""
         out = self.marginal(probs)
         deep = np.flatnonzero(lengths > 0)
         if not len(deep):
             return out
-        local, ids, lo, hi = self.children(padded[deep], lengths[deep])
+        local, ids, child, teacher_ids = self.entries(padded[deep], lengths[deep])
+        t = lambda a: torch.from_numpy(a).to(probs.device)
+        share, _ = self.shares(probs[t(deep[local[child]]), t(teacher_ids)], t(local), t(child), len(deep))
+        deep_t = t(deep)
+        out.index_fill_(0, deep_t, 0.0)  # the deep rows: their children's shares only
+        out.index_put_((deep_t[t(local)], t(ids)), share.to(out.dtype))  # a path's children have distinct ids
+        return out
+
+    def entries(self, paths: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The children of many paths (`children`) and the teacher tokens whose probabilities make up their masses:
+        (each child's path index `[e]`, its student id `[e]`, each entry's child `[E]`, its teacher id `[E]`), entries
+        in the order of their paths."""
+        local, ids, lo, hi = self.children(paths, lengths)
         size = hi - lo
         child = np.repeat(np.arange(len(lo)), size)  # each read entry's child
         entry = lo[child] + np.arange(len(child)) - (np.cumsum(size) - size)[child]  # its sorted row
-        device = probs.device
-        rows = torch.from_numpy(deep[local[child]]).to(device)
-        read = probs[rows, self.order.to(device)[torch.from_numpy(entry).to(device)]].double()  # [E]
-        child_t = torch.from_numpy(child).to(device)
-        mass = torch.zeros(len(lo), dtype=torch.float64, device=device).index_add_(0, child_t, read)  # [children]
-        local_t = torch.from_numpy(local).to(device)
-        totals = torch.zeros(len(deep), dtype=torch.float64, device=device).index_add_(0, local_t, mass)  # [d]
-        share = (mass / totals[local_t].clamp_min(torch.finfo(torch.float64).tiny)).to(out.dtype)  # [children]
-        deep_t = torch.from_numpy(deep).to(device)
-        out.index_fill_(0, deep_t, 0.0)  # the deep rows: their children's shares only (one child id per entry)
-        out.index_put_((deep_t[local_t], torch.from_numpy(ids).to(device)), share, accumulate=True)
-        return out
+        return local, ids, child, self.order.numpy()[entry]
+
+    @staticmethod
+    def shares(read: Tensor, local: Tensor, child: Tensor, n_paths: int) -> tuple[Tensor, Tensor]:
+        """Each child's share of its path's mass, `[e]` float64, from the probabilities `read` `[E]` at `entries`'
+        teacher ids (on any one scale per path: normalised, or a row's unnormalised exps), accumulated in float64 so
+        that the shares are exact to fp32; and the sum of each path's shares `[n_paths]` (1, or 0 where its children
+        have no mass)."""
+        mass = read.new_zeros(len(local), dtype=torch.float64).index_add_(0, child, read.double())  # [e]
+        totals = mass.new_zeros(n_paths).index_add_(0, local, mass)  # [n_paths]
+        share = mass / totals[local].clamp_min(torch.finfo(torch.float64).tiny)
+        return share, mass.new_zeros(n_paths).index_add_(0, local, share)
 
 
 def _prefix_groups(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -260,6 +260,35 @@ def test_conditional_matches_brute_force_on_a_subset_pair():
         torch.testing.assert_close(got[r].double(), subset_conditional(probs[r], path, spell, len(student)))
 
 
+@pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
+def test_bpe_subset_target_is_the_brute_force_conditional_at_every_position(shift):
+    """`bpe_subset`'s dense target (each teacher row exponentiated once, its columns summed for the positions at a
+    teacher token's start and its children's entries read for those inside one) equals the enumerated conditional of
+    the next student token given the path inside the teacher token, at every aligned position, also where a row's
+    exp overflows (+95) or underflows (-110) and it is soft-maxed instead."""
+    from opd_lightning.aligners import ALIGNERS
+
+    student, teacher = subset_pair(0.3)
+    aligner = ALIGNERS.build("bpe_subset")
+    aligner.bind(student, teacher, len(student), len(teacher))
+    spell = spell_with_model(student, teacher, aligner.teacher_bytes)
+    text = student("the quick brown fox jumps over the lazy dog; the dog sleeps", add_special_tokens=False)["input_ids"]
+    rollout = _rollout_after(student, "Once ", [text[:12], text[3:15]])
+    inputs = aligner.teacher_inputs(rollout)
+    view = inputs.alignment
+    logits = 4 * torch.randn(2, inputs.completion_length, len(teacher), generator=torch.Generator().manual_seed(5))
+    logits[1] += shift
+    target = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
+    deep = 0
+    for b, i in target.mask.nonzero().tolist():
+        start, j = int(view.path_start[b, i]), int(view.containing[b, i])
+        path = tuple(rollout.completion_ids[b, start:i].tolist())
+        deep += bool(path)
+        want = subset_conditional(torch.softmax(logits[b, j].double(), -1), path, spell, len(student))
+        torch.testing.assert_close(target.logits[b, i].double().exp(), want, rtol=0, atol=1e-6)
+    assert deep and target.mask.sum() > deep  # positions inside teacher tokens and at their starts
+
+
 def test_lookahead_gives_longer_student_tokens_the_teacher_likelihood_of_their_text(char_tok):
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
 
@@ -291,7 +320,7 @@ def test_column_sums_equal_a_float64_scatter_with_and_without_lanes(width, size)
     """`ColumnSums` (interleaved copies of the columns where they are few beside the width) equals a float64 sum of
     each column's entries, -1 entries in the kept extra column, runs of one column included; into `out`, and with a
     gradient equal to the plain `index_add_`'s."""
-    from opd_lightning.aligners.trie import ColumnSums
+    from opd_lightning.aligners.columns import ColumnSums
 
     g = torch.Generator().manual_seed(0)
     index = torch.randint(-1, size, (width,), generator=g)

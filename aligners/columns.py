@@ -1,0 +1,91 @@
+"""Sums of a teacher's rows into columns: each teacher token's probability carried to the column it belongs to (a
+student token, a byte class), the one step every projection carrying the teacher's whole distribution into another
+space takes, prepared once per index (`ColumnSums`) and run a block of rows at a time while the block is in cache
+(`column_blocks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from opd_lightning.buffers import scratch
+
+from .rows import exp_blocks, exp_safe, softmax_rows
+
+__all__ = ["ColumnSums", "column_blocks", "sum_columns"]
+
+
+class ColumnSums:
+    """Sums of the last axis of `[..., V]` values into `size` columns by a fixed index `[V]` (column `index[v]`,
+    skipped where -1), prepared once for the `index_add_` that does it.
+
+    Skipped entries go to one extra column (`size`), cheaper than selecting the others first. Where there are few
+    columns beside the width (`char_level`'s 257 byte classes of a 262k vocabulary, half of whose tokens start with
+    the same byte), consecutive entries of one column make each add wait on the one before; `lanes` interleaved copies
+    of the columns (entry v adds into copy `v % lanes`), summed at the end, break those chains: 1.7x faster at 262k
+    wide into 258 columns, no gain where the columns are many (`lanes` is then 1).
+    """
+
+    def __init__(self, index: Tensor, size: int) -> None:
+        width, self.size = len(index), size
+        self.lanes = min(8, max(1, width // (32 * (size + 1))))
+        target = index.where(index >= 0, size)
+        if self.lanes > 1:
+            target = target + (torch.arange(width) % self.lanes) * (size + 1)
+        self.target = target
+
+    def __call__(self, values: Tensor, keep_skipped: bool = False, out: Tensor | None = None) -> Tensor:
+        """`[..., size]` column sums of `values` `[..., V]` (`[..., size + 1]` with the skipped column when
+        `keep_skipped`, so that the columns sum to the whole of each row), written into `out` (`[..., size + 1]`,
+        overwritten) when given; differentiable."""
+        if self.target.device != values.device:  # moved once, not per call (a block of rows at a time on a GPU)
+            self.target = self.target.to(values.device)
+        target = self.target[: values.shape[-1]]
+        if self.lanes == 1:
+            out = values.new_zeros(*values.shape[:-1], self.size + 1) if out is None else out.zero_()
+            out.index_add_(-1, target, values)
+        else:
+            lanes = values.new_zeros(*values.shape[:-1], self.lanes * (self.size + 1)).index_add_(-1, target, values)
+            lanes = lanes.unflatten(-1, (self.lanes, self.size + 1))
+            out = lanes.sum(-2) if out is None else torch.sum(lanes, -2, out=out)
+        return out if keep_skipped else out[..., : self.size]
+
+
+def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False,
+                out: Tensor | None = None) -> Tensor:
+    """`ColumnSums(index, size)(values, keep_skipped, out)`, for a one-off sum (a fixed index used call after call is
+    better prepared once as a `ColumnSums`)."""
+    return ColumnSums(index[: values.shape[-1]], size)(values, keep_skipped, out)
+
+
+def column_blocks(values: Tensor, batch: Tensor, pos: Tensor, sums: ColumnSums,
+                  columns: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]]:
+    """`exp_blocks` with each block's column sums: yields `(lo, hi, full, total, read)` for rows `lo:hi` of
+    `values[batch, pos]` (`[B, M, V]`): `full` `[c, size + 1]` the rows' `sums` with the skipped column (written into
+    `columns`, a buffer of at least a block's rows), `total` `[c]` their sums (the rows' whole mass), and `read(rows,
+    ids)` the block's values at (local row, id) on the same scale. Rows `exp_safe` rejects are soft-maxed
+    (`softmax_rows`): their `full`, `total` and reads are then of the softmax. All valid until the next step."""
+    width = values.shape[-1]
+    for lo, hi, probs in exp_blocks(values, batch, pos):
+        full = sums(probs, keep_skipped=True, out=columns[: hi - lo])  # [c, size + 1]
+        total = full.sum(-1)  # pairwise, so exact
+        unsafe = (~exp_safe(total, width)).nonzero().squeeze(-1)
+        if not len(unsafe):
+            yield lo, hi, full, total, lambda rows, ids, probs=probs: probs[rows, ids]
+            continue
+        # a logit too large or all too small for exp without the max: those rows soft-maxed
+        safe = softmax_rows(values, batch[lo + unsafe], pos[lo + unsafe],
+                            scratch(len(unsafe), width, values.device, slot="safe"))
+        full[unsafe] = sums(safe, keep_skipped=True)
+        total[unsafe] = full[unsafe].sum(-1)
+        row_of = torch.full((hi - lo,), -1, dtype=torch.long, device=values.device)
+        row_of[unsafe] = torch.arange(len(unsafe), device=values.device)
+
+        def read(rows: Tensor, ids: Tensor, probs=probs, safe=safe, row_of=row_of) -> Tensor:
+            redo = row_of[rows]
+            return torch.where(redo >= 0, safe[redo.clamp_min(0), ids], probs[rows, ids])
+
+        yield lo, hi, full, total, read
