@@ -21,12 +21,13 @@ from opd_lightning.target import (
     TEACHER_NATIVE_LOGITS,
     TEACHER_TOKEN_LOGPROBS,
     VOCAB_PAIRS,
+    PositionRows,
     TeacherTarget,
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .rows import top_logprobs
-from .text import TextAligner, project_chunks, topk_to_logits
+from .text import TextAligner, target_rows, topk_to_logits
 
 __all__ = ["MinEdAligner", "edit_distances", "min_edit_pairs"]
 
@@ -180,13 +181,15 @@ class MinEdAligner(TextAligner):
     def project(self, teacher_logits: Tensor, inputs: TeacherInputs, rollout: Rollout,
                 needs: frozenset[str]) -> TeacherTarget:
         at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
-
-        def nearest_topk(logits: Tensor, b: Tensor, _i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            top, ids = top_logprobs(logits, b, t, min(self.topk, logits.shape[-1]))  # probabilities, ids [c, k]
-            return topk_to_logits(top, self.nearest_table(ids), self.student_vocab_size)
-
-        logp, valid, kept, native = project_chunks(teacher_logits, at, self.student_vocab_size, nearest_topk,
-                                                   native=TEACHER_NATIVE_LOGITS in needs, copy=False)
+        batch, pos = (at >= 0).nonzero(as_tuple=True)
+        # the teacher's top-k at each aligned position, from one exp pass over its rows (a block at a time)
+        top, ids = top_logprobs(teacher_logits, batch, at[batch, pos], min(self.topk, teacher_logits.shape[-1]))
+        logp = target_rows((*at.shape, self.student_vocab_size), batch, pos)  # [B, N, V_s] zeros off the positions
+        _, kept = topk_to_logits(top, self.nearest_table(ids), self.student_vocab_size,
+                                 out=logp.view(-1, self.student_vocab_size), rows=batch * at.shape[1] + pos)
+        valid = torch.zeros_like(at, dtype=torch.bool)
+        valid[batch, pos] = kept > 0
+        native = PositionRows(teacher_logits, at) if TEACHER_NATIVE_LOGITS in needs else None  # read when indexed
         tokens = dense_token_logprobs(logp, rollout, valid) if TEACHER_TOKEN_LOGPROBS in needs else None
         return TeacherTarget(coverage=self.coverage(valid, rollout), mask=valid, logits=logp, native_logits=native,
                              vocab_pairs=tuple(p.to(logp.device) for p in self.pairs), token_logprobs=tokens,

@@ -197,11 +197,13 @@ def mass_to_logits(mass: Tensor) -> tuple[Tensor, Tensor]:
     return logp, kept
 
 
-def topk_to_logits(values: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:
+def topk_to_logits(values: Tensor, ids: Tensor, width: int, out: Tensor | None = None,
+                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`mass_to_logits` of masses `values` `[c, k]` scattered onto the columns `ids` `[c, k]` (-1: nowhere, dropped)
     of `width`-wide rows, without a pass over the rows per operation: every column is `LOG_FLOOR` but the k written,
-    ids repeated within a row share their summed mass. Returns (log-probs `[c, width]`, the mass each row kept `[c]`;
-    a row that kept none is all zeros, uniform logits for the caller to mask)."""
+    ids repeated within a row share their summed mass. Returns (log-probs `[c, width]`, or `out` `[R, width]` with
+    them written into its rows `rows` `[c]` when given (a target, written once); the mass each row kept `[c]`). A row
+    that kept none is all zeros, uniform logits for the caller to mask."""
     keep = ids >= 0
     values = values * keep
     kept = values.sum(-1)  # [c]
@@ -209,11 +211,12 @@ def topk_to_logits(values: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Ten
     summed = (same.to(values.dtype) @ values[:, :, None]).squeeze(-1)  # [c, k]
     tiny = torch.finfo(values.dtype).tiny
     logp = (summed / kept.clamp_min(tiny)[:, None]).clamp_min_(tiny).log_().clamp_min_(LOG_FLOOR)
-    out = values.new_full((values.shape[0], width + 1), LOG_FLOOR)  # the last column takes the dropped entries
-    out.scatter_(1, ids.where(keep, width), logp)
-    out = out[:, :width]
+    if out is None:
+        out, rows = values.new_empty(values.shape[0], width), torch.arange(values.shape[0], device=values.device)
+    out.index_fill_(0, rows, LOG_FLOOR)
+    out.index_put_((rows[:, None].expand_as(ids)[keep], ids[keep]), logp[keep].to(out.dtype))  # repeats: one value
     if (empty := kept <= 0).any():
-        out[empty] = 0.0
+        out.index_fill_(0, rows[empty], 0.0)
     return out, kept
 
 
