@@ -599,15 +599,20 @@ def test_topk_to_logits_equals_the_dense_scatter_it_replaces(monkeypatch):
         assert torch.equal(idx, ref.indices) and torch.allclose(top, ref.values, atol=1e-6)
 
 
+@pytest.mark.parametrize("direct_width", [2**16, 0])
 @pytest.mark.parametrize("pair", ["char_to_bpe", "subset"])
-def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char_tok, pair):
+def test_vocab_map_target_equals_a_float64_softmax_over_the_matched_columns(char_tok, pair, direct_width, monkeypatch):
     """At every position with a target, `vocab_map`'s log-probs are the teacher's log-softmax over the tokens both
     vocabularies spell (float64 reference), placed at the student's ids, `LOG_FLOOR` at every other student id; its
-    `mass_coverage` (measured at every position) is the mean share of the teacher's row those tokens hold."""
+    `mass_coverage` (measured at every position) is the mean share of the teacher's row those tokens hold. Both ways
+    of reading the rows: straight into the student's order, and (as for a teacher wider than `DIRECT_WIDTH`) in the
+    teacher's order, then permuted."""
     from opd_lightning.aligners import ALIGNERS
     from opd_lightning.aligners.rows import LOG_FLOOR
 
     from opd_lightning.tasks.arithmetic import bpe_tokenizer
+
+    monkeypatch.setattr("opd_lightning.aligners.vocab_map.DIRECT_WIDTH", direct_width)
 
     student, teacher = (bpe_tokenizer(), char_tok) if pair == "char_to_bpe" else subset_pair(0.5)
     aligner = ALIGNERS.build("vocab_map", coverage_every=1)
