@@ -15,8 +15,6 @@ per student token, no spans), so that both describe the same distribution.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -35,8 +33,8 @@ from opd_lightning.target import (
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .columns import ColumnSums, column_blocks
 from .lookahead import Lookahead
-from .rows import BLOCK_ELEMENTS, LOG_FLOOR, copy_rows_
-from .text import TextAligner, mass_to_logits, span_logprobs, target_rows
+from .rows import BLOCK_ELEMENTS, copy_rows_, floored_log
+from .text import TextAligner, span_logprobs, target_rows
 from .trie import TokenTrie
 
 __all__ = ["ByteSpanAligner"]
@@ -89,10 +87,13 @@ class ByteSpanAligner(TextAligner):
             order[walks.deep] = torch.arange(len(deep), device=start.device)  # start -> its row among the deep ones
             cells = order[start].to(masses.device) * self.student_vocab_size + column.to(masses.device)
             masses.view(-1).index_add_(0, cells, value.to(masses.dtype))
-            masses.clamp_min_(0)  # rounding in the subtractions
-            logp_deep, kept_deep = mass_to_logits(masses)
-            rows = torch.from_numpy(starts[0][deep] * at.shape[1] + starts[1][deep]).to(logp.device)
-            logp.view(-1, self.student_vocab_size).index_copy_(0, rows, logp_deep)
+            kept_deep = masses.clamp_min_(0).sum(-1)  # clamped: rounding in the subtractions
+            masses.div_(kept_deep.clamp_min(torch.finfo(masses.dtype).tiny)[:, None])
+            rows = starts[0][deep] * at.shape[1] + starts[1][deep]
+            flat = logp.view(-1, self.student_vocab_size)
+            copy_rows_(flat, rows, masses, np.arange(len(deep)), op=floored_log)
+            if (empty := (kept_deep <= 0).cpu().numpy()).any():  # nothing spelled: no target
+                flat[torch.from_numpy(rows[empty]).to(flat.device)] = 0.0
             kept[walks.deep.to(kept.device)] = kept_deep.to(kept.dtype)
         valid = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
         valid[batch, pos] = kept > 0
@@ -146,7 +147,7 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     order = np.argsort(query_at, kind="stable")
     q = torch.zeros(len(query_key), device=device)
     columns = scratch(min(max(1, BLOCK_ELEMENTS // v_t), len(keys)), size + 1, device, slot="columns")  # reused
-    floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(torch.float32).tiny
     all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
     for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums, columns):
         key, s = keys[lo:hi], slice(*np.searchsorted(start_at, (lo, hi)))
@@ -161,11 +162,12 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         kept[s.start : s.stop] = torch.where(final_t, spelled / total, 0.0)[t(local)]
         scale = torch.where(final_t, spelled, total).clamp_min_(tiny)
         full = full[:, :size].div_(scale[:, None])
-        if is_deep[s].any():
-            copy_rows_(masses, deep_at[s][is_deep[s]], full, local[is_deep[s]])
-        # log-probs written straight into the target (the deep rows too: overwritten by the caller after the flow)
+        deep_s = is_deep[s]
+        if deep_s.any():
+            copy_rows_(masses, deep_at[s][deep_s], full, local[deep_s])
+        # the final starts' log-probs written straight into the target (the deep ones' after the flow, by the caller)
         rows = starts[0][s] * n_student + starts[1][s]
-        copy_rows_(flat, rows, full.clamp_min_(floor), local, op=torch.log)
+        copy_rows_(flat, rows[~deep_s], full, local[~deep_s], op=floored_log)
         if (empty := (final_t & (spelled <= 0)).cpu().numpy()[local]).any():  # nothing spelled: no target
             flat[t(rows[empty])] = 0.0
     return out, kept, q, masses

@@ -30,6 +30,7 @@ __all__ = [
     "copy_rows_",
     "exp_blocks",
     "exp_safe",
+    "floored_log",
     "fused_softmax_",
     "gather_columns",
     "gather_rows",
@@ -43,6 +44,13 @@ __all__ = [
 ]
 
 LOG_FLOOR = -80.0  # log-probability given to student tokens a projected teacher distribution cannot reach
+
+
+def floored_log(probs: Tensor, out: Tensor) -> Tensor:
+    """`log(max(probs, exp(LOG_FLOOR)))` written into `out` (`probs` raised to the floor in place): probabilities
+    as log-probs floored at `LOG_FLOOR`, never the log of a zero or subnormal (several times slower). An `op` for
+    `copy_rows_`."""
+    return torch.log(probs.clamp_min_(math.exp(LOG_FLOOR)), out=out)
 
 
 def softmax_(rows: Tensor) -> Tensor:
