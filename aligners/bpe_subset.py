@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from opd_lightning.buffers import scratch
 from opd_lightning.rollout import Rollout
 from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TeacherTarget
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .columns import ColumnSums, column_blocks
-from .rows import BLOCK_ELEMENTS, LOG_FLOOR
+from .rows import LOG_FLOOR
 from .text import TextAligner, target_rows
 from .trie import TokenTrie
 
@@ -135,11 +134,9 @@ class BpeSubsetAligner(TextAligner):
         out = target_rows((*completion_ids.shape, size), batch, pos)
         flat, dst = out.view(-1, size), b * n_student + i
         kept, read = torch.zeros(len(b), device=device), torch.empty(len(child), device=device)
-        columns = scratch(min(max(1, BLOCK_ELEMENTS // teacher_logits.shape[-1]), len(keys)), size + 1, device,
-                          slot="columns")
         floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
         for lo, hi, full, total, values in column_blocks(teacher_logits, t(keys // big_m), t(keys % big_m),
-                                                         self.first_sums, columns):
+                                                         self.first_sums):
             s = start[slice(*np.searchsorted(row[start], (lo, hi)))]  # the block's start positions
             e = slice(*np.searchsorted(entry_row, (lo, hi)))  # and entries
             read[e] = values(t(entry_row[e] - lo), t(teacher_ids[e]))

@@ -33,11 +33,17 @@ from opd_lightning.target import (
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .columns import ColumnSums, column_blocks
 from .lookahead import Lookahead
-from .rows import BLOCK_ELEMENTS, copy_rows_, floored_log
+from .rows import copy_rows_, floored_log
 from .text import TextAligner, span_logprobs, target_rows
 from .trie import TokenTrie
 
 __all__ = ["ByteSpanAligner"]
+
+# Teacher values per block of the first level: twice `rows.BLOCK_ELEMENTS` (32 rows of a 262k vocabulary), as the
+# bookkeeping per block here is heavier than elsewhere. On the SmolLM2/Gemma-3 batch of `benchmarks/alignment.py`
+# (random logits, 2 threads, three alternating runs each) a call took 1.15-1.19 s in blocks of 2**23 values,
+# 1.18-1.25 s in blocks of 2**22 and 1.26-1.34 s in blocks of 2**21; the other aligners gained nothing from it.
+SPAN_BLOCK = 2**23
 
 
 @ALIGNERS.register("byte_spans")
@@ -132,7 +138,7 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         caller); the share of the teacher's mass each start keeps `[n]` (the deep ones' to be recomputed after the
         flow); probabilities `[Q]`; the deep starts' masses `[len(deep), size]`).
     """
-    device, (big_b, big_m, v_t) = teacher_logits.device, teacher_logits.shape
+    device, (big_b, big_m, _) = teacher_logits.device, teacher_logits.shape
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     out = target_rows((big_b, n_student, size), t(starts[0]), t(starts[1]))  # every start's row is written below
     flat = out.view(-1, size)
@@ -146,10 +152,9 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     start_at, query_at = np.searchsorted(keys, start_key), np.searchsorted(keys, query_key)
     order = np.argsort(query_at, kind="stable")
     q = torch.zeros(len(query_key), device=device)
-    columns = scratch(min(max(1, BLOCK_ELEMENTS // v_t), len(keys)), size + 1, device, slot="columns")  # reused
     tiny = torch.finfo(torch.float32).tiny
     all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
-    for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums, columns):
+    for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums, SPAN_BLOCK):
         key, s = keys[lo:hi], slice(*np.searchsorted(start_at, (lo, hi)))
         read = order[slice(*np.searchsorted(read_at, (lo, hi)))]
         at = t(query_at[read] - lo)  # the block's reads, by row

@@ -25,7 +25,7 @@ from opd_lightning.target import TEACHER_LOGITS, TeacherTarget, upcast
 from .base import ALIGNERS, TeacherInputs
 from .bytes import TokenBytes
 from .columns import ColumnSums, column_blocks
-from .rows import BLOCK_ELEMENTS, LOG_FLOOR
+from .rows import LOG_FLOOR
 from .text import TextAligner, project_chunks
 
 __all__ = ["BYTE_CLASSES", "CharLevelAligner", "byte_class_ids", "to_byte_logprobs"]
@@ -92,9 +92,7 @@ class CharLevelAligner(TextAligner):
             straight from the logits, or computed from the teacher's hidden states and output layer, `HiddenRows`)
             and summed into classes while in cache."""
             mass = scratch(len(b), BYTE_CLASSES + 1, logits.device, slot="mass")
-            columns = scratch(min(len(b), max(1, BLOCK_ELEMENTS // logits.shape[-1])), BYTE_CLASSES + 1,
-                              logits.device, slot="columns")
-            for lo, hi, full, _, _ in column_blocks(logits, b, t, self.teacher_sums, columns):  # unnormalised exps,
+            for lo, hi, full, _, _ in column_blocks(logits, b, t, self.teacher_sums):  # unnormalised exps,
                 mass[lo:hi] = full  # soft-maxed where unsafe: byte classes are normalised by their own sum
             return _mass_logprobs(mass[:, :BYTE_CLASSES]), mass.new_ones(len(b))
 

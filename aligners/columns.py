@@ -13,7 +13,7 @@ from torch import Tensor
 
 from opd_lightning.buffers import scratch
 
-from .rows import exp_blocks, exp_safe, softmax_rows
+from .rows import block_rows, exp_blocks, exp_safe, softmax_rows
 
 __all__ = ["ColumnSums", "column_blocks", "sum_columns"]
 
@@ -62,14 +62,16 @@ def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = F
 
 
 def column_blocks(values: Tensor, batch: Tensor, pos: Tensor, sums: ColumnSums,
-                  columns: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]]:
-    """`exp_blocks` with each block's column sums: yields `(lo, hi, full, total, read)` for rows `lo:hi` of
-    `values[batch, pos]` (`[B, M, V]`): `full` `[c, size + 1]` the rows' `sums` with the skipped column (written into
-    `columns`, a buffer of at least a block's rows), `total` `[c]` their sums (the rows' whole mass), and `read(rows,
-    ids)` the block's values at (local row, id) on the same scale. Rows `exp_safe` rejects are soft-maxed
-    (`softmax_rows`): their `full`, `total` and reads are then of the softmax. All valid until the next step."""
+                  elements: int | None = None) -> Iterator[tuple[int, int, Tensor, Tensor, Callable]]:
+    """`exp_blocks` (`elements` values at a time) with each block's column sums: yields `(lo, hi, full, total, read)`
+    for rows `lo:hi` of `values[batch, pos]` (`[B, M, V]`): `full` `[c, size + 1]` the rows' `sums` with the skipped
+    column, `total` `[c]` their sums (the rows' whole mass), and `read(rows, ids)` the block's values at (local row,
+    id) on the same scale. Rows `exp_safe` rejects are soft-maxed (`softmax_rows`): their `full`, `total` and reads
+    are then of the softmax. All valid until the next step (`full` is a buffer reused block after block)."""
     width = values.shape[-1]
-    for lo, hi, probs in exp_blocks(values, batch, pos):
+    rows = min(block_rows(width, elements), len(batch))
+    columns = scratch(rows, sums.size + 1, values.device, slot="columns")
+    for lo, hi, probs in exp_blocks(values, batch, pos, elements):
         full = sums(probs, keep_skipped=True, out=columns[: hi - lo])  # [c, size + 1]
         total = full.sum(-1)  # pairwise, so exact
         unsafe = (~exp_safe(total, width)).nonzero().squeeze(-1)

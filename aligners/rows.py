@@ -25,6 +25,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "LOG_FLOOR",
     "RUN_ELEMENTS",
+    "block_rows",
     "block_topk",
     "chunk_rows",
     "copy_rows_",
@@ -87,6 +88,12 @@ BLOCK_ELEMENTS = 2**22
 
 # Values per run of rows below which reading the rows run by run costs more in calls than copying them (`_row_runs`).
 RUN_ELEMENTS = 2**16
+
+
+def block_rows(width: int, elements: int | None = None) -> int:
+    """Rows per block of `exp_blocks` for rows `width` wide: `elements` values (`BLOCK_ELEMENTS` if None), and at
+    least one row."""
+    return max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(width, 1))
 
 
 def chunk_rows(width: int) -> int:
@@ -175,11 +182,13 @@ def softmax_rows(values: Tensor, batch: Tensor, pos: Tensor, out: Tensor) -> Ten
     return out[: len(batch)]
 
 
-def exp_blocks(values: Tensor, batch: Tensor, pos: Tensor) -> Iterator[tuple[int, int, Tensor]]:
-    """`exp(values[batch, pos])` of `[B, M, V]` values, unnormalised, `BLOCK_ELEMENTS` values at a time: yields
-    `(lo, hi, rows)` with `rows` `[hi - lo, V]` fp32 the exps of rows `lo:hi`, in order, in one small buffer reused
-    for each block (valid until the next step), so that what the caller does with a block (a scatter-sum, a sum, a
-    few reads) finds it in cache. Rows are read where they lie, run by run (`_row_runs`), a block filled from as many
+def exp_blocks(values: Tensor, batch: Tensor, pos: Tensor,
+               elements: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """`exp(values[batch, pos])` of `[B, M, V]` values, unnormalised, `elements` values (`BLOCK_ELEMENTS` if None) at a
+    time: yields `(lo, hi, rows)` with `rows` `[hi - lo, V]` fp32 the exps of rows `lo:hi`, in order, in one small
+    buffer reused for each block (valid until the next step), so that what the caller does with a block (a
+    scatter-sum, a sum, a few reads) finds it in cache. Rows are read where they lie, run by run (`_row_runs`), a block
+    filled from as many
     runs as it takes; else copied a block at a time (`gather_rows`: hidden states through an output layer are
     computed there).
 
@@ -189,7 +198,7 @@ def exp_blocks(values: Tensor, batch: Tensor, pos: Tensor) -> Iterator[tuple[int
     is then a normal float. A row's sum bounds its max from below (sum <= V * exp(max)), which is what `exp_safe`
     checks; rows it rejects are for the caller to redo with `softmax_rows`."""
     n, width = len(batch), values.shape[-1]
-    step = max(1, BLOCK_ELEMENTS // max(width, 1))
+    step = block_rows(width, elements)
     if not n:
         return
     buffer = scratch(min(step, n), width, values.device, slot="block")
