@@ -39,11 +39,13 @@ from .trie import TokenTrie
 
 __all__ = ["ByteSpanAligner"]
 
-# Teacher values per block of the first level: twice `rows.BLOCK_ELEMENTS` (32 rows of a 262k vocabulary), as the
-# bookkeeping per block here is heavier than elsewhere. On the SmolLM2/Gemma-3 batch of `benchmarks/alignment.py`
-# (random logits, 2 threads, three alternating runs each) a call took 1.15-1.19 s in blocks of 2**23 values,
-# 1.18-1.25 s in blocks of 2**22 and 1.26-1.34 s in blocks of 2**21; the other aligners gained nothing from it.
-SPAN_BLOCK = 2**23
+# Blocks of the first level: 32 teacher rows, and at least 2**21 values. The bookkeeping per block here is heavier
+# than elsewhere, so wide rows want more of them per block than `rows.BLOCK_ELEMENTS` gives (16 of a 262k
+# vocabulary), and narrow rows fewer (524 of an 8,000-token one). Calls on `benchmarks/alignment.py`'s batches (random
+# logits, 2 threads, three alternating runs each): SmolLM2/Gemma-3, 1.15-1.19 s in blocks of 2**23 values (32 rows),
+# 1.18-1.25 s in 2**22, 1.26-1.34 s in 2**21; the synthetic 90% pair, 63-69 ms in 2**21 (262 rows), 71-76 ms in 2**22,
+# 78-83 ms in 2**23. The other aligners gained nothing from larger blocks on the real pair.
+SPAN_ROWS, SPAN_MIN_ELEMENTS = 32, 2**21
 
 
 @ALIGNERS.register("byte_spans")
@@ -138,7 +140,7 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         caller); the share of the teacher's mass each start keeps `[n]` (the deep ones' to be recomputed after the
         flow); probabilities `[Q]`; the deep starts' masses `[len(deep), size]`).
     """
-    device, (big_b, big_m, _) = teacher_logits.device, teacher_logits.shape
+    device, (big_b, big_m, v_t) = teacher_logits.device, teacher_logits.shape
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     out = target_rows((big_b, n_student, size), t(starts[0]), t(starts[1]))  # every start's row is written below
     flat = out.view(-1, size)
@@ -154,7 +156,8 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     q = torch.zeros(len(query_key), device=device)
     tiny = torch.finfo(torch.float32).tiny
     all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
-    for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums, SPAN_BLOCK):
+    for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums,
+                                                     max(SPAN_ROWS * v_t, SPAN_MIN_ELEMENTS)):
         key, s = keys[lo:hi], slice(*np.searchsorted(start_at, (lo, hi)))
         read = order[slice(*np.searchsorted(read_at, (lo, hi)))]
         at = t(query_at[read] - lo)  # the block's reads, by row
