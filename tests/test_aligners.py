@@ -424,8 +424,8 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
     """`softmax_rows`, `exp_blocks` and `gather_columns` read runs of consecutive rows straight from the logits, or
     from a copy where the runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these
     13-wide rows), with the same values; `exp_blocks` yields blocks of at most `BLOCK_ELEMENTS` values, in order,
-    filled across runs; `copy_rows_` writes runs as slices; `exp_safe` flags the rows whose sum overflowed or whose
-    logits are all too small for exp without the max."""
+    filled across runs; `copy_rows_` writes runs as slices, or short runs through one buffer, with or without an op;
+    `exp_safe` flags the rows whose sum overflowed or whose logits are all too small for exp without the max."""
     from opd_lightning.aligners import rows
     from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_blocks, exp_safe, gather_columns, softmax_rows
 
@@ -447,9 +447,12 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
                                    values[batch, pos][:, columns], msg=name)
     dst, src = torch.zeros(10, 4), torch.randn(6, 4)
     dst_rows, src_rows = np.array([1, 2, 3, 7, 8, 9]), np.array([0, 1, 3, 4, 5, 2])
-    copy_rows_(dst, dst_rows, src, src_rows)
+    copy_rows_(dst, dst_rows, src, src_rows)  # by runs (RUN_ELEMENTS 0), or through one buffer (these short runs)
     want = torch.zeros(10, 4)
     want[torch.from_numpy(dst_rows)] = src[torch.from_numpy(src_rows)]
+    assert torch.equal(dst, want)
+    copy_rows_(dst, dst_rows, src, src_rows, op=torch.exp)
+    want[torch.from_numpy(dst_rows)] = src[torch.from_numpy(src_rows)].exp()
     assert torch.equal(dst, want)
     logits = torch.stack([torch.zeros(13), torch.full((13,), 100.0), torch.full((13,), -30.0), torch.full((13,), -7.0)])
     assert exp_safe(logits.exp().sum(-1), 13).tolist() == [True, False, False, True]
