@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, Teacher
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
 from .columns import ColumnSums, column_blocks
-from .rows import LOG_FLOOR
+from .rows import LOG_FLOOR, floored_log
 from .text import TextAligner, target_rows
 from .trie import TokenTrie
 
@@ -134,7 +133,7 @@ class BpeSubsetAligner(TextAligner):
         out = target_rows((*completion_ids.shape, size), batch, pos)
         flat, dst = out.view(-1, size), b * n_student + i
         kept, read = torch.zeros(len(b), device=device), torch.empty(len(child), device=device)
-        floor, tiny = math.exp(LOG_FLOOR), torch.finfo(torch.float32).tiny
+        tiny = torch.finfo(torch.float32).tiny
         for lo, hi, full, total, values in column_blocks(teacher_logits, t(keys // big_m), t(keys % big_m),
                                                          self.first_sums):
             s = start[slice(*np.searchsorted(row[start], (lo, hi)))]  # the block's start positions
@@ -144,7 +143,8 @@ class BpeSubsetAligner(TextAligner):
                 continue
             spelled = total - full[:, size]  # the mass the student's vocabulary can spell
             kept[t(s)] = (spelled / total)[t(row[s] - lo)]
-            logs = full[:, :size].div_(spelled.clamp_min(tiny)[:, None]).clamp_min_(floor).log_()
+            probs = full[:, :size].div_(spelled.clamp_min(tiny)[:, None])
+            logs = floored_log(probs, out=probs)
             flat.index_copy_(0, t(dst[s]), logs if len(s) == hi - lo else logs[t(row[s] - lo)])  # one start a row
         share, kept_deep = self.trie.shares(read, t(local), t(child), len(deep))
         kept[t(deep)] = kept_deep.to(kept.dtype)

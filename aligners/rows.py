@@ -189,9 +189,8 @@ def exp_blocks(values: Tensor, batch: Tensor, pos: Tensor,
     time: yields `(lo, hi, rows)` with `rows` `[hi - lo, V]` fp32 the exps of rows `lo:hi`, in order, in one small
     buffer reused for each block (valid until the next step), so that what the caller does with a block (a
     scatter-sum, a sum, a few reads) finds it in cache. Rows are read where they lie, run by run (`_row_runs`), a block
-    filled from as many
-    runs as it takes; else copied a block at a time (`gather_rows`: hidden states through an output layer are
-    computed there).
+    filled from as many runs as it takes; else copied a block at a time (`gather_rows`: hidden states through an
+    output layer are computed there).
 
     A softmax without its max and scaling passes, for a caller that sums (or scatters) the values and normalises the
     smaller result. `softmax_` subtracts each row's max so that its largest value is 1; these values are exact as
