@@ -37,6 +37,7 @@ from .rows import (
     exp_safe,
     gather_columns,
     gather_rows,
+    index_pieces,
     log_totals,
 )
 from .text import TextAligner, target_rows
@@ -73,6 +74,7 @@ class VocabMapAligner(TextAligner):
         self.columns = torch.zeros(1, dtype=torch.long)  # the teacher columns each row is read at
         self.blank = torch.zeros(0, dtype=torch.long)  # the read columns set to -inf: no match
         self.place: Tensor | None = None  # each student id's place among the read columns, None: read in its order
+        self.pieces: list[tuple[int, int, int]] | None = None
 
     def bind(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int) -> None:
         super().bind(student_tokenizer, teacher_tokenizer, student_vocab_size, teacher_vocab_size)
@@ -89,6 +91,7 @@ class VocabMapAligner(TextAligner):
             self.blank = torch.tensor([len(order)])
             self.place = torch.full((student_vocab_size,), len(order), dtype=torch.long)
             self.place[s_ids[order]] = torch.arange(len(order))
+        self.pieces = index_pieces(self.columns)  # stretches of consecutive teacher ids, read as slices
 
     def _matched_columns(self, logits: Tensor, at: Tensor, native: bool
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -130,7 +133,7 @@ class VocabMapAligner(TextAligner):
             if copies:  # the chunk's rows computed once, read below as a [c, 1, V_t] tensor
                 values = gather_rows(logits, b, t, whole_rows).unsqueeze(1)
                 b, t = torch.arange(len(b), device=device), torch.zeros_like(t)
-            rows = gather_columns(values, b, t, columns, rows_buffer).index_fill_(1, blank, -math.inf)  # [c, len]
+            rows = gather_columns(values, b, t, columns, rows_buffer, self.pieces).index_fill_(1, blank, -math.inf)  # [c, len]
             totals = torch.exp(rows, out=work[: len(b)]).sum(-1)  # [c] the matched columns' mass, unnormalised
             lse = totals.log()
             if len(unsafe := (~exp_safe(totals, size)).nonzero().squeeze(-1)):  # exp overflowed or underflowed

@@ -339,6 +339,80 @@ def test_column_sums_equal_a_float64_scatter_with_and_without_lanes(width, size,
     torch.testing.assert_close(values.grad, weights[index].masked_fill(index < 0, 0).expand(3, -1))
 
 
+def test_index_pieces_cut_an_index_into_stretches_and_the_entries_between(monkeypatch):
+    """`index_pieces` finds the stretches where an index steps by one (at least `STRETCH` long, no -1 entries) and
+    the entries between, in order, covering the index; it declines an index whose stretches hold less than half of
+    it, or that would take more than `MAX_PIECES` pieces."""
+    from opd_lightning.aligners import rows
+    from opd_lightning.aligners.rows import index_pieces
+
+    monkeypatch.setattr(rows, "STRETCH", 3)
+    index = torch.tensor([-1, 0, 1, 2, 3, 9, 4, 5, 6, 7, 8, 8, 2, 20, 21])
+    assert index_pieces(index) == [(0, 1, -1), (1, 5, 0), (5, 6, -1), (6, 11, 4), (11, 15, -1)]
+    assert index_pieces(torch.tensor([-1, 0, 1, 2, 5, 3, 8, 3, 4])) is None  # 3 of 9 entries in a stretch
+    assert index_pieces(torch.tensor([-1, -1, -1, 0])) is None
+    monkeypatch.setattr(rows, "MAX_PIECES", 4)
+    assert index_pieces(index) is None
+
+
+def test_column_sums_by_stretches_equal_a_float64_scatter():
+    """Where the index has long stretches (a student keeping the teacher's ids), `ColumnSums` copies or adds them as
+    slices and `index_add_`s the rest: equal to a float64 sum of each column's entries, with a stretch copied (no
+    other adds into its columns), one added (another stretch adds into its columns), entries between them mapped
+    at random or skipped (-1), into an `out` holding NaN, on rows narrower than the index, and with the gradient of
+    the plain `index_add_`."""
+    from opd_lightning.aligners.columns import ColumnSums
+
+    g = torch.Generator().manual_seed(0)
+    size = 3000
+    index = torch.randint(-1, size, (4000,), generator=g)
+    index[:2000] = torch.arange(2000)
+    index[2500:3100] = torch.arange(100, 700)  # into the first stretch's columns: both added
+    index[3200:3600] = torch.arange(2500, 2900)  # columns no other stretch touches: copied
+    sums = ColumnSums(index, size)
+    assert sums.lanes == 1 and [p[2] for p in sums.pieces] == [0, -1, 100, -1, 2500, -1]
+    assert sums.copied == [False, False, False, False, True, False]
+    values = torch.rand(5, 4000, generator=g, requires_grad=True)
+    for width in (4000, 3300, 1500):
+        want = torch.zeros(5, size + 1, dtype=torch.float64)
+        want.index_add_(1, index.where(index >= 0, size)[:width], values.detach()[:, :width].double())
+        got = sums(values.detach()[:, :width], keep_skipped=True, out=torch.full((5, size + 1), float("nan")))
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sums(values.detach()[:, :width]).double(), want[:, :size], rtol=1e-6, atol=1e-6)
+    weights = torch.randn(size, generator=g)
+    (sums(values) * weights).sum().backward()
+    torch.testing.assert_close(values.grad, weights[index].masked_fill(index < 0, 0).expand(5, -1))
+
+
+@pytest.mark.parametrize("shift", [0.0, 95.0, -110.0])
+@pytest.mark.parametrize("name", ["vocab_map", "byte_spans", "bpe_subset"])
+def test_targets_read_by_stretches_equal_the_targets_read_whole(monkeypatch, name, shift):
+    """On a student keeping the teacher's ids (a subset of its merges), `vocab_map` reads the matched columns and
+    `byte_spans`/`bpe_subset` sum the first level by stretches of consecutive ids (`rows.index_pieces`): the targets
+    equal those read through the whole index (stretches switched off), also on rows soft-maxed for overflow (+95)
+    or underflow (-110)."""
+    from opd_lightning.aligners import ALIGNERS, rows
+
+    student, teacher = subset_pair(0.9)
+    text = student("the quick brown fox jumps over the lazy dog; the dog sleeps", add_special_tokens=False)["input_ids"]
+    rollout = _rollout_after(student, "Once ", [text[:12], text[3:15]])
+    targets = []
+    for stretch in (256, 10**9):
+        monkeypatch.setattr(rows, "STRETCH", stretch)
+        aligner = ALIGNERS.build(name)
+        aligner.bind(student, teacher, len(student), len(teacher))
+        pieces = aligner.pieces if name == "vocab_map" else (
+            aligner.root_sums if name == "byte_spans" else aligner.first_sums).pieces
+        assert (pieces is not None) == (stretch == 256)
+        inputs = aligner.teacher_inputs(rollout)
+        logits = 4 * torch.randn(2, inputs.completion_length, len(teacher), generator=torch.Generator().manual_seed(5))
+        logits[1] += shift
+        targets.append(aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"})))
+    got, want = targets
+    assert got.mask.sum() > 8 and torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=2e-5)
+
+
 def test_char_level_projection_is_the_first_byte_marginal(toks):
     tok = toks["unigram"]
     table = TokenBytes.from_tokenizer(tok)
@@ -424,7 +498,7 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
     """`softmax_rows`, `exp_blocks` and `gather_columns` read runs of consecutive rows straight from the logits, or
     from a copy where the runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these
     13-wide rows), with the same values; `exp_blocks` yields blocks of at most `BLOCK_ELEMENTS` values, in order,
-    filled across runs; `copy_rows_` writes runs as slices, or short runs through one buffer, with or without an op;
+    filled across runs (`gather_columns` also by stretches of columns); `copy_rows_` writes runs as slices, or short runs through one buffer, with or without an op;
     `exp_safe` flags the rows whose sum overflowed or whose logits are all too small for exp without the max."""
     from opd_lightning.aligners import rows
     from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_blocks, exp_safe, gather_columns, softmax_rows
@@ -444,6 +518,10 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
         torch.testing.assert_close(torch.cat([b for *_, b in blocks]), values[batch, pos].exp(), msg=name)
         columns = torch.tensor([7, 0, 12, 3])
         torch.testing.assert_close(gather_columns(values, batch, pos, columns, buffer[:, :4].contiguous()),
+                                   values[batch, pos][:, columns], msg=name)
+        columns = torch.tensor([3, 4, 5, 6, 0, 12, 1, 2, 3])  # two stretches (3-6, 1-3) copied, two gathered
+        pieces = [(0, 4, 3), (4, 6, -1), (6, 9, 1)]
+        torch.testing.assert_close(gather_columns(values, batch, pos, columns, buffer[:, :9].contiguous(), pieces),
                                    values[batch, pos][:, columns], msg=name)
     dst, src = torch.zeros(10, 4), torch.randn(6, 4)
     dst_rows, src_rows = np.array([1, 2, 3, 7, 8, 9]), np.array([0, 1, 3, 4, 5, 2])
