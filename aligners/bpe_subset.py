@@ -24,7 +24,7 @@ from opd_lightning.rollout import Rollout
 from opd_lightning.target import TEACHER_LOGITS, TEACHER_TOKEN_LOGPROBS, TeacherTarget
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .columns import ColumnSums, column_blocks
+from .columns import ColumnSums, column_blocks, spelled_shares
 from .rows import LOG_FLOOR, floored_log
 from .text import TextAligner, target_rows
 from .trie import TokenTrie
@@ -141,9 +141,8 @@ class BpeSubsetAligner(TextAligner):
             read[e] = values(t(entry_row[e] - lo), t(teacher_ids[e]))
             if not len(s):
                 continue
-            spelled = total - full[:, size]  # the mass the student's vocabulary can spell
-            kept[t(s)] = (spelled / total)[t(row[s] - lo)]
-            probs = full[:, :size].div_(spelled.clamp_min(tiny)[:, None])
+            probs, share = spelled_shares(full, total, size)
+            kept[t(s)] = share[t(row[s] - lo)]
             logs = floored_log(probs, out=probs)
             flat.index_copy_(0, t(dst[s]), logs if len(s) == hi - lo else logs[t(row[s] - lo)])  # one start a row
         share, kept_deep = self.trie.shares(read, t(local), t(child), len(deep))

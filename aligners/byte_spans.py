@@ -31,7 +31,7 @@ from opd_lightning.target import (
 )
 
 from .base import ALIGNERS, TeacherInputs, dense_token_logprobs
-from .columns import ColumnSums, column_blocks
+from .columns import ColumnSums, column_blocks, spelled_shares
 from .lookahead import Lookahead
 from .rows import copy_rows_, floored_log
 from .text import TextAligner, span_logprobs, target_rows
@@ -154,7 +154,6 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
     start_at, query_at = np.searchsorted(keys, start_key), np.searchsorted(keys, query_key)
     order = np.argsort(query_at, kind="stable")
     q = torch.zeros(len(query_key), device=device)
-    tiny = torch.finfo(torch.float32).tiny
     all_b, all_t, read_at = t(keys // big_m), t(keys % big_m), query_at[order]
     for lo, hi, full, total, values in column_blocks(teacher_logits, all_b, all_t, root_sums,
                                                      max(SPAN_ROWS * v_t, SPAN_MIN_ELEMENTS)):
@@ -163,20 +162,18 @@ def first_level(teacher_logits: Tensor, starts: tuple[np.ndarray, ...], n_studen
         at = t(query_at[read] - lo)  # the block's reads, by row
         q[t(read)] = values(at, t(queries[2][read])) / total[at]
         local = start_at[s] - lo  # each start's row in the block
-        spelled = total - full[:, size]  # the mass the student's vocabulary can spell
         final = np.ones(len(key), dtype=bool)
         final[local[is_deep[s]]] = False
         final_t = t(final)
-        kept[s.start : s.stop] = torch.where(final_t, spelled / total, 0.0)[t(local)]
-        scale = torch.where(final_t, spelled, total).clamp_min_(tiny)
-        full = full[:, :size].div_(scale[:, None])
+        full, share = spelled_shares(full, total, size, final_t)  # the deep starts' by the whole row
+        kept[s.start : s.stop] = torch.where(final_t, share, 0.0)[t(local)]
         deep_s = is_deep[s]
         if deep_s.any():
             copy_rows_(masses, deep_at[s][deep_s], full, local[deep_s])
         # the final starts' log-probs written straight into the target (the deep ones' after the flow, by the caller)
         rows = starts[0][s] * n_student + starts[1][s]
         copy_rows_(flat, rows[~deep_s], full, local[~deep_s], op=floored_log)
-        if (empty := (final_t & (spelled <= 0)).cpu().numpy()[local]).any():  # nothing spelled: no target
+        if (empty := (final_t & (share <= 0)).cpu().numpy()[local]).any():  # nothing spelled: no target
             flat[t(rows[empty])] = 0.0
     return out, kept, q, masses
 

@@ -16,7 +16,7 @@ from opd_lightning.buffers import scratch
 
 from .rows import block_rows, exp_blocks, exp_safe, index_pieces, runs, softmax_rows
 
-__all__ = ["ColumnSums", "column_blocks", "sum_columns"]
+__all__ = ["ColumnSums", "column_blocks", "spelled_shares", "sum_columns"]
 
 MANY_COLUMNS = 2048  # columns beyond which `ColumnSums` adds into one copy of them
 
@@ -139,3 +139,13 @@ def column_blocks(values: Tensor, batch: Tensor, pos: Tensor, sums: ColumnSums,
             return torch.where(redo >= 0, safe[redo.clamp_min(0), ids], probs[rows, ids])
 
         yield lo, hi, full, total, read
+
+
+def spelled_shares(full: Tensor, total: Tensor, size: int, spelled_only: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A block of `column_blocks` as the student's next-token probabilities: (`full[:, :size]` `[c, size]`, divided in
+    place by the mass the student's vocabulary can spell (the row's `total` less its skipped column), or by `total`
+    itself where `spelled_only` `[c]` is False; the share of each row's mass the student can spell `[c]`). A row that
+    can spell nothing is left at zero."""
+    spelled = total - full[:, size]
+    scale = spelled if spelled_only is None else torch.where(spelled_only, spelled, total)
+    return full[:, :size].div_(scale.clamp_min(torch.finfo(full.dtype).tiny)[:, None]), spelled / total
