@@ -27,8 +27,10 @@ recipe it shipped with before the `*_on_policy_sft` rows (λ = 0.5, no SFT term:
   separates what the teacher's target gives on the dataset's text from what the on-policy half of the steps adds;
 - `shipped_hidden`, `shipped_hidden3`: `shipped_on_policy_sft` with the `hidden_match` term on the same gold
   completions at weight 1 and 3 (the student's layers regressed onto the teacher's at the token boundaries both
-  tokenizations share, prompt included); `sft_hidden3` the term beside SFT alone (λ = 0, no distribution term);
-  `oracle_hidden3` the oracle's `oracle_on_policy_sft` recipe with the term (weight 3).
+  tokenizations share, prompt included); `sft_hidden3` the term beside SFT alone (λ = 0, no distribution term;
+  the shipped recipe), `sft_hidden1` and `sft_hidden2` the same at weight 1 and 2;
+  `oracle_hidden3` the oracle's `oracle_on_policy_sft` recipe with the term (weight 3), `oracle_sft_hidden3` the
+  oracle with `sft_hidden3`'s recipe (the shipped one).
 Rows run `--parallel` at a time with one thread each; finished runs (same row, seed and steps, in
 `benchmarks/ablation_cross_runs.json`, kept with the code so that `--no-run` rebuilds the table from a fresh clone)
 are reused unless `--rerun`. Needs the quickstart teacher (`make demo`). Writes the
@@ -115,10 +117,18 @@ ROWS = {
     "sft_hidden3": ("**shipped: SFT on gold + `hidden_match` on gold (weight 3), no distribution term (λ = 0)**",
                     ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0",
                      "--model.extra_terms", f"[{hidden_term(3.0)}]"]),
+    # The shipped recipe at lower weights of the term: how much the weight matters.
+    **{f"sft_hidden{w}": (f"SFT on gold + `hidden_match` on gold (weight {w}), no distribution term (λ = 0)",
+                          ["--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0",
+                           "--model.extra_terms", f"[{hidden_term(float(w))}]"]) for w in (1, 2)},
     # The oracle's recipe with its states matched the same way (one tokenizer: every token is a boundary).
     "oracle_hidden3": ("oracle, every step on-policy (λ = 1), + SFT + `hidden_match` on gold (weight 3)",
                        [*ORACLE_ARGS, "--model.rollout.on_policy_fraction", "1.0",
                         "--model.extra_terms", f"[{SFT_TERM}, {hidden_term(3.0)}]"]),
+    # The shipped recipe (SFT on gold and the states, λ = 0) from the oracle: the same recipe, one tokenizer.
+    "oracle_sft_hidden3": ("oracle: SFT on gold + `hidden_match` on gold (weight 3), no distribution term (λ = 0)",
+                           [*ORACLE_ARGS, "--model.loss", "cross_entropy", "--model.rollout.on_policy_fraction", "0.0",
+                            "--model.extra_terms", f"[{hidden_term(3.0)}]"]),
 }
 
 
