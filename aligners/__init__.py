@@ -4,6 +4,8 @@
 registers every aligner below.
 """
 
+from opd_lightning import numerics  # noqa: F401  (first: settles the vector math kernels on import)
+
 from .base import ALIGNERS, Aligner, TeacherHidden, TeacherInputs, dense_token_logprobs, fit_vocab
 from .bpe_subset import BpeSubsetAligner, bpe_subset_problem, keep_merges
 from .byte_spans import ByteSpanAligner

@@ -5,6 +5,7 @@ registers every loss below. What a loss reads from the teacher (`TeacherTarget`,
 names) is defined in `opd_lightning.target`, shared with the aligners, and re-exported here for convenience.
 """
 
+from opd_lightning import numerics  # noqa: F401  (first: settles the vector math kernels on import)
 from opd_lightning.target import (
     HIDDEN_STATES,
     TEACHER_LOGITS,
