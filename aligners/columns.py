@@ -37,11 +37,13 @@ class ColumnSums:
     rows of 8,000 into 7,225 columns, 0.94 -> 0.50 ms (2 threads).
     """
 
-    def __init__(self, index: Tensor, size: int) -> None:
+    def __init__(self, index: Tensor, size: int, stretches: bool = True) -> None:
+        """`stretches=False` skips looking for them (a pass over the index on the host: 0.4 ms at 262k entries), for
+        a sum made once."""
         width, self.size = len(index), size
         # Stretches of consecutive columns are added as slices, the entries between by `index_add_`; a stretch whose
         # columns no other stretch adds into is copied, and only the columns no such copy writes are zeroed first.
-        self.pieces = index_pieces(index)
+        self.pieces = index_pieces(index) if stretches else None
         few = self.pieces is None and size + 1 <= MANY_COLUMNS  # stretches: no column collects a long chain
         self.lanes = min(8, max(2, width // (32 * (size + 1)))) if few else 1
         target = index.where(index >= 0, size)
@@ -104,9 +106,9 @@ class ColumnSums:
 
 def sum_columns(values: Tensor, index: Tensor, size: int, keep_skipped: bool = False,
                 out: Tensor | None = None) -> Tensor:
-    """`ColumnSums(index, size)(values, keep_skipped, out)`, for a one-off sum (a fixed index used call after call is
-    better prepared once as a `ColumnSums`)."""
-    return ColumnSums(index[: values.shape[-1]], size)(values, keep_skipped, out)
+    """`ColumnSums(index, size, stretches=False)(values, keep_skipped, out)`, for a one-off sum (a fixed index used
+    call after call is better prepared once as a `ColumnSums`, stretches looked for once)."""
+    return ColumnSums(index[: values.shape[-1]], size, stretches=False)(values, keep_skipped, out)
 
 
 def column_blocks(values: Tensor, batch: Tensor, pos: Tensor, sums: ColumnSums,

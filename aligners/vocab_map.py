@@ -133,7 +133,8 @@ class VocabMapAligner(TextAligner):
             if copies:  # the chunk's rows computed once, read below as a [c, 1, V_t] tensor
                 values = gather_rows(logits, b, t, whole_rows).unsqueeze(1)
                 b, t = torch.arange(len(b), device=device), torch.zeros_like(t)
-            rows = gather_columns(values, b, t, columns, rows_buffer, self.pieces).index_fill_(1, blank, -math.inf)  # [c, len]
+            rows = gather_columns(values, b, t, columns, rows_buffer, self.pieces)  # [c, len]
+            rows.index_fill_(1, blank, -math.inf)
             totals = torch.exp(rows, out=work[: len(b)]).sum(-1)  # [c] the matched columns' mass, unnormalised
             lse = totals.log()
             if len(unsafe := (~exp_safe(totals, size)).nonzero().squeeze(-1)):  # exp overflowed or underflowed
