@@ -77,7 +77,7 @@ from benchmarks.leaderboard import (
 from benchmarks.quickstart import machine, record
 from benchmarks.teachers import teacher_dir, trained_teacher
 from opd_lightning.data import load_rows
-from opd_lightning.guards import BOUNDS, crossing
+from opd_lightning.guards import BOUNDS, GoldRise, crossing
 from opd_lightning.report import DEFAULT_THRESHOLDS, metric_ends
 
 ROOT = Path("runs/failure_modes")
@@ -91,7 +91,8 @@ BASELINE = 10  # observations that set a drop watch's reference (RolloutGuard's 
 WINDOW = 10  # steps per stored window of the diagnostics
 SERIES = ("diag/topk_overlap", "diag/grad_coherence", "diag/logratio_abs", "diag/logratio_mean",
           "diag/logratio_drift", "diag/repetition_rate", "diag/repeat_advantage_ratio", "diag/repeat_advantage_gap",
-          "diag/entropy_student", "diag/completion_len")
+          "diag/entropy_student", "diag/completion_len", "diag/gold_nll",
+          "diag/gold_top1")
 ORACLE = teacher_dir("builtin:arithmetic_bpe")
 LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/distill.yaml's teacher
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
@@ -104,8 +105,10 @@ MODES = {
         "eval_every": 10,  # the sampled-token runs' score fell within the first 50 steps: seen step by step
         # The hypothesis' own signal at opd report's floor, and the top-k overlap at a floor set after the first
         # three seeds (the signal that moved before the score fell in them; not validated on other runs).
-        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
-        "plot": 1,  # the one that moved
+        # The gold likelihood (`GoldRise`, at opd report's limit) was added after these runs, logged when they ran again.
+        "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop"),
+                  ("diag/gold_nll", None, "rise")),
+        "plot": 3,  # the one that moved first
         "variants": {
             "sampled_token": ("`sampled_token` (one sample's log-ratio per token)", ["--model.loss", "sampled_token"]),
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
@@ -221,29 +224,35 @@ def long_teacher() -> Path:
 
 
 def watches(mode: str) -> list[tuple[str, float | None, str]]:
-    """`mode`'s watched (diagnostic, limit, kind): kind "level" (a limit on the value) or "drop" (a limit on its fall
-    below the mean of the run's first `BASELINE` observations, `RolloutGuard(max_topk_overlap_drop=...)`)."""
+    """`mode`'s watched (diagnostic, limit, kind): kind "level" (a limit on the value), "drop" (a limit on its fall
+    below the mean of the run's first `BASELINE` observations, `RolloutGuard(max_topk_overlap_drop=...)`) or "rise"
+    (`diag/gold_nll`'s rise above its first observations, `RolloutGuard(gold_rise=GoldRise(limit))`)."""
     return [(w[0], w[1], w[2] if len(w) > 2 else "level") for w in MODES[mode]["watch"]]
 
 
 def limit_of(metric: str, limit: float | None, kind: str = "level") -> float:
     """A watched diagnostic's limit: the one given, else `opd report`'s threshold (for a drop, its `<name>_drop`)."""
-    name = metric.removeprefix("diag/") + ("_drop" if kind == "drop" else "")
+    name = metric.removeprefix("diag/") + {"drop": "_drop", "rise": "_rise"}.get(kind, "")
     return DEFAULT_THRESHOLDS[name] if limit is None else limit
 
 
 def _label(metric: str, limit: float | None, kind: str = "level") -> str:
-    if kind == "drop":
-        return f"{metric} drop>{limit_of(metric, limit, kind):g}"
+    if kind in ("drop", "rise"):
+        return f"{metric} {kind}>{limit_of(metric, limit, kind):g}"
     return f"{metric}{'<' if BOUNDS[metric] == 'min' else '>'}{limit_of(metric, limit):g}"
 
 
 def crossings(mode: str, logged: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
     """For each watched (diagnostic, limit, kind) of `mode`, the step the guard acts at (`guards.crossing`), or
     None."""
-    return {_label(m, lim, kind): crossing(logged[m], limit_of(m, lim), BOUNDS[m], PATIENCE) if kind == "level" else
-            crossing(logged[m], -limit_of(m, lim, kind), "min", PATIENCE, baseline=BASELINE)
-            for m, lim, kind in watches(mode)}
+    def step(metric: str, limit: float | None, kind: str) -> int | None:
+        if kind == "rise":
+            return GoldRise(limit=limit_of(metric, limit, kind)).crossing(logged.get(metric, []))
+        if kind == "drop":
+            return crossing(logged[metric], -limit_of(metric, limit, kind), "min", PATIENCE, baseline=BASELINE)
+        return crossing(logged[metric], limit_of(metric, limit), BOUNDS[metric], PATIENCE)
+
+    return {_label(m, lim, kind): step(m, lim, kind) for m, lim, kind in watches(mode)}
 
 
 def _crossings(mode: str, cell: str) -> dict[str, int | None]:
@@ -405,16 +414,17 @@ def plot(runs: list[dict], modes: list[str]) -> None:
     fig = Figure(figsize=(11, 3.4 * len(modes)))
     FigureCanvasAgg(fig)
     for row, mode in enumerate(modes):
-        watch, limit = MODES[mode]["watch"][MODES[mode].get("plot", 0)]
+        watch, limit, kind = watches(mode)[MODES[mode].get("plot", 0)]
         ax_score, ax_diag = fig.add_subplot(len(modes), 2, 2 * row + 1), fig.add_subplot(len(modes), 2, 2 * row + 2)
         for r in (r for r in runs if r["mode"] == mode):
             label = f"{r['variant']} s{r['seed']}"
             lines = ax_score.plot(*zip(*r["history"], strict=True), marker="o", ms=3, label=label)
             steps = [i * WINDOW for i in range(len(r["windows"][watch]))]
             ax_diag.plot(steps, r["windows"][watch], color=lines[0].get_color(), label=label)
-            if (acts := r["crossing"].get(_label(watch, limit))) is not None:
+            if (acts := r["crossing"].get(_label(watch, limit, kind))) is not None:
                 ax_diag.axvline(acts, color=lines[0].get_color(), ls=":")
-        ax_diag.axhline(limit_of(watch, limit), color="red", ls="--", label="threshold")
+        if kind == "level":  # a relative limit has no one level to draw
+            ax_diag.axhline(limit_of(watch, limit), color="red", ls="--", label="threshold")
         ax_score.set_title(f"{mode}: score (exact match, 500 test problems)", fontsize=9)
         ax_diag.set_title(f"{mode}: {watch} (window means; dotted: the guard acts)", fontsize=9)
         ax_score.legend(fontsize=7)

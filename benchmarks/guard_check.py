@@ -34,7 +34,7 @@ from benchmarks.failure_modes import BASELINE, DROP, PATIENCE, falls, series
 from benchmarks.failure_modes import ROOT as FAILURE_ROOT
 from benchmarks.leaderboard import PAIRS, WARM_ROOT, scored_run
 from benchmarks.quickstart import machine, record
-from opd_lightning.guards import Drift, crossing
+from opd_lightning.guards import Drift, GoldRise, crossing
 
 WINDOW = 5  # observations per moving mean of a scaled rule
 NEW_SEEDS = 3  # seeds from this one on were run after every rule here was fixed (held out)
@@ -85,6 +85,25 @@ class JointRule:
         return self.rule.crossing(*self.rule.series(logged, off_policy))
 
 
+@dataclass(frozen=True)
+class GoldRule:
+    """`RolloutGuard`'s `gold_rise` rule (`watch.GoldRise`, at its defaults): `diag/gold_nll`, logged on the steps
+    that read gold completions only."""
+
+    label: str
+    rule: GoldRise = field(default_factory=GoldRise)
+
+    @property
+    def metric(self) -> str:
+        return self.rule.metric
+
+    def judges(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> bool:
+        return len(logged.get(self.metric, [])) > self.rule.baseline
+
+    def acts_at(self, logged: dict[str, list[tuple[int, float]]], off_policy: set[int]) -> int | None:
+        return self.rule.crossing(logged.get(self.metric, []))
+
+
 RULES = (
     Rule("`topk_overlap` below 0.9", "diag/topk_overlap", "min", 0.9),
     Rule("`topk_overlap` more than 0.02 below its start (`opd report`'s drop threshold)", "diag/topk_overlap", "min",
@@ -97,6 +116,8 @@ RULES = (
     Rule("`entropy_student` 4 sd above its start", "diag/entropy_student", "max", 4.0, "scaled", 1, True),
     JointRule("drift: `topk_overlap` 3 sd below its start and `logratio_abs` 4 sd above, 2 in a row each "
               "(`RolloutGuard(drift=...)`)"),
+    GoldRule(f"gold likelihood: `gold_nll` more than {GoldRise.limit:g} nats above its first {GoldRise.baseline} "
+             f"observations, {GoldRise.patience} in a row (`RolloutGuard(gold_rise=...)`)"),
 )
 METRICS = {name for rule in RULES for name in (rule.rule.metrics if isinstance(rule, JointRule) else (rule.metric,))}
 
@@ -228,13 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-record", action="store_true", help="print the table without writing RESULTS.md")
     parser.add_argument("--search", action="store_true", help="also search the joint rule's settings (`SEARCH`)")
+    parser.add_argument("--block", default="guard_check",
+                        help="the RESULTS.md block the table goes into (another keeps a table of other runs)")
     args = parser.parse_args(argv)
     failing, leaderboard = failure_mode_runs(), leaderboard_runs()
     if not failing or not leaderboard:
         raise SystemExit(f"no logged runs to judge: run benchmarks.failure_modes ({FAILURE_ROOT}) and "
                          f"benchmarks.leaderboard --warm ({WARM_ROOT}) first")
     pairs = sorted({r["pair"] for r in leaderboard}, key=list(PAIRS).index)
-    section = (f"### Guard rules judged on logged runs\n\nCommand: `.venv/bin/python -m benchmarks.guard_check`. "
+    flag = "" if args.block == "guard_check" else f" --block {args.block}"
+    section = (f"### Guard rules judged on logged runs\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
                f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
                f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
                f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}); a score "
@@ -242,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard)}")
     print(section)
     if not args.no_record:
-        record(section, "guard_check")
+        record(section, args.block)
     if args.search:
         found = (f"### The joint rule's settings searched\n\nCommand: `.venv/bin/python -m benchmarks.guard_check "
                  f"--search`. Date: {datetime.date.today()}. The same runs as above. Every combination of "

@@ -28,7 +28,8 @@ __all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_laye
 _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_teacher", "topk_overlap", "logratio",
           "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
           "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled", "noncanonical",
-          "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n", "logratio_abs")
+          "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n", "logratio_abs", "gold_nll",
+          "gold_top1", "gold_n")
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
@@ -37,7 +38,8 @@ _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": 
           "completion_len": ("completion_len", "rows"), "truncation_rate": ("truncated", "rows"),
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
           "noncanonical_rate": ("noncanonical", "noncanonical_n"),
-          "logratio_early": ("logratio_early", "early_n"), "logratio_late": ("logratio_late", "late_n")}
+          "logratio_early": ("logratio_early", "early_n"), "logratio_late": ("logratio_late", "late_n"),
+          "gold_nll": ("gold_nll", "gold_n"), "gold_top1": ("gold_top1", "gold_n")}
 _CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
 
 
@@ -182,13 +184,23 @@ def _distribution_stats(student: Tensor, teacher: Tensor | None, rows: Tensor, c
 
 def _token_logprob(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """log p(ids) `[n]` at positions `(rows, cols)`: one logsumexp pass, no `[n, V]` log-softmax kept."""
+    return _token_stats(logits, ids, rows, cols)[0]
+
+
+def _token_stats(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(ids) `[n]` at positions `(rows, cols)`, and whether each id is the top-1 there `[n]` (bool; a tie with
+    another id counts as top-1), a chunk of rows at a time."""
     size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    out = []
+    logp, top = [], []
     for start in range(0, rows.numel(), size):
         r, c = rows[start : start + size], cols[start : start + size]
         chunk = logits[r, c].float()  # [c, V]
-        out.append(chunk.gather(-1, ids[r, c, None]).squeeze(-1) - chunk.logsumexp(-1))
-    return torch.cat(out) if out else torch.zeros(0, device=ids.device)
+        picked = chunk.gather(-1, ids[r, c, None]).squeeze(-1)
+        logp.append(picked - chunk.logsumexp(-1))
+        top.append(picked >= chunk.amax(-1))
+    if not logp:
+        return torch.zeros(0, device=ids.device), torch.zeros(0, dtype=torch.bool, device=ids.device)
+    return torch.cat(logp), torch.cat(top)
 
 
 def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:
@@ -244,6 +256,11 @@ class Diagnostics(nn.Module):
       the teacher favours (relative to the student) a repeated token than another, whatever the signs; NaN when
       either group is empty.
     - `align_coverage`, `grad_coherence`: means of the values given (see `output_layer_grad_coherence`).
+    - `gold_nll`: on steps that read the dataset's gold completions (`update_tokens(gold=True)`), the student's mean
+      negative log-likelihood of their tokens, in nats: a held-out likelihood, free on those steps, that rises as
+      the student drifts away from the gold answers; and `gold_top1`, the share of those tokens that are the
+      student's most likely token (its greedy choice given the gold prefix: a greedy score read on the training
+      batch, at every such step).
     - `noncanonical_rate`: share of on-policy completions whose tokens differ from the student tokenizer's own
       encoding of their text (`noncanonical_rows`): the student wrote the text by another path, e.g. "4", "6" for
       "46", which a teacher with another tokenizer reads as the same text.
@@ -276,7 +293,7 @@ class Diagnostics(nn.Module):
 
     @torch.no_grad()
     def update_tokens(self, student_logits: Tensor | HiddenRows, teacher_logits: Tensor | None, completion_ids: Tensor,
-                      mask: Tensor, teacher_mask: Tensor | None = None) -> None:
+                      mask: Tensor, teacher_mask: Tensor | None = None, gold: bool = False) -> None:
         """Token statistics of one (micro-)batch; without teacher logits only the student-side metrics.
 
         Args:
@@ -287,6 +304,8 @@ class Diagnostics(nn.Module):
             mask: `[B, N]` valid completion positions.
             teacher_mask: `[B, N]` positions where `teacher_logits` hold a target (an aligner may leave some
                 without one); None: all of `mask`.
+            gold: the completions are the dataset's gold ones: also `diag/gold_nll`, the student's mean negative
+                log-likelihood of their tokens.
         """
         if completion_ids.shape != mask.shape or student_logits.shape[:2] != mask.shape:
             raise ValueError(f"shapes disagree: logits {tuple(student_logits.shape)}, ids {tuple(completion_ids.shape)}"
@@ -305,6 +324,8 @@ class Diagnostics(nn.Module):
         stats = _distribution_stats(student, None if split else teacher, rows[pick], cols[pick], k)
         if rows.numel():
             values |= {"sampled": pick.numel(), "entropy_student": stats["entropy_student"].sum()}
+        if gold:
+            self.update_gold(student, completion_ids, mask)
         if split:
             rows, cols = (mask & teacher_mask.bool()).nonzero(as_tuple=True)
             pick = _spread(rows.numel(), self.max_positions, rows.device)
@@ -321,6 +342,15 @@ class Diagnostics(nn.Module):
                        "adv_repeated": (a * repeated).sum(),
                        "adv_repeated_n": repeated.sum()}
         self._add(**values)
+
+    @torch.no_grad()
+    def update_gold(self, student_logits: Tensor | HiddenRows, completion_ids: Tensor, mask: Tensor) -> None:
+        """`diag/gold_nll` of one (micro-)batch of the dataset's gold completions: `student_logits [B, N, V]` (or
+        `HiddenRows`) predicting `completion_ids [B, N]` at the valid positions `mask [B, N]`."""
+        rows, cols = mask.bool().nonzero(as_tuple=True)
+        if rows.numel():
+            logp, top = _token_stats(student_logits.detach(), completion_ids, rows, cols)
+            self._add(gold_nll=-logp.sum(), gold_top1=top.sum(), gold_n=rows.numel())
 
     @torch.no_grad()
     def update_rollout(self, completion_mask: Tensor, truncated: Tensor) -> None:

@@ -5,7 +5,9 @@ completions that keep hitting the length limit are the usual first sign. A teach
 overlap the student's (`diag/topk_overlap` low or falling, Li et al. 2026), per-token advantages that cancel in the
 summed gradient (`diag/grad_coherence` low) and a teacher whose judgement of the student's tokens worsens deeper
 into the student's own prefix (`diag/logratio_drift` negative) are watched as well, and so is the joint drift rule
-(`watch.Drift`: the top-k overlap falling while the log-ratio's size rises, each against the run's own start);
+(`watch.Drift`: the top-k overlap falling while the log-ratio's size rises, each against the run's own start), and
+the student's likelihood of the gold completions on the steps that read them (`watch.GoldRise`: its negative
+log-likelihood rising above the run's start, a fall of the score read at every gold step);
 `benchmarks/failure_modes.py` measures, on failures reproduced at CPU scale, when each acts against when the score
 falls, and `benchmarks/guard_check.py` judges candidate rules on those runs and on the warm-start leaderboards'. The
 guard reads the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
@@ -21,9 +23,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from opd_lightning.report import CHECKS
-from opd_lightning.watch import Drift, DriftWatch, Watch, crossing, past_limit
+from opd_lightning.watch import Drift, DriftWatch, GoldRise, Watch, crossing, past_limit
 
-__all__ = ["BOUNDS", "Drift", "RolloutGuard", "Watch", "crossing", "past_limit"]
+__all__ = ["BOUNDS", "Drift", "GoldRise", "RolloutGuard", "Watch", "crossing", "past_limit"]
 
 # Which side of its limit each diagnostic must stay on, "max" (a ceiling) or "min" (a floor): `opd report`'s checks.
 BOUNDS: dict[str, str] = {metrics[0]: bound for metrics, bound, _ in CHECKS.values()}
@@ -36,7 +38,8 @@ class RolloutGuard(Callback):
                  max_repeat_advantage_ratio: float | None = None, max_repeat_advantage_gap: float | None = None,
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
                  min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
-                 drift: Drift | None = None, baseline: int = 10, patience: int = 3, stop: bool = False) -> None:
+                 drift: Drift | None = None, gold_rise: GoldRise | None = None, baseline: int = 10,
+                 patience: int = 3, stop: bool = False) -> None:
         """
         Args:
             max_repetition_rate: limit on `diag/repetition_rate` (share of completion tokens that repeat an earlier
@@ -60,6 +63,9 @@ class RolloutGuard(Callback):
             drift: the joint drift rule (`Drift`: the top-k overlap falling and the log-ratio's size rising, each in
                 the run's own early standard deviations, on on-policy steps), with its own baseline, window and
                 patience; None disables it. `benchmarks/guard_check.py` records where it acts against where runs fall.
+            gold_rise: the gold-likelihood rule (`GoldRise`: `diag/gold_nll`, the student's mean negative
+                log-likelihood of the gold completions on the steps that read them, risen a limit in nats above its
+                first observations), with its own baseline and patience; None disables it.
             baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
@@ -80,6 +86,9 @@ class RolloutGuard(Callback):
             self.limits["diag/topk_overlap_drop"] = max_topk_overlap_drop
             self.watches["diag/topk_overlap_drop"] = ("diag/topk_overlap",
                                                       Watch(-max_topk_overlap_drop, "min", patience, baseline))
+        if gold_rise is not None:
+            self.limits["diag/gold_nll_rise"] = gold_rise.limit
+            self.watches["diag/gold_nll_rise"] = (gold_rise.metric, gold_rise.watch())
         self.drift = None if drift is None else DriftWatch(drift)
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
 
@@ -93,9 +102,9 @@ class RolloutGuard(Callback):
                 continue  # not measured on this step: no observation
             if watch.observe(value := float(value)):
                 side = "above" if watch.bound == "max" else "below"
-                limit = (f"its first-{watch.baseline}-observation mean by more than {-watch.limit}" if watch.baseline
-                         else str(watch.limit))
-                self._act(trainer, label, value, f"{name} = {value:.3f} has been {side} {limit} for {self.patience} "
+                limit = (f"its first-{watch.baseline}-observation mean by more than {abs(watch.limit)}"
+                         if watch.baseline else str(watch.limit))
+                self._act(trainer, label, value, f"{name} = {value:.3f} has been {side} {limit} for {watch.patience} "
                                                  "observations")
         if self.drift is not None and float(observed.get("rollout/on_policy", 1.0)) == 1.0:
             overlap, size = (float(observed.get(name, math.nan)) for name in Drift.metrics)

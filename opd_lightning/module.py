@@ -69,7 +69,8 @@ from opd_lightning.teacher_cache import TeacherCache
 __all__ = ["DistillationModule"]
 
 log = logging.getLogger(__name__)
-SAMPLED_DIAGNOSTICS = ("diag/grad_coherence",)
+# Diagnostics measured on some steps only (every `grad_coherence_every` steps; the steps that read gold completions)
+SAMPLED_DIAGNOSTICS = ("diag/grad_coherence", "diag/gold_nll", "diag/gold_top1")
 
 
 class DistillationModule(LightningModule):
@@ -337,6 +338,9 @@ class DistillationModule(LightningModule):
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
+        if self.diag_config.enabled and "gold" in student_logits and rollouts["rollout"].source != "dataset":
+            gold = rollouts["gold"]  # read by a term on a step that rolls out: its likelihood comes free as well
+            self._diag.update_gold(student_logits["gold"], gold.completion_ids, gold.completion_mask)
         if measure and isinstance(student_logits["rollout"], HiddenRows) and total.requires_grad:
             self._diag.update_grad_coherence(self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"],
                                                                         targets, counts["rollout"]))
@@ -437,7 +441,8 @@ class DistillationModule(LightningModule):
         mask = rollout.completion_mask
         dense = target is not None and target.logits is not None and target.student_projection is None
         self._diag.update_tokens(student_logits.detach(), target.logits if dense else None,
-                                 rollout.completion_ids, mask, target.mask if dense else None)
+                                 rollout.completion_ids, mask, target.mask if dense else None,
+                                 gold=rollout.source == "dataset")
         if hidden is not None and total.requires_grad and isinstance(student_logits, Tensor):
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
             self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Drift", "DriftWatch", "Watch", "crossing", "past_limit"]
+__all__ = ["Drift", "DriftWatch", "GoldRise", "Watch", "crossing", "past_limit"]
 
 Series = Iterable[tuple[int, float]]  # (step, value), in step order
 
@@ -136,3 +136,38 @@ class DriftWatch:
         for i, value in enumerate((overlap, logratio_abs)):
             self.crossed[i] |= self.watches[i].observe(value)
         return all(self.crossed)
+
+
+@dataclass(frozen=True)
+class GoldRise:
+    """The gold-likelihood rule: the student's mean negative log-likelihood of the dataset's gold completions
+    (`diag/gold_nll`, measured on the steps that read them) rises more than `limit` nats above its mean over the
+    run's first `baseline` observations, `patience` observations in a row. A student losing the gold answers loses
+    likelihood on them before its greedy answers change, and this is read at every gold step rather than at each
+    evaluation. It also rises while a student trained on gold moves towards a teacher whose distribution is softer
+    than the gold one: `benchmarks/RESULTS.md` records where it acts against where runs fall.
+
+    Attributes:
+        limit: nats above the baseline mean.
+        baseline: gold observations that set the reference (their mean); at least 1.
+        patience: observations in a row past the limit before the rule acts.
+    """
+
+    limit: float = 0.2
+    baseline: int = 4
+    patience: int = 2
+
+    metric = "diag/gold_nll"
+
+    def __post_init__(self) -> None:
+        if self.baseline < 1 or self.patience < 1:
+            raise ValueError(f"GoldRise needs baseline and patience of at least 1, got {self.baseline} and "
+                             f"{self.patience}")
+
+    def watch(self) -> Watch:
+        """A fresh watch for `diag/gold_nll`."""
+        return Watch(self.limit, "max", self.patience, self.baseline)
+
+    def crossing(self, series: Series) -> int | None:
+        """The step the rule acts at on a logged `diag/gold_nll` series, or None."""
+        return self.watch().acts_at(series)

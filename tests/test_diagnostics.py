@@ -142,6 +142,31 @@ def test_logratio_by_position_in_the_completion_by_hand():
     assert "diag/logratio_drift" not in diag.compute()
 
 
+def test_gold_nll_and_top1_by_hand_on_gold_steps_only():
+    """`diag/gold_nll`: the student's mean -log p of the gold tokens at valid positions; `diag/gold_top1`: the share
+    of them that are its most likely token (a tie counts); both logged only when the step's completions are gold
+    (`gold=True`, or `update_gold` for a gold batch read beside the rollouts)."""
+    student = _logits([0.4, 0.3, 0.2, 0.1], [0.6, 0.3, 0.05, 0.05], [0.25, 0.25, 0.25, 0.25])
+    ids, mask = torch.tensor([[0, 3, 2]]), torch.tensor([[True, True, False]])
+    diag = Diagnostics()
+    diag.update_tokens(student, None, ids, mask)
+    assert "diag/gold_nll" not in diag.compute() and "diag/gold_top1" not in diag.compute()
+    diag.update_tokens(student, None, ids, mask, gold=True)
+    out = diag.compute()
+    assert out["diag/gold_nll"].item() == pytest.approx(-(math.log(0.4) + math.log(0.05)) / 2, rel=1e-6)
+    assert out["diag/gold_top1"].item() == 0.5  # the masked third position is left out
+    diag.reset()
+    diag.update_gold(student, ids, mask)
+    diag.update_gold(student[:, 2:], torch.tensor([[1]]), torch.tensor([[True]]))  # a four-way tie, accumulated
+    out = diag.compute()
+    assert out["diag/gold_nll"].item() == pytest.approx(-(math.log(0.4) + math.log(0.05) + math.log(0.25)) / 3,
+                                                         rel=1e-6)
+    assert out["diag/gold_top1"].item() == pytest.approx(2 / 3)
+    diag.reset()
+    diag.update_gold(student, ids, torch.zeros_like(mask))  # nothing valid: no value rather than 0/0
+    assert "diag/gold_nll" not in diag.compute()
+
+
 def test_length_and_truncation():
     diag = Diagnostics()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

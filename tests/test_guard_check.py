@@ -67,3 +67,21 @@ def test_the_search_finds_each_rules_crossing_as_the_rule_does():
         assert steps == want
     defaults = gc.joint_steps(runs, Drift(), memo)  # 6 observations: fewer than a baseline of 10 and a mean of 5
     assert defaults == {"falls": 17, "steady": None}  # as in the drift row's test above
+
+
+def test_the_gold_row_reads_gold_nll_on_whichever_steps_logged_it():
+    """The gold-likelihood rule judges `diag/gold_nll` where it was logged (the gold steps), at `GoldRise`'s
+    defaults, and leaves out runs that did not log it."""
+    gold = next(r for r in gc.RULES if isinstance(r, gc.GoldRule))
+    assert (gold.rule.limit, gold.rule.baseline, gold.rule.patience) == (0.2, 4, 2)
+    rising = [(s, v) for s, v in zip(range(0, 40, 2), [0.6, 0.7, 0.8, 0.7] + [0.7, 0.95, 0.8, 0.96, 0.97] + [1.0] * 11,
+                                     strict=True)]
+    steady = [(s, 0.7 + 0.01 * (s % 3)) for s in range(0, 40, 2)]
+    logs = lambda series: ({"diag/gold_nll": series}, {s for s, _ in series})  # every gold step off-policy
+    assert gold.acts_at(*logs(rising)) == 16 and gold.acts_at(*logs(steady)) is None  # 0.96, 0.97: 2 in a row
+    failing = [{"run": "a", "fall": 20, "new": False, "logs": logs(rising)},  # acts at 16, before the fall at 20
+               {"run": "b", "fall": 10, "new": False, "logs": logs(rising)}]  # acts after it
+    board = [{"run": "d", "moved": "up", "new": False, "logs": logs(steady)},
+             {"run": "e", "moved": "up", "new": False, "logs": ({}, set())}]  # no gold steps: not judged
+    row = next(line for line in gc.table(failing, board).splitlines() if line.startswith(f"| {gold.label} |"))
+    assert row.split(" | ")[1:] == ["1/2", "0/0", "0/0", "0/1", "0/0", "0/0", "0/0 |"]

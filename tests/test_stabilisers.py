@@ -247,3 +247,89 @@ def test_drift_guard_reads_the_modules_on_policy_steps(teacher_dir, tmp_path):
         trainer.fit(make_module(teacher_dir, on_policy_fraction=fraction), datamodule=data)
         assert [t[:2] for t in guard.tripped] == [(step + 1, label) for step, label in acts]
         assert trainer.global_step == (3 if acts else 5)
+
+
+def test_gold_likelihood_is_measured_on_the_steps_that_read_gold_completions(teacher_dir, tmp_path):
+    """`diag/gold_nll` and `diag/gold_top1` reach the guard on the steps that distil the dataset's completions, and on
+    every step when a term reads them beside the rollouts (SFT mixed in); never from the student's own rollouts. On a
+    fixed gold batch the value is the student's mean -log p of the gold tokens, computed here from its logits."""
+    import pytest
+    from lightning.pytorch import Callback
+
+    from opd_lightning.guards import GoldRise, RolloutGuard
+
+    sft = LossTerm("cross_entropy", weight=0.5, completions="gold")
+
+    class Seen(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            seen = module.step_diagnostics
+            self.steps.append((seen["rollout/on_policy"], "diag/gold_nll" in seen, "diag/gold_top1" in seen))
+
+    for overrides in ({"on_policy_fraction": 0.5}, {"on_policy_fraction": 1.0, "extra_terms": [sft]}):
+        seen = Seen()
+        data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
+        Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path,
+                callbacks=[seen, RolloutGuard(max_repetition_rate=None, max_truncation_rate=None,
+                                           gold_rise=GoldRise(limit=10.0))]).fit(
+            make_module(teacher_dir, **overrides), datamodule=data)
+        if "extra_terms" in overrides:
+            assert seen.steps == [(1.0, True, True)] * 8
+        else:
+            assert {on for on, _, _ in seen.steps} == {0.0, 1.0}
+            assert all(nll == top == (on == 0.0) for on, nll, top in seen.steps)
+
+    module = make_module(teacher_dir, on_policy_fraction=0.0)
+    with torch.no_grad():
+        rollouts = module.rollouts(BATCH, train=True)
+        module._diag = module.train_diag
+        module._objective(rollouts, module._step_counts(rollouts))
+        gold = rollouts["rollout"]
+        logits = module.student(gold.sequences, attention_mask=gold.attention_mask,
+                                position_ids=gold.position_ids).logits.double()
+    start = gold.prompt_length
+    logp = logits[:, start - 1 : -1].log_softmax(-1).gather(-1, gold.completion_ids[..., None]).squeeze(-1)
+    want = -logp[gold.completion_mask.bool()].mean()
+    assert module.train_diag.compute()["diag/gold_nll"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_gold_rise_is_judged_against_the_runs_first_gold_observations():
+    """`GoldRise`: the first `baseline` observations of `diag/gold_nll` set the reference (their mean), and the rule
+    acts at the `patience`-th later observation in a row more than `limit` nats above it; steps without a gold
+    observation neither strike nor reset; the guard and `GoldRise.crossing` agree step for step."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opd_lightning.guards import GoldRise, RolloutGuard
+
+    # baseline (steps 0, 2, 3, 5): mean 0.7. Then +0.25 (strike), +0.15 (reset), +0.3, (no observation), +0.21: acts
+    values = [(0, 0.6), (2, 0.8), (3, 0.7), (5, 0.7), (6, 0.95), (8, 0.85), (9, 1.0), (11, 0.91), (12, 2.0)]
+    rule = GoldRise(limit=0.2, baseline=4, patience=2)
+    assert rule.crossing(values) == 11
+    assert GoldRise(limit=0.2, baseline=4, patience=3).crossing(values) == 12
+    assert GoldRise(limit=0.31, baseline=4, patience=1).crossing(values) == 12
+    assert GoldRise(limit=0.2, baseline=4, patience=1).crossing(values) == 6
+    assert GoldRise(limit=0.25, baseline=1, patience=1).crossing(values) == 6  # reference 0.6: 0.8 is not above 0.85
+    assert GoldRise(limit=0.05, baseline=1, patience=2).crossing(values) == 3  # ... but 0.8 and 0.7 are above 0.65
+    guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, gold_rise=rule, stop=True)
+    trainer = SimpleNamespace(global_step=0, should_stop=False)
+    observed = dict(values)
+
+    def feed():
+        for step in range(13):
+            trainer.global_step = step
+            seen = {"diag/gold_nll": observed[step]} if step in observed else {}
+            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
+            if trainer.should_stop:
+                return
+
+    with pytest.warns(UserWarning, match=r"diag/gold_nll = 0.910 has been above its first-4-observation mean by more "
+                                         r"than 0.2 for 2 observations at step 11"):
+        feed()
+    assert guard.tripped == [(11, "diag/gold_nll_rise", 0.91)]
+    with pytest.raises(ValueError, match="baseline and patience of at least 1"):
+        GoldRise(baseline=0)
