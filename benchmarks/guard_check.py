@@ -130,8 +130,9 @@ def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]
     return {name: [(s, v) for s, v in values if math.isfinite(v)] for name, values in logs.items()}, off_policy
 
 
-def failure_mode_runs() -> list[dict]:
-    """Each logged failure-mode run: its label, the step its fall is first seen (None: never) and its logs."""
+def failure_mode_runs(held_out: int = NEW_SEEDS) -> list[dict]:
+    """Each logged failure-mode run: its label, the step its fall is first seen (None: never), whether its seed is
+    `held_out` or later, and its logs."""
     from benchmarks.failure_modes import MODES
 
     runs = []
@@ -142,12 +143,12 @@ def failure_mode_runs() -> list[dict]:
                     continue
                 run = scored_run(version.parents[1], {}, spec["task"], spec.get("metric", "exact_match"), history=True)
                 runs.append({"run": f"{mode}/{variant}/{version.parents[1].name}", "fall": falls(run),
-                             "new": int(version.parents[1].name.removeprefix("seed_")) >= NEW_SEEDS,
+                             "new": int(version.parents[1].name.removeprefix("seed_")) >= held_out,
                              "logs": logged(version)})
     return runs
 
 
-def leaderboard_runs() -> list[dict]:
+def leaderboard_runs(held_out: int = NEW_SEEDS) -> list[dict]:
     """Each logged warm-leaderboard run with its start and end scores, classed by how its score moved."""
     runs = []
     for entry in json.loads((WARM_ROOT / "results.json").read_text()):
@@ -156,21 +157,21 @@ def leaderboard_runs() -> list[dict]:
             continue
         moved = entry["score"] - entry["start_score"]
         runs.append({"run": f"{entry['pair']}/{entry['loss']}/seed_{entry['seed']}", "pair": entry["pair"],
-                     "new": entry["seed"] >= NEW_SEEDS, "moved": "up" if moved > DROP else "down" if moved < -DROP
+                     "new": entry["seed"] >= held_out, "moved": "up" if moved > DROP else "down" if moved < -DROP
                      else "level", "logs": logged(version)})
     return runs
 
 
-def table(failing: list[dict], leaderboard: list[dict]) -> str:
+def table(failing: list[dict], leaderboard: list[dict], held_out: int = NEW_SEEDS) -> str:
     """Per rule, how many runs of each group it acts on (before the fall, for the failure-mode runs that fall), over
     the runs of the group that logged what it reads."""
     groups = [[r for r in failing if r["fall"] is not None and r["new"] == new] for new in (False, True)]
     groups += [[r for r in failing if r["fall"] is None]]
     groups += [[r for r in leaderboard if r["moved"] == "up" and r["new"] == new] for new in (False, True)]
     groups += [[r for r in leaderboard if r["moved"] == kind] for kind in ("level", "down")]
-    header = (f"| rule | failure modes, seeds below {NEW_SEEDS}: acts before the fall is seen | seeds {NEW_SEEDS} and up "
+    header = (f"| rule | failure modes, seeds below {held_out}: acts before the fall is seen | seeds {held_out} and up "
               f"(held out): acts before the fall | failure-mode runs that never fall: acts | leaderboard runs ending "
-              f"up, seeds below {NEW_SEEDS}: acts | ending up, seeds {NEW_SEEDS} and up (held out): acts | ending "
+              f"up, seeds below {held_out}: acts | ending up, seeds {held_out} and up (held out): acts | ending "
               "level: acts | ending down: acts |")
     lines = [header, "|---" * (len(groups) + 1) + "|"]
     for rule in RULES:
@@ -251,19 +252,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--search", action="store_true", help="also search the joint rule's settings (`SEARCH`)")
     parser.add_argument("--block", default="guard_check",
                         help="the RESULTS.md block the table goes into (another keeps a table of other runs)")
+    parser.add_argument("--held-out-from", type=int, default=NEW_SEEDS, metavar="SEED",
+                        help="seeds from this one on count as held out (run after the rules judged were fixed)")
     args = parser.parse_args(argv)
-    failing, leaderboard = failure_mode_runs(), leaderboard_runs()
+    held_out = args.held_out_from
+    failing, leaderboard = failure_mode_runs(held_out), leaderboard_runs(held_out)
     if not failing or not leaderboard:
         raise SystemExit(f"no logged runs to judge: run benchmarks.failure_modes ({FAILURE_ROOT}) and "
                          f"benchmarks.leaderboard --warm ({WARM_ROOT}) first")
     pairs = sorted({r["pair"] for r in leaderboard}, key=list(PAIRS).index)
-    flag = "" if args.block == "guard_check" else f" --block {args.block}"
+    flag = ("" if args.block == "guard_check" else f" --block {args.block}") + (
+        "" if held_out == NEW_SEEDS else f" --held-out-from {held_out}")
     section = (f"### Guard rules judged on logged runs\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
                f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
                f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
                f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}); a score "
                f"\"falls\", ends \"up\" or \"down\" by more than {DROP}. Scaled rules: baseline {BASELINE} "
-               f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard)}")
+               f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard, held_out)}")
     print(section)
     if not args.no_record:
         record(section, args.block)

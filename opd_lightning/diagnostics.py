@@ -54,6 +54,10 @@ class DiagnosticsConfig:
         max_positions: positions per micro-batch whose full distributions feed the entropy and top-k statistics
             (evenly spaced; bounds their cost at large vocabularies); None: all.
         grad_coherence_every: measure `diag/grad_coherence` every this many optimizer steps (0: never).
+        gold_every: on training steps that read no gold completions (on-policy steps with no term on gold), score
+            the batch's gold completions with the student every this many optimizer steps (one forward pass
+            without gradient) for `diag/gold_nll` and `diag/gold_top1`, so that `RolloutGuard(gold_rise=...)` can
+            watch a run with λ = 1 as well; 0: only on the steps that read them anyway. Needs a `completion` field.
     """
 
     enabled: bool = True
@@ -61,11 +65,12 @@ class DiagnosticsConfig:
     ngram: int = 3
     max_positions: int | None = 64
     grad_coherence_every: int = 20
+    gold_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.topk < 1 or self.ngram < 1 or self.grad_coherence_every < 0:
-            raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1 and grad_coherence_every ≥ 0, got {self.topk}, "
-                             f"{self.ngram}, {self.grad_coherence_every}")
+        if self.topk < 1 or self.ngram < 1 or self.grad_coherence_every < 0 or self.gold_every < 0:
+            raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1, grad_coherence_every ≥ 0 and gold_every ≥ 0, "
+                             f"got {self.topk}, {self.ngram}, {self.grad_coherence_every}, {self.gold_every}")
 
 
 def noncanonical_rows(tokenizer, completion_ids: Tensor, mask: Tensor) -> Tensor:

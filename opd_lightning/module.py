@@ -518,9 +518,31 @@ class DistillationModule(LightningModule):
             share = part["rollout"].completion_mask.sum() / local_tokens
             for key, value in metrics.items():
                 sums[key] += value * (1 if key.startswith("loss/") else share)
+        if train:
+            self._gold_probe(batch, rollouts, step)
         rollout = rollouts["rollout"]
         return total * scale, {**sums, "rollout/on_policy": float(rollout.on_policy),
                                "tokens": rollout.completion_mask.sum().float()}
+
+    @torch.no_grad()
+    def _gold_probe(self, batch: dict, rollouts: dict[str, Rollout], step: int) -> None:
+        """`diagnostics.gold_every`: on a step that read no gold completions, the student's likelihood of the batch's
+        (one forward pass, no gradient). The same branch on every rank: the step's rollout source is drawn alike."""
+        every = self.diag_config.gold_every
+        if not (self.diag_config.enabled and every and step % every == 0):
+            return
+        if any(rollout.source == "dataset" for rollout in rollouts.values()):
+            return  # measured on the gold completions the step read
+        if batch.get("completion") is None:
+            raise ValueError("model.diagnostics.gold_every scores the data's gold completions, and this batch has no "
+                             "`completion` field: add it, or set gold_every to 0")
+        source = self.rollout_source
+        prompt_ids, prompt_mask = source.encode_prompts(batch["prompt"], self.device)
+        rows = torch.tensor(batch.get("index") or list(range(len(batch["prompt"]))), device=self.device)
+        gold = source.finish(source.text_rollout(prompt_ids, prompt_mask, batch["completion"]), rows, "dataset")
+        logits = completion_logits(self.student, gold.sequences, gold.attention_mask, gold.position_ids,
+                                   gold.completion_mask.shape[1])
+        self._diag.update_gold(logits, gold.completion_ids, gold.completion_mask)
 
     # ----------------------------------------------------------------------------------------- lightning
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

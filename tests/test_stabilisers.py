@@ -256,6 +256,7 @@ def test_gold_likelihood_is_measured_on_the_steps_that_read_gold_completions(tea
     import pytest
     from lightning.pytorch import Callback
 
+    from opd_lightning.diagnostics import DiagnosticsConfig
     from opd_lightning.guards import GoldRise, RolloutGuard
 
     sft = LossTerm("cross_entropy", weight=0.5, completions="gold")
@@ -268,7 +269,9 @@ def test_gold_likelihood_is_measured_on_the_steps_that_read_gold_completions(tea
             seen = module.step_diagnostics
             self.steps.append((seen["rollout/on_policy"], "diag/gold_nll" in seen, "diag/gold_top1" in seen))
 
-    for overrides in ({"on_policy_fraction": 0.5}, {"on_policy_fraction": 1.0, "extra_terms": [sft]}):
+    probe = {"on_policy_fraction": 1.0, "diagnostics": DiagnosticsConfig(gold_every=3)}
+    for overrides in ({"on_policy_fraction": 0.5}, {"on_policy_fraction": 1.0, "extra_terms": [sft]}, probe,
+                      {"on_policy_fraction": 1.0}):
         seen = Seen()
         data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
         Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -278,6 +281,10 @@ def test_gold_likelihood_is_measured_on_the_steps_that_read_gold_completions(tea
             make_module(teacher_dir, **overrides), datamodule=data)
         if "extra_terms" in overrides:
             assert seen.steps == [(1.0, True, True)] * 8
+        elif "diagnostics" in overrides:  # scored without a gradient on steps 0, 3 and 6
+            assert seen.steps == [(1.0, step % 3 == 0, step % 3 == 0) for step in range(8)]
+        elif overrides["on_policy_fraction"] == 1.0:
+            assert seen.steps == [(1.0, False, False)] * 8
         else:
             assert {on for on, _, _ in seen.steps} == {0.0, 1.0}
             assert all(nll == top == (on == 0.0) for on, nll, top in seen.steps)
@@ -294,6 +301,12 @@ def test_gold_likelihood_is_measured_on_the_steps_that_read_gold_completions(tea
     logp = logits[:, start - 1 : -1].log_softmax(-1).gather(-1, gold.completion_ids[..., None]).squeeze(-1)
     want = -logp[gold.completion_mask.bool()].mean()
     assert module.train_diag.compute()["diag/gold_nll"].item() == pytest.approx(want.item(), rel=1e-5)
+    module.train_diag.reset()  # the probe of gold_every scores the same gold batch alike on an on-policy step
+    module.diag_config = DiagnosticsConfig(gold_every=1)
+    module._gold_probe(BATCH, {"rollout": module.rollouts(BATCH, train=False)["rollout"]}, step=0)
+    assert module.train_diag.compute()["diag/gold_nll"].item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="no `completion` field: add it, or set gold_every to 0"):
+        module._gold_probe({"prompt": BATCH["prompt"]}, {}, step=0)
 
 
 def test_gold_rise_is_judged_against_the_runs_first_gold_observations():
