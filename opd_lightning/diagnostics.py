@@ -309,8 +309,8 @@ class Diagnostics(nn.Module):
             mask: `[B, N]` valid completion positions.
             teacher_mask: `[B, N]` positions where `teacher_logits` hold a target (an aligner may leave some
                 without one); None: all of `mask`.
-            gold: the completions are the dataset's gold ones: also `diag/gold_nll`, the student's mean negative
-                log-likelihood of their tokens.
+            gold: the completions are the dataset's gold ones: also `diag/gold_nll` and `diag/gold_top1`
+                (`update_gold`).
         """
         if completion_ids.shape != mask.shape or student_logits.shape[:2] != mask.shape:
             raise ValueError(f"shapes disagree: logits {tuple(student_logits.shape)}, ids {tuple(completion_ids.shape)}"
@@ -350,7 +350,7 @@ class Diagnostics(nn.Module):
 
     @torch.no_grad()
     def update_gold(self, student_logits: Tensor | HiddenRows, completion_ids: Tensor, mask: Tensor) -> None:
-        """`diag/gold_nll` of one (micro-)batch of the dataset's gold completions: `student_logits [B, N, V]` (or
+        """`diag/gold_nll` and `diag/gold_top1` of one (micro-)batch of the dataset's gold completions: `student_logits [B, N, V]` (or
         `HiddenRows`) predicting `completion_ids [B, N]` at the valid positions `mask [B, N]`."""
         rows, cols = mask.bool().nonzero(as_tuple=True)
         if rows.numel():
