@@ -342,8 +342,10 @@ class DistillationModule(LightningModule):
             gold = rollouts["gold"]  # read by a term on a step that rolls out: its likelihood comes free as well
             self._diag.update_gold(student_logits["gold"], gold.completion_ids, gold.completion_mask)
         if measure and isinstance(student_logits["rollout"], HiddenRows) and total.requires_grad:
-            self._diag.update_grad_coherence(self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"],
-                                                                        targets, counts["rollout"]))
+            coherence = self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"], targets,
+                                                   counts["rollout"])
+            if coherence is not None:
+                self._diag.update_grad_coherence(coherence)
         return total, metrics
 
     def _layers_read(self, completions: str, side: str) -> set[int]:
@@ -371,16 +373,20 @@ class DistillationModule(LightningModule):
         return LayerStates({i: h[pairs.batch, pairs.student] for i, h in student.items()}, teacher, pairs.in_prompt,
                            pairs.batch)
 
-    def _fused_grad_coherence(self, rollout: Rollout, student: HiddenRows, targets: dict, count: Tensor) -> Tensor:
+    def _fused_grad_coherence(self, rollout: Rollout, student: HiddenRows, targets: dict,
+                              count: Tensor) -> Tensor | None:
         """`diag/grad_coherence` of a fused batch, without its `[B, N, V]` logits. Every term on the rollout is a loss
         that fuses, a sum over positions, so the loss's gradient with respect to a chunk of positions' logits is that
         chunk's own: it is rebuilt a chunk at a time from the same terms and targets (one more pass through the
-        output layer, on measured steps only) and folded into the coherence's two sums (`CoherenceSums`)."""
+        output layer, on measured steps only) and folded into the coherence's two sums (`CoherenceSums`). None where no
+        term on the rollout reads the logits."""
         rows, cols = rollout.completion_mask.nonzero(as_tuple=True)
         weight, bias = student.weight.detach(), None if student.bias is None else student.bias.detach()
         step = student.chunk_size or default_chunk(weight.shape[0])
         # a term reading layer states (hidden_match) does not read the logits: its gradient with respect to them is 0
         terms = [t for t in self.terms if t.completions == "rollout" and not reads_layers(t.loss)]
+        if not terms:
+            return None
         sums = CoherenceSums()
         for lo in range(0, rows.numel(), step):
             r, c = rows[lo : lo + step], cols[lo : lo + step]
@@ -444,8 +450,9 @@ class DistillationModule(LightningModule):
                                  rollout.completion_ids, mask, target.mask if dense else None,
                                  gold=rollout.source == "dataset")
         if hidden is not None and total.requires_grad and isinstance(student_logits, Tensor):
-            (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True)  # [B, N, V], loss only
-            self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))
+            (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True, allow_unused=True)  # [B, N, V]
+            if dlogits is not None:  # None: no term read the logits (hidden_match alone), no coherence to measure
+                self._diag.update_grad_coherence(output_layer_grad_coherence(dlogits[mask], hidden[mask]))
 
     def _target_rows(self, rollouts: dict[str, Rollout]) -> int:
         """Rows per micro-batch that bound the teacher's side of a fused step across tokenizers: where a term reads the

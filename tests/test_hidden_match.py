@@ -297,3 +297,20 @@ def test_on_fused_rollouts_the_term_joins_a_step_whose_gradient_coherence_is_mea
     total, metrics = module._run_step(BATCH, train=True)
     assert torch.isfinite(total) and metrics["loss/hidden_match"] > 0
     assert "diag/grad_coherence" in module.train_diag.compute()
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_as_the_only_loss_a_measured_step_runs_and_logs_no_coherence(teacher_dir, chunk):
+    """`hidden_match` as the run's loss (a leaderboard row) reads no logits: on a step that measures the gradient's
+    coherence on the logits there is none to measure, plain or fused, and the step runs."""
+    from opd_lightning.diagnostics import DiagnosticsConfig
+
+    module = DistillationModule(student=HFModel(config=TINY, tokenizer="builtin:char", seed=0),
+                                teacher=HFModel(path=teacher_dir), loss="hidden_match", aligner="identity",
+                                logits_chunk_size=chunk, diagnostics=DiagnosticsConfig(grad_coherence_every=1),
+                                sampling=SamplingConfig(max_new_tokens=4),
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    module.manual_backward = lambda loss: loss.backward()
+    total, metrics = module._run_step(BATCH, train=True)
+    assert torch.isfinite(total) and metrics["loss/hidden_match"] > 0
+    assert "diag/grad_coherence" not in module.train_diag.compute()
