@@ -105,7 +105,7 @@ MODES = {
         "eval_every": 10,  # the sampled-token runs' score fell within the first 50 steps: seen step by step
         # The hypothesis' own signal at opd report's floor, and the top-k overlap at a floor set after the first
         # three seeds (the signal that moved before the score fell in them; not validated on other runs).
-        # The gold likelihood (`GoldRise`, at opd report's limit) was added after these runs, logged when they ran again.
+        # The gold likelihood (`GoldRise`, at its defaults) was added after these runs, logged when they ran again.
         "watch": (("diag/grad_coherence", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop"),
                   ("diag/gold_nll", None, "rise")),
         "plot": 3,  # the one that moved first
@@ -231,9 +231,13 @@ def watches(mode: str) -> list[tuple[str, float | None, str]]:
 
 
 def limit_of(metric: str, limit: float | None, kind: str = "level") -> float:
-    """A watched diagnostic's limit: the one given, else `opd report`'s threshold (for a drop, its `<name>_drop`)."""
-    name = metric.removeprefix("diag/") + {"drop": "_drop", "rise": "_rise"}.get(kind, "")
-    return DEFAULT_THRESHOLDS[name] if limit is None else limit
+    """A watched diagnostic's limit: the one given, else `opd report`'s threshold (for a drop, its `<name>_drop`; for
+    a rise of the gold likelihood, `GoldRise`'s)."""
+    if limit is not None:
+        return limit
+    if kind == "rise":
+        return GoldRise.limit
+    return DEFAULT_THRESHOLDS[metric.removeprefix("diag/") + ("_drop" if kind == "drop" else "")]
 
 
 def _label(metric: str, limit: float | None, kind: str = "level") -> str:

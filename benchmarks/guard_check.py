@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = sorted({r["pair"] for r in leaderboard}, key=list(PAIRS).index)
     flag = ("" if args.block == "guard_check" else f" --block {args.block}") + (
         "" if held_out == NEW_SEEDS else f" --held-out-from {held_out}")
-    section = (f"### Guard rules judged on logged runs\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
+    title = "" if args.block == "guard_check" else f" (block `{args.block}`)"
+    section = (f"### Guard rules judged on logged runs{title}\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
                f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
                f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
                f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}); a score "

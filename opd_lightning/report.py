@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opd_lightning.watch import Drift, GoldRise
+from opd_lightning.watch import Drift
 
 __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "metric_ends",
            "read_evals",
@@ -50,7 +50,6 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "logratio_drift": -0.5,  # floor: mean log-ratio of a completion's second half minus its first half, in nats
     "drift_overlap_sd": Drift.overlap_fall_sd,  # the joint drift rule (`watch.Drift`): topk_overlap's fall and
     "drift_logratio_sd": Drift.logratio_rise_sd,  # logratio_abs's rise, in their first on-policy steps' sds
-    "gold_nll_rise": GoldRise.limit,  # `watch.GoldRise`: gold_nll's rise above its first gold steps, in nats
     "loss_ratio": 1.0,  # ceiling of train/loss last-window mean / first-window mean ("not decreasing")
     "eval_gain": 0.0,  # floor of (last - first) student eval score
 }
@@ -244,7 +243,6 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
         out.append(Check("topk_overlap_drop", start - end <= limit,
                          f"`{found[0]}` {start:.4g} -> {end:.4g} (tolerated fall {limit:g})"))
     out.append(drift_check(metrics, thresholds))
-    out.append(gold_rise_check(metrics, thresholds))
     if (found := _pick(metrics, ("train/loss",))) and len(found[1]) > 1:
         (start, end), limit = metric_ends(found[1]), thresholds["loss_ratio"]
         ratio = end / start if start else math.inf
@@ -276,20 +274,6 @@ def drift_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Che
             f"sd above their first {rule.baseline} on-policy steps (moving mean of {rule.window}, {rule.patience} in "
             "a row)")
     return Check("drift", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
-
-
-def gold_rise_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Check:
-    """The gold-likelihood rule (`watch.GoldRise`, at the thresholds' limit) over the logged `diag/gold_nll`: where
-    `RolloutGuard(gold_rise=...)` would have acted."""
-    rule = GoldRise(limit=thresholds["gold_nll_rise"])
-    series = [(s, v) for s, v in metrics.get(rule.metric, []) if math.isfinite(v)]
-    if len(series) <= rule.baseline:
-        return Check("gold_nll_rise", None, f"not judged: `{rule.metric}` logged on {len(series)} steps (it is "
-                                            "measured on the steps that read gold completions)")
-    step = rule.crossing(series)
-    told = (f"`{rule.metric}` more than {rule.limit:g} nats above its first {rule.baseline} observations' mean "
-            f"({rule.patience} in a row)")
-    return Check("gold_nll_rise", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
 
 
 def _panels(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],

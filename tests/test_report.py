@@ -14,7 +14,7 @@ from opd_lightning import cli, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVEL_CHECKS = list(report.CHECKS)
-ALL_CHECKS = [*LEVEL_CHECKS, "topk_overlap_drop", "drift", "gold_nll_rise", "loss_ratio", "eval_gain", "nan"]
+ALL_CHECKS = [*LEVEL_CHECKS, "topk_overlap_drop", "drift", "loss_ratio", "eval_gain", "nan"]
 STEPS = [4 + 5 * i for i in range(20)]
 
 
@@ -39,8 +39,6 @@ def train_row(i: int, healthy: bool) -> dict[str, float]:
             "logratio_drift": -0.2 - f}
     # |log-ratio|: steady with a little noise, or (unhealthy) jumping after the first half (the drift check's baseline)
     diag["logratio_abs"] = 0.5 + 0.02 * (i % 2) + (1.5 if not healthy and i >= 10 else 0.0)
-    # gold likelihood: falling, or (unhealthy) 0.3 nats above its start from the 9th step on
-    diag["gold_nll"] = 0.7 - 0.2 * f if healthy else 0.7 + 0.01 * (i % 2) + (0.3 if i >= 8 else 0.0)
     diag |= {"logratio_mean": -0.5 + 0.4 * f, "logratio_pos_frac": 0.4, "entropy_student": 1.5,
              "entropy_teacher": 1.2, "completion_len": 30.0}
     loss = 3.0 * 0.9**i if healthy else 1.0 + f
@@ -140,7 +138,6 @@ def test_unhealthy_run_flags_every_crossed_check(unhealthy):
     # drift: |log-ratio| crosses at the 6th step past its baseline; the overlap's linear fall (baseline sd 3.03 steps'
     # worth) reaches -3 sd in a moving mean centred 9.5 steps past the baseline's: at the 17th and 18th steps
     assert health_line(md, "drift").endswith(f"crossed at step {STEPS[17]}")
-    assert health_line(md, "gold_nll_rise").endswith(f"crossed at step {STEPS[9]}")  # 2 in a row past the baseline
     assert_valid_png(run_dir / "logs" / "version_0" / "report" / "diagnostics.png")
 
 
