@@ -119,7 +119,8 @@ MODES = {
         "title": "A teacher whose menu does not overlap the student's: reverse KL from two teachers of one strength",
         "start": "cross", "config": PAIRS["cross"]["config"], "task": "arithmetic", "start_steps": 600,
         "eval_every": 50,
-        "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
+        "watch": (("diag/topk_overlap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop"),
+                  ("diag/gold_nll", None, "rise")),  # the last added after these runs, logged when they ran again
         "needs": (lambda: trained_teacher("builtin:arithmetic_bpe"),),
         "variants": {
             "char_teacher": ("character teacher, `exact_spans`", [
