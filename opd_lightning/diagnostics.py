@@ -189,23 +189,23 @@ def _distribution_stats(student: Tensor, teacher: Tensor | None, rows: Tensor, c
 
 def _token_logprob(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """log p(ids) `[n]` at positions `(rows, cols)`: one logsumexp pass, no `[n, V]` log-softmax kept."""
-    return _token_stats(logits, ids, rows, cols)[0]
+    return _token_stats(logits, ids, rows, cols, top1=False)[0]
 
 
-def _token_stats(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(ids) `[n]` at positions `(rows, cols)`, and whether each id is the top-1 there `[n]` (bool; a tie with
-    another id counts as top-1), a chunk of rows at a time."""
+def _token_stats(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: Tensor,
+                 top1: bool = True) -> tuple[Tensor, Tensor | None]:
+    """log p(ids) `[n]` at positions `(rows, cols)`, a chunk of rows at a time, and with `top1` whether each id is the
+    top-1 there `[n]` (bool; a tie with another id counts as top-1; None without `top1`: one pass fewer)."""
     size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    logp, top = [], []
+    logp, top = [torch.zeros(0, device=ids.device)], [torch.zeros(0, dtype=torch.bool, device=ids.device)]
     for start in range(0, rows.numel(), size):
         r, c = rows[start : start + size], cols[start : start + size]
         chunk = logits[r, c].float()  # [c, V]
         picked = chunk.gather(-1, ids[r, c, None]).squeeze(-1)
         logp.append(picked - chunk.logsumexp(-1))
-        top.append(picked >= chunk.amax(-1))
-    if not logp:
-        return torch.zeros(0, device=ids.device), torch.zeros(0, dtype=torch.bool, device=ids.device)
-    return torch.cat(logp), torch.cat(top)
+        if top1:
+            top.append(picked >= chunk.amax(-1))
+    return torch.cat(logp), torch.cat(top) if top1 else None
 
 
 def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:
@@ -261,7 +261,7 @@ class Diagnostics(nn.Module):
       the teacher favours (relative to the student) a repeated token than another, whatever the signs; NaN when
       either group is empty.
     - `align_coverage`, `grad_coherence`: means of the values given (see `output_layer_grad_coherence`).
-    - `gold_nll`: on steps that read the dataset's gold completions (`update_tokens(gold=True)`), the student's mean
+    - `gold_nll`: on steps that read the dataset's gold completions (`update_gold`), the student's mean
       negative log-likelihood of their tokens, in nats: a held-out likelihood, free on those steps, that rises as
       the student drifts away from the gold answers; and `gold_top1`, the share of those tokens that are the
       student's most likely token (its greedy choice given the gold prefix: a greedy score read on the training
@@ -298,7 +298,7 @@ class Diagnostics(nn.Module):
 
     @torch.no_grad()
     def update_tokens(self, student_logits: Tensor | HiddenRows, teacher_logits: Tensor | None, completion_ids: Tensor,
-                      mask: Tensor, teacher_mask: Tensor | None = None, gold: bool = False) -> None:
+                      mask: Tensor, teacher_mask: Tensor | None = None) -> None:
         """Token statistics of one (micro-)batch; without teacher logits only the student-side metrics.
 
         Args:
@@ -309,8 +309,6 @@ class Diagnostics(nn.Module):
             mask: `[B, N]` valid completion positions.
             teacher_mask: `[B, N]` positions where `teacher_logits` hold a target (an aligner may leave some
                 without one); None: all of `mask`.
-            gold: the completions are the dataset's gold ones: also `diag/gold_nll` and `diag/gold_top1`
-                (`update_gold`).
         """
         if completion_ids.shape != mask.shape or student_logits.shape[:2] != mask.shape:
             raise ValueError(f"shapes disagree: logits {tuple(student_logits.shape)}, ids {tuple(completion_ids.shape)}"
@@ -329,8 +327,6 @@ class Diagnostics(nn.Module):
         stats = _distribution_stats(student, None if split else teacher, rows[pick], cols[pick], k)
         if rows.numel():
             values |= {"sampled": pick.numel(), "entropy_student": stats["entropy_student"].sum()}
-        if gold:
-            self.update_gold(student, completion_ids, mask)
         if split:
             rows, cols = (mask & teacher_mask.bool()).nonzero(as_tuple=True)
             pick = _spread(rows.numel(), self.max_positions, rows.device)

@@ -338,9 +338,11 @@ class DistillationModule(LightningModule):
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
-        if self.diag_config.enabled and "gold" in student_logits and rollouts["rollout"].source != "dataset":
-            gold = rollouts["gold"]  # read by a term on a step that rolls out: its likelihood comes free as well
-            self._diag.update_gold(student_logits["gold"], gold.completion_ids, gold.completion_mask)
+        # the likelihood of the gold completions, free where a term read them (as the step's rollout, or beside it)
+        read = next((name for name in student_logits if rollouts[name].source == "dataset"), None)
+        if self.diag_config.enabled and read is not None:
+            gold = rollouts[read]
+            self._diag.update_gold(student_logits[read], gold.completion_ids, gold.completion_mask)
         if measure and isinstance(student_logits["rollout"], HiddenRows) and total.requires_grad:
             coherence = self._fused_grad_coherence(rollouts["rollout"], student_logits["rollout"], targets,
                                                    counts["rollout"])
@@ -447,8 +449,7 @@ class DistillationModule(LightningModule):
         mask = rollout.completion_mask
         dense = target is not None and target.logits is not None and target.student_projection is None
         self._diag.update_tokens(student_logits.detach(), target.logits if dense else None,
-                                 rollout.completion_ids, mask, target.mask if dense else None,
-                                 gold=rollout.source == "dataset")
+                                 rollout.completion_ids, mask, target.mask if dense else None)
         if hidden is not None and total.requires_grad and isinstance(student_logits, Tensor):
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True, allow_unused=True)  # [B, N, V]
             if dlogits is not None:  # None: no term read the logits (hidden_match alone), no coherence to measure
@@ -543,10 +544,7 @@ class DistillationModule(LightningModule):
         if batch.get("completion") is None:
             raise ValueError("model.diagnostics.gold_every scores the data's gold completions, and this batch has no "
                              "`completion` field: add it, or set gold_every to 0")
-        source = self.rollout_source
-        prompt_ids, prompt_mask = source.encode_prompts(batch["prompt"], self.device)
-        rows = torch.tensor(batch.get("index") or list(range(len(batch["prompt"]))), device=self.device)
-        gold = source.finish(source.text_rollout(prompt_ids, prompt_mask, batch["completion"]), rows, "dataset")
+        gold = self.rollout_source.gold_rollout(batch, self.device)
         logits = completion_logits(self.student, gold.sequences, gold.attention_mask, gold.position_ids,
                                    gold.completion_mask.shape[1])
         self._diag.update_gold(logits, gold.completion_ids, gold.completion_mask)

@@ -119,12 +119,19 @@ class RolloutSource:
             rollout = self.teacher_rollout(teacher, batch["prompt"], prompt_ids, prompt_mask, seeds, sharded)
             rollouts["rollout"] = self.finish(rollout, index, "teacher")
         else:
-            rollout = self.text_rollout(prompt_ids, prompt_mask, completions(batch))
-            rollouts["rollout"] = self.finish(rollout, index, "dataset")
+            rollouts["rollout"] = self.gold_rollout(batch, device, (prompt_ids, prompt_mask), index)
         if self.gold:
-            rollouts["gold"] = self.finish(self.text_rollout(prompt_ids, prompt_mask, completions(batch)), index,
-                                           "dataset")
+            rollouts["gold"] = self.gold_rollout(batch, device, (prompt_ids, prompt_mask), index)
         return rollouts
+
+    def gold_rollout(self, batch: dict, device: torch.device, encoded: tuple[Tensor, Tensor] | None = None,
+                     index: Tensor | None = None) -> Rollout:
+        """The batch's dataset completions as a rollout (source "dataset"); `encoded` (prompt ids and mask) and `index`
+        (the dataset rows) where the caller has them already."""
+        prompt_ids, prompt_mask = encoded or self.encode_prompts(batch["prompt"], device)
+        if index is None:
+            index = torch.tensor(batch.get("index") or list(range(len(batch["prompt"]))), device=device)
+        return self.finish(self.text_rollout(prompt_ids, prompt_mask, completions(batch)), index, "dataset")
 
     def finish(self, rollout: Rollout, rows: Tensor, source: str) -> Rollout:
         """Record the rollout's dataset rows and author, and leave special tokens out of its mask where asked."""

@@ -144,14 +144,14 @@ def test_logratio_by_position_in_the_completion_by_hand():
 
 def test_gold_nll_and_top1_by_hand_on_gold_steps_only():
     """`diag/gold_nll`: the student's mean -log p of the gold tokens at valid positions; `diag/gold_top1`: the share
-    of them that are its most likely token (a tie counts); both logged only when the step's completions are gold
-    (`gold=True`, or `update_gold` for a gold batch read beside the rollouts)."""
+    of them that are its most likely token (a tie counts); both logged only through `update_gold`, which the module calls
+    on the gold completions a step reads, not by `update_tokens`."""
     student = _logits([0.4, 0.3, 0.2, 0.1], [0.6, 0.3, 0.05, 0.05], [0.25, 0.25, 0.25, 0.25])
     ids, mask = torch.tensor([[0, 3, 2]]), torch.tensor([[True, True, False]])
     diag = Diagnostics()
     diag.update_tokens(student, None, ids, mask)
     assert "diag/gold_nll" not in diag.compute() and "diag/gold_top1" not in diag.compute()
-    diag.update_tokens(student, None, ids, mask, gold=True)
+    diag.update_gold(student, ids, mask)
     out = diag.compute()
     assert out["diag/gold_nll"].item() == pytest.approx(-(math.log(0.4) + math.log(0.05)) / 2, rel=1e-6)
     assert out["diag/gold_top1"].item() == 0.5  # the masked third position is left out
