@@ -14,7 +14,10 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   over the student's top-k tokens, a dense gradient), one tokenizer. If per-token advantages cancel, the sampled-token
   run has large `diag/logratio_abs` (mean |log p_T - log p_S| of the sampled tokens) with a small
   `diag/grad_coherence` (norm of the summed output-layer gradient over the sum of its per-position norms), and the
-  dense run does not.
+  dense run does not. Two more stabilisers: `sampled_token` at a third of the learning rate from the start, and with
+  `RolloutGuard(gold_rise: {}, lr_factor: 0.333)` (`GUARD_LR`: the rate cut to a third when the gold likelihood
+  rises; `benchmarks/guard_response.py` sets these runs beside the warm leaderboard's); and `topk_reverse_kl` with
+  the same guard.
 - `overlap` (Li et al., arXiv 2604.13016: a teacher whose next-token menu does not overlap the student's does not
   help, however strong): reverse KL on the student's rollouts from teachers of about the same strength (each run
   scores its teacher), the character teacher across tokenizers through `exact_spans` (the student's tokens are whole
@@ -98,6 +101,13 @@ LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/di
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
 LOOP_LENGTH = 62  # characters of a looping row (prompt and completion; its EOS makes 63 of the 64-token context)
 WHOLE_TARGET = ["--model.teacher_topk", "null"]
+GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about a third when it acts
+# `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults), appended to the run's callbacks
+GUARD_LR = "--trainer.callbacks+=" + json.dumps({
+    "class_path": "opd_lightning.guards.RolloutGuard",
+    "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {},
+                  "lr_factor": GUARD_LR_FACTOR}})
+GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {
         "title": "Gradient cancellation: sampled-token OPD against a dense top-k reverse KL (one tokenizer)",
@@ -113,6 +123,11 @@ MODES = {
             "sampled_token": ("`sampled_token` (one sample's log-ratio per token)", ["--model.loss", "sampled_token"]),
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
                                 ["--model.loss", "topk_reverse_kl"]),
+            "sampled_token_lr": ("stabiliser: `sampled_token` at a third of the learning rate (0.001)",
+                                 ["--model.loss", "sampled_token", "--model.optimizer.init_args.lr", "0.001"]),
+            "sampled_token_guard": (GUARD_LABEL, ["--model.loss", "sampled_token", GUARD_LR]),
+            "topk_reverse_kl_guard": ("`topk_reverse_kl` with the same guard", ["--model.loss", "topk_reverse_kl",
+                                                                              GUARD_LR]),
         },
     },
     "overlap": {
@@ -421,16 +436,20 @@ def plot(runs: list[dict], modes: list[str]) -> None:
     for row, mode in enumerate(modes):
         watch, limit, kind = watches(mode)[MODES[mode].get("plot", 0)]
         ax_score, ax_diag = fig.add_subplot(len(modes), 2, 2 * row + 1), fig.add_subplot(len(modes), 2, 2 * row + 2)
-        for r in (r for r in runs if r["mode"] == mode):
-            label = f"{r['variant']} s{r['seed']}"
-            lines = ax_score.plot(*zip(*r["history"], strict=True), marker="o", ms=3, label=label)
+        variants, labelled = list(MODES[mode]["variants"]), set()
+        for r in (r for r in runs if r["mode"] == mode):  # one colour per variant, one line style per seed
+            color, style = f"C{variants.index(r['variant']) % 10}", ("-", "--", "-.", ":")[r["seed"] % 4]
+            label = None if r["variant"] in labelled else r["variant"]
+            labelled.add(r["variant"])
+            ax_score.plot(*zip(*r["history"], strict=True), marker="o", ms=2, lw=1, color=color, ls=style,
+                          label=label)
             steps = [i * WINDOW for i in range(len(r["windows"][watch]))]
-            ax_diag.plot(steps, r["windows"][watch], color=lines[0].get_color(), label=label)
+            ax_diag.plot(steps, r["windows"][watch], color=color, ls=style, lw=1, label=label)
             if (acts := r["crossing"].get(_label(watch, limit, kind))) is not None:
-                ax_diag.axvline(acts, color=lines[0].get_color(), ls=":")
+                ax_diag.axvline(acts, color=color, ls=":")
         if kind == "level":  # a relative limit has no one level to draw
             ax_diag.axhline(limit_of(watch, limit), color="red", ls="--", label="threshold")
-        ax_score.set_title(f"{mode}: score (exact match, 500 test problems)", fontsize=9)
+        ax_score.set_title(f"{mode}: score (exact match, 500 test problems; line style: seed)", fontsize=9)
         ax_diag.set_title(f"{mode}: {watch} (window means; dotted: the guard acts)", fontsize=9)
         ax_score.legend(fontsize=7)
         ax_diag.legend(fontsize=7)

@@ -133,11 +133,13 @@ def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]
 def failure_mode_runs(held_out: int = NEW_SEEDS) -> list[dict]:
     """Each logged failure-mode run: its label, the step its fall is first seen (None: never), whether its seed is
     `held_out` or later, and its logs."""
-    from benchmarks.failure_modes import MODES
+    from benchmarks.failure_modes import GUARD_LR, MODES
 
     runs = []
     for mode, spec in MODES.items():
-        for variant in spec["variants"]:
+        for variant, (_, options) in spec["variants"].items():
+            if GUARD_LR in options:  # a guard answered during the run: after it acted, not the run the rules judge
+                continue
             for version in sorted((FAILURE_ROOT / mode / variant).glob("seed_*/logs/version_0")):
                 if not (version / "eval_history.jsonl").exists():
                     continue

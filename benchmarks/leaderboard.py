@@ -232,7 +232,9 @@ def warm_student(pair: str, steps: int, root: Path = WARM_ROOT) -> tuple[Path, f
 
 
 def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
-        start: tuple[Path, float] | None = None) -> dict:
+        start: tuple[Path, float] | None = None, options: tuple[str, ...] = ()) -> dict:
+    """One leaderboard run of `loss` on `pair` into `<root>/<pair>/<loss>/seed_<seed>`, from `start` (a warm
+    student) if given; `options` are further `opd fit` options, given last."""
     extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
     aligner = aligner_for(pair, loss)
     if aligner:
@@ -244,7 +246,7 @@ def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
         key["start_score"] = start[1]  # which start: runs from another build of it are not mixed with these
     spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
     args = ["--config", PAIRS[pair]["config"], "--config", str(overlay_path(root, pair)), "--model.loss", spec,
-            "--model.teacher_topk", "null", *seed_args(seed), *RECIPE, *extra]  # every loss on the whole target
+            "--model.teacher_topk", "null", *seed_args(seed), *RECIPE, *extra, *options]  # every loss on the whole target
     return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key, PAIRS[pair]["task"],
                          PAIRS[pair]["metric"])
 

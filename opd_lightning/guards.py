@@ -11,7 +11,8 @@ log-likelihood rising above the run's start, a fall of the score read at every g
 `benchmarks/failure_modes.py` measures, on failures reproduced at CPU scale, when each acts against when the score
 falls, and `benchmarks/guard_check.py` judges candidate rules on those runs and on the warm-start leaderboards'. The
 guard reads the step's diagnostics and warns when one stays past its limit for `patience` observations in a row; with
-`stop: true` it also ends training, so a checkpoint from before the collapse is what remains. `crossing` is the same
+`stop: true` it also ends training, so a checkpoint from before the collapse is what remains, and with `lr_factor`
+it lowers the learning rate instead (`benchmarks/guard_response.py` measures that answer). `crossing` is the same
 rule applied to a logged series afterwards (`benchmarks/failure_modes.py`).
 """
 
@@ -39,7 +40,7 @@ class RolloutGuard(Callback):
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
                  min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
                  drift: Drift | None = None, gold_rise: GoldRise | None = None, baseline: int = 10,
-                 patience: int = 3, stop: bool = False) -> None:
+                 patience: int = 3, stop: bool = False, lr_factor: float | None = None) -> None:
         """
         Args:
             max_repetition_rate: limit on `diag/repetition_rate` (share of completion tokens that repeat an earlier
@@ -69,6 +70,10 @@ class RolloutGuard(Callback):
             baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
+            lr_factor: when the guard acts (and does not stop), multiply the learning rate by this factor in (0, 1):
+                every optimizer's current rate and its scheduler's base rates, so the schedule goes on from the lower
+                peak (and a checkpoint keeps it). A rule acts once per run of observations past its limit, so a
+                diagnostic that stays past it lowers the rate once.
         """
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
@@ -79,7 +84,9 @@ class RolloutGuard(Callback):
         if baseline < 1:
             raise ValueError(f"baseline must be at least 1, got {baseline}")
         self.limits = {name: limit for name, limit in given.items() if limit is not None}
-        self.patience, self.stop = patience, stop
+        if lr_factor is not None and not 0 < lr_factor < 1:
+            raise ValueError(f"lr_factor must be in (0, 1), got {lr_factor}")
+        self.patience, self.stop, self.lr_factor = patience, stop, lr_factor
         # label -> (diagnostic read, its watch): absolute limits by the diagnostic's name, the drop by its own
         self.watches = {name: (name, Watch(limit, BOUNDS[name], patience)) for name, limit in self.limits.items()}
         if max_topk_overlap_drop is not None:
@@ -117,7 +124,26 @@ class RolloutGuard(Callback):
     def _act(self, trainer: Trainer, label: str, value: float, what: str) -> None:
         """Record and warn that the guard acts on `label`, and end training if it stops runs."""
         self.tripped.append((trainer.global_step, label, value))
-        action = "stopping training" if self.stop else "continuing (set stop: true to end the run here)"
+        if self.stop:
+            action = "stopping training"
+        elif self.lr_factor is not None:
+            action = f"continuing at {self.lr_factor:g}x the learning rate"
+        else:
+            action = "continuing (set stop: true to end the run here)"
         rank_zero_warn(f"{what} at step {trainer.global_step}: the run is degenerating; {action}")
         if self.stop:
             trainer.should_stop = True
+        elif self.lr_factor is not None:
+            scale_learning_rate(trainer, self.lr_factor)
+
+
+def scale_learning_rate(trainer: Trainer, factor: float) -> None:
+    """Multiply every optimizer's learning rate by `factor`, now and for the rest of its schedule: each param group's
+    `lr` and each scheduler's `base_lrs` (which a `LambdaLR` such as `WarmupCosine` multiplies by its factor at every
+    step, so the schedule's shape is kept at the lower peak)."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+    for config in trainer.lr_scheduler_configs:
+        if hasattr(config.scheduler, "base_lrs"):
+            config.scheduler.base_lrs = [rate * factor for rate in config.scheduler.base_lrs]

@@ -346,3 +346,56 @@ def test_gold_rise_is_judged_against_the_runs_first_gold_observations():
     assert guard.tripped == [(11, "diag/gold_nll_rise", 0.91)]
     with pytest.raises(ValueError, match="baseline and patience of at least 1"):
         GoldRise(baseline=0)
+
+
+def test_guard_lowers_the_learning_rate_when_it_acts():
+    """`RolloutGuard(lr_factor=f)`: when a rule acts, every param group's rate and its scheduler's base rates are
+    multiplied by f (the schedule goes on from the lower peak, and the scheduler's state carries it into a
+    checkpoint); a rule acts once per run of observations past its limit, so the rate is cut again only after the
+    diagnostic has come back and crossed anew; with `stop` the run ends and the rate is left as it is."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opd_lightning.guards import GoldRise, RolloutGuard
+    from opd_lightning.optim import WarmupCosine
+
+    def setup(**kwargs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.3)
+        scheduler = WarmupCosine(optimizer, warmup_steps=4, total_steps=100, min_ratio=1.0)
+        trainer = SimpleNamespace(global_step=0, should_stop=False, optimizers=[optimizer],
+                                  lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+        guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None,
+                             gold_rise=GoldRise(limit=0.2, baseline=2, patience=1), **kwargs)
+        return optimizer, scheduler, trainer, guard
+
+    # reference 1.0 (steps 0, 1); past the limit at steps 3 (acts), 4 (same streak); back at 5; past again at 6
+    values = {0: 1.0, 1: 1.0, 2: 1.1, 3: 1.5, 4: 1.6, 5: 1.0, 6: 1.4}
+    def feed(steps):
+        rates = []
+        for step in range(steps):
+            trainer.global_step = step
+            seen = {"diag/gold_nll": values[step]} if step in values else {}
+            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    optimizer, scheduler, trainer, guard = setup(lr_factor=0.25)
+    with pytest.warns(UserWarning, match=r"continuing at 0.25x the learning rate"):
+        rates = feed(8)
+    factor = [(s + 1) / 5 if s < 4 else 1.0 for s in range(8)]  # WarmupCosine's factor before each step's update
+    want = [0.3 * factor[s] * (1.0 if s < 3 else 0.25 if s < 6 else 0.0625) for s in range(8)]
+    assert rates == pytest.approx(want)
+    assert [step for step, *_ in guard.tripped] == [3, 6]
+    assert scheduler.state_dict()["base_lrs"] == pytest.approx([0.3 * 0.0625])
+    assert not trainer.should_stop
+
+    optimizer, scheduler, trainer, guard = setup(lr_factor=0.25, stop=True)
+    with pytest.warns(UserWarning, match="stopping training"):
+        feed(4)
+    assert trainer.should_stop and scheduler.base_lrs == [0.3]
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"lr_factor must be in \(0, 1\)"):
+            RolloutGuard(lr_factor=bad)

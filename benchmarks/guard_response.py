@@ -1,0 +1,190 @@
+"""The gold-likelihood guard answering with a lower learning rate instead of a stop: does it spare the falls, and
+what does it cost the runs it acts on that were going to gain?
+
+    .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2] [--parallel 2] [--no-run]
+        [--no-record]
+
+`GoldRise` (`diag/gold_nll` risen 0.2 nats above its start) acts before most of the cancellation mode's falls, and
+also on most warm-leaderboard runs that go on to gain (RESULTS.md, block `guard_check_gold`): stopping on it would
+end those. `RolloutGuard(gold_rise: {}, lr_factor: 0.333)` answers instead by cutting the learning rate to a third
+(`failure_modes.GUARD_LR`). This script judges that answer on two sets of runs:
+- the cancellation mode (`benchmarks/failure_modes.py`, run there): `sampled_token` and `topk_reverse_kl` with and
+  without the guard, and `sampled_token` at a third of the learning rate from the start, read from its CSV: how many
+  seeds fall (an evaluation more than `DROP` below the start), the lowest and the final scores;
+- the warm leaderboard: every recorded run of `--pair` and `--seeds` on whose logged gold NLL the rule acts, run
+  again with the guard into `runs/leaderboard_warm_guard/` (a run it does not act on is the same run step for step:
+  the guard only reads), against its recorded score.
+Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-run` tabulates the runs recorded there.
+Writes one block into benchmarks/RESULTS.md unless `--no-record`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks.failure_modes import DROP, GUARD_LR, GUARD_LR_FACTOR, _label, read_csv
+from benchmarks.guard_check import logged
+from benchmarks.leaderboard import PAIRS, WARM_ROOT, eval_overlay, prepare, run, scored_run, warm_student
+from benchmarks.quickstart import machine, record
+from opd_lightning.guards import GoldRise
+
+GUARD_ROOT = Path("runs/leaderboard_warm_guard")
+RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
+COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "guarded", "guard_step", "date")
+WARM_STEPS = 300  # the warm leaderboard's start (`benchmarks.leaderboard --warm 300`)
+STEPS = 1000
+CANCELLATION = (("sampled_token", "`sampled_token`"), ("sampled_token_guard", "`sampled_token` with the guard"),
+                ("sampled_token_lr", "`sampled_token` at a third of the learning rate from the start"),
+                ("topk_reverse_kl", "`topk_reverse_kl`"), ("topk_reverse_kl_guard", "`topk_reverse_kl` with the guard"))
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{sd}"
+
+
+def cancellation_table() -> str:
+    """The cancellation mode's variants, with and without the guard, from `failure_modes`' CSV."""
+    runs = [r for r in read_csv() if r["mode"] == "cancellation"]
+    lines = ["| run | seeds | fall (more than 0.05 below the start) | guard acts at step | lowest score | final score |",
+             "|---|---|---|---|---|---|"]
+    for variant, label in CANCELLATION:
+        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        falls, lows, ends, acts = 0, [], [], []
+        for r in mine:
+            scores = [s for _, s in r["history"]]
+            falls += any(s < scores[0] - DROP for s in scores)
+            lows.append(min(scores))
+            ends.append(scores[-1])
+            step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
+            acts.append("never" if step is None else str(step))
+        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in mine)} | {falls} of {len(mine)} | "
+                     f"{', '.join(acts)} | {_mean_sd(lows)} | {_mean_sd(ends)} |")
+    return "\n".join(lines)
+
+
+def acted_on(pair: str, seeds: list[int]) -> list[dict]:
+    """The recorded warm runs of `pair` and `seeds` whose logged gold NLL `GoldRise` acts on, with that step."""
+    out = []
+    for entry in json.loads((WARM_ROOT / "results.json").read_text()):
+        if entry["pair"] != pair or entry["seed"] not in seeds or "score" not in entry:
+            continue
+        version = WARM_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+        if not (version / "metrics.csv").exists():
+            continue
+        step = GoldRise().crossing(logged(version)[0].get(GoldRise.metric, []))
+        if step is not None:
+            out.append({**entry, "acts_at": step})
+    return sorted(out, key=lambda e: (e["loss"], e["seed"]))
+
+
+def guarded(pair: str, entry: dict, start: tuple[Path, float]) -> dict:
+    """`entry`'s run again with the guard, its score and the step the guard acted at read from its folder."""
+    out = GUARD_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}"
+    result = run(pair, entry["loss"], entry["seed"], STEPS, GUARD_ROOT, start, (GUARD_LR,))
+    if "score" not in result:
+        raise SystemExit(f"{entry['loss']} seed {entry['seed']} failed:\n{result['error']}")
+    spec = PAIRS[pair]
+    score = scored_run(out, {}, spec["task"], spec["metric"])["score"]
+    step = GoldRise().crossing(logged(out / "logs" / "version_0")[0].get(GoldRise.metric, []))
+    return {**entry, "guarded": score, "guard_step": step, "date": str(datetime.date.today())}
+
+
+def read_runs(pair: str, seeds: list[int]) -> list[dict]:
+    """The guarded runs recorded in `RUNS_CSV` for `pair` and `seeds`."""
+    if not RUNS_CSV.exists():
+        return []
+    rows = [r for r in csv.DictReader(RUNS_CSV.open()) if r["pair"] == pair and int(r["seed"]) in seeds]
+    return [{**r, "seed": int(r["seed"]), "acts_at": int(r["acts_at"]), "start_score": float(r["start_score"]),
+             "score": float(r["score"]), "guarded": float(r["guarded"]),
+             "guard_step": int(r["guard_step"]) if r["guard_step"] else None} for r in rows]
+
+
+def write_runs(results: list[dict]) -> None:
+    """`results` into `RUNS_CSV`, beside the recorded runs of other pairs and seeds."""
+    mine = {(r["pair"], r["loss"], r["seed"]) for r in results}
+    kept = [r for r in csv.DictReader(RUNS_CSV.open())] if RUNS_CSV.exists() else []
+    kept = [r for r in kept if (r["pair"], r["loss"], int(r["seed"])) not in mine]
+    with RUNS_CSV.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([*kept, *results])
+
+
+def leaderboard_table(results: list[dict]) -> str:
+    lines = ["| loss | seeds acted on | acts at step | start | recorded score | with the guard | change |",
+             "|---|---|---|---|---|---|---|"]
+    losses = sorted({r["loss"] for r in results})
+    for loss in losses:
+        mine = [r for r in results if r["loss"] == loss]
+        if not mine:
+            continue
+        before, after = [r["score"] for r in mine], [r["guarded"] for r in mine]
+        change = [a - b for a, b in zip(after, before, strict=True)]
+        lines.append(f"| `{loss}` | {', '.join(str(r['seed']) for r in mine)} | "
+                     f"{', '.join(str(r['acts_at']) for r in mine)} | {mine[0]['start_score']:.3f} | "
+                     f"{_mean_sd(before)} | {_mean_sd(after)} | {statistics.mean(change):+.3f} |")
+    if done := results:
+        change = [r["guarded"] - r["score"] for r in done]
+        lines.append(f"| every run acted on | {len(done)} runs | | | {_mean_sd([r['score'] for r in done])} | "
+                     f"{_mean_sd([r['guarded'] for r in done])} | {statistics.mean(change):+.3f} (higher on "
+                     f"{sum(c > 0 for c in change)}, lower on {sum(c < 0 for c in change)}, more than 0.05 lower "
+                     f"on {sum(c < -DROP for c in change)}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="same")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
+    parser.add_argument("--no-record", action="store_true", help="print the block only")
+    args = parser.parse_args(argv)
+    if args.no_run:
+        results = read_runs(args.pair, args.seeds)
+    else:
+        entries = acted_on(args.pair, args.seeds)
+        start = warm_student(args.pair, WARM_STEPS)
+        prepare(GUARD_ROOT, eval_overlay(task=PAIRS[args.pair]["task"]), args.pair)
+        print(f"{len(entries)} runs to do", flush=True)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            results = []
+            for result in pool.map(lambda e: guarded(args.pair, e, start), entries):
+                results.append(result)
+                print(json.dumps({k: result.get(k) for k in ("loss", "seed", "acts_at", "score", "guarded",
+                                                              "guard_step")}), flush=True)
+        write_runs(results)
+    text = f"""### The gold-likelihood guard lowering the learning rate (block `guard_response`)
+
+Command: `.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds {' '.join(map(str, args.seeds))}`
+(the cancellation mode's runs: `.venv/bin/python -m benchmarks.failure_modes --modes cancellation --seeds 0 1 2 3 4
+5 6 --steps 600`). Date: {datetime.date.today()}. Machine: {machine()}; one thread per run, fp32.
+The guard: `RolloutGuard(gold_rise: {{}}, lr_factor: {GUARD_LR_FACTOR:g})`, `GoldRise` at its defaults; when it
+acts, every learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}.
+
+The cancellation mode (600 steps from the student at 0.196, scored every 10 steps; mean ± sd over seeds):
+
+{cancellation_table()}
+
+The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),
+every run of seeds {', '.join(map(str, args.seeds))} the rule acts on, run again with the guard:
+
+{leaderboard_table(results)}"""
+    print(text)
+    if not args.no_record:
+        record(text, "guard_response")
+
+
+if __name__ == "__main__":
+    main()

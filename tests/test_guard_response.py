@@ -1,0 +1,45 @@
+"""benchmarks/guard_response.py: the guarded runs' tables count falls, lows and changes as stated, and the runs'
+CSV reads back what was written."""
+
+from __future__ import annotations
+
+from benchmarks import guard_response as gr
+
+
+def _entry(loss: str, seed: int, score: float, guarded: float, acts_at: int = 10) -> dict:
+    return {"pair": "same", "loss": loss, "seed": seed, "start_score": 0.1, "acts_at": acts_at, "score": score,
+            "guarded": guarded, "guard_step": acts_at, "date": "2026-12-06"}
+
+
+def test_the_leaderboard_table_averages_each_loss_and_counts_the_changes():
+    results = [_entry("a", 0, 0.5, 0.7), _entry("a", 1, 0.3, 0.2, acts_at=20), _entry("b", 0, 0.6, 0.4)]
+    lines = gr.leaderboard_table(results).splitlines()
+    a = next(line for line in lines if line.startswith("| `a` |"))
+    assert a.split(" | ")[1:] == ["0, 1", "10, 20", "0.100", "0.400 ± 0.141", "0.450 ± 0.354", "+0.050 |"]
+    b = next(line for line in lines if line.startswith("| `b` |"))
+    assert b.split(" | ")[4:] == ["0.600", "0.400", "-0.200 |"]
+    every = lines[-1]
+    assert every.startswith("| every run acted on | 3 runs |")
+    assert "(higher on 1, lower on 2, more than 0.05 lower on 2)" in every  # -0.1 and -0.2; +0.2 higher
+
+
+def test_the_cancellation_table_counts_falls_by_the_margin(monkeypatch):
+    label = gr._label(gr.GoldRise.metric, None, "rise")
+    runs = [{"mode": "cancellation", "variant": "sampled_token", "seed": seed, "history": history,
+             "crossing": {label: acts}}
+            for seed, history, acts in ((0, [(0, 0.2), (10, 0.14), (20, 0.3)], 9),   # 0.06 below: falls
+                                        (1, [(0, 0.2), (10, 0.16), (20, 0.5)], None))]  # 0.04 below: does not
+    runs.append({"mode": "overlap", "variant": "sampled_token", "seed": 0, "history": [(0, 0.2), (10, 0.0)],
+                 "crossing": {}})  # another mode's run: not counted
+    monkeypatch.setattr(gr, "read_csv", lambda: runs)
+    row = next(line for line in gr.cancellation_table().splitlines() if line.startswith("| `sampled_token` |"))
+    assert row.split(" | ")[1:] == ["0, 1", "1 of 2", "9, never", "0.150 ± 0.014", "0.400 ± 0.141 |"]
+
+
+def test_the_runs_csv_reads_back_and_keeps_other_pairs(tmp_path, monkeypatch):
+    monkeypatch.setattr(gr, "RUNS_CSV", tmp_path / "runs.csv")
+    other = {**_entry("a", 0, 0.5, 0.7), "pair": "cross"}
+    gr.write_runs([other, _entry("a", 0, 0.5, 0.6)])
+    gr.write_runs([{**_entry("a", 0, 0.5, 0.8), "guard_step": None}])  # the same run again replaces it
+    assert gr.read_runs("same", [0]) == [{**_entry("a", 0, 0.5, 0.8), "guard_step": None}]
+    assert gr.read_runs("same", [1]) == [] and gr.read_runs("cross", [0])[0]["guarded"] == 0.7
