@@ -101,6 +101,8 @@ LONG_TEACHER = Path("runs/long_addition/teacher/hf")  # configs/long_addition/di
 COPY_TEACHER = ROOT / "copy_teacher" / "hf"
 LOOP_LENGTH = 62  # characters of a looping row (prompt and completion; its EOS makes 63 of the 64-token context)
 WHOLE_TARGET = ["--model.teacher_topk", "null"]
+# λ = 1 runs read no gold completions: score them without gradient every 5 steps for `diag/gold_nll` (`GoldRise`)
+GOLD_PROBE = ("--model.diagnostics.gold_every", "5")
 GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about a third when it acts
 # `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults), appended to the run's callbacks
 GUARD_LR = "--trainer.callbacks+=" + json.dumps({
@@ -154,7 +156,9 @@ MODES = {
         "title": "The teacher's advice deeper into the student's own prefix: on-policy only against SFT mixed in",
         "start": "long", "config": PAIRS["long"]["config"], "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
-        "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
+        "watch": (("diag/logratio_drift", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop"),
+                  ("diag/gold_nll", None, "rise")),  # the last added after these runs, logged when they ran again
+        "options": GOLD_PROBE,
         "needs": (lambda: long_teacher(),),
         "variants": {
             "on_policy": ("reverse KL on the student's rollouts only (λ = 1)", [
@@ -169,7 +173,9 @@ MODES = {
         "start": "long", "config": PAIRS["long"]["config"], "task": "long_addition", "start_steps": 800,
         "metric": "exact_match/sum", "eval_every": 50,
         "watch": (("diag/repetition_rate", None), ("diag/repeat_advantage_ratio", None),
-                  ("diag/repeat_advantage_gap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop")),
+                  ("diag/repeat_advantage_gap", None), ("diag/topk_overlap", 0.9), ("diag/topk_overlap", None, "drop"),
+                  ("diag/gold_nll", None, "rise")),  # the last added after these runs, logged when they ran again
+        "options": GOLD_PROBE,
         "needs": (lambda: copy_teacher(), lambda: long_teacher()),
         "variants": {
             "sampled_token": ("`sampled_token` on the student's rollouts only (λ = 1)", [
@@ -335,7 +341,8 @@ def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: 
     pinned = [*CROSS_LOSS, *RECIPE] if spec["config"] == PAIRS["cross"]["config"] else []  # its recipe before SFT
     args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed), *pinned,
             "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
-            "null", "--model.diagnostics.grad_coherence_every", "5", *spec["variants"][variant][1]]
+            "null", "--model.diagnostics.grad_coherence_every", "5", *spec.get("options", ()),
+            *spec["variants"][variant][1]]
     out = ROOT / mode / variant / f"seed_{seed}"
     result = fit_and_score(args, out, steps, {"mode": mode, "variant": variant, "seed": seed,
                                               "start_score": start[1]}, task=spec["task"],
