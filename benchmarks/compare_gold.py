@@ -66,7 +66,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from benchmarks.leaderboard import fit_and_score, score_saved, seed_args
-from benchmarks.quickstart import machine, record
+from benchmarks.quickstart import machine, mean_sd, record
 
 CONFIG = "configs/quickstart/distill_cross.yaml"
 TEACHER_CONFIG = "configs/quickstart/teacher.yaml"
@@ -444,11 +444,6 @@ def gold_worker(seed: int, steps: int, run_dir: Path, teacher_path: str, compari
     trainer.save_model(str(run_dir / "hf"))
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
-
-
 def table(results: list[dict], settings: dict) -> str:
     header = ("| row | aligner + loss | exact match (mean ± std) | seeds | s / optimizer step | peak RSS (MB) | "
               "on-policy share | wall s/run |")
@@ -462,9 +457,9 @@ def table(results: list[dict], settings: dict) -> str:
         if not ok:
             continue
         seeds = ", ".join(f"{r['score']:.3f}" for r in ok)
-        lines.append(f"| {label} | {settings[row]['label']} | {_fmt([r['score'] for r in ok], 3)} | {seeds} | "
-                     f"{_fmt([r['step_s'] for r in ok], 3)} | "
-                     f"{_fmt([r['peak_rss_mb'] for r in ok], 0)} | {_fmt([r['on_policy_share'] for r in ok], 2)} | "
+        lines.append(f"| {label} | {settings[row]['label']} | {mean_sd([r['score'] for r in ok], 3)} | {seeds} | "
+                     f"{mean_sd([r['step_s'] for r in ok], 3)} | "
+                     f"{mean_sd([r['peak_rss_mb'] for r in ok], 0)} | {mean_sd([r['on_policy_share'] for r in ok], 2)} | "
                      f"{statistics.mean(r['wall_s'] for r in ok):.0f} |")
     return "\n".join(lines)
 

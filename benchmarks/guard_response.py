@@ -28,10 +28,10 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.failure_modes import DROP, GUARD_LR, GUARD_LR_FACTOR, _label, read_csv
+from benchmarks.failure_modes import DROP, GUARD_LR, GUARD_LR_FACTOR, _label, falls, read_csv
 from benchmarks.guard_check import logged
-from benchmarks.leaderboard import PAIRS, WARM_ROOT, eval_overlay, prepare, run, scored_run, warm_student
-from benchmarks.quickstart import machine, record
+from benchmarks.leaderboard import PAIRS, WARM_ROOT, eval_overlay, prepare, run, warm_student
+from benchmarks.quickstart import machine, mean_sd, record
 from opd_lightning.guards import GoldRise
 
 GUARD_ROOT = Path("runs/leaderboard_warm_guard")
@@ -44,13 +44,6 @@ CANCELLATION = (("sampled_token", "`sampled_token`"), ("sampled_token_guard", "`
                 ("topk_reverse_kl", "`topk_reverse_kl`"), ("topk_reverse_kl_guard", "`topk_reverse_kl` with the guard"))
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "–"
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.3f}{sd}"
-
-
 def cancellation_table() -> str:
     """The cancellation mode's variants, with and without the guard, from `failure_modes`' CSV."""
     runs = [r for r in read_csv() if r["mode"] == "cancellation"]
@@ -60,17 +53,22 @@ def cancellation_table() -> str:
         mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         if not mine:
             continue
-        falls, lows, ends, acts = 0, [], [], []
+        fell, lows, ends, acts = 0, [], [], []
         for r in mine:
             scores = [s for _, s in r["history"]]
-            falls += any(s < scores[0] - DROP for s in scores)
+            fell += falls(r) is not None
             lows.append(min(scores))
             ends.append(scores[-1])
             step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
             acts.append("never" if step is None else str(step))
-        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in mine)} | {falls} of {len(mine)} | "
-                     f"{', '.join(acts)} | {_mean_sd(lows)} | {_mean_sd(ends)} |")
+        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in mine)} | {fell} of {len(mine)} | "
+                     f"{', '.join(acts)} | {mean_sd(lows)} | {mean_sd(ends)} |")
     return "\n".join(lines)
+
+
+def gold_step(version: Path) -> int | None:
+    """The step `GoldRise` (at its defaults) acts at on a run's logged gold NLL, or None."""
+    return GoldRise().crossing(logged(version)[0].get(GoldRise.metric, []))
 
 
 def acted_on(pair: str, seeds: list[int]) -> list[dict]:
@@ -82,22 +80,18 @@ def acted_on(pair: str, seeds: list[int]) -> list[dict]:
         version = WARM_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if not (version / "metrics.csv").exists():
             continue
-        step = GoldRise().crossing(logged(version)[0].get(GoldRise.metric, []))
-        if step is not None:
+        if (step := gold_step(version)) is not None:
             out.append({**entry, "acts_at": step})
     return sorted(out, key=lambda e: (e["loss"], e["seed"]))
 
 
 def guarded(pair: str, entry: dict, start: tuple[Path, float]) -> dict:
-    """`entry`'s run again with the guard, its score and the step the guard acted at read from its folder."""
-    out = GUARD_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}"
+    """`entry`'s run again with the guard: its score, and the step the guard acted at read from its logs."""
     result = run(pair, entry["loss"], entry["seed"], STEPS, GUARD_ROOT, start, (GUARD_LR,))
     if "score" not in result:
         raise SystemExit(f"{entry['loss']} seed {entry['seed']} failed:\n{result['error']}")
-    spec = PAIRS[pair]
-    score = scored_run(out, {}, spec["task"], spec["metric"])["score"]
-    step = GoldRise().crossing(logged(out / "logs" / "version_0")[0].get(GoldRise.metric, []))
-    return {**entry, "guarded": score, "guard_step": step, "date": str(datetime.date.today())}
+    version = GUARD_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+    return {**entry, "guarded": result["score"], "guard_step": gold_step(version), "date": result["date"]}
 
 
 def read_runs(pair: str, seeds: list[int]) -> list[dict]:
@@ -124,20 +118,17 @@ def write_runs(results: list[dict]) -> None:
 def leaderboard_table(results: list[dict]) -> str:
     lines = ["| loss | seeds acted on | acts at step | start | recorded score | with the guard | change |",
              "|---|---|---|---|---|---|---|"]
-    losses = sorted({r["loss"] for r in results})
-    for loss in losses:
+    for loss in sorted({r["loss"] for r in results}):
         mine = [r for r in results if r["loss"] == loss]
-        if not mine:
-            continue
         before, after = [r["score"] for r in mine], [r["guarded"] for r in mine]
         change = [a - b for a, b in zip(after, before, strict=True)]
         lines.append(f"| `{loss}` | {', '.join(str(r['seed']) for r in mine)} | "
                      f"{', '.join(str(r['acts_at']) for r in mine)} | {mine[0]['start_score']:.3f} | "
-                     f"{_mean_sd(before)} | {_mean_sd(after)} | {statistics.mean(change):+.3f} |")
-    if done := results:
-        change = [r["guarded"] - r["score"] for r in done]
-        lines.append(f"| every run acted on | {len(done)} runs | | | {_mean_sd([r['score'] for r in done])} | "
-                     f"{_mean_sd([r['guarded'] for r in done])} | {statistics.mean(change):+.3f} (higher on "
+                     f"{mean_sd(before)} | {mean_sd(after)} | {statistics.mean(change):+.3f} |")
+    if results:
+        change = [r["guarded"] - r["score"] for r in results]
+        lines.append(f"| every run acted on | {len(results)} runs | | | {mean_sd([r['score'] for r in results])} | "
+                     f"{mean_sd([r['guarded'] for r in results])} | {statistics.mean(change):+.3f} (higher on "
                      f"{sum(c > 0 for c in change)}, lower on {sum(c < 0 for c in change)}, more than 0.05 lower "
                      f"on {sum(c < -DROP for c in change)}) |")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -21,6 +22,12 @@ import yaml
 from opd_lightning.demo import main as demo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    """Mean ± sample standard deviation of `values`; the mean alone for one value (no spread measured)."""
+    mean = statistics.mean(values)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def machine() -> str:

@@ -122,19 +122,17 @@ class RolloutGuard(Callback):
                           f"observation standard deviations (now {overlap:.3f} and {size:.3f})")
 
     def _act(self, trainer: Trainer, label: str, value: float, what: str) -> None:
-        """Record and warn that the guard acts on `label`, and end training if it stops runs."""
+        """Record and warn that the guard acts on `label`; end training if it stops runs, else lower the rate if asked."""
         self.tripped.append((trainer.global_step, label, value))
         if self.stop:
+            trainer.should_stop = True
             action = "stopping training"
         elif self.lr_factor is not None:
+            scale_learning_rate(trainer, self.lr_factor)
             action = f"continuing at {self.lr_factor:g}x the learning rate"
         else:
             action = "continuing (set stop: true to end the run here)"
         rank_zero_warn(f"{what} at step {trainer.global_step}: the run is degenerating; {action}")
-        if self.stop:
-            trainer.should_stop = True
-        elif self.lr_factor is not None:
-            scale_learning_rate(trainer, self.lr_factor)
 
 
 def scale_learning_rate(trainer: Trainer, factor: float) -> None:
