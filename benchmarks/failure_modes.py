@@ -17,24 +17,25 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   dense run does not. Two more stabilisers: `sampled_token` at a third of the learning rate from the start, and with
   `RolloutGuard(gold_rise: {}, lr_factor: 0.333)` (`GUARD_LR`: the rate cut to a third when the gold likelihood
   rises; `benchmarks/guard_response.py` sets these runs beside the warm leaderboard's); and `topk_reverse_kl` with
-  the same guard.
+  the same guard. Both losses with that guard's cut undone over `GUARD_RECOVER` steps too (`GUARD_COOL`,
+  `lr_recover`).
 - `overlap` (Li et al., arXiv 2604.13016: a teacher whose next-token menu does not overlap the student's does not
   help, however strong): reverse KL on the student's rollouts from teachers of about the same strength (each run
   scores its teacher), the character teacher across tokenizers through `exact_spans` (the student's tokens are whole
   numbers, the teacher's characters), and the same-tokenizer oracle (`benchmarks/teachers.py`) through `identity`; the
-  stabiliser
-  is SFT on gold mixed in (`extra_terms`, weight 0.5) with the character teacher. Watched: `diag/topk_overlap`.
+  stabilisers are SFT on gold mixed in (`extra_terms`, weight 0.5) with the character teacher, and the character
+  teacher's run at a third of the learning rate (`LOW_LR`). Watched: `diag/topk_overlap`.
 - `depth` (the survey's open question, the teacher's advice getting worse deeper into the student's own prefix):
   the long task (`configs/long_addition/distill.yaml`, answers of 18-41 characters), reverse KL on the student's
   rollouts only (λ = 1), where every later token is judged after the student's own earlier ones, against the
-  stabiliser SFT on gold mixed in. Watched: `diag/logratio_drift` (mean log-ratio over the second half of each
-  completion minus over its first half).
+  stabilisers SFT on gold mixed in and a third of the learning rate. Watched: `diag/logratio_drift` (mean log-ratio
+  over the second half of each completion minus over its first half).
 - `repetition` (Luo et al., arXiv 2604.08527: repetition collapse under sampled-token OPD once repeated tokens get
   several times the mean advantage): the long task's student trained by `sampled_token` on its own rollouts (λ = 1)
   from a teacher that continues a loop written in its context (`copy_teacher`: the long task's teacher config trained
   with a quarter of its rows looping in context, as pretrained teachers copy in context; the long task's own teacher
-  does not, `benchmarks/repetition_probe.py`), against the stabiliser SFT on gold mixed in. Watched:
-  `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
+  does not, `benchmarks/repetition_probe.py`), against the stabilisers SFT on gold mixed in and a third of the
+  learning rate. Watched: `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
@@ -103,12 +104,19 @@ LOOP_LENGTH = 62  # characters of a looping row (prompt and completion; its EOS 
 WHOLE_TARGET = ["--model.teacher_topk", "null"]
 # λ = 1 runs read no gold completions: score them without gradient every 5 steps for `diag/gold_nll` (`GoldRise`)
 GOLD_PROBE = ("--model.diagnostics.gold_every", "5")
+LOW_LR = ("--model.optimizer.init_args.lr", "0.001")  # a third of every mode's recipe rate (0.003)
 GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about a third when it acts
 # `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults), appended to the run's callbacks
 GUARD_LR = "--trainer.callbacks+=" + json.dumps({
     "class_path": "opd_lightning.guards.RolloutGuard",
     "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {},
                   "lr_factor": GUARD_LR_FACTOR}})
+GUARD_RECOVER = 100  # steps over which the cooling guard's cut rate climbs back to the recipe's (`lr_recover`)
+# The same guard with a cool-down: the cut rate climbs back over `GUARD_RECOVER` steps instead of staying cut
+GUARD_COOL = "--trainer.callbacks+=" + json.dumps({
+    "class_path": "opd_lightning.guards.RolloutGuard",
+    "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {},
+                  "lr_factor": GUARD_LR_FACTOR, "lr_recover": GUARD_RECOVER}})
 GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {
@@ -126,10 +134,14 @@ MODES = {
             "topk_reverse_kl": ("stabiliser: `topk_reverse_kl` (dense over the student's top-k)",
                                 ["--model.loss", "topk_reverse_kl"]),
             "sampled_token_lr": ("stabiliser: `sampled_token` at a third of the learning rate (0.001)",
-                                 ["--model.loss", "sampled_token", "--model.optimizer.init_args.lr", "0.001"]),
+                                 ["--model.loss", "sampled_token", *LOW_LR]),
             "sampled_token_guard": (GUARD_LABEL, ["--model.loss", "sampled_token", GUARD_LR]),
             "topk_reverse_kl_guard": ("`topk_reverse_kl` with the same guard", ["--model.loss", "topk_reverse_kl",
                                                                               GUARD_LR]),
+            "sampled_token_cool": (f"`sampled_token`, the same guard's cut undone over {GUARD_RECOVER} steps",
+                                   ["--model.loss", "sampled_token", GUARD_COOL]),
+            "topk_reverse_kl_cool": (f"`topk_reverse_kl`, the same guard's cut undone over {GUARD_RECOVER} steps",
+                                     ["--model.loss", "topk_reverse_kl", GUARD_COOL]),
         },
     },
     "overlap": {
@@ -150,6 +162,12 @@ MODES = {
                 "--model.loss", "reverse_kl", "--model.aligner",
                 "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET,
                 "--model.extra_terms", "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
+            "char_teacher_lr": ("stabiliser: character teacher at a third of the learning rate (0.001)", [
+                "--model.loss", "reverse_kl", "--model.aligner",
+                "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *LOW_LR]),
+            "oracle_teacher_lr": ("BPE teacher at a third of the learning rate (0.001)", [
+                "--model.loss", "reverse_kl", "--model.teacher.path", str(ORACLE), "--model.aligner", "identity",
+                *WHOLE_TARGET, *LOW_LR]),
         },
     },
     "depth": {
@@ -166,6 +184,8 @@ MODES = {
             "on_policy_sft": ("stabiliser: the same + SFT on gold (weight 0.5)", [
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", "--model.extra_terms",
                 "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
+            "on_policy_lr": ("stabiliser: the same at a third of the learning rate (0.001)", [
+                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
         },
     },
     "repetition": {
@@ -188,6 +208,9 @@ MODES = {
             # The control: the same loss from the long task's own teacher, which does not copy a loop.
             "sampled_token_own_teacher": ("control: `sampled_token` (λ = 1) from the long task's own teacher", [
                 "--model.loss", "sampled_token", "--model.rollout.on_policy_fraction", "1.0"]),
+            "sampled_token_lr": ("stabiliser: the copying teacher's run at a third of the learning rate (0.001)", [
+                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
+                "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
         },
     },
 }

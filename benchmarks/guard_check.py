@@ -133,12 +133,12 @@ def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]
 def failure_mode_runs(held_out: int = NEW_SEEDS) -> list[dict]:
     """Each logged failure-mode run: its label, the step its fall is first seen (None: never), whether its seed is
     `held_out` or later, and its logs."""
-    from benchmarks.failure_modes import GUARD_LR, MODES
+    from benchmarks.failure_modes import GUARD_COOL, GUARD_LR, MODES
 
     runs = []
     for mode, spec in MODES.items():
         for variant, (_, options) in spec["variants"].items():
-            if GUARD_LR in options:  # a guard answered during the run: after it acted, not the run the rules judge
+            if GUARD_LR in options or GUARD_COOL in options:  # a guard answered: after it acted, not the run judged
                 continue
             for version in sorted((FAILURE_ROOT / mode / variant).glob("seed_*/logs/version_0")):
                 if not (version / "eval_history.jsonl").exists():
@@ -150,11 +150,11 @@ def failure_mode_runs(held_out: int = NEW_SEEDS) -> list[dict]:
     return runs
 
 
-def leaderboard_runs(held_out: int = NEW_SEEDS) -> list[dict]:
-    """Each logged warm-leaderboard run with its start and end scores, classed by how its score moved."""
+def leaderboard_runs(held_out: int = NEW_SEEDS, root: Path = WARM_ROOT) -> list[dict]:
+    """Each logged warm-leaderboard run under `root` with its start and end scores, classed by how its score moved."""
     runs = []
-    for entry in json.loads((WARM_ROOT / "results.json").read_text()):
-        version = WARM_ROOT / entry["pair"] / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+    for entry in json.loads((root / "results.json").read_text()):
+        version = root / entry["pair"] / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if "score" not in entry or not (version / "metrics.csv").exists():
             continue
         moved = entry["score"] - entry["start_score"]
@@ -256,20 +256,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="the RESULTS.md block the table goes into (another keeps a table of other runs)")
     parser.add_argument("--held-out-from", type=int, default=NEW_SEEDS, metavar="SEED",
                         help="seeds from this one on count as held out (run after the rules judged were fixed)")
+    parser.add_argument("--warm-root", type=Path, default=WARM_ROOT,
+                        help="the warm leaderboard's runs to judge (e.g. one run at another learning rate)")
     args = parser.parse_args(argv)
     held_out = args.held_out_from
-    failing, leaderboard = failure_mode_runs(held_out), leaderboard_runs(held_out)
+    failing, leaderboard = failure_mode_runs(held_out), leaderboard_runs(held_out, args.warm_root)
     if not failing or not leaderboard:
         raise SystemExit(f"no logged runs to judge: run benchmarks.failure_modes ({FAILURE_ROOT}) and "
-                         f"benchmarks.leaderboard --warm ({WARM_ROOT}) first")
+                         f"benchmarks.leaderboard --warm ({args.warm_root}) first")
     pairs = sorted({r["pair"] for r in leaderboard}, key=list(PAIRS).index)
     flag = ("" if args.block == "guard_check" else f" --block {args.block}") + (
-        "" if held_out == NEW_SEEDS else f" --held-out-from {held_out}")
+        "" if held_out == NEW_SEEDS else f" --held-out-from {held_out}") + (
+        "" if args.warm_root == WARM_ROOT else f" --warm-root {args.warm_root}")
     title = "" if args.block == "guard_check" else f" (block `{args.block}`)"
     section = (f"### Guard rules judged on logged runs{title}\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
                f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
                f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
-               f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}); a score "
+               f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}, `{args.warm_root}`); a score "
                f"\"falls\", ends \"up\" or \"down\" by more than {DROP}. Scaled rules: baseline {BASELINE} "
                f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard, held_out)}")
     print(section)

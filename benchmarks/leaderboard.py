@@ -315,6 +315,9 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=None, metavar="STEPS",
                         help="the warm-start leaderboard: every run starts from the pair's student after STEPS steps "
                              "of SFT on gold (written to its own table, CSV and plot)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="every run's learning rate (default: each config's, 0.003); its runs, CSV, plot and "
+                             "block are its own")
     parser.add_argument("--no-run", action="store_true", help="only write the tables of the runs recorded")
     args = parser.parse_args()
     warm = args.warm is not None
@@ -325,6 +328,9 @@ def main() -> None:
     task = tasks.pop()
     metric = PAIRS[args.pairs[0]]["metric"]
     root, runs_csv = (WARM_ROOT, WARM_CSV) if warm else (ROOT, RUNS_CSV)
+    suffix, options = ("", ()) if args.lr is None else (f"_lr{args.lr:g}", ("--model.optimizer.init_args.lr",
+                                                                             f"{args.lr:g}"))
+    root, runs_csv = root.with_name(root.name + suffix), runs_csv.with_name(runs_csv.stem + suffix + ".csv")
     starts = {pair: warm_student(pair, args.warm) for pair in args.pairs} if warm else {}
     prepare(root, eval_overlay(task=task), args.pairs[0])  # after the warm starts, replacing their overlay (export)
     store = root / "results.json"
@@ -345,7 +351,7 @@ def main() -> None:
     columns = ["pair", "loss", "aligner", "seed", "steps", "score", "wall_s", *DIAGNOSTICS, "date",
                *(["start_score"] if warm else [])]
     with ThreadPoolExecutor(args.parallel) as pool:
-        jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0])), jobs)
+        jobs_run = pool.map(lambda job: run(*job, args.steps, root, starts.get(job[0]), options), jobs)
         for result in jobs_run:
             if "score" in result:
                 done[_key(result)] = result
@@ -356,11 +362,14 @@ def main() -> None:
                   flush=True)
     chosen = {pair: [done[(pair, loss, seed, args.steps)] for loss in args.losses for seed in args.seeds
                      if (pair, loss, seed, args.steps) in done] for pair in args.pairs}
-    name = ("leaderboard_warm" if warm else "leaderboard") + ("" if task == "arithmetic" else f"_{task.split('_')[0]}")
+    name = (("leaderboard_warm" if warm else "leaderboard") + ("" if task == "arithmetic" else f"_{task.split('_')[0]}")
+            + suffix)
     plot(chosen, Path(__file__).with_name(f"{name}.png"))
     write_runs(runs_csv, columns, done)
     dates = sorted({r["date"] for runs in chosen.values() for r in runs})
-    tables = "\n\n".join(f"### Leaderboard{' (warm start)' if warm else ''}: {PAIRS[pair]['title']}\n\n"
+    at_lr = "" if args.lr is None else f" at a learning rate of {args.lr:g}"
+    kind = ", ".join([*(["warm start"] if warm else []), *([f"learning rate {args.lr:g}"] if at_lr else [])])
+    tables = "\n\n".join(f"### Leaderboard{f' ({kind})' if kind else ''}: {PAIRS[pair]['title']}\n\n"
                          f"Config: `{PAIRS[pair]['config']}`.\n\n{table(runs, metric)}"
                          for pair, runs in chosen.items())
     start = ("students warmed up by SFT on gold for " + f"{args.warm} steps (" + "; ".join(
@@ -369,13 +378,14 @@ def main() -> None:
     setting = PAIRS[args.pairs[0]]["setting"].format(teacher=f"teacher {teacher_score(args.pairs[0], warm)}",
                                                      start=start)
     on_task = "" if task == "arithmetic" else f" on the `{task}` task"
-    text = f"""## Leaderboard{' from warm students' if warm else ''}{on_task}
+    text = f"""## Leaderboard{' from warm students' if warm else ''}{on_task}{at_lr}
 
 Command: `.venv/bin/python -m benchmarks.leaderboard --pairs {' '.join(args.pairs)} --steps {args.steps} \
---seeds {' '.join(map(str, args.seeds))}{f' --warm {args.warm}' if warm else ''}`.
+--seeds {' '.join(map(str, args.seeds))}{f' --warm {args.warm}' if warm else ''}{f' --lr {args.lr:g}' if at_lr else ''}`.
 Runs dated {', '.join(dates)}. Machine: {machine()}; runs {args.parallel} at a time, one thread each, fp32.
 Setting: {setting}
-with only the loss changed, {args.steps} optimizer steps, default hyperparameters of each loss. Diagnostics are
+with only the loss changed{f" and every run's learning rate {args.lr:g}" if at_lr else ""}, {args.steps} optimizer
+steps, default hyperparameters of each loss. Diagnostics are
 means over each run's last 50 logged steps, averaged over seeds (– where a loss has no teacher distribution to
 compare). Coverage is the share of student positions the aligner gives a target. Rows `sampled_token+<credit>` are
 `sampled_token` with that credit scheme.

@@ -40,7 +40,8 @@ class RolloutGuard(Callback):
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
                  min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
                  drift: Drift | None = None, gold_rise: GoldRise | None = None, baseline: int = 10,
-                 patience: int = 3, stop: bool = False, lr_factor: float | None = None) -> None:
+                 patience: int = 3, stop: bool = False, lr_factor: float | None = None,
+                 lr_recover: int | None = None) -> None:
         """
         Args:
             max_repetition_rate: limit on `diag/repetition_rate` (share of completion tokens that repeat an earlier
@@ -74,6 +75,10 @@ class RolloutGuard(Callback):
                 every optimizer's current rate and its scheduler's base rates, so the schedule goes on from the lower
                 peak (and a checkpoint keeps it). A rule acts once per run of observations past its limit, so a
                 diagnostic that stays past it lowers the rate once.
+            lr_recover: with `lr_factor`, steps over which the rate climbs back, linearly, to where it was before the
+                guard acted (a cool-down instead of a lasting cut); None keeps it lowered. A rule acting again during
+                the climb cuts the rate reached by `lr_factor` and starts a new climb from there. The climb's state is
+                saved in checkpoints with the callback's.
         """
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
@@ -86,7 +91,12 @@ class RolloutGuard(Callback):
         self.limits = {name: limit for name, limit in given.items() if limit is not None}
         if lr_factor is not None and not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {lr_factor}")
-        self.patience, self.stop, self.lr_factor = patience, stop, lr_factor
+        if lr_recover is not None and (lr_factor is None or lr_recover < 1):
+            raise ValueError(f"lr_recover takes a number of steps of at least 1, with lr_factor; got {lr_recover}"
+                             f" with lr_factor {lr_factor}")
+        self.patience, self.stop, self.lr_factor, self.lr_recover = patience, stop, lr_factor, lr_recover
+        # the cool-down under way: the rate's level against where it was (1: none), and the climb's start
+        self.level, self.climb = 1.0, None  # climb: (step the guard acted at, level right after)
         # label -> (diagnostic read, its watch): absolute limits by the diagnostic's name, the drop by its own
         self.watches = {name: (name, Watch(limit, BOUNDS[name], patience)) for name, limit in self.limits.items()}
         if max_topk_overlap_drop is not None:
@@ -98,6 +108,28 @@ class RolloutGuard(Callback):
             self.watches["diag/gold_nll_rise"] = (gold_rise.metric, gold_rise.watch())
         self.drift = None if drift is None else DriftWatch(drift)
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.climb is None:
+            return
+        acted, low = self.climb
+        level = min(1.0, low + (1.0 - low) * max(0, trainer.global_step - acted) / self.lr_recover)
+        scale_learning_rate(trainer, level / self.level)
+        self.level = level
+        if level >= 1.0:
+            self.level, self.climb = 1.0, None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(limits=self.limits, stop=self.stop, lr_factor=self.lr_factor,
+                                        lr_recover=self.lr_recover)
+
+    def state_dict(self) -> dict:
+        return {"level": self.level, "climb": self.climb}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.level, climb = state_dict["level"], state_dict["climb"]
+        self.climb = None if climb is None else tuple(climb)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # This step's diagnostics as the module measured them (sampled ones, e.g. grad_coherence, only on the steps
@@ -130,6 +162,10 @@ class RolloutGuard(Callback):
         elif self.lr_factor is not None:
             scale_learning_rate(trainer, self.lr_factor)
             action = f"continuing at {self.lr_factor:g}x the learning rate"
+            if self.lr_recover is not None:
+                self.level *= self.lr_factor
+                self.climb = (trainer.global_step, self.level)
+                action += f", climbing back over {self.lr_recover} steps"
         else:
             action = "continuing (set stop: true to end the run here)"
         rank_zero_warn(f"{what} at step {trainer.global_step}: the run is degenerating; {action}")

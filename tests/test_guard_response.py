@@ -6,9 +6,9 @@ from __future__ import annotations
 from benchmarks import guard_response as gr
 
 
-def _entry(loss: str, seed: int, score: float, guarded: float, acts_at: int = 10) -> dict:
+def _entry(loss: str, seed: int, score: float, guarded: float, acts_at: int = 10, response: str = "lower") -> dict:
     return {"pair": "same", "loss": loss, "seed": seed, "start_score": 0.1, "acts_at": acts_at, "score": score,
-            "guarded": guarded, "guard_step": acts_at, "date": "2026-12-06"}
+            "response": response, "guarded": guarded, "guard_step": acts_at, "date": "2026-12-06"}
 
 
 def test_the_leaderboard_table_averages_each_loss_and_counts_the_changes():
@@ -19,8 +19,24 @@ def test_the_leaderboard_table_averages_each_loss_and_counts_the_changes():
     b = next(line for line in lines if line.startswith("| `b` |"))
     assert b.split(" | ")[4:] == ["0.600", "0.400", "-0.200 |"]
     every = lines[-1]
-    assert every.startswith("| every run acted on | 3 runs |")
+    assert every.startswith("| every run acted on, rate cut | 3 runs |")
     assert "(higher on 1, lower on 2, more than 0.05 lower on 2)" in every  # -0.1 and -0.2; +0.2 higher
+
+
+def test_the_leaderboard_table_sets_the_answers_side_by_side():
+    """Each answer in its own columns against the same recorded score, and its own summary row; a loss one answer
+    was not run on shows dashes there."""
+    results = [_entry("a", 0, 0.5, 0.7), _entry("a", 0, 0.5, 0.56, response="cool"),
+               _entry("b", 0, 0.6, 0.4), _entry("b", 1, 0.2, 0.1, response="cool")]
+    lines = gr.leaderboard_table(results).splitlines()
+    assert lines[0].count("score | change") == 2
+    a = next(line for line in lines if line.startswith("| `a` |")).split(" | ")
+    assert a[4:] == ["0.500", "0.700", "+0.200", "0.560", "+0.060 |"]
+    b = next(line for line in lines if line.startswith("| `b` |")).split(" | ")
+    assert b[1] == "0, 1" and b[5:] == ["0.400", "-0.200", "0.100", "-0.100 |"]
+    cool = lines[-1]
+    assert cool.startswith(f"| every run acted on, rate cut for {gr.GUARD_RECOVER} steps | 2 runs | | | 0.350 ± 0.212 | – | – | ")
+    assert "(higher on 1, lower on 1, more than 0.05 lower on 1)" in cool
 
 
 def test_the_cancellation_table_counts_falls_by_the_margin(monkeypatch):
@@ -41,5 +57,16 @@ def test_the_runs_csv_reads_back_and_keeps_other_pairs(tmp_path, monkeypatch):
     other = {**_entry("a", 0, 0.5, 0.7), "pair": "cross"}
     gr.write_runs([other, _entry("a", 0, 0.5, 0.6)])
     gr.write_runs([{**_entry("a", 0, 0.5, 0.8), "guard_step": None}])  # the same run again replaces it
-    assert gr.read_runs("same", [0]) == [{**_entry("a", 0, 0.5, 0.8), "guard_step": None}]
+    gr.write_runs([_entry("a", 0, 0.5, 0.55, response="cool")])  # another answer's run is kept beside it
+    assert gr.read_runs("same", [0]) == [{**_entry("a", 0, 0.5, 0.8), "guard_step": None},
+                                         _entry("a", 0, 0.5, 0.55, response="cool")]
     assert gr.read_runs("same", [1]) == [] and gr.read_runs("cross", [0])[0]["guarded"] == 0.7
+
+
+def test_runs_recorded_before_the_answers_were_named_read_as_the_lasting_cut(tmp_path, monkeypatch):
+    monkeypatch.setattr(gr, "RUNS_CSV", tmp_path / "runs.csv")
+    (tmp_path / "runs.csv").write_text("pair,loss,seed,start_score,acts_at,score,guarded,guard_step,date\n"
+                                       "same,dskd,0,0.082,9,0.606,0.216,9,2026-12-06\n")
+    assert gr.read_runs("same", [0])[0]["response"] == "lower"
+    gr.write_runs([_entry("dskd", 0, 0.606, 0.5, response="cool")])
+    assert [r["response"] for r in gr.read_runs("same", [0])] == ["lower", "cool"]

@@ -35,3 +35,30 @@ def test_pairs_of_two_tasks_are_refused_in_one_invocation(monkeypatch, capsys):
         lb.main()
     assert exit_info.value.code == 2
     assert "mixes tasks (arithmetic, long_addition)" in capsys.readouterr().err
+
+
+def test_a_learning_rate_override_runs_into_its_own_folder_csv_and_block(monkeypatch, tmp_path):
+    """`--lr`: every run gets the rate as its last option, and its runs, CSV, plot and RESULTS block are apart from
+    the recipe's (named by the rate), so the recipe's recorded runs are neither reused nor overwritten."""
+    calls, recorded = [], {}
+
+    def fake_run(pair, loss, seed, steps, root, start, options):
+        calls.append((root, options))
+        return {"pair": pair, "loss": loss, "seed": seed, "steps": steps, "score": 0.5, "wall_s": 1.0,
+                "aligner": "identity", "date": "2026-12-06", "start_score": start[1]}
+
+    monkeypatch.setattr(lb, "WARM_ROOT", tmp_path / "leaderboard_warm")
+    monkeypatch.setattr(lb, "WARM_CSV", tmp_path / "leaderboard_warm_runs.csv")
+    monkeypatch.setattr(lb, "run", fake_run)
+    monkeypatch.setattr(lb, "warm_student", lambda pair, steps: (tmp_path / "start", 0.082))
+    monkeypatch.setattr(lb, "prepare", lambda root, overlay, pair: root.mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(lb, "teacher_score", lambda pair, warm: "0.970")
+    monkeypatch.setattr(lb, "plot", lambda chosen, path: recorded.setdefault("plot", path))
+    monkeypatch.setattr(lb, "record", lambda text, name: recorded.update(text=text, name=name))
+    monkeypatch.setattr(sys, "argv", ["leaderboard", "--pairs", "same", "--losses", "forward_kl", "--seeds", "0",
+                                      "--steps", "5", "--warm", "300", "--lr", "0.001", "--parallel", "1"])
+    lb.main()
+    assert calls == [(tmp_path / "leaderboard_warm_lr0.001", ("--model.optimizer.init_args.lr", "0.001"))]
+    assert (tmp_path / "leaderboard_warm_runs_lr0.001.csv").exists() and not (tmp_path / "leaderboard_warm_runs.csv").exists()
+    assert recorded["name"] == "leaderboard_warm_lr0.001" and recorded["plot"].name == "leaderboard_warm_lr0.001.png"
+    assert "--warm 300 --lr 0.001`" in recorded["text"] and "(warm start, learning rate 0.001)" in recorded["text"]

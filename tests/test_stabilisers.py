@@ -399,3 +399,98 @@ def test_guard_lowers_the_learning_rate_when_it_acts():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"lr_factor must be in \(0, 1\)"):
             RolloutGuard(lr_factor=bad)
+
+
+def test_guard_lowered_rate_climbs_back_over_lr_recover_steps():
+    """`RolloutGuard(lr_factor=f, lr_recover=K)`: the cut rate climbs back linearly over K steps to where it was,
+    a second act during the climb cuts the level reached and starts a new climb, and a guard restored from the first
+    one's `state_dict` goes on with the same climb."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opd_lightning.guards import GoldRise, RolloutGuard
+
+    def setup():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        trainer = SimpleNamespace(global_step=0, should_stop=False, optimizers=[optimizer],
+                                  lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+        guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, lr_factor=0.5, lr_recover=4,
+                             gold_rise=GoldRise(limit=0.2, baseline=2, patience=1))
+        return optimizer, scheduler, trainer, guard
+
+    # reference 1.0; past the limit at step 2 (acts), back at 3, past again at 5 (acts during the climb)
+    values = {0: 1.0, 1: 1.0, 2: 1.5, 3: 1.0, 5: 1.5, 6: 1.0}
+
+    def feed(optimizer, scheduler, trainer, guard, steps):
+        rates = []
+        for step in steps:
+            trainer.global_step = step
+            guard.on_train_batch_start(trainer, None, None, 0)
+            rates.append(optimizer.param_groups[0]["lr"])
+            seen = {"diag/gold_nll": values[step]} if step in values else {}
+            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    optimizer, scheduler, trainer, guard = setup()
+    with pytest.warns(UserWarning, match="climbing back over 4 steps"):
+        rates = feed(optimizer, scheduler, trainer, guard, range(12))
+    # acts at 2: level 0.5, then 0.625 (step 3), 0.75 (4), 0.875 (5, acts: 0.4375); climb from 0.4375 over 4 steps
+    climb = [0.4375 + 0.5625 * k / 4 for k in range(5)]  # steps 5 (after the act) to 9
+    levels = [1.0, 1.0, 1.0, 0.625, 0.75, 0.875, *climb[1:], 1.0, 1.0]
+    assert rates == pytest.approx([0.2 * x for x in levels])
+    assert scheduler.base_lrs == pytest.approx([0.2]) and guard.climb is None and guard.level == 1.0
+    assert [step for step, *_ in guard.tripped] == [2, 5]
+
+    # a run resumed mid-climb: the restored guard goes on from the saved level, the scheduler from its own state
+    optimizer, scheduler, trainer, guard = setup()
+    with pytest.warns(UserWarning):
+        first = feed(optimizer, scheduler, trainer, guard, range(7))
+    saved, saved_sched = guard.state_dict(), scheduler.state_dict()
+    optimizer, scheduler, trainer, guard = setup()
+    guard.load_state_dict(saved)
+    scheduler.load_state_dict(saved_sched)
+    optimizer.param_groups[0]["lr"] = scheduler.get_last_lr()[0]
+    rest = feed(optimizer, scheduler, trainer, guard, range(7, 12))
+    assert first + rest == pytest.approx([0.2 * x for x in levels])
+    assert "lr_recover" in guard.state_key
+    with pytest.raises(ValueError, match="lr_recover takes a number of steps of at least 1, with lr_factor"):
+        RolloutGuard(lr_recover=10)
+    with pytest.raises(ValueError, match="lr_recover takes"):
+        RolloutGuard(lr_factor=0.5, lr_recover=0)
+
+
+def test_guard_climb_is_saved_and_restored_through_a_lightning_checkpoint(tmp_path):
+    """The cool-down's state travels in the checkpoint under the guard's own key (two guards with other settings do
+    not share it), and a run resumed from it goes on climbing from the saved level."""
+    import lightning.pytorch as pl
+    import pytest
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from opd_lightning.guards import GoldRise, RolloutGuard
+
+    def guards():
+        return (RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, gold_rise=GoldRise(), lr_factor=0.5,
+                             lr_recover=10),
+                RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, gold_rise=GoldRise(), lr_factor=0.5))
+
+    def trainer(steps, callbacks):
+        return pl.Trainer(max_steps=steps, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+    cooling, other = guards()
+    assert cooling.state_key != other.state_key
+    cooling.level, cooling.climb = 0.5, (0, 0.5)  # as if it had acted just before the first step
+    first = trainer(3, (cooling, other))
+    first.fit(BoringModel())
+    assert cooling.level == pytest.approx(0.5 + 0.5 * 2 / 10)  # the batch starting at step 3 was the last climbed
+    first.save_checkpoint(tmp_path / "guard.ckpt")
+    saved = torch.load(tmp_path / "guard.ckpt", weights_only=False)["callbacks"]
+    assert saved[cooling.state_key] == {"level": cooling.level, "climb": (0, 0.5)}
+
+    resumed, _ = guards()
+    trainer(5, (resumed,)).fit(BoringModel(), ckpt_path=tmp_path / "guard.ckpt")
+    assert resumed.level == pytest.approx(0.5 + 0.5 * 4 / 10) and resumed.climb == (0, 0.5)
