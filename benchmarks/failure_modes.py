@@ -106,17 +106,20 @@ WHOLE_TARGET = ["--model.teacher_topk", "null"]
 GOLD_PROBE = ("--model.diagnostics.gold_every", "5")
 LOW_LR = ("--model.optimizer.init_args.lr", "0.001")  # a third of every mode's recipe rate (0.003)
 GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about a third when it acts
-# `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults), appended to the run's callbacks
-GUARD_LR = "--trainer.callbacks+=" + json.dumps({
-    "class_path": "opd_lightning.guards.RolloutGuard",
-    "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {},
-                  "lr_factor": GUARD_LR_FACTOR}})
 GUARD_RECOVER = 100  # steps over which the cooling guard's cut rate climbs back to the recipe's (`lr_recover`)
-# The same guard with a cool-down: the cut rate climbs back over `GUARD_RECOVER` steps instead of staying cut
-GUARD_COOL = "--trainer.callbacks+=" + json.dumps({
-    "class_path": "opd_lightning.guards.RolloutGuard",
-    "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {},
-                  "lr_factor": GUARD_LR_FACTOR, "lr_recover": GUARD_RECOVER}})
+
+
+def gold_guard(**answer) -> str:
+    """The option appending `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults) to the
+    run's callbacks, answering with `answer` (its `lr_factor`, `lr_recover`) when it acts."""
+    return "--trainer.callbacks+=" + json.dumps({
+        "class_path": "opd_lightning.guards.RolloutGuard",
+        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {}, **answer}})
+
+
+GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
+GUARD_COOL = gold_guard(lr_factor=GUARD_LR_FACTOR, lr_recover=GUARD_RECOVER)  # the cut climbs back: a cool-down
+GUARDED = (GUARD_LR, GUARD_COOL)  # options under which a guard changed the run after it acted
 GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {

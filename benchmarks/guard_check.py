@@ -133,12 +133,12 @@ def logged(version: Path) -> tuple[dict[str, list[tuple[int, float]]], set[int]]
 def failure_mode_runs(held_out: int = NEW_SEEDS) -> list[dict]:
     """Each logged failure-mode run: its label, the step its fall is first seen (None: never), whether its seed is
     `held_out` or later, and its logs."""
-    from benchmarks.failure_modes import GUARD_COOL, GUARD_LR, MODES
+    from benchmarks.failure_modes import GUARDED, MODES
 
     runs = []
     for mode, spec in MODES.items():
         for variant, (_, options) in spec["variants"].items():
-            if GUARD_LR in options or GUARD_COOL in options:  # a guard answered: after it acted, not the run judged
+            if any(guard in options for guard in GUARDED):  # a guard answered: after it acted, not the run judged
                 continue
             for version in sorted((FAILURE_ROOT / mode / variant).glob("seed_*/logs/version_0")):
                 if not (version / "eval_history.jsonl").exists():
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     section = (f"### Guard rules judged on logged runs{title}\n\nCommand: `.venv/bin/python -m benchmarks.guard_check{flag}`. "
                f"Date: {datetime.date.today()}. Machine: {machine()}.\n"
                f"Runs judged: {len(failing)} failure-mode runs ({sum(r['fall'] is not None for r in failing)} whose "
-               f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}, `{args.warm_root}`); a score "
-               f"\"falls\", ends \"up\" or \"down\" by more than {DROP}. Scaled rules: baseline {BASELINE} "
+               f"score falls), {len(leaderboard)} warm-leaderboard runs (pairs {', '.join(pairs)}, "
+               f"`{args.warm_root}`); a score \"falls\", ends \"up\" or \"down\" by more than {DROP}. Scaled rules: baseline {BASELINE} "
                f"observations, moving mean of {WINDOW}, on-policy steps only.\n\n{table(failing, leaderboard, held_out)}")
     print(section)
     if not args.no_record:

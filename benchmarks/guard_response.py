@@ -11,11 +11,11 @@ end those. `RolloutGuard(gold_rise: {}, lr_factor: 0.333)` answers instead by cu
 recipe's rate over `failure_modes.GUARD_RECOVER` steps (`lr_recover`; `GUARD_COOL`, the response `cool`). This script
 judges each answer on two sets of runs:
 - the cancellation mode (`benchmarks/failure_modes.py`, run there): `sampled_token` and `topk_reverse_kl` with and
-  without the guard (either answer), and `sampled_token` at a third of the learning rate from the start, read from its CSV: how many
-  seeds fall (an evaluation more than `DROP` below the start), the lowest and the final scores;
+  without the guard (either answer), and `sampled_token` at a third of the learning rate from the start, read from
+  its CSV: how many seeds fall (an evaluation more than `DROP` below the start), the lowest and the final scores;
 - the warm leaderboard: every recorded run of `--pair` and `--seeds` on whose logged gold NLL the rule acts, run
-  again with the guard into `runs/leaderboard_warm_guard/` (`lower`) or `runs/leaderboard_warm_cool/` (a run it does not act on is the same run step for step:
-  the guard only reads), against its recorded score.
+  again with the guard into `runs/leaderboard_warm_guard/` (`lower`) or `runs/leaderboard_warm_cool/` (`cool`)
+  (a run it does not act on is the same run step for step: the guard only reads), against its recorded score.
 Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-run` tabulates the runs recorded there.
 Writes one block into benchmarks/RESULTS.md unless `--no-record`.
 """
@@ -111,24 +111,25 @@ def guarded(pair: str, entry: dict, start: tuple[Path, float], response: str) ->
             "date": result["date"]}
 
 
+def recorded() -> list[dict]:
+    """Every row of `RUNS_CSV` as written (strings), a row without a response read as `lower`, the first one
+    measured."""
+    rows = list(csv.DictReader(RUNS_CSV.open())) if RUNS_CSV.exists() else []
+    return [{**r, "response": r.get("response") or "lower"} for r in rows]
+
+
 def read_runs(pair: str, seeds: list[int]) -> list[dict]:
-    """The guarded runs recorded in `RUNS_CSV` for `pair` and `seeds` (a row without a response: `lower`, the
-    first one measured)."""
-    if not RUNS_CSV.exists():
-        return []
-    rows = [r for r in csv.DictReader(RUNS_CSV.open()) if r["pair"] == pair and int(r["seed"]) in seeds]
-    return [{**r, "response": r.get("response") or "lower", "seed": int(r["seed"]), "acts_at": int(r["acts_at"]),
-             "start_score": float(r["start_score"]),
+    """The guarded runs recorded in `RUNS_CSV` for `pair` and `seeds`."""
+    rows = [r for r in recorded() if r["pair"] == pair and int(r["seed"]) in seeds]
+    return [{**r, "seed": int(r["seed"]), "acts_at": int(r["acts_at"]), "start_score": float(r["start_score"]),
              "score": float(r["score"]), "guarded": float(r["guarded"]),
              "guard_step": int(r["guard_step"]) if r["guard_step"] else None} for r in rows]
 
 
 def write_runs(results: list[dict]) -> None:
-    """`results` into `RUNS_CSV`, beside the recorded runs of other pairs and seeds."""
+    """`results` into `RUNS_CSV`, beside the recorded runs of other pairs, seeds and answers."""
     mine = {(r["pair"], r["loss"], r["seed"], r["response"]) for r in results}
-    kept = [{**r, "response": r.get("response") or "lower"} for r in csv.DictReader(RUNS_CSV.open())] \
-        if RUNS_CSV.exists() else []
-    kept = [r for r in kept if (r["pair"], r["loss"], int(r["seed"]), r["response"]) not in mine]
+    kept = [r for r in recorded() if (r["pair"], r["loss"], int(r["seed"]), r["response"]) not in mine]
     with RUNS_CSV.open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -116,8 +116,8 @@ class RolloutGuard(Callback):
         level = min(1.0, low + (1.0 - low) * max(0, trainer.global_step - acted) / self.lr_recover)
         scale_learning_rate(trainer, level / self.level)
         self.level = level
-        if level >= 1.0:
-            self.level, self.climb = 1.0, None
+        if level == 1.0:  # back where it was: the climb is over
+            self.climb = None
 
     @property
     def state_key(self) -> str:
