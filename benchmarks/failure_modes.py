@@ -359,16 +359,23 @@ def with_logs(result: dict, mode: str, out: Path, steps: int) -> dict:
     return {**result, "windows": {n: windows(v, steps) for n, v in logged.items()}, "crossing": crossings(mode, logged)}
 
 
+def run_args(mode: str, variant: str, seed: int, start: Path) -> list[str]:
+    """The `opd fit` options of a run of `mode`'s `variant` from the warm student at `start`, but its evaluation
+    overlay and its length (`fit_and_score` adds those)."""
+    spec = MODES[mode]
+    pinned = [*CROSS_LOSS, *RECIPE] if spec["config"] == PAIRS["cross"]["config"] else []  # its recipe before SFT
+    return ["--config", spec["config"], *seed_args(seed), *pinned, "--model.student.path", str(start),
+            "--model.student.config", "null", "--model.student.tokenizer", "null",
+            "--model.diagnostics.grad_coherence_every", "5", *spec.get("options", ()), *spec["variants"][variant][1]]
+
+
 def run(mode: str, variant: str, seed: int, steps: int, eval_every: int, start: tuple[Path, float],
         reuse: bool = True) -> dict:
     spec = MODES[mode]
     if reuse and (done := finished(mode, variant, seed, steps, eval_every, start)) is not None:
         return done
-    pinned = [*CROSS_LOSS, *RECIPE] if spec["config"] == PAIRS["cross"]["config"] else []  # its recipe before SFT
-    args = ["--config", spec["config"], "--config", str(ROOT / mode / "overlay.yaml"), *seed_args(seed), *pinned,
-            "--model.student.path", str(start[0]), "--model.student.config", "null", "--model.student.tokenizer",
-            "null", "--model.diagnostics.grad_coherence_every", "5", *spec.get("options", ()),
-            *spec["variants"][variant][1]]
+    args = run_args(mode, variant, seed, start[0])
+    args[2:2] = ["--config", str(ROOT / mode / "overlay.yaml")]  # after the mode's config
     out = ROOT / mode / variant / f"seed_{seed}"
     result = fit_and_score(args, out, steps, {"mode": mode, "variant": variant, "seed": seed,
                                               "start_score": start[1]}, task=spec["task"],

@@ -235,20 +235,28 @@ def run(pair: str, loss: str, seed: int, steps: int, root: Path = ROOT,
         start: tuple[Path, float] | None = None, options: tuple[str, ...] = ()) -> dict:
     """One leaderboard run of `loss` on `pair` into `<root>/<pair>/<loss>/seed_<seed>`, from `start` (a warm
     student) if given; `options` are further `opd fit` options, given last."""
-    extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
     aligner = aligner_for(pair, loss)
-    if aligner:
-        extra += ["--model.aligner", aligner]
     key = {"pair": pair, "loss": loss, "seed": seed, "aligner": aligner or "identity"}
-    if start is not None:  # a warm start: the student is the saved one, its architecture and tokenizer with it
-        extra += ["--model.student.path", str(start[0]), "--model.student.config", "null",
-                  "--model.student.tokenizer", "null"]
+    if start is not None:
         key["start_score"] = start[1]  # which start: runs from another build of it are not mixed with these
-    spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
-    args = ["--config", PAIRS[pair]["config"], "--config", str(overlay_path(root, pair)), "--model.loss", spec,
-            "--model.teacher_topk", "null", *seed_args(seed), *RECIPE, *extra, *options]  # every loss on the whole target
+    args = run_args(pair, loss, seed, None if start is None else start[0], options)
+    args[2:2] = ["--config", str(overlay_path(root, pair))]  # after the pair's config
     return fit_and_score(args, root / pair / loss / f"seed_{seed}", steps, key, PAIRS[pair]["task"],
                          PAIRS[pair]["metric"])
+
+
+def run_args(pair: str, loss: str, seed: int, start: Path | None = None, options: tuple[str, ...] = ()) -> list[str]:
+    """The `opd fit` options of a leaderboard run of `loss` on `pair` (from the warm student at `start` if given), but
+    its evaluation overlay and its length (`fit_and_score` adds those)."""
+    extra = ["--model.rollout.on_policy_fraction", "0.0"] if loss == "cross_entropy" else []
+    if aligner := aligner_for(pair, loss):
+        extra += ["--model.aligner", aligner]
+    if start is not None:  # a warm start: the student is the saved one, its architecture and tokenizer with it
+        extra += ["--model.student.path", str(start), "--model.student.config", "null", "--model.student.tokenizer",
+                  "null"]
+    spec = json.dumps(VARIANTS[loss]) if loss in VARIANTS else loss  # a mapping is YAML too
+    return ["--config", PAIRS[pair]["config"], "--model.loss", spec, "--model.teacher_topk", "null", *seed_args(seed),
+            *RECIPE, *extra, *options]  # every loss on the whole target
 
 
 def _fmt(value: float, digits: int = 3) -> str:

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 
 from opd_lightning.losses import HiddenRows
 
-__all__ = ["Diagnostics", "DiagnosticsConfig", "noncanonical_rows", "output_layer_grad_coherence",
+__all__ = ["Diagnostics", "DiagnosticsConfig", "ShiftProbe", "noncanonical_rows", "output_layer_grad_coherence", "policy_shift",
            "repeated_token_mask"]
 
 # The sums and counts accumulated; each metric is a ratio of two of them, name: (numerator, denominator).
@@ -29,7 +29,8 @@ _SLOTS = ("tokens", "entropy_student", "repeated", "teacher_tokens", "entropy_te
           "logratio_pos", "adv_repeated", "adv_repeated_n", "rows", "completion_len", "truncated", "coverage",
           "coverage_n", "grad_coherence", "grad_coherence_n", "sampled", "teacher_sampled", "noncanonical",
           "noncanonical_n", "logratio_early", "early_n", "logratio_late", "late_n", "logratio_abs", "gold_nll",
-          "gold_top1", "gold_n")
+          "gold_top1", "gold_n", "policy_shift", "policy_shift_n", "step_gain",
+          "step_gain_n")
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": ("repeated", "tokens"),
           "topk_overlap": ("topk_overlap", "teacher_sampled"), "logratio_mean": ("logratio", "teacher_tokens"),
@@ -39,7 +40,8 @@ _MEANS = {"entropy_student": ("entropy_student", "sampled"), "repetition_rate": 
           "align_coverage": ("coverage", "coverage_n"), "grad_coherence": ("grad_coherence", "grad_coherence_n"),
           "noncanonical_rate": ("noncanonical", "noncanonical_n"),
           "logratio_early": ("logratio_early", "early_n"), "logratio_late": ("logratio_late", "late_n"),
-          "gold_nll": ("gold_nll", "gold_n"), "gold_top1": ("gold_top1", "gold_n")}
+          "gold_nll": ("gold_nll", "gold_n"), "gold_top1": ("gold_top1", "gold_n"),
+          "policy_shift": ("policy_shift", "policy_shift_n"), "step_gain": ("step_gain", "step_gain_n")}
 _CHUNK_ELEMENTS = 2**24  # elements per chunk of logits or gradient blocks (64 MiB in fp32)
 
 
@@ -58,6 +60,9 @@ class DiagnosticsConfig:
             the batch's gold completions with the student every this many optimizer steps (one forward pass
             without gradient) for `diag/gold_nll` and `diag/gold_top1`, so that `RolloutGuard(gold_rise=...)` can
             watch a run with λ = 1 as well; 0: only on the steps that read them anyway. Needs a `completion` field.
+        policy_shift_every: measure `diag/policy_shift` every this many optimizer steps (0: never): after the
+            optimizer step, the student scores the step's own rollout again (one forward pass without gradient over
+            its first micro-batch) and the shift is KL(before ‖ after) at up to `max_positions` of its positions.
     """
 
     enabled: bool = True
@@ -66,11 +71,14 @@ class DiagnosticsConfig:
     max_positions: int | None = 64
     grad_coherence_every: int = 20
     gold_every: int = 0
+    policy_shift_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.topk < 1 or self.ngram < 1 or self.grad_coherence_every < 0 or self.gold_every < 0:
-            raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1, grad_coherence_every ≥ 0 and gold_every ≥ 0, "
-                             f"got {self.topk}, {self.ngram}, {self.grad_coherence_every}, {self.gold_every}")
+        if min(self.topk, self.ngram) < 1 or min(self.grad_coherence_every, self.gold_every,
+                                                  self.policy_shift_every) < 0:
+            raise ValueError(f"diagnostics: need topk ≥ 1, ngram ≥ 1, and grad_coherence_every, gold_every and "
+                             f"policy_shift_every ≥ 0, got {self.topk}, {self.ngram}, {self.grad_coherence_every}, "
+                             f"{self.gold_every}, {self.policy_shift_every}")
 
 
 def noncanonical_rows(tokenizer, completion_ids: Tensor, mask: Tensor) -> Tensor:
@@ -208,6 +216,48 @@ def _token_stats(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: T
     return torch.cat(logp), torch.cat(top) if top1 else None
 
 
+@torch.no_grad()
+def policy_shift(before: Tensor, after: Tensor, logged: bool = False) -> Tensor:
+    """KL(p_before ‖ p_after) `[n]` of the softmax of two sets of logits `[n, V]` at the same positions (`after`
+    already log-probs when `logged`): how far an optimizer step moved the student's next-token distributions. Tokens
+    `before` gives no mass add nothing (0 log 0 = 0); a token `after` rules out that `before` gives mass makes it
+    inf."""
+    lb = torch.log_softmax(before.float(), -1)
+    la = after.float() if logged else torch.log_softmax(after.float(), -1)
+    p = lb.exp()
+    return (p * (lb - la)).where(p > 0, 0.0).sum(-1)
+
+
+class ShiftProbe:
+    """The student's logits at up to `limit` evenly spaced valid positions of a step's rollout, read before the
+    optimizer step, for `diag/policy_shift` after it (`shift`); with the teacher's dense target in the student's
+    vocabulary (`teacher [B, N, V]`, valid where `teacher_mask`), also for `diag/step_gain` (`gain`)."""
+
+    def __init__(self, rollout, logits: Tensor | HiddenRows, limit: int | None, fused: bool,
+                 teacher: Tensor | None = None, teacher_mask: Tensor | None = None) -> None:
+        mask = rollout.completion_mask.bool()
+        if teacher is not None and teacher_mask is not None:
+            mask = mask & teacher_mask.bool()
+        rows, cols = mask.nonzero(as_tuple=True)
+        pick = _spread(rows.numel(), limit, rows.device)
+        self.rollout, self.fused, self.rows, self.cols = rollout, fused, rows[pick], cols[pick]
+        with torch.no_grad():
+            self.before = logits[self.rows, self.cols].detach().float()  # [n, V]
+            self.teacher = None if teacher is None else torch.log_softmax(
+                teacher[self.rows, self.cols].detach().float(), -1)
+
+    def shift(self, after: Tensor | HiddenRows) -> tuple[Tensor, Tensor | None]:
+        """`policy_shift` `[n]` against the student's logits for the same rollout after the step, and `step_gain`
+        `[n]` (None without the teacher's target): KL(before ‖ teacher) - KL(after ‖ teacher), positive where the step
+        brought the student closer to the teacher on its own rollout."""
+        after = after[self.rows, self.cols].float()
+        moved = policy_shift(self.before, after)
+        if self.teacher is None:
+            return moved, None
+        return moved, policy_shift(self.before, self.teacher, logged=True) - policy_shift(after, self.teacher,
+                                                                                        logged=True)
+
+
 def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:
     """Indices of at most `limit` evenly spaced items out of `count` (all of them when `limit` is None)."""
     if limit is None or count <= limit:
@@ -266,6 +316,10 @@ class Diagnostics(nn.Module):
       the student drifts away from the gold answers; and `gold_top1`, the share of those tokens that are the
       student's most likely token (its greedy choice given the gold prefix: a greedy score read on the training
       batch, at every such step).
+    - `policy_shift`: on the steps that measure it (`DiagnosticsConfig.policy_shift_every`), the mean over sampled
+      positions of the step's rollout of KL(before ‖ after) between the student's next-token distributions before
+      and after the optimizer step (`policy_shift`): the size of the step in the policy's own terms, which the
+      learning rate, the loss's gradient and the optimizer's state all set.
     - `noncanonical_rate`: share of on-policy completions whose tokens differ from the student tokenizer's own
       encoding of their text (`noncanonical_rows`): the student wrote the text by another path, e.g. "4", "6" for
       "46", which a teacher with another tokenizer reads as the same text.
@@ -365,6 +419,13 @@ class Diagnostics(nn.Module):
     def update_coverage(self, value: float | Tensor) -> None:
         """One alignment coverage value (share of completion tokens with an exact teacher target)."""
         self._add(coverage=value, coverage_n=1)
+
+    def update_policy_shift(self, shifts: Tensor, gains: Tensor | None = None) -> None:
+        """Per-position `policy_shift` values `[n]` of one optimizer step, and its `step_gain` values `[n]` if
+        measured."""
+        self._add(policy_shift=shifts.sum(), policy_shift_n=shifts.numel())
+        if gains is not None:
+            self._add(step_gain=gains.sum(), step_gain_n=gains.numel())
 
     def update_grad_coherence(self, value: float | Tensor) -> None:
         """One gradient coherence value, e.g. from `output_layer_grad_coherence`."""

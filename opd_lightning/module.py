@@ -31,6 +31,7 @@ from opd_lightning.diagnostics import (
     CoherenceSums,
     Diagnostics,
     DiagnosticsConfig,
+    ShiftProbe,
     noncanonical_rows,
     output_layer_grad_coherence,
 )
@@ -70,7 +71,8 @@ __all__ = ["DistillationModule"]
 
 log = logging.getLogger(__name__)
 # Diagnostics measured on some steps only (every `grad_coherence_every` steps; the steps that read gold completions)
-SAMPLED_DIAGNOSTICS = ("diag/grad_coherence", "diag/gold_nll", "diag/gold_top1")
+SAMPLED_DIAGNOSTICS = ("diag/grad_coherence", "diag/gold_nll", "diag/gold_top1", "diag/policy_shift",
+                       "diag/step_gain")
 
 
 class DistillationModule(LightningModule):
@@ -154,6 +156,7 @@ class DistillationModule(LightningModule):
         self.train_diag, self.val_diag = (Diagnostics(config.topk, config.ngram, config.max_positions) for _ in range(2))
         self._diag = self.val_diag  # the one `_run_step` feeds; set per step
         self.step_diagnostics: dict[str, Tensor | float] = {}  # the last training step's diag/* (RolloutGuard reads)
+        self._shift_probe: ShiftProbe | None = None  # the step's logits before its optimizer step, when it measures
         self._split = "train"  # the data split of the step's batch; set per step
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk}")
@@ -295,9 +298,10 @@ class DistillationModule(LightningModule):
         return self.scorer.initial_target(rollout, needs, self.student, lora=self.lora is not None)
 
     # ------------------------------------------------------------------------------------------- objective
-    def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor],
-                   measure: bool = False) -> tuple[Tensor, dict]:
-        """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count."""
+    def _objective(self, rollouts: dict[str, Rollout], counts: dict[str, Tensor], measure: bool = False,
+                   shift: bool = False) -> tuple[Tensor, dict]:
+        """Weighted sum of the terms on one micro-batch, each normalised by its step-wide token count; `measure`:
+        gradient coherence too; `shift`: keep the student's logits on the rollout for `diag/policy_shift`."""
         student_logits, targets = {}, {}
         total, metrics = torch.zeros((), device=self.device), {}
         hidden: dict[str, Tensor] = {}  # input of the output layer [B, N, H], for gradient coherence or a loss
@@ -336,6 +340,12 @@ class DistillationModule(LightningModule):
             metrics[f"loss/{term.name}"] = out.loss.detach()
             metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items()})
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
+        if shift:
+            target = targets.get(("teacher", "rollout"))
+            dense = target is not None and target.logits is not None and target.student_projection is None
+            self._shift_probe = ShiftProbe(rollouts["rollout"], student_logits["rollout"],
+                                           self.diag_config.max_positions, self._fuses("rollout", rollouts["rollout"]),
+                                           target.logits if dense else None, target.mask if dense else None)
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
         # the likelihood of the gold completions, free where a term read them (as the step's rollout, or beside it)
@@ -510,6 +520,8 @@ class DistillationModule(LightningModule):
                                                              rollout.completion_mask))
         every = self.diag_config.grad_coherence_every
         measure_step = self.diag_config.enabled and train and every > 0 and step % every == 0
+        shift_every = self.diag_config.policy_shift_every
+        shift_step = self.diag_config.enabled and train and shift_every > 0 and step % shift_every == 0
         counts = self._step_counts(rollouts)
         size = len(rollouts["rollout"])
         micro = min(self.rollout_policy.micro_batch_size or size, self._target_rows(rollouts))
@@ -519,7 +531,8 @@ class DistillationModule(LightningModule):
         for start in range(0, size, micro):
             part = {k: r.select(slice(start, start + micro)) for k, r in rollouts.items()}
             with torch.set_grad_enabled(train):
-                loss, metrics = self._objective(part, counts, measure=measure_step and start == 0)
+                loss, metrics = self._objective(part, counts, measure=measure_step and start == 0,
+                                                shift=shift_step and start == 0)
             if train:
                 self.manual_backward(loss * scale)
             total = total + loss.detach()
@@ -561,6 +574,7 @@ class DistillationModule(LightningModule):
         elif self.grad_clip_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
+        self._measure_shift()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -578,6 +592,15 @@ class DistillationModule(LightningModule):
         for logger in self.loggers if sampled else []:
             logger.log_metrics(sampled, step=self.global_step - 1)  # the step self.log uses here
         return loss
+
+    @torch.no_grad()
+    def _measure_shift(self) -> None:
+        """`diag/policy_shift` of the step just taken: the student scores the rollout it kept logits of again (the
+        same branch on every rank: the steps that measure are set by the configuration)."""
+        if (probe := self._shift_probe) is None:
+            return
+        self._shift_probe = None
+        self.train_diag.update_policy_shift(*probe.shift(self._student_logits(probe.rollout, probe.fused)))
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         loss, metrics = self._run_step(batch, train=False, split=stage)

@@ -494,3 +494,72 @@ def test_guard_climb_is_saved_and_restored_through_a_lightning_checkpoint(tmp_pa
     resumed, _ = guards()
     trainer(5, (resumed,)).fit(BoringModel(), ckpt_path=tmp_path / "guard.ckpt")
     assert resumed.level == pytest.approx(0.5 + 0.5 * 4 / 10) and resumed.climb == (0, 0.5)
+
+
+def test_policy_shift_is_the_kl_of_the_step_on_its_own_rollout(teacher_dir, tmp_path):
+    """`policy_shift` by hand on two positions; `diag/policy_shift` reaches the guard on the steps that measure it
+    (every second step here), is zero for a step that moves nothing (learning rate 0) and equals, on a step taken by
+    hand, KL(before ‖ after) computed in float64 from the student's logits on its own rollout before and after;
+    `diag/step_gain` equals KL(before ‖ teacher) - KL(after ‖ teacher) there, from the teacher's own logits."""
+    import pytest
+    from lightning.pytorch import Callback
+
+    from opd_lightning.diagnostics import DiagnosticsConfig, policy_shift
+
+    before = torch.tensor([[0.0, 0.0], [1.0, -float("inf")]])
+    after = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    p = 1 / (1 + torch.e)  # softmax([0, 1])[0]
+    want = [0.5 * torch.log(torch.tensor(0.5 / p)) + 0.5 * torch.log(torch.tensor(0.5 / (1 - p))),
+            torch.log(torch.tensor(2.0))]
+    assert policy_shift(before, after).tolist() == pytest.approx([float(w) for w in want], rel=1e-6)
+    with pytest.raises(ValueError, match="policy_shift_every"):
+        DiagnosticsConfig(policy_shift_every=-1)
+
+    class Seen(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.values.append(module.step_diagnostics.get("diag/policy_shift"))
+
+    for lr in (0.0, 0.5):
+        seen = Seen()
+        data = PromptDataModule(batch_size=4, limit_train=32, val=None, test=None)
+        Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[seen]).fit(
+            make_module(teacher_dir, on_policy_fraction=1.0, diagnostics=DiagnosticsConfig(policy_shift_every=2),
+                        optimizer=lambda params, lr=lr: torch.optim.SGD(params, lr=lr)), datamodule=data)
+        assert [v is not None for v in seen.values] == [True, False, True, False]
+        if lr == 0.0:
+            assert all(v == 0.0 for v in seen.values if v is not None)
+        else:
+            assert all(v > 1e-5 for v in seen.values if v is not None), seen.values
+
+    module = make_module(teacher_dir, on_policy_fraction=1.0, diagnostics=DiagnosticsConfig(policy_shift_every=1),
+                         optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    module._diag = module.train_diag
+    opt = module.optimizer_factory(module.student.parameters())
+    rollouts = module.rollouts(BATCH, train=True, step=0)
+    rollout = rollouts["rollout"]
+    logits = lambda: module.student(rollout.sequences, attention_mask=rollout.attention_mask,
+                                    position_ids=rollout.position_ids).logits[:, rollout.prompt_length - 1 : -1]
+    with torch.no_grad():
+        old = logits().double()
+    loss, _ = module._objective(rollouts, module._step_counts(rollouts), shift=True)
+    loss.backward()
+    opt.step()
+    module._measure_shift()
+    with torch.no_grad():
+        new = logits().double()
+    with torch.no_grad():
+        teacher = module.teacher(rollout.sequences, attention_mask=rollout.attention_mask,
+                                 position_ids=rollout.position_ids).logits[:, rollout.prompt_length - 1 : -1].double()
+    mask = rollout.completion_mask.bool()
+    lp, lq, lt = old[mask].log_softmax(-1), new[mask].log_softmax(-1), teacher[mask].log_softmax(-1)
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)
+    want = kl(lp, lq).mean()
+    gain = (kl(lp, lt) - kl(lq, lt)).mean()
+    assert want > 1e-4 and abs(gain) > 1e-4  # the step moved the policy, and the distance to the teacher
+    measured = module.train_diag.compute()
+    assert measured["diag/policy_shift"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert measured["diag/step_gain"].item() == pytest.approx(gain.item(), rel=1e-3, abs=1e-6)
