@@ -145,8 +145,9 @@ class GoldRise:
     run's first `baseline` observations, `patience` observations in a row. A student losing the gold answers loses
     likelihood on them before its greedy answers change, and this is read at every gold step rather than at each
     evaluation. But it also rises as on-policy training begins from a student trained on gold, in most runs that go
-    on to gain (the mode-seeking and sampled losses': `benchmarks/RESULTS.md`, block `guard_check_gold`): a warning
-    to read, not a rule to stop runs on. At a third of that leaderboard's rate it acts on far fewer gaining runs
+    on to gain (the mode-seeking and sampled losses': `benchmarks/RESULTS.md`, block `guard_check_gold`), though
+    most of those runs, scored every 10 steps, fall below their start before they gain (block `early_dips`): a
+    warning to read, not a rule to stop runs on. At a third of that leaderboard's rate it acts on far fewer gaining runs
     (block `guard_check_lr`): its early rise mostly marks a rate too high for a warm student. Answered with a lower
     learning rate (`RolloutGuard(lr_factor=...)`) it helps the sampled-token losses and costs some dense ones (block
     `guard_response`).
