@@ -1,7 +1,7 @@
 """Do the warm leaderboard's gaining runs dip first? Their first steps again, scored every few steps.
 
     .venv/bin/python -m benchmarks.early_dips [--steps 100] [--eval-every 10] [--seeds 0 1 2] [--lr 0.001]
-        [--parallel 2] [--no-run]
+        [--parallel 2] [--rerun] [--no-run]
 
 `benchmarks/guard_check.py` counts an alarm on a warm-leaderboard run that ends above its start as a false one: those
 runs are scored at their start and end only. The failure modes' sampled-token runs also end above their start
@@ -173,15 +173,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="the leaderboard's runs at this learning rate")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="only write the table of the reruns in runs/early_dips")
+    parser.add_argument("--rerun", action="store_true", help="run again the reruns already in runs/early_dips")
     args = parser.parse_args(argv)
     logged = json.loads((logged_root(args.lr) / "results.json").read_text())
     names = args.losses or sorted({e["loss"] for e in logged if e["pair"] == PAIR})
-    jobs = [(loss, seed) for loss in names for seed in args.seeds]
+    jobs = [(loss, seed) for loss in names for seed in args.seeds  # those logged: their losses are compared
+            if (logged_root(args.lr) / PAIR / loss / f"seed_{seed}" / "logs" / "version_0" / "metrics.csv").exists()]
+    def kept(loss: str, seed: int) -> dict | None:  # a rerun already here, of these steps and evaluations
+        try:
+            result = {"loss": loss, "seed": seed, **read(loss, seed, args.lr)}
+        except OSError:
+            return None
+        whole = [s for s, _ in result["history"]] == list(range(0, args.steps + 1, args.eval_every))
+        return result if whole and result["steps"] == args.steps else None
+
     if args.no_run:
         results = [{"loss": loss, "seed": seed, **read(loss, seed, args.lr)} for loss, seed in jobs]
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
-            results = list(pool.map(lambda job: rerun(*job, args.steps, args.eval_every, args.lr), jobs))
+            results = list(pool.map(lambda job: (None if args.rerun else kept(*job))
+                                    or rerun(*job, args.steps, args.eval_every, args.lr), jobs))
     judged = acts(args.lr)
     rate = "0.003" if args.lr is None else f"{args.lr:g}"
     section = (f"### Early scores of the warm leaderboard's runs at {rate}\n\nCommand: `.venv/bin/python -m benchmarks.early_dips "

@@ -1,6 +1,6 @@
 """The size and the use of each optimizer step, on runs that fall and on runs that gain: does either warn first?
 
-    .venv/bin/python -m benchmarks.step_size [--steps 40] [--seeds 0 1 2] [--parallel 2] [--no-run]
+    .venv/bin/python -m benchmarks.step_size [--steps 40] [--seeds 0 1 2] [--parallel 2] [--rerun] [--no-run] [--block B]
 
 Every failure mode reproduced by `benchmarks/failure_modes.py` follows the learning rate (at a third of it none
 falls), so a diagnostic of the step itself might warn before any score moves. Two are measured here, both opt-in
@@ -10,7 +10,7 @@ that step brought the student to the teacher there (KL(before ‖ teacher) - KL(
 teacher's dense target). Their ratio over a window of steps (gain per unit of shift) is the step's efficiency: a rate
 too high for the run should move the policy far for little gain.
 
-This script reruns the first `--steps` steps of runs already logged, with those diagnostics on every step and no
+This script reruns the first `--steps` steps of runs already logged (those of the seeds asked for that are logged), with those diagnostics on every step and no
 evaluation: the failure-mode variants that fall at the recipe's rate (0.003) and their runs at a third of it, and the
 warm leaderboard's runs (same tokenizer) of four losses at the recipe's rate, which gain. The runs are deterministic
 for a seed at one thread and the diagnostics draw no random numbers, so each rerun's training loss must equal its
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import os
 import shutil
 import statistics
@@ -32,9 +33,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks import failure_modes, leaderboard
+from benchmarks import early_dips, failure_modes, leaderboard
 from benchmarks.guard_check import failure_mode_runs, leaderboard_runs
 from benchmarks.quickstart import machine, record
+from opd_lightning.watch import crossing
 
 ROOT = Path("runs/step_size")
 WINDOW = 10  # steps per window of the table
@@ -43,7 +45,10 @@ FAILING = (("cancellation", "sampled_token"), ("cancellation", "topk_reverse_kl"
            ("depth", "on_policy"), ("repetition", "sampled_token"))
 LOW_RATE = (("cancellation", "sampled_token_lr"), ("overlap", "char_teacher_lr"), ("depth", "on_policy_lr"),
             ("repetition", "sampled_token_lr"))
-GAINING = ("forward_kl", "reverse_kl", "sampled_token", "topk_reverse_kl")  # warm leaderboard, pair `same`, 0.003
+SHOWN = ("forward_kl", "reverse_kl", "sampled_token", "topk_reverse_kl")  # warm-leaderboard losses in the run table
+RATES = (None, 0.001)  # the warm leaderboard's runs at the recipe's rate (0.003) and at `leaderboard --lr 0.001`
+LIMITS = (0.01, 0.015, 0.02, 0.03)  # nats per step: the shift limits judged (a moving mean of `SHIFT_WINDOW` steps)
+SHIFT_WINDOW = 5
 FAILURE_STEPS, LEADERBOARD_STEPS = 600, 1000  # the logged runs' lengths (their schedules' total steps)
 
 
@@ -58,11 +63,16 @@ def jobs(seeds: list[int]) -> list[dict]:
                             "args": failure_modes.run_args(mode, variant, seed, start),
                             "logged": failure_modes.ROOT / mode / variant / f"seed_{seed}"})
     start = leaderboard.WARM_ROOT / "same" / "start" / "hf"
-    for loss in GAINING:
-        for seed in seeds:
-            out.append({"group": "warm leaderboard", "run": f"same/{loss}/seed_{seed}", "total": LEADERBOARD_STEPS,
-                        "args": leaderboard.run_args("same", loss, seed, start),
-                        "logged": leaderboard.WARM_ROOT / "same" / loss / f"seed_{seed}"})
+    for lr in RATES:
+        root = early_dips.logged_root(lr)
+        losses = sorted({e["loss"] for e in json.loads((root / "results.json").read_text()) if e["pair"] == "same"})
+        options = () if lr is None else ("--model.optimizer.init_args.lr", f"{lr:g}")
+        for loss in losses:
+            for seed in seeds:
+                out.append({"group": f"warm leaderboard at {'0.003' if lr is None else f'{lr:g}'}",
+                            "run": f"same{early_dips.suffix(lr)}/{loss}/seed_{seed}", "total": LEADERBOARD_STEPS,
+                            "args": leaderboard.run_args("same", loss, seed, start, options), "lr": lr,
+                            "loss": loss, "seed": seed, "logged": root / "same" / loss / f"seed_{seed}"})
     return out
 
 
@@ -74,9 +84,9 @@ def rerun(job: dict, steps: int) -> str | None:
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
             "--trainer.limit_val_batches", "0", "--model.scheduler.init_args.total_steps", str(job["total"]),
             "--trainer.default_root_dir", str(out)]
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          check=False)
-    return done.stderr[-2000:] if done.returncode else None
+    finished = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              check=False)
+    return finished.stderr[-2000:] if finished.returncode else None
 
 
 def metrics(run: Path, names: tuple[str, ...]) -> dict[str, dict[int, float]]:
@@ -97,17 +107,61 @@ def summary(job: dict, steps: int) -> dict:
         s = [shift[t] for t in range(lo, lo + WINDOW) if t in shift]
         g = [gain[t] for t in range(lo, lo + WINDOW) if t in gain]
         windows.append((statistics.mean(s) if s else float("nan"), sum(g) / sum(s) if g and sum(s) else float("nan")))
-    return {"agree": agree, "steps": len(losses), "windows": windows}
+    return {"agree": agree, "steps": len(losses), "windows": windows, "shift": sorted(shift.items())}
 
 
-def outcomes() -> dict[str, str]:
-    """What each logged run did after the steps rerun here: the step its fall was first seen, or how it ended."""
+def done(job: dict, steps: int) -> bool:
+    """Whether the job's rerun is in `ROOT` already, with the step's diagnostics on each of `steps` steps."""
+    try:
+        return len(metrics(ROOT / job["run"], ("diag/policy_shift",))["diag/policy_shift"]) == steps
+    except OSError:
+        return False
+
+
+def outcomes(jobs_: list[dict]) -> dict[str, dict]:
+    """What each logged run did after the steps rerun here, by rerun: its text for the table and the step its score
+    is first seen to fall (a failure-mode run: more than `DROP` below its start; a leaderboard run rerun by
+    `benchmarks.early_dips`: to half its start or below), or None."""
     out = {}
     for r in failure_mode_runs():
-        out[r["run"]] = "never falls" if r["fall"] is None else f"falls, seen at step {r['fall']}"
-    for r in leaderboard_runs(root=leaderboard.WARM_ROOT):
-        out[r["run"]] = {"up": "gains", "down": "falls", "level": "level"}[r["moved"]] + " (by step 1000)"
+        out[r["run"]] = {"text": "never falls" if r["fall"] is None else f"falls, seen at step {r['fall']}",
+                         "fall": r["fall"]}
+    for lr in RATES:
+        for r in leaderboard_runs(root=early_dips.logged_root(lr)):
+            if r["pair"] != "same":
+                continue
+            loss, seed = r["run"].split("/")[1], int(r["run"].rsplit("_", 1)[1])
+            ended = {"up": "gains", "down": "falls", "level": "level"}[r["moved"]] + " by step 1000"
+            try:
+                half = early_dips.halved(early_dips.read(loss, seed, lr)["history"])
+            except OSError:  # not rerun by early_dips: its early scores unknown
+                out[f"same{early_dips.suffix(lr)}/{loss}/seed_{seed}"] = {"text": ended, "fall": None, "early": False}
+                continue
+            text = f"{ended}; {'at half its start by step ' + str(half) if half else 'never at half its start'}"
+            out[f"same{early_dips.suffix(lr)}/{loss}/seed_{seed}"] = {"text": text, "fall": half, "early": True,
+                                                                      "moved": r["moved"]}
     return out
+
+
+def rule_table(results: list[dict]) -> str:
+    """For each shift limit, per group: the runs the rule acts on within the steps rerun, and on how many of those
+    whose score is first seen to fall later (`outcomes`) it acts before that."""
+    groups = list(dict.fromkeys(r["group"] for r in results))
+    lines = ["| `policy_shift` limit (moving mean of " + f"{SHIFT_WINDOW} steps) | "
+             + " | ".join(f"{g}: acts on / runs | {g}: acts before the fall / falls" for g in groups) + " |",
+             "|---|" + "---|---|" * len(groups)]
+    for limit in LIMITS:
+        cells = []
+        for group in groups:
+            ok = [r for r in results if r["group"] == group and "shift" in r]
+            acts = {r["run"]: crossing(r["shift"], limit, "max", 1, window=SHIFT_WINDOW) for r in ok}
+            falls = [r for r in ok if r["fall"] is not None]
+            early = sum(acts[r["run"]] is not None and acts[r["run"]] < r["fall"] for r in falls)
+            steps = sorted(a for a in acts.values() if a is not None)
+            at = f" (steps {steps[0]}-{steps[-1]})" if steps else ""
+            cells.append(f"{sum(a is not None for a in acts.values())}/{len(ok)}{at} | {early}/{len(falls)}")
+        lines.append(f"| {limit:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], steps: int) -> str:
@@ -116,6 +170,8 @@ def table(results: list[dict], steps: int) -> str:
     lines = [f"| group | run | what the logged run did | losses equal to the logged run's | {heads} |",
              "|---|---|---|---|" + "---|" * (2 * len(spans))]
     for r in results:
+        if r.get("loss", SHOWN[0]) not in SHOWN:  # the leaderboard's other losses: in the rule table only
+            continue
         if "error" in r:
             lines.append(f"| {r['group']} | {r['run']} | failed: {r['error'].splitlines()[-1][:80]} |")
             continue
@@ -147,29 +203,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="only write the table of the reruns in runs/step_size")
+    parser.add_argument("--rerun", action="store_true", help="run again the reruns already in runs/step_size")
+    parser.add_argument("--block", default="step_size", help="the RESULTS.md block (another keeps other seeds' table)")
     args = parser.parse_args(argv)
-    todo = jobs(args.seeds)
-    missing = [j["run"] for j in todo if not (j["logged"] / "logs" / "version_0" / "metrics.csv").exists()]
-    if missing:
-        raise SystemExit(f"no logged run to repeat for {', '.join(missing)}: run benchmarks.failure_modes and "
+    todo = [j for j in jobs(args.seeds) if (j["logged"] / "logs" / "version_0" / "metrics.csv").exists()]
+    if not todo:
+        raise SystemExit("no logged run to repeat for these seeds: run benchmarks.failure_modes and "
                          "benchmarks.leaderboard --warm first")
     if not args.no_run:
+        fresh = [j for j in todo if args.rerun or not done(j, args.steps)]
+        print(f"{len(fresh)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            for job, error in zip(todo, pool.map(lambda j: rerun(j, args.steps), todo), strict=True):
+            for job, error in zip(fresh, pool.map(lambda j: rerun(j, args.steps), fresh), strict=True):
                 print(job["run"], "failed" if error else "done", flush=True)
                 if error:
                     job["error"] = error
-    done = outcomes()
-    results = [{**j, "outcome": done.get(j["run"], "not judged")} if "error" in j else
-               {**j, **summary(j, args.steps), "outcome": done.get(j["run"], "not judged")} for j in todo]
+    ends = outcomes(todo)
+    results = []
+    for job in todo:
+        end = ends.get(job["run"], {"text": "not judged", "fall": None})
+        job = {**job, "outcome": end["text"], "fall": end["fall"], "early": end.get("early", True)}
+        results.append(job if "error" in job else {**job, **summary(job, args.steps)})
     section = (f"### The step's size and use, on runs that fall and runs that gain\n\nCommand: `.venv/bin/python -m "
-               f"benchmarks.step_size --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}`. Date: "
+               f"benchmarks.step_size --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+               f"{'' if args.block == 'step_size' else f' --block {args.block}'}`. Date: "
                f"{datetime.date.today()}. Machine: {machine()}; one thread per run, fp32.\n"
                f"The first {args.steps} steps of each logged run again, `diag/policy_shift` and `diag/step_gain` on "
-               f"every step, no evaluation. Windows of {WINDOW} steps.\n\n{table(results, args.steps)}\n\n"
-               f"{spread(results, args.steps)}")
+               f"every step, no evaluation. Windows of {WINDOW} steps; of the warm leaderboard's losses, "
+               f"{', '.join(f'`{loss}`' for loss in SHOWN)} (every loss is in the second table). A leaderboard run's "
+               f"early scores are those of `benchmarks/early_dips.py`'s rerun of it.\n\n{table(results, args.steps)}"
+               f"\n\n{spread(results, args.steps)}\n\nA limit on `diag/policy_shift` (a moving mean of {SHIFT_WINDOW} "
+               f"steps above it) judged on every rerun: where it acts within the {args.steps} steps, and before which "
+               f"falls (a failure-mode run: its first evaluation more than {failure_modes.DROP} below its start; a "
+               f"leaderboard run: its first at half its start or below).\n\n{rule_table(results)}")
     print(section)
-    record(section, "step_size")
+    record(section, args.block)
 
 
 if __name__ == "__main__":

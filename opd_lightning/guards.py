@@ -24,9 +24,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from opd_lightning.report import CHECKS
-from opd_lightning.watch import Drift, DriftWatch, GoldRise, Watch, crossing, past_limit
+from opd_lightning.watch import Drift, DriftWatch, GoldRise, StepSize, Watch, crossing, past_limit
 
-__all__ = ["BOUNDS", "Drift", "GoldRise", "RolloutGuard", "Watch", "crossing", "past_limit"]
+__all__ = ["BOUNDS", "Drift", "GoldRise", "RolloutGuard", "StepSize", "Watch", "crossing", "past_limit"]
 
 # Which side of its limit each diagnostic must stay on, "max" (a ceiling) or "min" (a floor): `opd report`'s checks.
 BOUNDS: dict[str, str] = {metrics[0]: bound for metrics, bound, _ in CHECKS.values()}
@@ -39,7 +39,8 @@ class RolloutGuard(Callback):
                  max_repeat_advantage_ratio: float | None = None, max_repeat_advantage_gap: float | None = None,
                  min_topk_overlap: float | None = None, min_grad_coherence: float | None = None,
                  min_logratio_drift: float | None = None, max_topk_overlap_drop: float | None = None,
-                 drift: Drift | None = None, gold_rise: GoldRise | None = None, baseline: int = 10,
+                 drift: Drift | None = None, gold_rise: GoldRise | None = None, step_size: StepSize | None = None,
+                 baseline: int = 10,
                  patience: int = 3, stop: bool = False, lr_factor: float | None = None,
                  lr_recover: int | None = None) -> None:
         """
@@ -68,6 +69,9 @@ class RolloutGuard(Callback):
             gold_rise: the gold-likelihood rule (`GoldRise`: `diag/gold_nll`, the student's mean negative
                 log-likelihood of the gold completions on the steps that read them, risen a limit in nats above its
                 first observations), with its own baseline and patience; None disables it.
+            step_size: the step-size rule (`StepSize`: `diag/policy_shift`, how far each optimizer step moved the
+                student's policy on its own rollout, above a limit on a moving mean; the run must measure it,
+                `diagnostics.policy_shift_every`); None disables it.
             baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.
@@ -106,6 +110,9 @@ class RolloutGuard(Callback):
         if gold_rise is not None:
             self.limits["diag/gold_nll_rise"] = gold_rise.limit
             self.watches["diag/gold_nll_rise"] = (gold_rise.metric, gold_rise.watch())
+        if step_size is not None:
+            self.limits["diag/policy_shift"] = step_size.limit
+            self.watches["diag/policy_shift"] = (step_size.metric, step_size.watch())
         self.drift = None if drift is None else DriftWatch(drift)
         self.tripped: list[tuple[int, str, float]] = []  # (step, metric, value) each time the guard acted
 
@@ -143,8 +150,9 @@ class RolloutGuard(Callback):
                 side = "above" if watch.bound == "max" else "below"
                 limit = (f"its first-{watch.baseline}-observation mean by more than {abs(watch.limit)}"
                          if watch.baseline else str(watch.limit))
-                self._act(trainer, label, value, f"{name} = {value:.3f} has been {side} {limit} for {watch.patience} "
-                                                 "observations")
+                what = f"{name} = {value:.3f}" if watch.window == 1 else \
+                    f"the mean of the last {watch.window} {name} ({value:.3f} now)"
+                self._act(trainer, label, value, f"{what} has been {side} {limit} for {watch.patience} observations")
         if self.drift is not None and float(observed.get("rollout/on_policy", 1.0)) == 1.0:
             overlap, size = (float(observed.get(name, math.nan)) for name in Drift.metrics)
             if self.drift.observe(overlap, size):

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opd_lightning.watch import Drift
+from opd_lightning.watch import Drift, StepSize
 
 __all__ = ["CHECKS", "CROSSED", "DEFAULT_THRESHOLDS", "HEALTHY", "SKIPPED", "Check", "health", "main", "metric_ends",
            "read_evals",
@@ -50,6 +50,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "logratio_drift": -0.5,  # floor: mean log-ratio of a completion's second half minus its first half, in nats
     "drift_overlap_sd": Drift.overlap_fall_sd,  # the joint drift rule (`watch.Drift`): topk_overlap's fall and
     "drift_logratio_sd": Drift.logratio_rise_sd,  # logratio_abs's rise, in their first on-policy steps' sds
+    "policy_shift": StepSize.limit,  # ceiling, nats per step, on a moving mean (`watch.StepSize`): a rate too high
     "loss_ratio": 1.0,  # ceiling of train/loss last-window mean / first-window mean ("not decreasing")
     "eval_gain": 0.0,  # floor of (last - first) student eval score
 }
@@ -243,6 +244,7 @@ def health(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],
         out.append(Check("topk_overlap_drop", start - end <= limit,
                          f"`{found[0]}` {start:.4g} -> {end:.4g} (tolerated fall {limit:g})"))
     out.append(drift_check(metrics, thresholds))
+    out.append(step_size_check(metrics, thresholds))
     if (found := _pick(metrics, ("train/loss",))) and len(found[1]) > 1:
         (start, end), limit = metric_ends(found[1]), thresholds["loss_ratio"]
         ratio = end / start if start else math.inf
@@ -274,6 +276,17 @@ def drift_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Che
             f"sd above their first {rule.baseline} on-policy steps (moving mean of {rule.window}, {rule.patience} in "
             "a row)")
     return Check("drift", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
+
+
+def step_size_check(metrics: dict[str, Series], thresholds: dict[str, float]) -> Check:
+    """The step-size rule (`watch.StepSize`, at the threshold's limit) over the steps that measured
+    `diag/policy_shift`: where `RolloutGuard(step_size=...)` would have acted."""
+    rule = StepSize(thresholds["policy_shift"])
+    if not (series := metrics.get(rule.metric)):
+        return Check("policy_shift", None, f"not logged (`{rule.metric}`: set diagnostics.policy_shift_every)")
+    step = rule.crossing(series)
+    told = f"the step's KL on its own rollout, a moving mean of {rule.window}, above {rule.limit:g} nats"
+    return Check("policy_shift", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
 
 
 def _panels(metrics: dict[str, Series], evals: dict[str, dict[str, Series]],

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Drift", "DriftWatch", "GoldRise", "Watch", "crossing", "past_limit"]
+__all__ = ["Drift", "DriftWatch", "GoldRise", "StepSize", "Watch", "crossing", "past_limit"]
 
 Series = Iterable[tuple[int, float]]  # (step, value), in step order
 
@@ -175,4 +175,42 @@ class GoldRise:
 
     def crossing(self, series: Series) -> int | None:
         """The step the rule acts at on a logged `diag/gold_nll` series, or None."""
+        return self.watch().acts_at(series)
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """The step-size rule: `diag/policy_shift` (KL(before ‖ after) of the student's next-token distributions on the
+    step's own rollout, measured every `diagnostics.policy_shift_every` steps) above `limit` nats on a moving mean of
+    `window` observations, `patience` of them in a row. It marks a learning rate too high for the student where it
+    is: in `benchmarks/RESULTS.md` (blocks `step_size` and `step_size_heldout`), it acted within the first 40 steps
+    of every reproduced failure-mode run at the recipe's rate (0.003) and before each of their falls, and on every
+    warm-leaderboard run at that rate, all of which first fell below their start; at a third of the rate it acted on
+    none of the failure-mode runs and on a few warm-leaderboard runs of the losses that take the largest steps. A rate
+    too high for a warm student costs an early dip even where the run gains later: answer it with a lower rate
+    (`RolloutGuard(lr_factor=...)`) where the dip matters.
+
+    Attributes:
+        limit: nats per step (the moving mean's).
+        window: observations per moving mean; none is judged before `window` of them.
+        patience: judged moving means in a row past the limit before the rule acts.
+    """
+
+    limit: float = 0.03
+    window: int = 5
+    patience: int = 1
+
+    metric = "diag/policy_shift"
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.patience < 1 or not self.limit > 0:
+            raise ValueError(f"StepSize needs a positive limit and a window and patience of at least 1, got "
+                             f"{self.limit}, {self.window} and {self.patience}")
+
+    def watch(self) -> Watch:
+        """A fresh watch for `diag/policy_shift`."""
+        return Watch(self.limit, "max", self.patience, window=self.window)
+
+    def crossing(self, series: Series) -> int | None:
+        """The step the rule acts at on a logged `diag/policy_shift` series, or None."""
         return self.watch().acts_at(series)

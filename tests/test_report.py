@@ -14,7 +14,7 @@ from opd_lightning import cli, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVEL_CHECKS = list(report.CHECKS)
-ALL_CHECKS = [*LEVEL_CHECKS, "topk_overlap_drop", "drift", "loss_ratio", "eval_gain", "nan"]
+ALL_CHECKS = [*LEVEL_CHECKS, "topk_overlap_drop", "drift", "policy_shift", "loss_ratio", "eval_gain", "nan"]
 STEPS = [4 + 5 * i for i in range(20)]
 
 
@@ -39,6 +39,8 @@ def train_row(i: int, healthy: bool) -> dict[str, float]:
             "logratio_drift": -0.2 - f}
     # |log-ratio|: steady with a little noise, or (unhealthy) jumping after the first half (the drift check's baseline)
     diag["logratio_abs"] = 0.5 + 0.02 * (i % 2) + (1.5 if not healthy and i >= 10 else 0.0)
+    # the step's KL on its own rollout: small, or (unhealthy) jumping from the 9th step on
+    diag["policy_shift"] = 0.06 if not healthy and i >= 8 else 0.01
     diag |= {"logratio_mean": -0.5 + 0.4 * f, "logratio_pos_frac": 0.4, "entropy_student": 1.5,
              "entropy_teacher": 1.2, "completion_len": 30.0}
     loss = 3.0 * 0.9**i if healthy else 1.0 + f
@@ -138,6 +140,8 @@ def test_unhealthy_run_flags_every_crossed_check(unhealthy):
     # drift: |log-ratio| crosses at the 6th step past its baseline; the overlap's linear fall (baseline sd 3.03 steps'
     # worth) reaches -3 sd in a moving mean centred 9.5 steps past the baseline's: at the 17th and 18th steps
     assert health_line(md, "drift").endswith(f"crossed at step {STEPS[17]}")
+    # the step-size rule: the mean of the last 5 shifts passes 0.03 once 3 of them are 0.06, at the 11th step
+    assert health_line(md, "policy_shift").endswith(f"crossed at step {STEPS[10]}")
     assert_valid_png(run_dir / "logs" / "version_0" / "report" / "diagnostics.png")
 
 

@@ -563,3 +563,44 @@ def test_policy_shift_is_the_kl_of_the_step_on_its_own_rollout(teacher_dir, tmp_
     measured = module.train_diag.compute()
     assert measured["diag/policy_shift"].item() == pytest.approx(want.item(), rel=1e-4)
     assert measured["diag/step_gain"].item() == pytest.approx(gain.item(), rel=1e-3, abs=1e-6)
+
+
+def test_step_size_acts_on_the_moving_mean_of_the_policy_shift():
+    """`StepSize`: the mean of the last `window` observations of `diag/policy_shift` above `limit`, `patience` in a
+    row; none judged before `window` of them; steps without an observation neither strike nor reset; the guard,
+    `StepSize.crossing` and `opd report`'s check agree."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opd_lightning.guards import RolloutGuard, StepSize
+    from opd_lightning.report import DEFAULT_THRESHOLDS, step_size_check
+
+    values = [(0, 0.1), (1, 0.0), (3, 0.0), (4, 0.0), (5, 0.0), (6, 0.04), (8, 0.04), (9, 0.04), (10, 0.04)]
+    # means of the last 3: step 3: 0.033 (the first judged), 4: 0, 5: 0, 6: 0.013, 8: 0.027, 9: 0.04, 10: 0.04
+    assert StepSize(limit=0.03, window=3).crossing(values) == 3
+    assert StepSize(limit=0.035, window=3).crossing(values) == 9
+    assert StepSize(limit=0.035, window=3, patience=2).crossing(values) == 10
+    assert StepSize(limit=0.05, window=1).crossing(values) == 0
+    assert StepSize(limit=0.05, window=3).crossing(values) is None
+    with pytest.raises(ValueError, match="StepSize needs"):
+        StepSize(window=0)
+    rule = StepSize(limit=0.035, window=3, patience=2)
+    guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, step_size=rule, stop=True)
+    trainer = SimpleNamespace(global_step=0, should_stop=False)
+    observed = dict(values)
+    def feed():
+        for step in range(12):
+            trainer.global_step = step
+            seen = {"diag/policy_shift": observed[step]} if step in observed else {}
+            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
+            if trainer.should_stop:
+                return
+
+    with pytest.warns(UserWarning, match=r"the mean of the last 3 diag/policy_shift \(0.040 now\) has been above 0.035 "
+                                         r"for 2 observations at step 10"):
+        feed()
+    assert trainer.should_stop and guard.tripped == [(10, "diag/policy_shift", 0.04)]
+    check = step_size_check({"diag/policy_shift": values}, {**DEFAULT_THRESHOLDS, "policy_shift": 0.03})
+    assert check.ok is False and check.detail.endswith("crossed at step 10")  # a window of 5: steps 5-10, mean 0.032
+    assert step_size_check({}, DEFAULT_THRESHOLDS).ok is None

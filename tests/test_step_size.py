@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -29,10 +30,18 @@ def test_a_rerun_takes_the_options_its_logged_run_was_trained_with(monkeypatch, 
                        "--model.loss", "reverse_kl", "--model.teacher_topk", "null", *seeds("1"), *lb.RECIPE,
                        "--model.student.path", str(lb_start), "--model.student.config", "null", "--model.student.tokenizer",
                        "null"]
+    for lr in ss.RATES:  # the leaderboards' runs, as their results list them
+        root = tmp_path / f"logged{ss.early_dips.suffix(lr)}"
+        root.mkdir()
+        (root / "results.json").write_text(json.dumps([{"pair": "same", "loss": "reverse_kl", "seed": 1}]))
+    monkeypatch.setattr(ss.early_dips, "logged_root", lambda lr: tmp_path / f"logged{ss.early_dips.suffix(lr)}")
     jobs = {job["run"]: job for job in ss.jobs([2, 1])}
     assert jobs["cancellation/sampled_token/seed_2"]["args"] == [*seen[0][:2], *seen[0][4:]]
     assert jobs["same/reverse_kl/seed_1"]["args"] == [*seen[1][:2], *seen[1][4:]]
-    assert {job["group"] for job in jobs.values()} == {"falls at 0.003", "a third of the rate", "warm leaderboard"}
+    assert jobs["same_lr0.001/reverse_kl/seed_1"]["args"] == [*seen[1][:2], *seen[1][4:],
+                                                               "--model.optimizer.init_args.lr", "0.001"]
+    assert {job["group"] for job in jobs.values()} == {"falls at 0.003", "a third of the rate",
+                                                       "warm leaderboard at 0.003", "warm leaderboard at 0.001"}
 
 
 def _metrics(folder: Path, rows: list[dict]) -> None:
@@ -56,3 +65,17 @@ def test_windows_average_the_shift_and_divide_the_summed_gain_by_the_summed_shif
     (s0, e0), (s1, e1) = got["windows"]
     assert math.isclose(s0, 0.2) and math.isclose(e0, (0.1 - 0.2) / 0.4)
     assert math.isclose(s1, 0.1) and math.isclose(e1, 0.7 / 0.2)
+
+
+def test_the_shift_rule_counts_acts_before_each_runs_first_fall():
+    """A moving mean of `SHIFT_WINDOW` shifts above the limit acts; an act at or after the fall is not early (b's,
+    at the limit of 0.03)."""
+    rise = [(t, 0.001 if t < 6 else 0.05) for t in range(20)]  # the mean of 5 passes 0.01 at step 6, 0.03 at step 8
+    flat = [(t, 0.001) for t in range(20)]
+    results = [{"group": "g", "run": "a", "shift": rise, "fall": 10}, {"group": "g", "run": "b", "shift": rise,
+                                                                       "fall": 7},
+               {"group": "g", "run": "c", "shift": flat, "fall": None}, {"group": "h", "run": "d", "shift": rise,
+                                                                         "fall": None}]
+    rows = {line.split(" | ")[0].strip("| "): line for line in ss.rule_table(results).splitlines()[2:]}
+    assert rows["0.01"].endswith("| 2/3 (steps 6-6) | 2/2 | 1/1 (steps 6-6) | 0/0 |")  # 6 is before b's fall at 7
+    assert rows["0.03"].endswith("| 2/3 (steps 8-8) | 1/2 | 1/1 (steps 8-8) | 0/0 |")
