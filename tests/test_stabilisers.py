@@ -37,6 +37,21 @@ def _objective_value(module, term, teacher_dir):
         return probe._objective(rollouts, probe._step_counts(rollouts))[1][f"loss/{term.name}"]
 
 
+def _feed(guard, metric: str, values: list[tuple[int, float]], steps: int) -> bool:
+    """Steps 0..steps-1 through `guard.on_train_batch_end`, each with `metric`'s value where `values` has one (a
+    module's `step_diagnostics`), until the guard stops training; whether it did."""
+    from types import SimpleNamespace
+
+    trainer, observed = SimpleNamespace(global_step=0, should_stop=False), dict(values)
+    for step in range(steps):
+        trainer.global_step = step
+        seen = {metric: observed[step]} if step in observed else {}
+        guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
+        if trainer.should_stop:
+            return True
+    return False
+
+
 def test_kl_to_initial_student_keeps_the_student_close(teacher_dir, tmp_path):
     """SGD, so that the term's weight acts on the step (Adam normalises it away within a few steps); removing the
     initial-student target or its gradient, or pointing it at the current student, fails this by a factor of ~9."""
@@ -313,7 +328,6 @@ def test_gold_rise_is_judged_against_the_runs_first_gold_observations():
     """`GoldRise`: the first `baseline` observations of `diag/gold_nll` set the reference (their mean), and the rule
     acts at the `patience`-th later observation in a row more than `limit` nats above it; steps without a gold
     observation neither strike nor reset; the guard and `GoldRise.crossing` agree step for step."""
-    from types import SimpleNamespace
 
     import pytest
 
@@ -329,20 +343,9 @@ def test_gold_rise_is_judged_against_the_runs_first_gold_observations():
     assert GoldRise(limit=0.25, baseline=1, patience=1).crossing(values) == 6  # reference 0.6: 0.8 is not above 0.85
     assert GoldRise(limit=0.05, baseline=1, patience=2).crossing(values) == 3  # ... but 0.8 and 0.7 are above 0.65
     guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, gold_rise=rule, stop=True)
-    trainer = SimpleNamespace(global_step=0, should_stop=False)
-    observed = dict(values)
-
-    def feed():
-        for step in range(13):
-            trainer.global_step = step
-            seen = {"diag/gold_nll": observed[step]} if step in observed else {}
-            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
-            if trainer.should_stop:
-                return
-
     with pytest.warns(UserWarning, match=r"diag/gold_nll = 0.910 has been above its first-4-observation mean by more "
                                          r"than 0.2 for 2 observations at step 11"):
-        feed()
+        assert _feed(guard, "diag/gold_nll", values, 13)
     assert guard.tripped == [(11, "diag/gold_nll_rise", 0.91)]
     with pytest.raises(ValueError, match="baseline and patience of at least 1"):
         GoldRise(baseline=0)
@@ -569,7 +572,6 @@ def test_step_size_acts_on_the_moving_mean_of_the_policy_shift():
     """`StepSize`: the mean of the last `window` observations of `diag/policy_shift` above `limit`, `patience` in a
     row; none judged before `window` of them; steps without an observation neither strike nor reset; the guard,
     `StepSize.crossing` and `opd report`'s check agree."""
-    from types import SimpleNamespace
 
     import pytest
 
@@ -587,20 +589,10 @@ def test_step_size_acts_on_the_moving_mean_of_the_policy_shift():
         StepSize(window=0)
     rule = StepSize(limit=0.035, window=3, patience=2)
     guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, step_size=rule, stop=True)
-    trainer = SimpleNamespace(global_step=0, should_stop=False)
-    observed = dict(values)
-    def feed():
-        for step in range(12):
-            trainer.global_step = step
-            seen = {"diag/policy_shift": observed[step]} if step in observed else {}
-            guard.on_train_batch_end(trainer, SimpleNamespace(step_diagnostics=seen), None, None, 0)
-            if trainer.should_stop:
-                return
-
     with pytest.warns(UserWarning, match=r"the mean of the last 3 diag/policy_shift \(0.040 now\) has been above 0.035 "
                                          r"for 2 observations at step 10"):
-        feed()
-    assert trainer.should_stop and guard.tripped == [(10, "diag/policy_shift", 0.04)]
+        assert _feed(guard, "diag/policy_shift", values, 12)
+    assert guard.tripped == [(10, "diag/policy_shift", 0.04)]
     check = step_size_check({"diag/policy_shift": values}, {**DEFAULT_THRESHOLDS, "policy_shift": 0.03})
     assert check.ok is False and check.detail.endswith("crossed at step 10")  # a window of 5: steps 5-10, mean 0.032
     assert step_size_check({}, DEFAULT_THRESHOLDS).ok is None
