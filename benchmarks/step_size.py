@@ -10,13 +10,16 @@ that step brought the student to the teacher there (KL(before ‖ teacher) - KL(
 teacher's dense target). Their ratio over a window of steps (gain per unit of shift) is the step's efficiency: a rate
 too high for the run should move the policy far for little gain.
 
-This script reruns the first `--steps` steps of runs already logged (those of the seeds asked for that are logged), with those diagnostics on every step and no
-evaluation: the failure-mode variants that fall at the recipe's rate (0.003) and their runs at a third of it, and the
-warm leaderboard's runs (same tokenizer) of four losses at the recipe's rate, which gain. The runs are deterministic
-for a seed at one thread and the diagnostics draw no random numbers, so each rerun's training loss must equal its
-logged run's step for step (checked, and stated in the table); what the logged run did later (its fall, or its gain)
-is read from its logs (`benchmarks.guard_check`). Runs go to `runs/step_size/`; the block `step_size` in
-benchmarks/RESULTS.md is written from them.
+This script reruns the first `--steps` steps of the logged runs of the seeds asked for, with those diagnostics on
+every step and no evaluation. The runs are the failure-mode variants that fall at the recipe's rate (0.003) and their
+runs at a third of it, and every same-tokenizer warm-leaderboard run at 0.003 and at 0.001 (`leaderboard --lr`). A
+rerun already in `runs/step_size/` is kept unless `--rerun`. The runs are deterministic for a seed at one thread,
+and the diagnostics draw no random numbers, so each rerun's training loss must equal its logged run's step for step
+(checked, and stated in the table). What the logged run did later is read from its logs (`benchmarks.guard_check`):
+a failure-mode run's fall, or a leaderboard run's end and, where `benchmarks/early_dips.py` reran it with frequent
+evaluations, its first fall to half its start. A second table judges limits on the shift's moving mean
+(`watch.StepSize`, the rule `RolloutGuard(step_size=...)` applies) against those falls. The block `step_size` (or
+`--block`) in benchmarks/RESULTS.md is written from them.
 """
 
 from __future__ import annotations
