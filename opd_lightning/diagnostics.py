@@ -226,21 +226,23 @@ def _token_stats(logits: Tensor | HiddenRows, ids: Tensor, rows: Tensor, cols: T
 
 
 @torch.no_grad()
-def policy_shift(before: Tensor, after: Tensor, logged: bool = False) -> Tensor:
-    """KL(p_before ‖ p_after) `[n]` of the softmax of two sets of logits `[n, V]` at the same positions (`after`
-    already log-probs when `logged`): how far an optimizer step moved the student's next-token distributions. Tokens
-    `before` gives no mass add nothing (0 log 0 = 0); a token `after` rules out that `before` gives mass makes it
-    inf."""
-    lb = torch.log_softmax(before.float(), -1)
-    la = after.float() if logged else torch.log_softmax(after.float(), -1)
-    p = lb.exp()
-    return (p * (lb - la)).where(p > 0, 0.0).sum(-1)
+def policy_shift(before: Tensor, after: Tensor) -> Tensor:
+    """KL(p_before ‖ p_after) `[n]` of the softmax of two sets of logits `[n, V]` at the same positions: how far an
+    optimizer step moved the student's next-token distributions (`_kl` of their log-softmax)."""
+    return _kl(torch.log_softmax(before.float(), -1), torch.log_softmax(after.float(), -1))
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p ‖ q) `[n]` of two sets of log-probabilities `[n, V]`. Tokens p gives no mass add nothing (0 log 0 = 0); a
+    token q rules out that p gives mass makes it inf."""
+    p = log_p.exp()
+    return (p * (log_p - log_q)).where(p > 0, 0.0).sum(-1)
 
 
 class ShiftProbe:
-    """The student's logits at up to `limit` evenly spaced valid positions of a step's rollout, read before the
-    optimizer step, for `diag/policy_shift` after it (`shift`); with the teacher's dense target in the student's
-    vocabulary (`teacher [B, N, V]`, valid where `teacher_mask`), also for `diag/step_gain` (`gain`)."""
+    """The student's log-probabilities at up to `limit` evenly spaced valid positions of a step's rollout, read before
+    the optimizer step, for `diag/policy_shift` after it (`shift`); with the teacher's dense target in the student's
+    vocabulary (`teacher [B, N, V]`, valid where `teacher_mask`), also for `diag/step_gain`."""
 
     def __init__(self, rollout, logits: Tensor | HiddenRows, limit: int | None, fused: bool,
                  teacher: Tensor | None = None, teacher_mask: Tensor | None = None) -> None:
@@ -251,20 +253,20 @@ class ShiftProbe:
         pick = _spread(rows.numel(), limit, rows.device)
         self.rollout, self.fused, self.rows, self.cols = rollout, fused, rows[pick], cols[pick]
         with torch.no_grad():
-            self.before = logits[self.rows, self.cols].detach().float()  # [n, V]
+            self.before = torch.log_softmax(logits[self.rows, self.cols].detach().float(), -1)  # [n, V]
             self.teacher = None if teacher is None else torch.log_softmax(
                 teacher[self.rows, self.cols].detach().float(), -1)
 
+    @torch.no_grad()
     def shift(self, after: Tensor | HiddenRows) -> tuple[Tensor, Tensor | None]:
         """`policy_shift` `[n]` against the student's logits for the same rollout after the step, and `step_gain`
         `[n]` (None without the teacher's target): KL(before ‖ teacher) - KL(after ‖ teacher), positive where the step
         brought the student closer to the teacher on its own rollout."""
-        after = after[self.rows, self.cols].float()
-        moved = policy_shift(self.before, after)
+        after = torch.log_softmax(after[self.rows, self.cols].float(), -1)
+        moved = _kl(self.before, after)
         if self.teacher is None:
             return moved, None
-        return moved, policy_shift(self.before, self.teacher, logged=True) - policy_shift(after, self.teacher,
-                                                                                        logged=True)
+        return moved, _kl(self.before, self.teacher) - _kl(after, self.teacher)
 
 
 def _spread(count: int, limit: int | None, device: torch.device) -> Tensor:

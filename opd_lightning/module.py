@@ -341,11 +341,9 @@ class DistillationModule(LightningModule):
             metrics.update({f"{term.name}/{k}": v for k, v in out.metrics.items()})
         coherence = hidden["rollout"].detach() if measure and "rollout" in hidden else None
         if shift:
-            target = targets.get(("teacher", "rollout"))
-            dense = target is not None and target.logits is not None and target.student_projection is None
             self._shift_probe = ShiftProbe(rollouts["rollout"], student_logits["rollout"],
                                            self.diag_config.max_positions, self._fuses("rollout", rollouts["rollout"]),
-                                           target.logits if dense else None, target.mask if dense else None)
+                                           *_dense_target(targets.get(("teacher", "rollout"))))
         self._diagnose(rollouts["rollout"], student_logits["rollout"], targets.get(("teacher", "rollout")),
                        total, coherence)
         # the likelihood of the gold completions, free where a term read them (as the step's rollout, or beside it)
@@ -457,9 +455,8 @@ class DistillationModule(LightningModule):
         if not self.diag_config.enabled:
             return
         mask = rollout.completion_mask
-        dense = target is not None and target.logits is not None and target.student_projection is None
-        self._diag.update_tokens(student_logits.detach(), target.logits if dense else None,
-                                 rollout.completion_ids, mask, target.mask if dense else None)
+        teacher, teacher_mask = _dense_target(target)
+        self._diag.update_tokens(student_logits.detach(), teacher, rollout.completion_ids, mask, teacher_mask)
         if hidden is not None and total.requires_grad and isinstance(student_logits, Tensor):
             (dlogits,) = torch.autograd.grad(total, student_logits, retain_graph=True, allow_unused=True)  # [B, N, V]
             if dlogits is not None:  # None: no term read the logits (hidden_match alone), no coherence to measure
@@ -655,6 +652,15 @@ class DistillationModule(LightningModule):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.student_tokenizer.save_pretrained(path)
+
+
+def _dense_target(target: TeacherTarget | None) -> tuple[Tensor | None, Tensor | None]:
+    """The teacher's dense target in the student's vocabulary and where it holds, `([B, N, V], [B, N])`, that the
+    diagnostics compare the student with; (None, None) where the target has none (token log-probs only, or logits in
+    a projected space)."""
+    if target is None or target.logits is None or target.student_projection is not None:
+        return None, None
+    return target.logits, target.mask
 
 
 def _target_at(target: TeacherTarget, rows: Tensor, cols: Tensor) -> TeacherTarget:
