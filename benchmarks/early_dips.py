@@ -19,7 +19,6 @@ rate (`benchmarks.leaderboard --lr`) instead, into `runs/early_dips_lr<lr>/` and
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -31,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import leaderboard
-from benchmarks.failure_modes import DROP
+from benchmarks.failure_modes import DROP, series
 from benchmarks.guard_check import RULES, GoldRule, JointRule, leaderboard_runs
 from benchmarks.quickstart import machine, record
 
@@ -74,9 +73,11 @@ def rerun(loss: str, seed: int, steps: int, every: int, lr: float | None = None)
     return {**key, **read(loss, seed, lr)}
 
 
-def losses(version: Path) -> dict[int, float]:
-    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader((version / "metrics.csv").open())
-            if r.get("train/loss")}
+def loss_agreement(version: Path, logged: Path) -> tuple[int, int]:
+    """(steps whose training loss equals the logged run's, steps logged) of a rerun's logs `version` against the
+    logged run's `logged` (both `logs/version_0` folders)."""
+    mine, theirs = (dict(series(v, ("train/loss",))["train/loss"]) for v in (version, logged))
+    return sum(abs(v - theirs.get(s, float("nan"))) <= 1e-6 * max(1.0, abs(v)) for s, v in mine.items()), len(mine)
 
 
 def read(loss: str, seed: int, lr: float | None = None) -> dict:
@@ -86,10 +87,8 @@ def read(loss: str, seed: int, lr: float | None = None) -> dict:
     task = leaderboard.PAIRS[PAIR]["task"]
     history = [(e["step"], e["results"][task][metric]) for e in
                map(json.loads, (version / "eval_history.jsonl").read_text().splitlines()) if e["model"] == "student"]
-    mine = losses(version)
-    logged = losses(logged_root(lr) / PAIR / loss / f"seed_{seed}" / "logs" / "version_0")
-    agree = sum(abs(v - logged.get(s, float("nan"))) <= 1e-6 * max(1.0, abs(v)) for s, v in mine.items())
-    return {"history": history, "agree": agree, "steps": len(mine)}
+    agree, steps = loss_agreement(version, logged_root(lr) / PAIR / loss / f"seed_{seed}" / "logs" / "version_0")
+    return {"history": history, "agree": agree, "steps": steps}
 
 
 def acts(lr: float | None = None) -> dict[str, dict]:

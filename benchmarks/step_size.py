@@ -25,7 +25,6 @@ evaluations, its first fall to half its start. A second table judges limits on t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import early_dips, failure_modes, leaderboard
+from benchmarks.failure_modes import series
 from benchmarks.guard_check import failure_mode_runs, leaderboard_runs
 from benchmarks.quickstart import machine, record
 from opd_lightning.watch import crossing
@@ -92,31 +92,23 @@ def rerun(job: dict, steps: int) -> str | None:
     return finished.stderr[-2000:] if finished.returncode else None
 
 
-def metrics(run: Path, names: tuple[str, ...]) -> dict[str, dict[int, float]]:
-    """`{name: {step: value}}` of a run's metrics.csv."""
-    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
-    return {name: {int(r["step"]): float(r[name]) for r in rows if r.get(name)} for name in names}
-
-
 def summary(job: dict, steps: int) -> dict:
     """A rerun's windows (mean shift, efficiency) and whether its losses equal its logged run's."""
-    mine = metrics(ROOT / job["run"], ("train/loss", "diag/policy_shift", "diag/step_gain"))
-    logged = metrics(job["logged"], ("train/loss",))["train/loss"]
-    losses = mine["train/loss"]
-    agree = sum(abs(v - logged.get(s, float("nan"))) <= 1e-6 * max(1.0, abs(v)) for s, v in losses.items())
-    shift, gain = mine["diag/policy_shift"], mine["diag/step_gain"]
+    version = ROOT / job["run"] / "logs" / "version_0"
+    agree, logged_steps = early_dips.loss_agreement(version, job["logged"] / "logs" / "version_0")
+    shift, gain = (dict(values) for values in series(version, ("diag/policy_shift", "diag/step_gain")).values())
     windows = []
     for lo in range(0, steps, WINDOW):
         s = [shift[t] for t in range(lo, lo + WINDOW) if t in shift]
         g = [gain[t] for t in range(lo, lo + WINDOW) if t in gain]
         windows.append((statistics.mean(s) if s else float("nan"), sum(g) / sum(s) if g and sum(s) else float("nan")))
-    return {"agree": agree, "steps": len(losses), "windows": windows, "shift": sorted(shift.items())}
+    return {"agree": agree, "steps": logged_steps, "windows": windows, "shift": sorted(shift.items())}
 
 
 def done(job: dict, steps: int) -> bool:
     """Whether the job's rerun is in `ROOT` already, with the step's diagnostics on each of `steps` steps."""
     try:
-        return len(metrics(ROOT / job["run"], ("diag/policy_shift",))["diag/policy_shift"]) == steps
+        return len(series(ROOT / job["run"] / "logs" / "version_0", ("diag/policy_shift",))["diag/policy_shift"]) == steps
     except OSError:
         return False
 
