@@ -2,7 +2,7 @@
 warn before the score falls.
 
     .venv/bin/python -m benchmarks.failure_modes [--modes cancellation overlap depth] [--seeds 0] [--steps 600]
-        [--eval-every N] [--parallel 2] [--rerun] [--no-run]
+        [--eval-every N] [--parallel 2] [--variants V ...] [--rerun] [--no-run]
 
 Every run goes on from a warm student: its config's fresh student after a few hundred steps of SFT on gold (seed 0,
 `runs/failure_modes/<start>/start`, the steps per mode in `MODES`): from scratch the failing losses never leave
@@ -117,9 +117,19 @@ def gold_guard(**answer) -> str:
         "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {}, **answer}})
 
 
+def shift_guard(**answer) -> list[str]:
+    """The options measuring `diag/policy_shift` on every step and appending `RolloutGuard` watching it alone
+    (`StepSize` at its defaults) to the run's callbacks, answering with `answer` when it acts."""
+    return ["--model.diagnostics.policy_shift_every", "1", "--trainer.callbacks+=" + json.dumps({
+        "class_path": "opd_lightning.guards.RolloutGuard",
+        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "step_size": {}, **answer}})]
+
+
 GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
 GUARD_COOL = gold_guard(lr_factor=GUARD_LR_FACTOR, lr_recover=GUARD_RECOVER)  # the cut climbs back: a cool-down
-GUARDED = (GUARD_LR, GUARD_COOL)  # options under which a guard changed the run after it acted
+SHIFT_LR = shift_guard(lr_factor=GUARD_LR_FACTOR)  # the step-size rule's answer: the same lasting cut
+SHIFT_LABEL = f"the step-size guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
+GUARDED = (GUARD_LR, GUARD_COOL, SHIFT_LR[-1])  # options under which a guard changed the run after it acted
 GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {
@@ -145,6 +155,10 @@ MODES = {
                                    ["--model.loss", "sampled_token", GUARD_COOL]),
             "topk_reverse_kl_cool": (f"`topk_reverse_kl`, the same guard's cut undone over {GUARD_RECOVER} steps",
                                      ["--model.loss", "topk_reverse_kl", GUARD_COOL]),
+            "sampled_token_shift": (f"stabiliser: `sampled_token`, {SHIFT_LABEL}",
+                                    ["--model.loss", "sampled_token", *SHIFT_LR]),
+            "topk_reverse_kl_shift": (f"`topk_reverse_kl`, {SHIFT_LABEL}", ["--model.loss", "topk_reverse_kl",
+                                                                         *SHIFT_LR]),
         },
     },
     "overlap": {
@@ -171,6 +185,9 @@ MODES = {
             "oracle_teacher_lr": ("BPE teacher at a third of the learning rate (0.001)", [
                 "--model.loss", "reverse_kl", "--model.teacher.path", str(ORACLE), "--model.aligner", "identity",
                 *WHOLE_TARGET, *LOW_LR]),
+            "char_teacher_shift": (f"stabiliser: character teacher, {SHIFT_LABEL}", [
+                "--model.loss", "reverse_kl", "--model.aligner",
+                "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *SHIFT_LR]),
         },
     },
     "depth": {
@@ -189,6 +206,8 @@ MODES = {
                 "[{loss: cross_entropy, weight: 0.5, completions: gold}]"]),
             "on_policy_lr": ("stabiliser: the same at a third of the learning rate (0.001)", [
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
+            "on_policy_shift": (f"stabiliser: the same, {SHIFT_LABEL}", [
+                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
         },
     },
     "repetition": {
@@ -214,6 +233,9 @@ MODES = {
             "sampled_token_lr": ("stabiliser: the copying teacher's run at a third of the learning rate (0.001)", [
                 "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
                 "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
+            "sampled_token_shift": (f"stabiliser: the copying teacher's run, {SHIFT_LABEL}", [
+                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
+                "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
         },
     },
 }
@@ -506,6 +528,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=None, help="for every mode (default: each mode's own)")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these variants of the modes (their logs, e.g. for benchmarks.step_size)")
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--no-run", action="store_true", help="only write the tables of the runs recorded")
     args = parser.parse_args()
@@ -518,6 +542,8 @@ def main() -> None:
         for m in args.modes:
             prepare(ROOT / m, eval_overlay(evaluate_teacher=True, task=MODES[m]["task"], on_fit_start=True))
         jobs = [(m, v, s) for m in args.modes for s in args.seeds for v in MODES[m]["variants"]
+                if args.variants is None or v in args.variants]
+        jobs = [(m, v, s) for m, v, s in jobs
                 if args.rerun or (m, v, s, args.steps) not in recorded
                 or recorded[(m, v, s, args.steps)]["start_score"] != starts[MODES[m]["start"]][1]]
         print(f"{len(jobs)} runs to do", flush=True)

@@ -35,18 +35,29 @@ from benchmarks.failure_modes import (
     GUARD_LR,
     GUARD_LR_FACTOR,
     GUARD_RECOVER,
+    MODES,
+    SHIFT_LR,
     _label,
     falls,
     read_csv,
+    series,
+)
+from benchmarks.failure_modes import (
+    ROOT as FAILURE_ROOT,
 )
 from benchmarks.guard_check import logged
 from benchmarks.leaderboard import PAIRS, WARM_ROOT, eval_overlay, prepare, run, warm_student
 from benchmarks.quickstart import machine, mean_sd, record
 from opd_lightning.guards import GoldRise
+from opd_lightning.watch import StepSize
 
-# Each answer: the guard's option, where its runs go, and how the tables name it
-RESPONSES = {"lower": (GUARD_LR, Path("runs/leaderboard_warm_guard"), "rate cut"),
-             "cool": (GUARD_COOL, Path("runs/leaderboard_warm_cool"), f"rate cut for {GUARD_RECOVER} steps")}
+# Each answer: the guard's options, where its runs go, and how the tables name it
+RESPONSES = {"lower": ((GUARD_LR,), Path("runs/leaderboard_warm_guard"), "rate cut"),
+             "cool": ((GUARD_COOL,), Path("runs/leaderboard_warm_cool"), f"rate cut for {GUARD_RECOVER} steps"),
+             "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut")}
+GOLD_RESPONSES = ("lower", "cool")  # the gold-likelihood guard's answers (block `guard_response`); `shift`: the
+# step-size rule's (block `shift_response`)
+SHIFT_ROOT = Path("runs/step_size")  # `benchmarks.step_size`'s reruns of the warm leaderboard's first steps
 RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
 COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date")
 WARM_STEPS = 300  # the warm leaderboard's start (`benchmarks.leaderboard --warm 300`)
@@ -58,13 +69,18 @@ CANCELLATION = (("sampled_token", "`sampled_token`"), ("sampled_token_guard", "`
                 ("topk_reverse_kl_cool", f"`topk_reverse_kl` with the guard, its cut undone over {GUARD_RECOVER} steps"))
 
 
-def cancellation_table() -> str:
-    """The cancellation mode's variants, with and without the guard, from `failure_modes`' CSV."""
-    runs = [r for r in read_csv() if r["mode"] == "cancellation"]
+def failure_table(rows: tuple[tuple[str, str, str], ...], response: str, seeds: list[int] | None = None) -> str:
+    """`(mode, variant, label)` rows of `failure_modes`' CSV (the seeds given, or all recorded), with the step at
+    which the rule answered by `response` acts on each run: read from the CSV (`GoldRise`), or, for the step-size
+    rule, from the run's own logs where they hold `diag/policy_shift`, else from `benchmarks.step_size`'s rerun of its
+    first steps ("–": neither here): a guarded run's every act ("5+230": twice, the rate cut at each), a rerun's
+    first."""
+    runs = read_csv()
     lines = ["| run | seeds | fall (more than 0.05 below the start) | guard acts at step | lowest score | final score |",
              "|---|---|---|---|---|---|"]
-    for variant, label in CANCELLATION:
-        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+    for mode, variant, label in rows:
+        mine = sorted((r for r in runs if r["mode"] == mode and r["variant"] == variant
+                       and (seeds is None or r["seed"] in seeds)), key=lambda r: r["seed"])
         if not mine:
             continue
         fell, lows, ends, acts = 0, [], [], []
@@ -73,11 +89,40 @@ def cancellation_table() -> str:
             fell += falls(r) is not None
             lows.append(min(scores))
             ends.append(scores[-1])
-            step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
+            if response != "shift":
+                step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
+            else:
+                step = "–"
+                for root in (FAILURE_ROOT, SHIFT_ROOT):
+                    version = root / mode / variant / f"seed_{r['seed']}" / "logs" / "version_0"
+                    if (version / "metrics.csv").exists() and (shifts := shift_series(version)):
+                        watch = StepSize().watch()  # a guarded run's every act (its rate cut at each); a rerun's first
+                        found = [str(s) for s, v in shifts if watch.observe(v)][: None if root == FAILURE_ROOT else 1]
+                        step = "+".join(found) or None
+                        break
             acts.append("never" if step is None else str(step))
         lines.append(f"| {label} | {', '.join(str(r['seed']) for r in mine)} | {fell} of {len(mine)} | "
                      f"{', '.join(acts)} | {mean_sd(lows)} | {mean_sd(ends)} |")
     return "\n".join(lines)
+
+
+def cancellation_table() -> str:
+    """The cancellation mode's variants, with and without the gold-likelihood guard, from `failure_modes`' CSV."""
+    return failure_table(tuple(("cancellation", v, label) for v, label in CANCELLATION), "lower")
+
+
+def shift_rows() -> tuple[tuple[str, str, str], ...]:
+    """Each failure mode's falling runs at the recipe's rate, at a third of it, and with the step-size guard."""
+    out = []
+    for mode, spec in MODES.items():
+        for variant, (label, _) in spec["variants"].items():
+            if variant.endswith("_shift"):
+                base = variant.removesuffix("_shift")
+                out += [(mode, base, f"{mode}: {spec['variants'][base][0]}")]
+                if f"{base}_lr" in spec["variants"]:
+                    out += [(mode, f"{base}_lr", f"{mode}: {spec['variants'][f'{base}_lr'][0]}")]
+                out += [(mode, variant, f"{mode}: {label}")]
+    return tuple(out)
 
 
 def gold_step(version: Path) -> int | None:
@@ -85,16 +130,34 @@ def gold_step(version: Path) -> int | None:
     return GoldRise().crossing(logged(version)[0].get(GoldRise.metric, []))
 
 
-def acted_on(pair: str, seeds: list[int]) -> list[dict]:
-    """The recorded warm runs of `pair` and `seeds` whose logged gold NLL `GoldRise` acts on, with that step."""
+def shift_series(version: Path) -> list[tuple[int, float]]:
+    """A run's logged `diag/policy_shift` (empty where it did not measure it)."""
+    return series(version, (StepSize.metric,))[StepSize.metric]
+
+
+def shift_step(version: Path) -> int | None:
+    """The step `StepSize` (at its defaults) acts at on a run's logged `diag/policy_shift`, or None."""
+    return StepSize().crossing(shift_series(version))
+
+
+def rule_step(response: str, version: Path) -> int | None:
+    """The step the rule answered by `response` acts at on a run's logs, or None."""
+    return shift_step(version) if response == "shift" else gold_step(version)
+
+
+def acted_on(pair: str, seeds: list[int], response: str = "lower") -> list[dict]:
+    """The recorded warm runs of `pair` and `seeds` the rule answered by `response` acts on, with that step: read on
+    the run's own logs (`GoldRise` on its gold NLL), or, for the step-size rule, on `benchmarks.step_size`'s rerun of
+    its first steps with `diag/policy_shift` logged (a run not rerun there is left out)."""
     out = []
     for entry in json.loads((WARM_ROOT / "results.json").read_text()):
         if entry["pair"] != pair or entry["seed"] not in seeds or "score" not in entry:
             continue
-        version = WARM_ROOT / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+        root = SHIFT_ROOT if response == "shift" else WARM_ROOT
+        version = root / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if not (version / "metrics.csv").exists():
             continue
-        if (step := gold_step(version)) is not None:
+        if (step := rule_step(response, version)) is not None:
             out.append({**entry, "acts_at": step})
     return sorted(out, key=lambda e: (e["loss"], e["seed"]))
 
@@ -102,12 +165,12 @@ def acted_on(pair: str, seeds: list[int]) -> list[dict]:
 def guarded(pair: str, entry: dict, start: tuple[Path, float], response: str) -> dict:
     """`entry`'s run again with the guard answering by `response`: its score, and the step the guard acted at read
     from its logs."""
-    option, root, _ = RESPONSES[response]
-    result = run(pair, entry["loss"], entry["seed"], STEPS, root, start, (option,))
+    options, root, _ = RESPONSES[response]
+    result = run(pair, entry["loss"], entry["seed"], STEPS, root, start, options)
     if "score" not in result:
         raise SystemExit(f"{entry['loss']} seed {entry['seed']} failed:\n{result['error']}")
     version = root / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
-    return {**entry, "response": response, "guarded": result["score"], "guard_step": gold_step(version),
+    return {**entry, "response": response, "guarded": result["score"], "guard_step": rule_step(response, version),
             "date": result["date"]}
 
 
@@ -173,15 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", choices=sorted(PAIRS), default="same")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--response", nargs="+", choices=sorted(RESPONSES), default=["lower"],
-                        help="the guard's answers to run (the table shows every answer recorded)")
+                        help="the guard's answers to run (the table shows every answer recorded; `shift` alone: "
+                             "the step-size rule's block)")
+    parser.add_argument("--losses", nargs="+", default=None, help="only these losses' runs (default: every one)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
     if not args.no_run:
-        entries = acted_on(args.pair, args.seeds)
         start = warm_student(args.pair, WARM_STEPS)
-        jobs = [(e, answer) for answer in args.response for e in entries]
+        jobs = [(e, answer) for answer in args.response for e in acted_on(args.pair, args.seeds, answer)
+                if args.losses is None or e["loss"] in args.losses]
         for answer in args.response:
             prepare(RESPONSES[answer][1], eval_overlay(task=PAIRS[args.pair]["task"]), args.pair)
         print(f"{len(jobs)} runs to do", flush=True)
@@ -191,11 +256,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({k: result.get(k) for k in ("loss", "seed", "response", "acts_at", "score",
                                                               "guarded", "guard_step")}), flush=True)
     results = read_runs(args.pair, args.seeds)
+    shift = args.response == ["shift"]
+    results = [r for r in results if (r["response"] == "shift") == shift]
     dates = ", ".join(sorted({r["date"] for r in results}))
-    text = f"""### The gold-likelihood guard lowering the learning rate (block `guard_response`)
+    command = (f"`.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds "
+               f"{' '.join(map(str, args.seeds))} --response "
+               f"{' '.join(a for a in RESPONSES if any(r['response'] == a for r in results))}`")
+    if shift:
+        text = shift_text(args, results, command, dates)
+    else:
+        text = gold_text(args, results, command, dates)
+    print(text)
+    if not args.no_record:
+        record(text, "shift_response" if shift else "guard_response")
 
-Command: `.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds {' '.join(map(str, args.seeds))} \
---response {' '.join(a for a in RESPONSES if any(r["response"] == a for r in results))}` (the cancellation mode's
+
+def gold_text(args, results: list[dict], command: str, dates: str) -> str:
+    return f"""### The gold-likelihood guard lowering the learning rate (block `guard_response`)
+
+Command: {command} (the cancellation mode's
 runs: `.venv/bin/python -m benchmarks.failure_modes --modes cancellation --seeds 0 1 2 3 4 5 6 --steps 600`).
 Runs dated {dates}. Machine: {machine()}; one thread per run, fp32.
 The guard: `RolloutGuard(gold_rise: {{}}, lr_factor: {GUARD_LR_FACTOR:g})`, `GoldRise` at its defaults; when it
@@ -211,9 +290,32 @@ The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the studen
 every run of seeds {', '.join(map(str, args.seeds))} the rule acts on, run again with the guard:
 
 {leaderboard_table(results)}"""
-    print(text)
-    if not args.no_record:
-        record(text, "guard_response")
+
+
+def shift_text(args, results: list[dict], command: str, dates: str) -> str:
+    seeds = ' '.join(map(str, args.seeds))
+    return f"""### The step-size guard lowering the learning rate (block `shift_response`)
+
+Command: {command} (the failure modes' runs with the guard: `.venv/bin/python -m benchmarks.failure_modes --modes
+cancellation overlap depth repetition --variants sampled_token_shift topk_reverse_kl_shift char_teacher_shift
+on_policy_shift --seeds {seeds}`).
+Runs dated {dates} (leaderboard). Machine: {machine()}; one thread per run, fp32.
+The guard: `RolloutGuard(step_size: {{}}, lr_factor: {GUARD_LR_FACTOR:g})` with `diagnostics.policy_shift_every: 1`,
+`StepSize` at its defaults (the moving mean of 5 steps' `diag/policy_shift` above 0.03 nats); when it acts, every
+learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if the shift's moving mean
+goes back below the limit and then passes it once more. Where it acts on a run without the guard: the run's own
+logs, or `benchmarks.step_size`'s rerun of its first 40 steps.
+
+The failure modes at the recipe's rate (0.003), at a third of it from the start, and with the guard (600 steps from
+each mode's warm student; mean ± sd over seeds):
+
+{failure_table(shift_rows(), "shift", args.seeds)}
+
+The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),
+every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s reruns of the
+first 40 steps), run again with the guard:
+
+{leaderboard_table(results)}"""
 
 
 if __name__ == "__main__":

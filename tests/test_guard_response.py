@@ -70,3 +70,46 @@ def test_runs_recorded_before_the_answers_were_named_read_as_the_lasting_cut(tmp
     assert gr.read_runs("same", [0])[0]["response"] == "lower"
     gr.write_runs([_entry("dskd", 0, 0.606, 0.5, response="cool")])
     assert [r["response"] for r in gr.read_runs("same", [0])] == ["lower", "cool"]
+
+
+def _shift_logs(version, shifts: list[float]) -> None:
+    version.mkdir(parents=True)
+    lines = ["step,diag/policy_shift"] + [f"{step},{value}" for step, value in enumerate(shifts)]
+    (version / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_step_size_rule_is_read_from_a_runs_own_logs_or_its_rerun(tmp_path, monkeypatch):
+    """A guarded run's step from its own `diag/policy_shift`; a run without the guard from `step_size`'s rerun of it;
+    neither here: a dash. The rule: the moving mean of 5 steps above 0.03."""
+    monkeypatch.setattr(gr, "FAILURE_ROOT", tmp_path / "failure_modes")
+    monkeypatch.setattr(gr, "SHIFT_ROOT", tmp_path / "step_size")
+    _shift_logs(tmp_path / "failure_modes/depth/on_policy_shift/seed_0/logs/version_0",
+                [0.02] * 6 + [0.1] * 4 + [0.0] * 5 + [0.1] * 5)
+    _shift_logs(tmp_path / "step_size/depth/on_policy/seed_0/logs/version_0", [0.05] * 8 + [0.0] * 5 + [0.05] * 8)
+    _shift_logs(tmp_path / "step_size/depth/on_policy_lr/seed_0/logs/version_0", [0.01] * 8)
+    runs = [{"mode": "depth", "variant": variant, "seed": seed, "history": [(0, 0.6), (50, end)], "crossing": {}}
+            for variant, seed, end in (("on_policy", 0, 0.4), ("on_policy_lr", 0, 0.7), ("on_policy_shift", 0, 0.65),
+                                       ("on_policy_shift", 1, 0.5))]
+    monkeypatch.setattr(gr, "read_csv", lambda: runs)
+    rows = (("depth", "on_policy", "plain"), ("depth", "on_policy_lr", "low"), ("depth", "on_policy_shift", "guard"))
+    lines = gr.failure_table(rows, "shift").splitlines()
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    # the guarded run: the mean of steps 2-6 is (4 * 0.02 + 0.1) / 5 = 0.036, the first above 0.03; below from
+    # step 13 (0.1 / 5), above again at step 16 (2 * 0.1 / 5): acts twice. A rerun without the guard: its first act.
+    assert cells["plain"][:3] == ["0", "1 of 1", "4"]  # 0.05 from the 5th step on
+    assert cells["low"][:3] == ["0", "0 of 1", "never"]
+    assert cells["guard"][:3] == ["0, 1", "1 of 2", "6+16, –"]
+    assert gr.failure_table(rows, "shift", seeds=[1]).count("\n") == 2  # the seed asked for only
+
+
+def test_the_step_size_answer_picks_the_runs_the_rule_acts_on(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(gr, "WARM_ROOT", tmp_path / "warm")
+    monkeypatch.setattr(gr, "SHIFT_ROOT", tmp_path / "step_size")
+    (tmp_path / "warm").mkdir()
+    entries = [{"pair": "same", "loss": loss, "seed": 0, "score": 0.3} for loss in ("a", "b", "c")]
+    (tmp_path / "warm/results.json").write_text(json.dumps(entries))
+    _shift_logs(tmp_path / "step_size/same/a/seed_0/logs/version_0", [0.04] * 10)
+    _shift_logs(tmp_path / "step_size/same/b/seed_0/logs/version_0", [0.01] * 10)  # c: never rerun, left out
+    assert [(e["loss"], e["acts_at"]) for e in gr.acted_on("same", [0], "shift")] == [("a", 4)]
