@@ -46,7 +46,7 @@ from benchmarks.failure_modes import (
     ROOT as FAILURE_ROOT,
 )
 from benchmarks.guard_check import logged
-from benchmarks.leaderboard import PAIRS, WARM_ROOT, eval_overlay, prepare, run, warm_student
+from benchmarks.leaderboard import PAIRS, WARM_CSV, WARM_ROOT, eval_overlay, prepare, run, warm_student
 from benchmarks.quickstart import machine, mean_sd, record
 from opd_lightning.guards import GoldRise
 from opd_lightning.watch import StepSize
@@ -199,13 +199,20 @@ def write_runs(results: list[dict]) -> None:
         writer.writerows([*kept, *results])
 
 
-def leaderboard_table(results: list[dict]) -> str:
+def leaderboard_table(results: list[dict], reference: dict[tuple[str, int], float] | None = None) -> str:
     """Per loss, the recorded score of the runs the rule acts on and each answer's score and change; then, per answer,
-    every run it was measured on."""
+    every run it was measured on. With `reference` ((loss, seed) -> score), a last column: the same runs' scores
+    under another setting (e.g. a third of the rate from the start), where recorded."""
     answers = [a for a in RESPONSES if any(r["response"] == a for r in results)]
     lines = ["| loss | seeds acted on | acts at step | start | recorded score | "
-             + " | ".join(f"{RESPONSES[a][2]}: score | change" for a in answers) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(answers)]
+             + " | ".join(f"{RESPONSES[a][2]}: score | change" for a in answers)
+             + (" | a third of the rate from the start: score |" if reference is not None else " |"),
+             "|---|---|---|---|---|" + "---|---|" * len(answers) + ("---|" if reference is not None else "")]
+
+    def ref(runs: list[dict]) -> str:
+        found = [reference[(r["loss"], r["seed"])] for r in runs if (r["loss"], r["seed"]) in reference]
+        return f" | {mean_sd(found)} ({len(found)} run{'s' * (len(found) != 1)})" if found else " | –"
+
     for loss in sorted({r["loss"] for r in results}):
         runs = {r["seed"]: r for r in results if r["loss"] == loss}  # one per seed: the recorded side
         seeds = sorted(runs)
@@ -217,7 +224,7 @@ def leaderboard_table(results: list[dict]) -> str:
                          else "– | –")
         lines.append(f"| `{loss}` | {', '.join(map(str, seeds))} | {', '.join(str(runs[s]['acts_at']) for s in seeds)}"
                      f" | {runs[seeds[0]]['start_score']:.3f} | {mean_sd([runs[s]['score'] for s in seeds])} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + (ref(list(runs.values())) if reference is not None else "") + " |")
     for answer in answers:
         mine = [r for r in results if r["response"] == answer]
         change = [r["guarded"] - r["score"] for r in mine]
@@ -227,8 +234,18 @@ def leaderboard_table(results: list[dict]) -> str:
                                         f"{sum(c < 0 for c in change)}, more than 0.05 lower on "
                                         f"{sum(c < -DROP for c in change)})")
         lines.append(f"| every run acted on, {RESPONSES[answer][2]} | {len(mine)} runs | | | "
-                     f"{mean_sd([r['score'] for r in mine])} | " + " | ".join(cells) + " |")
+                     f"{mean_sd([r['score'] for r in mine])} | " + " | ".join(cells)
+                     + (ref(mine) if reference is not None else "") + " |")
     return "\n".join(lines)
+
+
+def low_rate_scores(pair: str) -> dict[tuple[str, int], float]:
+    """(loss, seed) -> score of the warm leaderboard's runs at a third of the rate from the start (`leaderboard
+    --warm 300 --lr 0.001`), from its CSV."""
+    path = WARM_CSV.with_name(f"{WARM_CSV.stem}_lr0.001.csv")
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    return {(r["loss"], int(r["seed"])): float(r["score"]) for r in rows
+            if r["pair"] == pair and int(r["steps"]) == STEPS and r["score"] not in ("", "nan")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,7 +332,7 @@ The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the studen
 every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s reruns of the
 first 40 steps), run again with the guard:
 
-{leaderboard_table(results)}"""
+{leaderboard_table(results, low_rate_scores(args.pair))}"""
 
 
 if __name__ == "__main__":

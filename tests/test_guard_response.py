@@ -113,3 +113,21 @@ def test_the_step_size_answer_picks_the_runs_the_rule_acts_on(tmp_path, monkeypa
     _shift_logs(tmp_path / "step_size/same/a/seed_0/logs/version_0", [0.04] * 10)
     _shift_logs(tmp_path / "step_size/same/b/seed_0/logs/version_0", [0.01] * 10)  # c: never rerun, left out
     assert [(e["loss"], e["acts_at"]) for e in gr.acted_on("same", [0], "shift")] == [("a", 4)]
+
+
+def test_the_leaderboard_table_sets_a_reference_beside_the_answer(tmp_path, monkeypatch):
+    """The reference's scores of the same (loss, seed) runs, where recorded: the low rate from the start, read from
+    the warm leaderboard's CSV at that rate (its other pairs and lengths left out)."""
+    csv_path = tmp_path / "leaderboard_warm_runs.csv"
+    monkeypatch.setattr(gr, "WARM_CSV", csv_path)
+    (tmp_path / "leaderboard_warm_runs_lr0.001.csv").write_text(
+        "pair,loss,seed,steps,score\nsame,a,0,1000,0.6\nsame,a,1,1000,0.8\ncross,a,0,1000,0.1\nsame,b,0,500,0.9\n")
+    reference = gr.low_rate_scores("same")
+    assert reference == {("a", 0): 0.6, ("a", 1): 0.8}
+    results = [_entry("a", 0, 0.5, 0.7, response="shift"), _entry("a", 1, 0.3, 0.2, response="shift"),
+               _entry("b", 0, 0.6, 0.4, response="shift")]
+    lines = gr.leaderboard_table(results, reference).splitlines()
+    assert lines[0].endswith("| a third of the rate from the start: score |")
+    assert next(line for line in lines if line.startswith("| `a` |")).endswith("| 0.700 ± 0.141 (2 runs) |")
+    assert next(line for line in lines if line.startswith("| `b` |")).endswith("| -0.200 | – |")
+    assert lines[-1].endswith("| 0.700 ± 0.141 (2 runs) |")  # every run: the two with a reference
