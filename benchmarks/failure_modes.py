@@ -37,6 +37,10 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   does not, `benchmarks/repetition_probe.py`), against the stabilisers SFT on gold mixed in and a third of the
   learning rate. Watched: `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
+Each mode's falling variant also runs answered by the step-size guard (`<variant>_shift`: `RolloutGuard(step_size:
+{}, lr_factor: 0.333)`, `SHIFT_LR`), judged beside the same runs without it by `benchmarks/guard_response.py
+--response shift`.
+
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
 `MODES` gives one), the step at which it had stayed past the limit for `PATIENCE` observations (`guards.crossing`: the

@@ -1,8 +1,8 @@
 """The gold-likelihood guard answering with a lower learning rate instead of a stop: does it spare the falls, and
 what does it cost the runs it acts on that were going to gain?
 
-    .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2] [--response lower cool]
-        [--parallel 2] [--no-run] [--no-record]
+    .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2] [--response lower cool | shift]
+        [--losses L ...] [--parallel 2] [--no-run] [--no-record]
 
 `GoldRise` (`diag/gold_nll` risen 0.2 nats above its start) acts before most of the cancellation mode's falls, and
 also on most warm-leaderboard runs that go on to gain (RESULTS.md, block `guard_check_gold`): stopping on it would
@@ -18,6 +18,13 @@ judges each answer on two sets of runs:
   (a run it does not act on is the same run step for step: the guard only reads), against its recorded score.
 Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-run` tabulates the runs recorded there.
 Writes one block into benchmarks/RESULTS.md unless `--no-record`.
+
+`--response shift` (alone) judges the step-size rule's answer instead (block `shift_response`):
+`RolloutGuard(step_size: {}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift` measured on every
+step), on each failure mode's falling runs (their `_shift` variants, run by `benchmarks/failure_modes.py`) beside the
+same runs without it and at a third of the rate from the start, and on every warm-leaderboard run the rule acts on in
+`benchmarks/step_size.py`'s reruns of its first 40 steps (into `runs/leaderboard_warm_shift/`), beside its recorded
+score and its score at a third of the rate from the start (`leaderboard --warm 300 --lr 0.001`).
 """
 
 from __future__ import annotations
@@ -55,8 +62,6 @@ from opd_lightning.watch import StepSize
 RESPONSES = {"lower": ((GUARD_LR,), Path("runs/leaderboard_warm_guard"), "rate cut"),
              "cool": ((GUARD_COOL,), Path("runs/leaderboard_warm_cool"), f"rate cut for {GUARD_RECOVER} steps"),
              "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut")}
-GOLD_RESPONSES = ("lower", "cool")  # the gold-likelihood guard's answers (block `guard_response`); `shift`: the
-# step-size rule's (block `shift_response`)
 SHIFT_ROOT = Path("runs/step_size")  # `benchmarks.step_size`'s reruns of the warm leaderboard's first steps
 RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
 COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date")
