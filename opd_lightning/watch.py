@@ -189,9 +189,9 @@ class StepSize:
     1 of 22 failure-mode runs (before its fall) and on 9 of 76 warm-leaderboard runs, of the losses that take the
     largest steps (`dskd`, `tvd`, `entropy_aware`, `hidden_match`). A rate
     too high for a warm student costs an early dip even where the run gains later: answer it with a lower rate
-    (`RolloutGuard(lr_factor=...)`) where the dip matters. A cut to a third spared every fall of the four reproduced
-    modes, and on the warm leaderboard raised the sampled-token losses' final scores but lowered the dense ones'
-    (block `shift_response`).
+    (`RolloutGuard(lr_factor=...)`) where the dip matters. A cut to a third spared every fall of the cancellation,
+    overlap and depth modes and every repetition collapse, and on the warm leaderboard raised the sampled-token
+    losses' final scores but lowered the dense ones' (block `shift_response`).
 
     Attributes:
         limit: nats per step (the moving mean's).
