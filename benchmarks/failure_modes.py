@@ -113,20 +113,23 @@ GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about 
 GUARD_RECOVER = 100  # steps over which the cooling guard's cut rate climbs back to the recipe's (`lr_recover`)
 
 
-def gold_guard(**answer) -> str:
-    """The option appending `RolloutGuard` watching the gold likelihood alone (`GoldRise` at its defaults) to the
+def guard_option(rule: str, **answer) -> str:
+    """The option appending `RolloutGuard` watching `rule` alone (one of its rule arguments, at its defaults) to the
     run's callbacks, answering with `answer` (its `lr_factor`, `lr_recover`) when it acts."""
     return "--trainer.callbacks+=" + json.dumps({
         "class_path": "opd_lightning.guards.RolloutGuard",
-        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "gold_rise": {}, **answer}})
+        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, rule: {}, **answer}})
+
+
+def gold_guard(**answer) -> str:
+    """`guard_option` for the gold-likelihood rule (`GoldRise`)."""
+    return guard_option("gold_rise", **answer)
 
 
 def shift_guard(**answer) -> list[str]:
-    """The options measuring `diag/policy_shift` on every step and appending `RolloutGuard` watching it alone
-    (`StepSize` at its defaults) to the run's callbacks, answering with `answer` when it acts."""
-    return ["--model.diagnostics.policy_shift_every", "1", "--trainer.callbacks+=" + json.dumps({
-        "class_path": "opd_lightning.guards.RolloutGuard",
-        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, "step_size": {}, **answer}})]
+    """The options measuring `diag/policy_shift` on every step and `guard_option` for the step-size rule
+    (`StepSize`)."""
+    return ["--model.diagnostics.policy_shift_every", "1", guard_option("step_size", **answer)]
 
 
 GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
@@ -546,10 +549,9 @@ def main() -> None:
         for m in args.modes:
             prepare(ROOT / m, eval_overlay(evaluate_teacher=True, task=MODES[m]["task"], on_fit_start=True))
         jobs = [(m, v, s) for m in args.modes for s in args.seeds for v in MODES[m]["variants"]
-                if args.variants is None or v in args.variants]
-        jobs = [(m, v, s) for m, v, s in jobs
-                if args.rerun or (m, v, s, args.steps) not in recorded
-                or recorded[(m, v, s, args.steps)]["start_score"] != starts[MODES[m]["start"]][1]]
+                if (args.variants is None or v in args.variants)
+                and (args.rerun or (m, v, s, args.steps) not in recorded
+                     or recorded[(m, v, s, args.steps)]["start_score"] != starts[MODES[m]["start"]][1])]
         print(f"{len(jobs)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
             for result in pool.map(lambda j: run(*j, args.steps, args.eval_every or MODES[j[0]]["eval_every"],
