@@ -36,6 +36,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.early_dips import logged_root, suffix
 from benchmarks.failure_modes import (
     DROP,
     GUARD_COOL,
@@ -53,7 +54,7 @@ from benchmarks.failure_modes import (
     ROOT as FAILURE_ROOT,
 )
 from benchmarks.guard_check import logged
-from benchmarks.leaderboard import PAIRS, WARM_CSV, WARM_ROOT, eval_overlay, prepare, run, warm_student
+from benchmarks.leaderboard import PAIRS, WARM_CSV, eval_overlay, prepare, run, warm_student
 from benchmarks.quickstart import machine, mean_sd, record
 from opd_lightning.guards import GoldRise
 from opd_lightning.watch import StepSize
@@ -64,7 +65,8 @@ RESPONSES = {"lower": ((GUARD_LR,), Path("runs/leaderboard_warm_guard"), "rate c
              "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut")}
 SHIFT_ROOT = Path("runs/step_size")  # `benchmarks.step_size`'s reruns of the warm leaderboard's first steps
 RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
-COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date")
+COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date",
+           "lr")  # lr: the runs' learning rate where not the recipe's (`leaderboard --lr`), else empty
 WARM_STEPS = 300  # the warm leaderboard's start (`benchmarks.leaderboard --warm 300`)
 STEPS = 1000
 CANCELLATION = (("sampled_token", "`sampled_token`"), ("sampled_token_guard", "`sampled_token` with the guard"),
@@ -150,16 +152,17 @@ def rule_step(response: str, version: Path) -> int | None:
     return shift_step(version) if response == "shift" else gold_step(version)
 
 
-def acted_on(pair: str, seeds: list[int], response: str = "lower") -> list[dict]:
-    """The recorded warm runs of `pair` and `seeds` the rule answered by `response` acts on, with that step: read on
-    the run's own logs (`GoldRise` on its gold NLL), or, for the step-size rule, on `benchmarks.step_size`'s rerun of
-    its first steps with `diag/policy_shift` logged (a run not rerun there is left out)."""
-    out = []
-    for entry in json.loads((WARM_ROOT / "results.json").read_text()):
+def acted_on(pair: str, seeds: list[int], response: str = "lower", lr: float | None = None) -> list[dict]:
+    """The recorded warm runs of `pair` and `seeds` (at the learning rate `lr`, `leaderboard --lr`, if given) the rule
+    answered by `response` acts on, with that step: read on the run's own logs (`GoldRise` on its gold NLL), or, for
+    the step-size rule, on `benchmarks.step_size`'s rerun of its first steps with `diag/policy_shift` logged (a run
+    not rerun there is left out)."""
+    out, logged_at = [], logged_root(lr)
+    for entry in json.loads((logged_at / "results.json").read_text()):
         if entry["pair"] != pair or entry["seed"] not in seeds or "score" not in entry:
             continue
-        root = SHIFT_ROOT if response == "shift" else WARM_ROOT
-        version = root / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
+        root, folder = (SHIFT_ROOT, pair + suffix(lr)) if response == "shift" else (logged_at, pair)
+        version = root / folder / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if not (version / "metrics.csv").exists():
             continue
         if (step := rule_step(response, version)) is not None:
@@ -167,28 +170,32 @@ def acted_on(pair: str, seeds: list[int], response: str = "lower") -> list[dict]
     return sorted(out, key=lambda e: (e["loss"], e["seed"]))
 
 
-def guarded(pair: str, entry: dict, start: tuple[Path, float], response: str) -> dict:
-    """`entry`'s run again with the guard answering by `response`: its score, and the step the guard acted at read
-    from its logs."""
+def guarded(pair: str, entry: dict, start: tuple[Path, float], response: str, lr: float | None = None) -> dict:
+    """`entry`'s run again (at the learning rate `lr` if given) with the guard answering by `response`: its score,
+    and the step the guard acted at read from its logs."""
     options, root, _ = RESPONSES[response]
-    result = run(pair, entry["loss"], entry["seed"], STEPS, root, start, options)
+    root = root.with_name(root.name + suffix(lr))
+    rate = () if lr is None else ("--model.optimizer.init_args.lr", f"{lr:g}")
+    result = run(pair, entry["loss"], entry["seed"], STEPS, root, start, (*rate, *options))
     if "score" not in result:
         raise SystemExit(f"{entry['loss']} seed {entry['seed']} failed:\n{result['error']}")
     version = root / pair / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
     return {**entry, "response": response, "guarded": result["score"], "guard_step": rule_step(response, version),
-            "date": result["date"]}
+            "date": result["date"], "lr": "" if lr is None else f"{lr:g}"}
 
 
 def recorded() -> list[dict]:
     """Every row of `RUNS_CSV` as written (strings), a row without a response read as `lower`, the first one
     measured."""
     rows = list(csv.DictReader(RUNS_CSV.open())) if RUNS_CSV.exists() else []
-    return [{**r, "response": r.get("response") or "lower"} for r in rows]
+    return [{**r, "response": r.get("response") or "lower", "lr": r.get("lr") or ""} for r in rows]
 
 
-def read_runs(pair: str, seeds: list[int]) -> list[dict]:
-    """The guarded runs recorded in `RUNS_CSV` for `pair` and `seeds`."""
-    rows = [r for r in recorded() if r["pair"] == pair and int(r["seed"]) in seeds]
+def read_runs(pair: str, seeds: list[int], lr: float | None = None) -> list[dict]:
+    """The guarded runs recorded in `RUNS_CSV` for `pair` and `seeds`, at the learning rate `lr` (None: the
+    recipe's)."""
+    rate = "" if lr is None else f"{lr:g}"
+    rows = [r for r in recorded() if r["pair"] == pair and int(r["seed"]) in seeds and r["lr"] == rate]
     return [{**r, "seed": int(r["seed"]), "acts_at": int(r["acts_at"]), "start_score": float(r["start_score"]),
              "score": float(r["score"]), "guarded": float(r["guarded"]),
              "guard_step": int(r["guard_step"]) if r["guard_step"] else None} for r in rows]
@@ -196,8 +203,9 @@ def read_runs(pair: str, seeds: list[int]) -> list[dict]:
 
 def write_runs(results: list[dict]) -> None:
     """`results` into `RUNS_CSV`, beside the recorded runs of other pairs, seeds and answers."""
-    mine = {(r["pair"], r["loss"], r["seed"], r["response"]) for r in results}
-    kept = [r for r in recorded() if (r["pair"], r["loss"], int(r["seed"]), r["response"]) not in mine]
+    results = [{**r, "lr": r.get("lr") or ""} for r in results]  # no rate given: the recipe's
+    mine = {(r["pair"], r["loss"], r["seed"], r["response"], r["lr"]) for r in results}
+    kept = [r for r in recorded() if (r["pair"], r["loss"], int(r["seed"]), r["response"], r["lr"]) not in mine]
     with RUNS_CSV.open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -261,36 +269,46 @@ def main(argv: list[str] | None = None) -> None:
                         help="the guard's answers to run (the table shows every answer recorded; `shift` alone: "
                              "the step-size rule's block)")
     parser.add_argument("--losses", nargs="+", default=None, help="only these losses' runs (default: every one)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="the warm leaderboard's runs at this learning rate (`leaderboard --warm 300 --lr`; with "
+                             "`--response shift` only): their own folders, CSV rows and block")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
+    shift = args.response == ["shift"]
+    if args.lr is not None and not shift:
+        parser.error("--lr goes with --response shift: the gold-likelihood guard was judged at the recipe's rate only")
     if not args.no_run:
         start = warm_student(args.pair, WARM_STEPS)
-        jobs = [(e, answer) for answer in args.response for e in acted_on(args.pair, args.seeds, answer)
+        jobs = [(e, answer) for answer in args.response for e in acted_on(args.pair, args.seeds, answer, args.lr)
                 if args.losses is None or e["loss"] in args.losses]
         for answer in args.response:
-            prepare(RESPONSES[answer][1], eval_overlay(task=PAIRS[args.pair]["task"]), args.pair)
+            folder = RESPONSES[answer][1]
+            prepare(folder.with_name(folder.name + suffix(args.lr)), eval_overlay(task=PAIRS[args.pair]["task"]),
+                    args.pair)
         print(f"{len(jobs)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            for result in pool.map(lambda job: guarded(args.pair, job[0], start, job[1]), jobs):
+            for result in pool.map(lambda job: guarded(args.pair, job[0], start, job[1], args.lr), jobs):
                 write_runs([result])  # run by run: an interrupted invocation keeps what it ran
                 print(json.dumps({k: result.get(k) for k in ("loss", "seed", "response", "acts_at", "score",
                                                               "guarded", "guard_step")}), flush=True)
-    results = read_runs(args.pair, args.seeds)
-    shift = args.response == ["shift"]
+    results = read_runs(args.pair, args.seeds, args.lr)
     results = [r for r in results if (r["response"] == "shift") == shift]
     dates = ", ".join(sorted({r["date"] for r in results}))
     command = (f"`.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds "
                f"{' '.join(map(str, args.seeds))} --response "
-               f"{' '.join(a for a in RESPONSES if any(r['response'] == a for r in results))}`")
-    if shift:
+               f"{' '.join(a for a in RESPONSES if any(r['response'] == a for r in results))}"
+               f"{'' if args.lr is None else f' --lr {args.lr:g}'}`")
+    if shift and args.lr is not None:
+        text = shift_lr_text(args, results, command, dates)
+    elif shift:
         text = shift_text(args, results, command, dates)
     else:
         text = gold_text(args, results, command, dates)
     print(text)
     if not args.no_record:
-        record(text, "shift_response" if shift else "guard_response")
+        record(text, ("shift_response" + suffix(args.lr)) if shift else "guard_response")
 
 
 def gold_text(args, results: list[dict], command: str, dates: str) -> str:
@@ -338,6 +356,23 @@ every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `bench
 first 40 steps), run again with the guard:
 
 {leaderboard_table(results, low_rate_scores(args.pair))}"""
+
+
+def shift_lr_text(args, results: list[dict], command: str, dates: str) -> str:
+    """The step-size guard's answer on the warm leaderboard's runs at `args.lr`: the runs the rule acts on there
+    although the rate suits the student, and what the cut costs them."""
+    return f"""### The step-size guard on the warm leaderboard at a learning rate of {args.lr:g} (block `shift_response{suffix(args.lr)}`)
+
+Command: {command}.
+Runs dated {dates}. Machine: {machine()}; one thread per run, fp32.
+The guard as in the block `shift_response` (`RolloutGuard(step_size: {{}}, lr_factor: {GUARD_LR_FACTOR:g})`, with
+`diagnostics.policy_shift_every: 1`); every run at {args.lr:g} from the start
+(`leaderboard --warm {WARM_STEPS} --lr {args.lr:g}`), cut to {GUARD_LR_FACTOR * args.lr:.2g} where the rule acts.
+The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),
+every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s reruns of the
+first 40 steps at {args.lr:g}), run again with the guard; "recorded score" is the run's at {args.lr:g} without it:
+
+{leaderboard_table(results)}"""
 
 
 if __name__ == "__main__":

@@ -138,14 +138,14 @@ def outcomes(jobs_: list[dict]) -> dict[str, dict]:
     return out
 
 
-def rule_table(results: list[dict]) -> str:
+def rule_table(results: list[dict], limits: tuple[float, ...] = LIMITS) -> str:
     """For each shift limit, per group: the runs the rule acts on within the steps rerun, and on how many of those
     whose score is first seen to fall later (`outcomes`) it acts before that."""
     groups = list(dict.fromkeys(r["group"] for r in results))
     lines = ["| `policy_shift` limit (moving mean of " + f"{SHIFT_WINDOW} steps) | "
              + " | ".join(f"{g}: acts on / runs | {g}: acts before the fall / falls" for g in groups) + " |",
              "|---|" + "---|---|" * len(groups)]
-    for limit in LIMITS:
+    for limit in limits:
         cells = []
         for group in groups:
             ok = [r for r in results if r["group"] == group and "shift" in r]
@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-run", action="store_true", help="only write the table of the reruns in runs/step_size")
     parser.add_argument("--rerun", action="store_true", help="run again the reruns already in runs/step_size")
     parser.add_argument("--block", default="step_size", help="the RESULTS.md block (another keeps other seeds' table)")
+    parser.add_argument("--limits", type=float, nargs="+", default=list(LIMITS),
+                        help="the shift limits the second table judges")
+    parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
     todo = [j for j in jobs(args.seeds) if (j["logged"] / "logs" / "version_0" / "metrics.csv").exists()]
     if not todo:
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(job if "error" in job else {**job, **summary(job, args.steps)})
     section = (f"### The step's size and use, on runs that fall and runs that gain\n\nCommand: `.venv/bin/python -m "
                f"benchmarks.step_size --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
-               f"{'' if args.block == 'step_size' else f' --block {args.block}'}`. Date: "
+               f"{'' if args.block == 'step_size' else f' --block {args.block}'}"
+               f"{'' if args.limits == list(LIMITS) else ' --limits ' + ' '.join(f'{x:g}' for x in args.limits)}`. Date: "
                f"{datetime.date.today()}. Machine: {machine()}; one thread per run, fp32.\n"
                f"The first {args.steps} steps of each logged run again, `diag/policy_shift` and `diag/step_gain` on "
                f"every step, no evaluation. Windows of {WINDOW} steps; of the warm leaderboard's losses, "
@@ -230,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
                f"\n\n{spread(results, args.steps)}\n\nA limit on `diag/policy_shift` (a moving mean of {SHIFT_WINDOW} "
                f"steps above it) judged on every rerun: where it acts within the {args.steps} steps, and before which "
                f"falls (a failure-mode run: its first evaluation more than {failure_modes.DROP} below its start; a "
-               f"leaderboard run: its first at half its start or below).\n\n{rule_table(results)}")
+               f"leaderboard run: its first at half its start or below).\n\n{rule_table(results, tuple(args.limits))}")
     print(section)
-    record(section, args.block)
+    if not args.no_record:
+        record(section, args.block)
 
 
 if __name__ == "__main__":

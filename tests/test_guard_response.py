@@ -8,7 +8,7 @@ from benchmarks import guard_response as gr
 
 def _entry(loss: str, seed: int, score: float, guarded: float, acts_at: int = 10, response: str = "lower") -> dict:
     return {"pair": "same", "loss": loss, "seed": seed, "start_score": 0.1, "acts_at": acts_at, "score": score,
-            "response": response, "guarded": guarded, "guard_step": acts_at, "date": "2026-12-06"}
+            "response": response, "guarded": guarded, "guard_step": acts_at, "date": "2026-12-06", "lr": ""}
 
 
 def test_the_leaderboard_table_averages_each_loss_and_counts_the_changes():
@@ -103,16 +103,41 @@ def test_the_step_size_rule_is_read_from_a_runs_own_logs_or_its_rerun(tmp_path, 
 
 
 def test_the_step_size_answer_picks_the_runs_the_rule_acts_on(tmp_path, monkeypatch):
+    """At the recipe's rate and at another (`leaderboard --lr`): each rate's recorded runs, judged on the reruns of
+    that rate."""
     import json
 
-    monkeypatch.setattr(gr, "WARM_ROOT", tmp_path / "warm")
+    from benchmarks import leaderboard
+
+    monkeypatch.setattr(leaderboard, "WARM_ROOT", tmp_path / "warm")
     monkeypatch.setattr(gr, "SHIFT_ROOT", tmp_path / "step_size")
-    (tmp_path / "warm").mkdir()
-    entries = [{"pair": "same", "loss": loss, "seed": 0, "score": 0.3} for loss in ("a", "b", "c")]
-    (tmp_path / "warm/results.json").write_text(json.dumps(entries))
+    for folder, losses in (("warm", ("a", "b", "c")), ("warm_lr0.001", ("a", "b"))):
+        (tmp_path / folder).mkdir()
+        entries = [{"pair": "same", "loss": loss, "seed": 0, "score": 0.3} for loss in losses]
+        (tmp_path / folder / "results.json").write_text(json.dumps(entries))
     _shift_logs(tmp_path / "step_size/same/a/seed_0/logs/version_0", [0.04] * 10)
     _shift_logs(tmp_path / "step_size/same/b/seed_0/logs/version_0", [0.01] * 10)  # c: never rerun, left out
+    _shift_logs(tmp_path / "step_size/same_lr0.001/a/seed_0/logs/version_0", [0.01] * 10)
+    _shift_logs(tmp_path / "step_size/same_lr0.001/b/seed_0/logs/version_0", [0.01] * 6 + [0.1] * 4)
     assert [(e["loss"], e["acts_at"]) for e in gr.acted_on("same", [0], "shift")] == [("a", 4)]
+    # b at 0.001: the mean of steps 3-7 is (3 * 0.01 + 2 * 0.1) / 5 = 0.046, the first above 0.03 (steps 2-6: 0.028)
+    assert [(e["loss"], e["acts_at"]) for e in gr.acted_on("same", [0], "shift", lr=0.001)] == [("b", 7)]
+
+
+def test_guarded_runs_at_another_rate_are_kept_apart(tmp_path, monkeypatch):
+    """A guarded run at `--lr` is stored beside the same (loss, seed, answer) at the recipe's rate, not over it, and
+    each rate reads back its own; rows written before the rate's column read as the recipe's."""
+    path = tmp_path / "runs.csv"
+    monkeypatch.setattr(gr, "RUNS_CSV", path)
+    path.write_text("pair,loss,seed,start_score,acts_at,score,response,guarded,guard_step,date\n"
+                    "same,a,0,0.082,9,0.6,shift,0.5,9,2026-12-06\n")
+    row = {**_entry("a", 0, 0.62, 0.64, response="shift"), "lr": "0.001", "date": "2026-12-07"}
+    gr.write_runs([row])
+    assert [(r["guarded"], r["lr"]) for r in gr.read_runs("same", [0])] == [(0.5, "")]
+    assert [(r["guarded"], r["lr"]) for r in gr.read_runs("same", [0], lr=0.001)] == [(0.64, "0.001")]
+    gr.write_runs([{**row, "guarded": 0.66}])  # the same run again at that rate: replaced
+    assert [r["guarded"] for r in gr.read_runs("same", [0], lr=0.001)] == [0.66]
+    assert len(gr.read_runs("same", [0])) == 1
 
 
 def test_the_leaderboard_table_sets_a_reference_beside_the_answer(tmp_path, monkeypatch):
