@@ -37,9 +37,10 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   does not, `benchmarks/repetition_probe.py`), against the stabilisers SFT on gold mixed in and a third of the
   learning rate. Watched: `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
-Each mode's falling variant also runs answered by the step-size guard (`<variant>_shift`: `RolloutGuard(step_size:
-{}, lr_factor: 0.333)`, `SHIFT_LR`), judged beside the same runs without it by `benchmarks/guard_response.py
---response shift`.
+Each mode's falling variant also runs answered by the step-size guard at each of its two limits (`<variant>_shift`:
+`RolloutGuard(step_size: {limit: 0.03}, lr_factor: 0.333)`, `SHIFT_LR`, the first limit; `<variant>_shift05`: the
+same at 0.05, `SHIFT_LR05`, the default since), judged beside the same runs without it by
+`benchmarks/guard_response.py --response shift` (and `shift05`).
 
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
@@ -113,12 +114,12 @@ GUARD_LR_FACTOR = 0.333  # the guard's response: the learning rate cut to about 
 GUARD_RECOVER = 100  # steps over which the cooling guard's cut rate climbs back to the recipe's (`lr_recover`)
 
 
-def guard_option(rule: str, **answer) -> str:
-    """The option appending `RolloutGuard` watching `rule` alone (one of its rule arguments, at its defaults) to the
-    run's callbacks, answering with `answer` (its `lr_factor`, `lr_recover`) when it acts."""
+def guard_option(rule: str, settings: dict | None = None, **answer) -> str:
+    """The option appending `RolloutGuard` watching `rule` alone (one of its rule arguments, with `settings`, else at
+    its defaults) to the run's callbacks, answering with `answer` (its `lr_factor`, `lr_recover`) when it acts."""
     return "--trainer.callbacks+=" + json.dumps({
         "class_path": "opd_lightning.guards.RolloutGuard",
-        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, rule: {}, **answer}})
+        "init_args": {"max_repetition_rate": None, "max_truncation_rate": None, rule: settings or {}, **answer}})
 
 
 def gold_guard(**answer) -> str:
@@ -126,17 +127,23 @@ def gold_guard(**answer) -> str:
     return guard_option("gold_rise", **answer)
 
 
-def shift_guard(**answer) -> list[str]:
+def shift_guard(limit: float, **answer) -> list[str]:
     """The options measuring `diag/policy_shift` on every step and `guard_option` for the step-size rule
-    (`StepSize`)."""
-    return ["--model.diagnostics.policy_shift_every", "1", guard_option("step_size", **answer)]
+    (`StepSize`) at `limit`."""
+    return ["--model.diagnostics.policy_shift_every", "1", guard_option("step_size", {"limit": limit}, **answer)]
 
 
 GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
 GUARD_COOL = gold_guard(lr_factor=GUARD_LR_FACTOR, lr_recover=GUARD_RECOVER)  # the cut climbs back: a cool-down
-SHIFT_LR = shift_guard(lr_factor=GUARD_LR_FACTOR)  # the step-size rule's answer: the same lasting cut
-SHIFT_LABEL = f"the step-size guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
-GUARDED = (GUARD_LR, GUARD_COOL, SHIFT_LR[-1])  # options under which a guard changed the run after it acted
+# The step-size rule's answer, the same lasting cut: at its first limit (0.03, picked on seeds 0-2 of the runs that
+# fall and of the warm leaderboard), and at the one it has had since (0.05, `StepSize`'s default; block
+# `step_size_fresh` in RESULTS.md), each given explicitly so that a run's options say which
+SHIFT_LIMITS = {"shift": 0.03, "shift05": 0.05}
+SHIFT_LR, SHIFT_LR05 = (shift_guard(limit, lr_factor=GUARD_LR_FACTOR) for limit in SHIFT_LIMITS.values())
+SHIFT_LABEL, SHIFT_LABEL05 = (f"the step-size guard (limit {limit:g}) cutting the learning rate to "
+                              f"{GUARD_LR_FACTOR:g}x" for limit in SHIFT_LIMITS.values())
+GUARDED = (GUARD_LR, GUARD_COOL, SHIFT_LR[-1], SHIFT_LR05[-1])  # options under which a guard changed the run after it
+# acted
 GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {
@@ -166,6 +173,10 @@ MODES = {
                                     ["--model.loss", "sampled_token", *SHIFT_LR]),
             "topk_reverse_kl_shift": (f"`topk_reverse_kl`, {SHIFT_LABEL}", ["--model.loss", "topk_reverse_kl",
                                                                          *SHIFT_LR]),
+            "sampled_token_shift05": (f"stabiliser: `sampled_token`, {SHIFT_LABEL05}",
+                                      ["--model.loss", "sampled_token", *SHIFT_LR05]),
+            "topk_reverse_kl_shift05": (f"`topk_reverse_kl`, {SHIFT_LABEL05}", ["--model.loss", "topk_reverse_kl",
+                                                                             *SHIFT_LR05]),
         },
     },
     "overlap": {
@@ -195,6 +206,9 @@ MODES = {
             "char_teacher_shift": (f"stabiliser: character teacher, {SHIFT_LABEL}", [
                 "--model.loss", "reverse_kl", "--model.aligner",
                 "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *SHIFT_LR]),
+            "char_teacher_shift05": (f"stabiliser: character teacher, {SHIFT_LABEL05}", [
+                "--model.loss", "reverse_kl", "--model.aligner",
+                "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *SHIFT_LR05]),
         },
     },
     "depth": {
@@ -215,6 +229,8 @@ MODES = {
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
             "on_policy_shift": (f"stabiliser: the same, {SHIFT_LABEL}", [
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
+            "on_policy_shift05": (f"stabiliser: the same, {SHIFT_LABEL05}", [
+                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR05]),
         },
     },
     "repetition": {
@@ -243,6 +259,9 @@ MODES = {
             "sampled_token_shift": (f"stabiliser: the copying teacher's run, {SHIFT_LABEL}", [
                 "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
                 "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
+            "sampled_token_shift05": (f"stabiliser: the copying teacher's run, {SHIFT_LABEL05}", [
+                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
+                "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR05]),
         },
     },
 }

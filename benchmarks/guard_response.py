@@ -1,8 +1,9 @@
 """The gold-likelihood guard answering with a lower learning rate instead of a stop: does it spare the falls, and
 what does it cost the runs it acts on that were going to gain?
 
-    .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2] [--response lower cool | shift]
-        [--losses L ...] [--parallel 2] [--no-run] [--no-record]
+    .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2]
+        [--response lower cool | shift | shift05] [--lr 0.001] [--losses L ...] [--parallel 2] [--no-run]
+        [--no-record]
 
 `GoldRise` (`diag/gold_nll` risen 0.2 nats above its start) acts before most of the cancellation mode's falls, and
 also on most warm-leaderboard runs that go on to gain (RESULTS.md, block `guard_check_gold`): stopping on it would
@@ -20,11 +21,14 @@ Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-ru
 Writes one block into benchmarks/RESULTS.md unless `--no-record`.
 
 `--response shift` (alone) judges the step-size rule's answer instead (block `shift_response`):
-`RolloutGuard(step_size: {}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift` measured on every
-step), on each failure mode's falling runs (their `_shift` variants, run by `benchmarks/failure_modes.py`) beside the
-same runs without it and at a third of the rate from the start, and on every warm-leaderboard run the rule acts on in
-`benchmarks/step_size.py`'s reruns of its first 40 steps (into `runs/leaderboard_warm_shift/`), beside its recorded
-score and its score at a third of the rate from the start (`leaderboard --warm 300 --lr 0.001`).
+`RolloutGuard(step_size: {limit: 0.03}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift`
+measured on every step), on each failure mode's falling runs (their `_shift` variants, run by
+`benchmarks/failure_modes.py`) beside the same runs without it and at a third of the rate from the start, and on
+every warm-leaderboard run the rule acts on in `benchmarks/step_size.py`'s reruns of its first 40 steps (into
+`runs/leaderboard_warm_shift/`), beside its recorded score and its score at a third of the rate from the start
+(`leaderboard --warm 300 --lr 0.001`). `--response shift05` does the same at the limit of 0.05 (`SHIFT_LR05`, the
+`_shift05` variants, block `shift05_response`). With `--lr 0.001` the runs are the warm leaderboard's at that rate
+(`leaderboard --warm 300 --lr 0.001`), each answered by the cut to a third of it (block `<answer>_response_lr0.001`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from benchmarks.failure_modes import (
     GUARD_LR_FACTOR,
     GUARD_RECOVER,
     MODES,
+    SHIFT_LIMITS,
     SHIFT_LR,
+    SHIFT_LR05,
     _label,
     falls,
     read_csv,
@@ -62,7 +68,9 @@ from opd_lightning.watch import StepSize
 # Each answer: the guard's options, where its runs go, and how the tables name it
 RESPONSES = {"lower": ((GUARD_LR,), Path("runs/leaderboard_warm_guard"), "rate cut"),
              "cool": ((GUARD_COOL,), Path("runs/leaderboard_warm_cool"), f"rate cut for {GUARD_RECOVER} steps"),
-             "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut")}
+             "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut"),
+             "shift05": (tuple(SHIFT_LR05), Path("runs/leaderboard_warm_shift05"),
+                         "step-size rule's rate cut at limit 0.05")}
 SHIFT_ROOT = Path("runs/step_size")  # `benchmarks.step_size`'s reruns of the warm leaderboard's first steps
 RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
 COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date",
@@ -96,14 +104,15 @@ def failure_table(rows: tuple[tuple[str, str, str], ...], response: str, seeds: 
             fell += falls(r) is not None
             lows.append(min(scores))
             ends.append(scores[-1])
-            if response != "shift":
+            if response not in SHIFT_LIMITS:
                 step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
             else:
                 step = "–"
                 for root in (FAILURE_ROOT, SHIFT_ROOT):
                     version = root / mode / variant / f"seed_{r['seed']}" / "logs" / "version_0"
                     if (version / "metrics.csv").exists() and (shifts := shift_series(version)):
-                        watch = StepSize().watch()  # a guarded run's every act (its rate cut at each); a rerun's first
+                        watch = StepSize(SHIFT_LIMITS[response]).watch()  # a guarded run's every act (its rate cut
+                        # at each); a rerun's first
                         found = [str(s) for s, v in shifts if watch.observe(v)][: None if root == FAILURE_ROOT else 1]
                         step = "+".join(found) or None
                         break
@@ -118,13 +127,14 @@ def cancellation_table() -> str:
     return failure_table(tuple(("cancellation", v, label) for v, label in CANCELLATION), "lower")
 
 
-def shift_rows() -> tuple[tuple[str, str, str], ...]:
-    """Each failure mode's falling runs at the recipe's rate, at a third of it, and with the step-size guard."""
+def shift_rows(response: str = "shift") -> tuple[tuple[str, str, str], ...]:
+    """Each failure mode's falling runs at the recipe's rate, at a third of it, and with the step-size guard at the
+    limit of `response` (its `_<response>` variants)."""
     out = []
     for mode, spec in MODES.items():
         for variant, (label, _) in spec["variants"].items():
-            if variant.endswith("_shift"):
-                base = variant.removesuffix("_shift")
+            if variant.endswith(f"_{response}"):
+                base = variant.removesuffix(f"_{response}")
                 out += [(mode, base, f"{mode}: {spec['variants'][base][0]}")]
                 if f"{base}_lr" in spec["variants"]:
                     out += [(mode, f"{base}_lr", f"{mode}: {spec['variants'][f'{base}_lr'][0]}")]
@@ -142,14 +152,14 @@ def shift_series(version: Path) -> list[tuple[int, float]]:
     return series(version, (StepSize.metric,))[StepSize.metric]
 
 
-def shift_step(version: Path) -> int | None:
-    """The step `StepSize` (at its defaults) acts at on a run's logged `diag/policy_shift`, or None."""
-    return StepSize().crossing(shift_series(version))
+def shift_step(version: Path, limit: float) -> int | None:
+    """The step `StepSize` at `limit` acts at on a run's logged `diag/policy_shift`, or None."""
+    return StepSize(limit).crossing(shift_series(version))
 
 
 def rule_step(response: str, version: Path) -> int | None:
     """The step the rule answered by `response` acts at on a run's logs, or None."""
-    return shift_step(version) if response == "shift" else gold_step(version)
+    return shift_step(version, SHIFT_LIMITS[response]) if response in SHIFT_LIMITS else gold_step(version)
 
 
 def acted_on(pair: str, seeds: list[int], response: str = "lower", lr: float | None = None) -> list[dict]:
@@ -161,7 +171,7 @@ def acted_on(pair: str, seeds: list[int], response: str = "lower", lr: float | N
     for entry in json.loads((logged_at / "results.json").read_text()):
         if entry["pair"] != pair or entry["seed"] not in seeds or "score" not in entry:
             continue
-        root, folder = (SHIFT_ROOT, pair + suffix(lr)) if response == "shift" else (logged_at, pair)
+        root, folder = (SHIFT_ROOT, pair + suffix(lr)) if response in SHIFT_LIMITS else (logged_at, pair)
         version = root / folder / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if not (version / "metrics.csv").exists():
             continue
@@ -266,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", choices=sorted(PAIRS), default="same")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--response", nargs="+", choices=sorted(RESPONSES), default=["lower"],
-                        help="the guard's answers to run (the table shows every answer recorded; `shift` alone: "
-                             "the step-size rule's block)")
+                        help="the guard's answers to run (the table shows every answer recorded; `shift` or `shift05` "
+                             "alone: the step-size rule's block at that limit)")
     parser.add_argument("--losses", nargs="+", default=None, help="only these losses' runs (default: every one)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the warm leaderboard's runs at this learning rate (`leaderboard --warm 300 --lr`; with "
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
-    shift = args.response == ["shift"]
+    shift = len(args.response) == 1 and args.response[0] in SHIFT_LIMITS
     if args.lr is not None and not shift:
         parser.error("--lr goes with --response shift: the gold-likelihood guard was judged at the recipe's rate only")
     if not args.no_run:
@@ -294,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({k: result.get(k) for k in ("loss", "seed", "response", "acts_at", "score",
                                                               "guarded", "guard_step")}), flush=True)
     results = read_runs(args.pair, args.seeds, args.lr)
-    results = [r for r in results if (r["response"] == "shift") == shift]
+    if shift:  # that answer's runs alone
+        results = [r for r in results if r["response"] == args.response[0]]
+    else:  # every answer of the gold-likelihood rule
+        results = [r for r in results if r["response"] not in SHIFT_LIMITS]
     dates = ", ".join(sorted({r["date"] for r in results}))
     command = (f"`.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds "
                f"{' '.join(map(str, args.seeds))} --response "
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         text = gold_text(args, results, command, dates)
     print(text)
     if not args.no_record:
-        record(text, ("shift_response" + suffix(args.lr)) if shift else "guard_response")
+        record(text, f"{args.response[0]}_response{suffix(args.lr)}" if shift else "guard_response")
 
 
 def gold_text(args, results: list[dict], command: str, dates: str) -> str:
@@ -333,47 +346,50 @@ every run of seeds {', '.join(map(str, args.seeds))} the rule acts on, run again
 
 
 def shift_text(args, results: list[dict], command: str, dates: str) -> str:
-    seeds = ' '.join(map(str, args.seeds))
-    return f"""### The step-size guard lowering the learning rate (block `shift_response`)
+    seeds, response = " ".join(map(str, args.seeds)), args.response[0]
+    limit, block = SHIFT_LIMITS[response], f"{response}_response"
+    variants = " ".join(v for _, v, _ in shift_rows(response) if v.endswith(f"_{response}"))
+    board = (f"every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s "
+             f"reruns of the first 40 steps), run again with the guard:\n\n"
+             f"{leaderboard_table(results, low_rate_scores(args.pair))}" if results else
+             "not run with the guard at this limit.")
+    return f"""### The step-size guard (limit {limit:g}) lowering the learning rate (block `{block}`)
 
 Command: {command} (the failure modes' runs with the guard: `.venv/bin/python -m benchmarks.failure_modes --modes
-cancellation overlap depth repetition --variants sampled_token_shift topk_reverse_kl_shift char_teacher_shift
-on_policy_shift --seeds {seeds}`).
-Runs dated {dates} (leaderboard). Machine: {machine()}; one thread per run, fp32.
-The guard: `RolloutGuard(step_size: {{}}, lr_factor: {GUARD_LR_FACTOR:g})` with `diagnostics.policy_shift_every: 1`,
-`StepSize` at its defaults (the moving mean of 5 steps' `diag/policy_shift` above 0.03 nats); when it acts, every
-learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if the shift's moving mean
-goes back below the limit and then passes it once more. Where it acts on a run without the guard: the run's own
-logs, or `benchmarks.step_size`'s rerun of its first 40 steps.
+cancellation overlap depth repetition --variants {variants} --seeds {seeds}`).
+Runs dated {dates or "–"} (leaderboard). Machine: {machine()}; one thread per run, fp32.
+The guard: `RolloutGuard(step_size: {{limit: {limit:g}}}, lr_factor: {GUARD_LR_FACTOR:g})` with
+`diagnostics.policy_shift_every: 1` (`StepSize`: the moving mean of 5 steps' `diag/policy_shift` above {limit:g}
+nats); when it acts, every learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if
+the shift's moving mean goes back below the limit and then passes it once more. Where it acts on a run without the
+guard: the run's own logs, or `benchmarks.step_size`'s rerun of its first 40 steps, judged at {limit:g}.
 
 The failure modes at the recipe's rate (0.003), at a third of it from the start, and with the guard (600 steps from
 each mode's warm student; mean ± sd over seeds):
 
-{failure_table(shift_rows(), "shift", args.seeds)}
+{failure_table(shift_rows(response), response, args.seeds)}
 
-The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),
-every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s reruns of the
-first 40 steps), run again with the guard:
-
-{leaderboard_table(results, low_rate_scores(args.pair))}"""
+The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT):
+{board}"""
 
 
 def shift_lr_text(args, results: list[dict], command: str, dates: str) -> str:
     """The step-size guard's answer on the warm leaderboard's runs at `args.lr`: the runs the rule acts on there
     although the rate suits the student, and what the cut costs them."""
-    return f"""### The step-size guard on the warm leaderboard at a learning rate of {args.lr:g} (block `shift_response{suffix(args.lr)}`)
+    response = args.response[0]
+    limit, block = SHIFT_LIMITS[response], f"{response}_response{suffix(args.lr)}"
+    return f"""### The step-size guard (limit {limit:g}) on the warm leaderboard at a learning rate of {args.lr:g} (block `{block}`)
 
 Command: {command}.
-Runs dated {dates}. Machine: {machine()}; one thread per run, fp32.
-The guard as in the block `shift_response` (`RolloutGuard(step_size: {{}}, lr_factor: {GUARD_LR_FACTOR:g})`, with
-`diagnostics.policy_shift_every: 1`); every run at {args.lr:g} from the start
+Runs dated {dates or "–"}. Machine: {machine()}; one thread per run, fp32.
+The guard as in the block `{response}_response` (`RolloutGuard(step_size: {{limit: {limit:g}}}, lr_factor:
+{GUARD_LR_FACTOR:g})`, with `diagnostics.policy_shift_every: 1`); every run at {args.lr:g} from the start
 (`leaderboard --warm {WARM_STEPS} --lr {args.lr:g}`), cut to {GUARD_LR_FACTOR * args.lr:.2g} where the rule acts.
 The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),
 every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s reruns of the
 first 40 steps at {args.lr:g}), run again with the guard; "recorded score" is the run's at {args.lr:g} without it:
 
-{leaderboard_table(results)}"""
-
+{leaderboard_table(results) if results else "none."}"""
 
 if __name__ == "__main__":
     main()

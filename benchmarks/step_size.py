@@ -1,6 +1,7 @@
 """The size and the use of each optimizer step, on runs that fall and on runs that gain: does either warn first?
 
     .venv/bin/python -m benchmarks.step_size [--steps 40] [--seeds 0 1 2] [--parallel 2] [--rerun] [--no-run] [--block B]
+        [--limits L ...] [--groups G ...] [--losses L ...] [--root runs/step_size] [--no-record]
 
 Every failure mode reproduced by `benchmarks/failure_modes.py` follows the learning rate (at a third of it none
 falls), so a diagnostic of the step itself might warn before any score moves. Two are measured here, both opt-in
@@ -19,7 +20,9 @@ and the diagnostics draw no random numbers, so each rerun's training loss must e
 a failure-mode run's fall, or a leaderboard run's end and, where `benchmarks/early_dips.py` reran it with frequent
 evaluations, its first fall to half its start. A second table judges limits on the shift's moving mean
 (`watch.StepSize`, the rule `RolloutGuard(step_size=...)` applies) against those falls. The block `step_size` (or
-`--block`) in benchmarks/RESULTS.md is written from them.
+`--block`) in benchmarks/RESULTS.md is written from them. `--groups` and `--losses` pick runs; `--root` keeps reruns of
+another length apart (`--steps 1000 --root runs/step_size_whole`: whole runs, where the rule may act after the first
+40 steps), and their table's windows then span a quarter of the steps each.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ LOW_RATE = (("cancellation", "sampled_token_lr"), ("overlap", "char_teacher_lr")
             ("repetition", "sampled_token_lr"))
 SHOWN = ("forward_kl", "reverse_kl", "sampled_token", "topk_reverse_kl")  # warm-leaderboard losses in the run table
 RATES = (None, 0.001)  # the warm leaderboard's runs at the recipe's rate (0.003) and at `leaderboard --lr 0.001`
-LIMITS = (0.01, 0.015, 0.02, 0.03)  # nats per step: the shift limits judged (a moving mean of `SHIFT_WINDOW` steps)
+LIMITS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06)  # nats per step: the shift limits judged (a moving mean of
+# `SHIFT_WINDOW` steps)
 SHIFT_WINDOW = 5
 FAILURE_STEPS, LEADERBOARD_STEPS = 600, 1000  # the logged runs' lengths (their schedules' total steps)
 
@@ -79,9 +83,9 @@ def jobs(seeds: list[int]) -> list[dict]:
     return out
 
 
-def rerun(job: dict, steps: int) -> str | None:
-    """The job's first `steps` steps into `ROOT/<run>`, diagnostics of the step on every step; an error or None."""
-    out = ROOT / job["run"]
+def rerun(job: dict, steps: int, root: Path | None = None) -> str | None:
+    """The job's first `steps` steps into `root/<run>`, diagnostics of the step on every step; an error or None."""
+    out = (root or ROOT) / job["run"]
     shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, "-m", "opd_lightning", "fit", *job["args"], "--model.diagnostics.policy_shift_every", "1",
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
@@ -92,23 +96,28 @@ def rerun(job: dict, steps: int) -> str | None:
     return finished.stderr[-2000:] if finished.returncode else None
 
 
-def summary(job: dict, steps: int) -> dict:
+def window(steps: int) -> int:
+    """Steps per window of the table: `WINDOW` over the first 40 steps, a quarter of the steps beyond."""
+    return WINDOW if steps <= 4 * WINDOW else steps // 4
+
+
+def summary(job: dict, steps: int, root: Path | None = None) -> dict:
     """A rerun's windows (mean shift, efficiency) and whether its losses equal its logged run's."""
-    version = ROOT / job["run"] / "logs" / "version_0"
+    version = (root or ROOT) / job["run"] / "logs" / "version_0"
     agree, logged_steps = early_dips.loss_agreement(version, job["logged"] / "logs" / "version_0")
     shift, gain = (dict(values) for values in series(version, ("diag/policy_shift", "diag/step_gain")).values())
-    windows = []
-    for lo in range(0, steps, WINDOW):
-        s = [shift[t] for t in range(lo, lo + WINDOW) if t in shift]
-        g = [gain[t] for t in range(lo, lo + WINDOW) if t in gain]
+    windows, size = [], window(steps)
+    for lo in range(0, steps, size):
+        s = [shift[t] for t in range(lo, lo + size) if t in shift]
+        g = [gain[t] for t in range(lo, lo + size) if t in gain]
         windows.append((statistics.mean(s) if s else float("nan"), sum(g) / sum(s) if g and sum(s) else float("nan")))
     return {"agree": agree, "steps": logged_steps, "windows": windows, "shift": sorted(shift.items())}
 
 
-def done(job: dict, steps: int) -> bool:
-    """Whether the job's rerun is in `ROOT` already, with the step's diagnostics on each of `steps` steps."""
+def done(job: dict, steps: int, root: Path | None = None) -> bool:
+    """Whether the job's rerun is in `root` already, with the step's diagnostics on each of `steps` steps."""
     try:
-        return len(series(ROOT / job["run"] / "logs" / "version_0", ("diag/policy_shift",))["diag/policy_shift"]) == steps
+        return len(series((root or ROOT) / job["run"] / "logs" / "version_0", ("diag/policy_shift",))["diag/policy_shift"]) == steps
     except OSError:
         return False
 
@@ -160,7 +169,7 @@ def rule_table(results: list[dict], limits: tuple[float, ...] = LIMITS) -> str:
 
 
 def table(results: list[dict], steps: int) -> str:
-    spans = [f"{lo}-{lo + WINDOW - 1}" for lo in range(0, steps, WINDOW)]
+    spans = [f"{lo}-{lo + window(steps) - 1}" for lo in range(0, steps, window(steps))]
     heads = " | ".join([*(f"shift, steps {s}" for s in spans), *(f"efficiency, steps {s}" for s in spans)])
     lines = [f"| group | run | what the logged run did | losses equal to the logged run's | {heads} |",
              "|---|---|---|---|" + "---|" * (2 * len(spans))]
@@ -203,16 +212,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limits", type=float, nargs="+", default=list(LIMITS),
                         help="the shift limits the second table judges")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
+    parser.add_argument("--groups", nargs="+", default=None, help="only these groups' runs (e.g. 'warm leaderboard "
+                                                                   "at 0.001')")
+    parser.add_argument("--losses", nargs="+", default=None, help="only these warm-leaderboard losses")
+    parser.add_argument("--root", type=Path, default=ROOT, help="where the reruns go")
     args = parser.parse_args(argv)
-    todo = [j for j in jobs(args.seeds) if (j["logged"] / "logs" / "version_0" / "metrics.csv").exists()]
+    todo = [j for j in jobs(args.seeds) if (j["logged"] / "logs" / "version_0" / "metrics.csv").exists()
+            and (args.groups is None or j["group"] in args.groups)
+            and (args.losses is None or j.get("loss") in args.losses)]
     if not todo:
         raise SystemExit("no logged run to repeat for these seeds: run benchmarks.failure_modes and "
                          "benchmarks.leaderboard --warm first")
     if not args.no_run:
-        fresh = [j for j in todo if args.rerun or not done(j, args.steps)]
+        fresh = [j for j in todo if args.rerun or not done(j, args.steps, args.root)]
         print(f"{len(fresh)} runs to do", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            for job, error in zip(fresh, pool.map(lambda j: rerun(j, args.steps), fresh), strict=True):
+            for job, error in zip(fresh, pool.map(lambda j: rerun(j, args.steps, args.root), fresh), strict=True):
                 print(job["run"], "failed" if error else "done", flush=True)
                 if error:
                     job["error"] = error
@@ -221,14 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     for job in todo:
         end = ends.get(job["run"], {"text": "not judged", "fall": None})
         job = {**job, "outcome": end["text"], "fall": end["fall"], "early": end.get("early", True)}
-        results.append(job if "error" in job else {**job, **summary(job, args.steps)})
+        results.append(job if "error" in job else {**job, **summary(job, args.steps, args.root)})
     section = (f"### The step's size and use, on runs that fall and runs that gain\n\nCommand: `.venv/bin/python -m "
                f"benchmarks.step_size --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
                f"{'' if args.block == 'step_size' else f' --block {args.block}'}"
-               f"{'' if args.limits == list(LIMITS) else ' --limits ' + ' '.join(f'{x:g}' for x in args.limits)}`. Date: "
+               f"{'' if args.limits == list(LIMITS) else ' --limits ' + ' '.join(f'{x:g}' for x in args.limits)}"
+               f"{'' if args.groups is None else ' --groups ' + ' '.join(repr(g) for g in args.groups)}"
+               f"{'' if args.losses is None else ' --losses ' + ' '.join(args.losses)}"
+               f"{'' if args.root == Path('runs/step_size') else f' --root {args.root}'}`. Date: "
                f"{datetime.date.today()}. Machine: {machine()}; one thread per run, fp32.\n"
                f"The first {args.steps} steps of each logged run again, `diag/policy_shift` and `diag/step_gain` on "
-               f"every step, no evaluation. Windows of {WINDOW} steps; of the warm leaderboard's losses, "
+               f"every step, no evaluation. Windows of {window(args.steps)} steps; of the warm leaderboard's losses, "
                f"{', '.join(f'`{loss}`' for loss in SHOWN)} (every loss is in the second table). A leaderboard run's "
                f"early scores are those of `benchmarks/early_dips.py`'s rerun of it.\n\n{table(results, args.steps)}"
                f"\n\n{spread(results, args.steps)}\n\nA limit on `diag/policy_shift` (a moving mean of {SHIFT_WINDOW} "

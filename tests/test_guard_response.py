@@ -100,6 +100,12 @@ def test_the_step_size_rule_is_read_from_a_runs_own_logs_or_its_rerun(tmp_path, 
     assert cells["low"][:3] == ["0", "0 of 1", "never"]
     assert cells["guard"][:3] == ["0, 1", "1 of 2", "6+16, –"]
     assert gr.failure_table(rows, "shift", seeds=[1]).count("\n") == 2  # the seed asked for only
+    # the same logs judged at the later limit (`shift05`, 0.05): the rerun's mean of 0.05 is not above it; the
+    # guarded run's passes it at step 7 ((3 * 0.02 + 2 * 0.1) / 5 = 0.052; step 6: 0.036) and again at step 17 (0.06)
+    lines = gr.failure_table(rows, "shift05").splitlines()
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert cells["plain"][:3] == ["0", "1 of 1", "never"]
+    assert cells["guard"][:3] == ["0, 1", "1 of 2", "7+17, –"]
 
 
 def test_the_step_size_answer_picks_the_runs_the_rule_acts_on(tmp_path, monkeypatch):

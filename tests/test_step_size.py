@@ -79,3 +79,6 @@ def test_the_shift_rule_counts_acts_before_each_runs_first_fall():
     rows = {line.split(" | ")[0].strip("| "): line for line in ss.rule_table(results).splitlines()[2:]}
     assert rows["0.01"].endswith("| 2/3 (steps 6-6) | 2/2 | 1/1 (steps 6-6) | 0/0 |")  # 6 is before b's fall at 7
     assert rows["0.03"].endswith("| 2/3 (steps 8-8) | 1/2 | 1/1 (steps 8-8) | 0/0 |")
+    assert rows["0.05"].endswith("| 0/3 | 0/2 | 0/1 | 0/0 |")  # a mean of 0.05 at most: never above it
+    only = ss.rule_table(results, (0.02,)).splitlines()[2:]  # the limits asked for
+    assert len(only) == 1 and only[0].startswith("| 0.02 | 2/3 (steps 7-7) |")
