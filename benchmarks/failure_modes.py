@@ -38,8 +38,8 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   learning rate. Watched: `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
 Each mode's falling variant also runs answered by the step-size guard at each of its two limits (`<variant>_shift`:
-`RolloutGuard(step_size: {limit: 0.03}, lr_factor: 0.333)`, `SHIFT_LR`, the first limit; `<variant>_shift05`: the
-same at 0.05, `SHIFT_LR05`, the default since), judged beside the same runs without it by
+`RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)`, `SHIFT_LR`, watching the whole run;
+`<variant>_shift05`: the same at 0.05, `SHIFT_LR05`), judged beside the same runs without it by
 `benchmarks/guard_response.py --response shift` (and `shift05`).
 
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
@@ -127,23 +127,34 @@ def gold_guard(**answer) -> str:
     return guard_option("gold_rise", **answer)
 
 
-def shift_guard(limit: float, **answer) -> list[str]:
+def shift_guard(settings: dict, **answer) -> list[str]:
     """The options measuring `diag/policy_shift` on every step and `guard_option` for the step-size rule
-    (`StepSize`) at `limit`."""
-    return ["--model.diagnostics.policy_shift_every", "1", guard_option("step_size", {"limit": limit}, **answer)]
+    (`StepSize`) with `settings`."""
+    return ["--model.diagnostics.policy_shift_every", "1", guard_option("step_size", settings, **answer)]
 
 
 GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
 GUARD_COOL = gold_guard(lr_factor=GUARD_LR_FACTOR, lr_recover=GUARD_RECOVER)  # the cut climbs back: a cool-down
-# The step-size rule's answer, the same lasting cut: at its first limit (0.03, picked on seeds 0-2 of the runs that
-# fall and of the warm leaderboard), and at the one it has had since (0.05, `StepSize`'s default; block
-# `step_size_fresh` in RESULTS.md), each given explicitly so that a run's options say which
-SHIFT_LIMITS = {"shift": 0.03, "shift05": 0.05}
-SHIFT_LR, SHIFT_LR05 = (shift_guard(limit, lr_factor=GUARD_LR_FACTOR) for limit in SHIFT_LIMITS.values())
-SHIFT_LABEL, SHIFT_LABEL05 = (f"the step-size guard (limit {limit:g}) cutting the learning rate to "
-                              f"{GUARD_LR_FACTOR:g}x" for limit in SHIFT_LIMITS.values())
-GUARDED = (GUARD_LR, GUARD_COOL, SHIFT_LR[-1], SHIFT_LR05[-1])  # options under which a guard changed the run after it
-# acted
+# The step-size rule's answer, the same lasting cut, watching the whole run: at its limit (0.03, picked on seeds 0-2
+# of the runs that fall and of the warm leaderboard) and at a quieter one (0.05; block `step_size_fresh` in
+# RESULTS.md), each given in full so that a run's options say which (`StepSize` judges only the first 40 observations
+# by default, since block `step_size_whole`)
+# and at `StepSize`'s defaults (0.03 over the first 40 observations: `shift40`)
+SHIFT_RULES = {"shift": {"limit": 0.03, "until": None}, "shift05": {"limit": 0.05, "until": None},
+               "shift40": {"limit": 0.03, "until": 40}}
+SHIFT_GUARDS = {key: shift_guard(rule, lr_factor=GUARD_LR_FACTOR) for key, rule in SHIFT_RULES.items()}
+
+
+def shift_label(rule: dict) -> str:
+    """How the tables name a variant answered by the step-size guard with `rule`'s settings."""
+    horizon = "" if rule["until"] is None else f", first {rule['until']} steps"
+    return f"the step-size guard (limit {rule['limit']:g}{horizon}) cutting the learning rate to {GUARD_LR_FACTOR:g}x"
+
+
+SHIFT_LABELS = {key: shift_label(rule) for key, rule in SHIFT_RULES.items()}
+SHIFT_LR, SHIFT_LABEL = SHIFT_GUARDS["shift"], SHIFT_LABELS["shift"]  # the `_shift` variants' (the first measured)
+GUARDED = (GUARD_LR, GUARD_COOL, *(g[-1] for g in SHIFT_GUARDS.values()))  # options under which a guard changed the
+# run after it acted
 GUARD_LABEL = f"stabiliser: `sampled_token`, the gold-rise guard cutting the learning rate to {GUARD_LR_FACTOR:g}x"
 MODES = {
     "cancellation": {
@@ -173,10 +184,6 @@ MODES = {
                                     ["--model.loss", "sampled_token", *SHIFT_LR]),
             "topk_reverse_kl_shift": (f"`topk_reverse_kl`, {SHIFT_LABEL}", ["--model.loss", "topk_reverse_kl",
                                                                          *SHIFT_LR]),
-            "sampled_token_shift05": (f"stabiliser: `sampled_token`, {SHIFT_LABEL05}",
-                                      ["--model.loss", "sampled_token", *SHIFT_LR05]),
-            "topk_reverse_kl_shift05": (f"`topk_reverse_kl`, {SHIFT_LABEL05}", ["--model.loss", "topk_reverse_kl",
-                                                                             *SHIFT_LR05]),
         },
     },
     "overlap": {
@@ -206,9 +213,6 @@ MODES = {
             "char_teacher_shift": (f"stabiliser: character teacher, {SHIFT_LABEL}", [
                 "--model.loss", "reverse_kl", "--model.aligner",
                 "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *SHIFT_LR]),
-            "char_teacher_shift05": (f"stabiliser: character teacher, {SHIFT_LABEL05}", [
-                "--model.loss", "reverse_kl", "--model.aligner",
-                "{name: exact_spans, branches: null, depth: null, min_mass: 0}", *WHOLE_TARGET, *SHIFT_LR05]),
         },
     },
     "depth": {
@@ -229,8 +233,6 @@ MODES = {
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *LOW_LR]),
             "on_policy_shift": (f"stabiliser: the same, {SHIFT_LABEL}", [
                 "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
-            "on_policy_shift05": (f"stabiliser: the same, {SHIFT_LABEL05}", [
-                "--model.loss", "reverse_kl", "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR05]),
         },
     },
     "repetition": {
@@ -259,12 +261,17 @@ MODES = {
             "sampled_token_shift": (f"stabiliser: the copying teacher's run, {SHIFT_LABEL}", [
                 "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
                 "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR]),
-            "sampled_token_shift05": (f"stabiliser: the copying teacher's run, {SHIFT_LABEL05}", [
-                "--model.teacher.path", str(COPY_TEACHER), "--model.loss", "sampled_token",
-                "--model.rollout.on_policy_fraction", "1.0", *SHIFT_LR05]),
         },
     },
 }
+
+# Each `_shift` variant (its options end with `SHIFT_LR`) again under the step-size guard's other settings
+for _spec in MODES.values():
+    for _variant, (_label, _options) in list(_spec["variants"].items()):
+        if _variant.endswith("_shift"):
+            for _key in [k for k in SHIFT_RULES if k != "shift"]:
+                _spec["variants"][f"{_variant.removesuffix('_shift')}_{_key}"] = (
+                    _label.replace(SHIFT_LABEL, SHIFT_LABELS[_key]), [*_options[: -len(SHIFT_LR)], *SHIFT_GUARDS[_key]])
 
 
 def _train_teacher(hf: Path, args: list[str]) -> Path:

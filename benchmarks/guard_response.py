@@ -2,7 +2,7 @@
 what does it cost the runs it acts on that were going to gain?
 
     .venv/bin/python -m benchmarks.guard_response [--pair same] [--seeds 0 1 2]
-        [--response lower cool | shift | shift05] [--lr 0.001] [--losses L ...] [--parallel 2] [--no-run]
+        [--response lower cool | shift | shift05 | shift40] [--lr 0.001] [--losses L ...] [--parallel 2] [--no-run]
         [--no-record]
 
 `GoldRise` (`diag/gold_nll` risen 0.2 nats above its start) acts before most of the cancellation mode's falls, and
@@ -21,13 +21,14 @@ Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-ru
 Writes one block into benchmarks/RESULTS.md unless `--no-record`.
 
 `--response shift` (alone) judges the step-size rule's answer instead (block `shift_response`):
-`RolloutGuard(step_size: {limit: 0.03}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift`
+`RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift`
 measured on every step), on each failure mode's falling runs (their `_shift` variants, run by
 `benchmarks/failure_modes.py`) beside the same runs without it and at a third of the rate from the start, and on
 every warm-leaderboard run the rule acts on in `benchmarks/step_size.py`'s reruns of its first 40 steps (into
 `runs/leaderboard_warm_shift/`), beside its recorded score and its score at a third of the rate from the start
-(`leaderboard --warm 300 --lr 0.001`). `--response shift05` does the same at the limit of 0.05 (`SHIFT_LR05`, the
-`_shift05` variants, block `shift05_response`). With `--lr 0.001` the runs are the warm leaderboard's at that rate
+(`leaderboard --warm 300 --lr 0.001`). `--response shift05` does the same at the limit of 0.05 (the `_shift05`
+variants, block `shift05_response`), `--response shift40` at `StepSize`'s defaults (0.03 over the first 40 steps:
+the `_shift40` variants, block `shift40_response`); their options: `failure_modes.SHIFT_GUARDS`. With `--lr 0.001` the runs are the warm leaderboard's at that rate
 (`leaderboard --warm 300 --lr 0.001`), each answered by the cut to a third of it (block `<answer>_response_lr0.001`).
 """
 
@@ -48,9 +49,8 @@ from benchmarks.failure_modes import (
     GUARD_LR_FACTOR,
     GUARD_RECOVER,
     MODES,
-    SHIFT_LIMITS,
-    SHIFT_LR,
-    SHIFT_LR05,
+    SHIFT_GUARDS,
+    SHIFT_RULES,
     _label,
     falls,
     read_csv,
@@ -68,9 +68,11 @@ from opd_lightning.watch import StepSize
 # Each answer: the guard's options, where its runs go, and how the tables name it
 RESPONSES = {"lower": ((GUARD_LR,), Path("runs/leaderboard_warm_guard"), "rate cut"),
              "cool": ((GUARD_COOL,), Path("runs/leaderboard_warm_cool"), f"rate cut for {GUARD_RECOVER} steps"),
-             "shift": (tuple(SHIFT_LR), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut"),
-             "shift05": (tuple(SHIFT_LR05), Path("runs/leaderboard_warm_shift05"),
-                         "step-size rule's rate cut at limit 0.05")}
+             "shift": (tuple(SHIFT_GUARDS["shift"]), Path("runs/leaderboard_warm_shift"), "step-size rule's rate cut"),
+             "shift05": (tuple(SHIFT_GUARDS["shift05"]), Path("runs/leaderboard_warm_shift05"),
+                         "step-size rule's rate cut at limit 0.05"),
+             "shift40": (tuple(SHIFT_GUARDS["shift40"]), Path("runs/leaderboard_warm_shift40"),
+                         "step-size rule's rate cut, first 40 steps")}
 SHIFT_ROOT = Path("runs/step_size")  # `benchmarks.step_size`'s reruns of the warm leaderboard's first steps
 RUNS_CSV = Path(__file__).with_name("guard_response_runs.csv")
 COLUMNS = ("pair", "loss", "seed", "start_score", "acts_at", "score", "response", "guarded", "guard_step", "date",
@@ -104,14 +106,14 @@ def failure_table(rows: tuple[tuple[str, str, str], ...], response: str, seeds: 
             fell += falls(r) is not None
             lows.append(min(scores))
             ends.append(scores[-1])
-            if response not in SHIFT_LIMITS:
+            if response not in SHIFT_RULES:
                 step = r["crossing"].get(_label(GoldRise.metric, None, "rise"))
             else:
                 step = "–"
                 for root in (FAILURE_ROOT, SHIFT_ROOT):
                     version = root / mode / variant / f"seed_{r['seed']}" / "logs" / "version_0"
                     if (version / "metrics.csv").exists() and (shifts := shift_series(version)):
-                        watch = StepSize(SHIFT_LIMITS[response]).watch()  # a guarded run's every act (its rate cut
+                        watch = StepSize(**SHIFT_RULES[response]).watch()  # a guarded run's every act (its rate cut
                         # at each); a rerun's first
                         found = [str(s) for s, v in shifts if watch.observe(v)][: None if root == FAILURE_ROOT else 1]
                         step = "+".join(found) or None
@@ -152,14 +154,14 @@ def shift_series(version: Path) -> list[tuple[int, float]]:
     return series(version, (StepSize.metric,))[StepSize.metric]
 
 
-def shift_step(version: Path, limit: float) -> int | None:
-    """The step `StepSize` at `limit` acts at on a run's logged `diag/policy_shift`, or None."""
-    return StepSize(limit).crossing(shift_series(version))
+def shift_step(version: Path, rule: StepSize) -> int | None:
+    """The step `rule` acts at on a run's logged `diag/policy_shift`, or None."""
+    return rule.crossing(shift_series(version))
 
 
 def rule_step(response: str, version: Path) -> int | None:
     """The step the rule answered by `response` acts at on a run's logs, or None."""
-    return shift_step(version, SHIFT_LIMITS[response]) if response in SHIFT_LIMITS else gold_step(version)
+    return shift_step(version, StepSize(**SHIFT_RULES[response])) if response in SHIFT_RULES else gold_step(version)
 
 
 def acted_on(pair: str, seeds: list[int], response: str = "lower", lr: float | None = None) -> list[dict]:
@@ -171,7 +173,7 @@ def acted_on(pair: str, seeds: list[int], response: str = "lower", lr: float | N
     for entry in json.loads((logged_at / "results.json").read_text()):
         if entry["pair"] != pair or entry["seed"] not in seeds or "score" not in entry:
             continue
-        root, folder = (SHIFT_ROOT, pair + suffix(lr)) if response in SHIFT_LIMITS else (logged_at, pair)
+        root, folder = (SHIFT_ROOT, pair + suffix(lr)) if response in SHIFT_RULES else (logged_at, pair)
         version = root / folder / entry["loss"] / f"seed_{entry['seed']}" / "logs" / "version_0"
         if not (version / "metrics.csv").exists():
             continue
@@ -276,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", choices=sorted(PAIRS), default="same")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--response", nargs="+", choices=sorted(RESPONSES), default=["lower"],
-                        help="the guard's answers to run (the table shows every answer recorded; `shift` or `shift05` "
-                             "alone: the step-size rule's block at that limit)")
+                        help="the guard's answers to run (the table shows every answer recorded; one of `shift`, "
+                             "`shift05`, `shift40` alone: the step-size rule's block with those settings)")
     parser.add_argument("--losses", nargs="+", default=None, help="only these losses' runs (default: every one)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the warm leaderboard's runs at this learning rate (`leaderboard --warm 300 --lr`; with "
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
-    shift = len(args.response) == 1 and args.response[0] in SHIFT_LIMITS
+    shift = len(args.response) == 1 and args.response[0] in SHIFT_RULES
     if args.lr is not None and not shift:
         parser.error("--lr goes with --response shift: the gold-likelihood guard was judged at the recipe's rate only")
     if not args.no_run:
@@ -307,11 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     if shift:  # that answer's runs alone
         results = [r for r in results if r["response"] == args.response[0]]
     else:  # every answer of the gold-likelihood rule
-        results = [r for r in results if r["response"] not in SHIFT_LIMITS]
+        results = [r for r in results if r["response"] not in SHIFT_RULES]
     dates = ", ".join(sorted({r["date"] for r in results}))
     command = (f"`.venv/bin/python -m benchmarks.guard_response --pair {args.pair} --seeds "
                f"{' '.join(map(str, args.seeds))} --response "
-               f"{' '.join(a for a in RESPONSES if any(r['response'] == a for r in results))}"
+               f"{args.response[0] if shift else ' '.join(a for a in RESPONSES if any(r['response'] == a for r in results))}"
                f"{'' if args.lr is None else f' --lr {args.lr:g}'}`")
     if shift and args.lr is not None:
         text = shift_lr_text(args, results, command, dates)
@@ -345,22 +347,30 @@ every run of seeds {', '.join(map(str, args.seeds))} the rule acts on, run again
 {leaderboard_table(results)}"""
 
 
+def shift_settings(response: str) -> tuple[float, str, str]:
+    """The step-size guard's limit under `response`, its settings as a config writes them, and what it watches."""
+    rule = SHIFT_RULES[response]
+    until = "null" if rule["until"] is None else rule["until"]
+    return (rule["limit"], f"limit: {rule['limit']:g}, until: {until}",
+            "the whole run" if rule["until"] is None else f"the first {until} observations")
+
+
 def shift_text(args, results: list[dict], command: str, dates: str) -> str:
     seeds, response = " ".join(map(str, args.seeds)), args.response[0]
-    limit, block = SHIFT_LIMITS[response], f"{response}_response"
-    variants = " ".join(v for _, v, _ in shift_rows(response) if v.endswith(f"_{response}"))
+    (limit, settings, span), block = shift_settings(response), f"{response}_response"
+    variants = " ".join(dict.fromkeys(v for _, v, _ in shift_rows(response) if v.endswith(f"_{response}")))
     board = (f"every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `benchmarks.step_size`'s "
              f"reruns of the first 40 steps), run again with the guard:\n\n"
              f"{leaderboard_table(results, low_rate_scores(args.pair))}" if results else
-             "not run with the guard at this limit.")
-    return f"""### The step-size guard (limit {limit:g}) lowering the learning rate (block `{block}`)
+             "not run with the guard so set.")
+    return f"""### The step-size guard ({settings}) lowering the learning rate (block `{block}`)
 
 Command: {command} (the failure modes' runs with the guard: `.venv/bin/python -m benchmarks.failure_modes --modes
 cancellation overlap depth repetition --variants {variants} --seeds {seeds}`).
 Runs dated {dates or "–"} (leaderboard). Machine: {machine()}; one thread per run, fp32.
-The guard: `RolloutGuard(step_size: {{limit: {limit:g}}}, lr_factor: {GUARD_LR_FACTOR:g})` with
+The guard: `RolloutGuard(step_size: {{{settings}}}, lr_factor: {GUARD_LR_FACTOR:g})` with
 `diagnostics.policy_shift_every: 1` (`StepSize`: the moving mean of 5 steps' `diag/policy_shift` above {limit:g}
-nats); when it acts, every learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if
+nats, over {span}); when it acts, every learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if
 the shift's moving mean goes back below the limit and then passes it once more. Where it acts on a run without the
 guard: the run's own logs, or `benchmarks.step_size`'s rerun of its first 40 steps, judged at {limit:g}.
 
@@ -377,12 +387,12 @@ def shift_lr_text(args, results: list[dict], command: str, dates: str) -> str:
     """The step-size guard's answer on the warm leaderboard's runs at `args.lr`: the runs the rule acts on there
     although the rate suits the student, and what the cut costs them."""
     response = args.response[0]
-    limit, block = SHIFT_LIMITS[response], f"{response}_response{suffix(args.lr)}"
-    return f"""### The step-size guard (limit {limit:g}) on the warm leaderboard at a learning rate of {args.lr:g} (block `{block}`)
+    (_, settings, _), block = shift_settings(response), f"{response}_response{suffix(args.lr)}"
+    return f"""### The step-size guard ({settings}) on the warm leaderboard at a learning rate of {args.lr:g} (block `{block}`)
 
 Command: {command}.
 Runs dated {dates or "–"}. Machine: {machine()}; one thread per run, fp32.
-The guard as in the block `{response}_response` (`RolloutGuard(step_size: {{limit: {limit:g}}}, lr_factor:
+The guard as in the block `{response}_response` (`RolloutGuard(step_size: {{{settings}}}, lr_factor:
 {GUARD_LR_FACTOR:g})`, with `diagnostics.policy_shift_every: 1`); every run at {args.lr:g} from the start
 (`leaderboard --warm {WARM_STEPS} --lr {args.lr:g}`), cut to {GUARD_LR_FACTOR * args.lr:.2g} where the rule acts.
 The warm leaderboard ({PAIRS[args.pair]['title']}; {STEPS} steps from the student after {WARM_STEPS} steps of SFT),

@@ -70,8 +70,8 @@ class RolloutGuard(Callback):
                 log-likelihood of the gold completions on the steps that read them, risen a limit in nats above its
                 first observations), with its own baseline and patience; None disables it.
             step_size: the step-size rule (`StepSize`: `diag/policy_shift`, how far each optimizer step moved the
-                student's policy on its own rollout, above a limit on a moving mean; the run must measure it,
-                `diagnostics.policy_shift_every`); None disables it.
+                student's policy on its own rollout, above a limit on a moving mean, judged over the first
+                observations of the fit; the run must measure it, `diagnostics.policy_shift_every`); None disables it.
             baseline: observations that set the reference of the `_drop` limit.
             patience: consecutive observations past a limit before the guard acts.
             stop: end training (`trainer.should_stop`) when the guard acts, instead of only warning.

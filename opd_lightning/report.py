@@ -285,7 +285,8 @@ def step_size_check(metrics: dict[str, Series], thresholds: dict[str, float]) ->
     if not (series := metrics.get(rule.metric)):
         return Check("policy_shift", None, f"not logged (`{rule.metric}`: set diagnostics.policy_shift_every)")
     step = rule.crossing(series)
-    told = f"the step's KL on its own rollout, a moving mean of {rule.window}, above {rule.limit:g} nats"
+    told = (f"the step's KL on its own rollout, a moving mean of {rule.window}, above {rule.limit:g} nats"
+            + ("" if rule.until is None else f" within the first {rule.until} observations"))
     return Check("policy_shift", step is None, f"{told}: {'never' if step is None else f'crossed at step {step}'}")
 
 

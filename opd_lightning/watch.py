@@ -31,21 +31,28 @@ class Watch:
     diagnostic moved from where the run began, whatever that level was; with `scaled` as well, that difference is in
     units of the reference observations' standard deviation (a limit of 4: four of the run's own early spreads). With
     `window` > 1 what is judged is the mean of the last `window` judged observations (none is judged before `window`
-    of them). NaN is no observation."""
+    of them). With `until`, only the first `until` observations are judged: the watch never acts after them. NaN is
+    no observation."""
 
     def __init__(self, limit: float, bound: str, patience: int, baseline: int = 0, scaled: bool = False,
-                 window: int = 1) -> None:
+                 window: int = 1, until: int | None = None) -> None:
         if scaled and baseline < 2:
             raise ValueError(f"a scaled limit needs a baseline of at least 2 observations, got {baseline}")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        if until is not None and until < baseline + window:
+            raise ValueError(f"until ({until}) leaves no observation to judge after a baseline of {baseline} and a "
+                             f"window of {window}: raise it, or use null to judge the whole run")
         self.limit, self.bound, self.patience, self.baseline = limit, bound, patience, baseline
-        self.scaled, self.window = scaled, window
-        self.strikes, self.start, self.recent = 0, [], []
+        self.scaled, self.window, self.until = scaled, window, until
+        self.strikes, self.start, self.recent, self.seen = 0, [], [], 0
 
     def observe(self, value: float) -> bool:
         """Take one observation; True when the guard acts on it (the `patience`-th in a row past the limit)."""
         if math.isnan(value):
+            return False
+        self.seen += 1
+        if self.until is not None and self.seen > self.until:
             return False
         if len(self.start) < self.baseline:
             self.start.append(value)
@@ -182,26 +189,34 @@ class GoldRise:
 class StepSize:
     """The step-size rule: `diag/policy_shift` (KL(before ‖ after) of the student's next-token distributions on the
     step's own rollout, measured every `diagnostics.policy_shift_every` steps) above `limit` nats on a moving mean of
-    `window` observations, `patience` of them in a row. It marks a learning rate too high for the student where it
-    is: in `benchmarks/RESULTS.md` (blocks `step_size` and `step_size_heldout`), it acted within the first 40 steps
-    of every reproduced failure-mode run at the recipe's rate (0.003) and before each of their falls, and on every
-    warm-leaderboard run at that rate, all of which first fell below their start; at a third of the rate it acted on
-    1 of 22 failure-mode runs (before its fall) and on 9 of 76 warm-leaderboard runs, of the losses that take the
-    largest steps (`dskd`, `tvd`, `entropy_aware`, `hidden_match`). A rate
-    too high for a warm student costs an early dip even where the run gains later: answer it with a lower rate
-    (`RolloutGuard(lr_factor=...)`) where the dip matters. A cut to a third spared every fall of the cancellation,
-    overlap and depth modes and every repetition collapse, and on the warm leaderboard raised the sampled-token
-    losses' final scores but lowered the dense ones' (block `shift_response`).
+    `window` observations, `patience` of them in a row, judged over the first `until` observations of the fit. It
+    marks a learning rate too high for the student where it starts (`benchmarks/RESULTS.md`, blocks `step_size`,
+    `step_size_heldout` and `step_size_fresh`): within the first 40 steps it acted on every reproduced failure-mode
+    run at the recipe's rate (0.003), before each of their 34 falls (39 runs, seeds 0-8, all four modes), and on every
+    warm-leaderboard run at that rate, all of which first fell below their start. At a third of the rate it acted
+    within those steps on 1 of 22 failure-mode runs (before its fall) and on 7 of the 85 warm-leaderboard runs that
+    gain. Later in a run the shift grows on runs that gain: judged over whole runs at a third of the rate, the same
+    limit marks most of them between steps 95 and 350 (block `step_size_whole`), hence `until`.
+
+    A rate too high for a warm student costs an early dip even where the run gains later: answer it with a lower
+    rate (`RolloutGuard(lr_factor=...)`) where the dip matters. A cut to a third spared every fall of the
+    cancellation, overlap and depth modes and every repetition collapse, and on the warm leaderboard raised the
+    sampled-token losses' final scores but lowered the dense ones' (block `shift_response`); on a gaining run at a
+    suitable rate a cut costs about 0.25 (block `shift_response_lr0.001`). `limit=0.05` marks 1 of those 85 runs
+    but was a step late for the fastest of the 34 falls, and its cut spares the falls as well (`shift05_response`).
 
     Attributes:
         limit: nats per step (the moving mean's).
         window: observations per moving mean; none is judged before `window` of them.
         patience: judged moving means in a row past the limit before the rule acts.
+        until: observations judged, from the first the watch sees (a resumed fit's guard starts again); None: every
+            one, the whole run.
     """
 
     limit: float = 0.03
     window: int = 5
     patience: int = 1
+    until: int | None = 40
 
     metric = "diag/policy_shift"
 
@@ -209,10 +224,13 @@ class StepSize:
         if self.window < 1 or self.patience < 1 or not self.limit > 0:
             raise ValueError(f"StepSize needs a positive limit and a window and patience of at least 1, got "
                              f"{self.limit}, {self.window} and {self.patience}")
+        if self.until is not None and self.until < self.window + self.patience - 1:
+            raise ValueError(f"StepSize(until={self.until}) ends before its first moving mean of {self.window} "
+                             f"observations can act: raise it, or use null to judge the whole run")
 
     def watch(self) -> Watch:
         """A fresh watch for `diag/policy_shift`."""
-        return Watch(self.limit, "max", self.patience, window=self.window)
+        return Watch(self.limit, "max", self.patience, window=self.window, until=self.until)
 
     def crossing(self, series: Series) -> int | None:
         """The step the rule acts at on a logged `diag/policy_shift` series, or None."""

@@ -51,3 +51,29 @@ def test_each_mode_runs_the_config_task_and_metric_of_its_warm_start():
         pair = PAIRS[spec["start"]]
         assert (spec["config"], spec["task"], spec.get("metric", "exact_match")) == \
             (pair["config"], pair["task"], pair["metric"]), mode
+
+
+def test_each_step_size_guarded_variant_is_its_run_with_the_guard_set_as_named():
+    """Every `_shift` variant has a `_shift05` and a `_shift40` counterpart: the same options but the guard's, whose
+    `step_size` settings are those of `SHIFT_RULES` in full (a run's options say which limit and span it watched)."""
+    import json
+
+    from opd_lightning.guards import RolloutGuard
+    from opd_lightning.watch import StepSize
+
+    assert fm.SHIFT_RULES == {"shift": {"limit": 0.03, "until": None}, "shift05": {"limit": 0.05, "until": None},
+                              "shift40": {"limit": 0.03, "until": 40}}
+    shifted = [(mode, v) for mode, spec in fm.MODES.items() for v in spec["variants"] if v.endswith("_shift")]
+    assert {mode for mode, _ in shifted} == set(fm.MODES)  # every mode's falling run
+    for mode, variant in shifted:
+        base = fm.MODES[mode]["variants"][variant][1]
+        for key, rule in fm.SHIFT_RULES.items():
+            label, options = fm.MODES[mode]["variants"][variant.removesuffix("_shift") + f"_{key}"]
+            assert options[: -len(fm.SHIFT_LR)] == base[: -len(fm.SHIFT_LR)]
+            assert options[-3:-1] == ["--model.diagnostics.policy_shift_every", "1"]
+            init = json.loads(options[-1].removeprefix("--trainer.callbacks+="))["init_args"]
+            assert init["step_size"] == rule and init["lr_factor"] == fm.GUARD_LR_FACTOR
+            assert fm.shift_label(rule) in label
+            RolloutGuard(**{**init, "step_size": StepSize(**init["step_size"])})  # options a guard accepts
+    assert {options[-1] for spec in fm.MODES.values() for v, (_, options) in spec["variants"].items()
+            if "_shift" in v} == {g[-1] for g in fm.SHIFT_GUARDS.values()} <= set(fm.GUARDED)

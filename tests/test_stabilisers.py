@@ -596,3 +596,31 @@ def test_step_size_acts_on_the_moving_mean_of_the_policy_shift():
     check = step_size_check({"diag/policy_shift": values}, {**DEFAULT_THRESHOLDS, "policy_shift": 0.03})
     assert check.ok is False and check.detail.endswith("crossed at step 10")  # a window of 5: steps 5-10, mean 0.032
     assert step_size_check({}, DEFAULT_THRESHOLDS).ok is None
+
+
+def test_step_size_judges_the_first_observations_only_unless_told_otherwise():
+    """`StepSize.until`: observations after the first `until` are not judged (40 by default: the shift grows later on
+    runs that gain); `until=None` judges the whole run. The guard and `opd report` apply the same horizon."""
+    import pytest
+
+    from opd_lightning.guards import RolloutGuard, StepSize
+    from opd_lightning.report import DEFAULT_THRESHOLDS, step_size_check
+    from opd_lightning.watch import Watch
+
+    late = [(t, 0.01 if t < 45 else 0.1) for t in range(60)]  # the mean of 5 passes 0.03 at step 46 (0.046)
+    early = [(t, 0.01 if t < 30 else 0.1) for t in range(60)]  # ... at step 31
+    assert StepSize().until == 40
+    assert StepSize().crossing(late) is None
+    assert StepSize(until=None).crossing(late) == 46
+    assert StepSize().crossing(early) == 31
+    assert StepSize(until=47).crossing(late) == 46 and StepSize(until=46).crossing(late) is None  # step 46: the 47th
+    nan_first = [(0, float("nan")), *[(t, 0.1) for t in range(1, 6)]]  # NaN is no observation: 5 counted, not 6
+    assert StepSize(until=5).crossing(nan_first) == 5
+    with pytest.raises(ValueError, match="ends before its first moving mean"):
+        StepSize(until=4)
+    with pytest.raises(ValueError, match="leaves no observation to judge"):
+        Watch(0.1, "max", 1, baseline=3, window=2, until=4)
+    guard = RolloutGuard(max_repetition_rate=None, max_truncation_rate=None, step_size=StepSize(), stop=True)
+    assert not _feed(guard, "diag/policy_shift", late, 60)
+    assert step_size_check({"diag/policy_shift": late}, DEFAULT_THRESHOLDS).ok is True
+    assert step_size_check({"diag/policy_shift": early}, DEFAULT_THRESHOLDS).ok is False
