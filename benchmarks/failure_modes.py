@@ -37,10 +37,10 @@ overrides; its start included), and `diag/grad_coherence` is measured every 5 st
   does not, `benchmarks/repetition_probe.py`), against the stabilisers SFT on gold mixed in and a third of the
   learning rate. Watched: `diag/repetition_rate`, `diag/repeat_advantage_ratio`.
 
-Each mode's falling variant also runs answered by the step-size guard at each of its two limits (`<variant>_shift`:
-`RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)`, `SHIFT_LR`, watching the whole run;
-`<variant>_shift05`: the same at 0.05, `SHIFT_LR05`), judged beside the same runs without it by
-`benchmarks/guard_response.py --response shift` (and `shift05`).
+Each mode's falling variant also runs answered by the step-size guard, one variant per setting of `SHIFT_RULES`
+(`<variant>_shift`: `RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)`, watching the whole run;
+`_shift05`: the same at 0.05; `_shift40`: at `StepSize`'s defaults, 0.03 over the first 40 observations), judged
+beside the same runs without it by `benchmarks/guard_response.py --response shift` (`shift05`, `shift40`).
 
 For each run the table gives the score's path (start, lowest, end), the first evaluation below the start by more
 than `DROP` (the score falls), and, for each watched (diagnostic, limit) of the mode (`opd report`'s threshold unless
@@ -135,11 +135,10 @@ def shift_guard(settings: dict, **answer) -> list[str]:
 
 GUARD_LR = gold_guard(lr_factor=GUARD_LR_FACTOR)  # the cut lasts
 GUARD_COOL = gold_guard(lr_factor=GUARD_LR_FACTOR, lr_recover=GUARD_RECOVER)  # the cut climbs back: a cool-down
-# The step-size rule's answer, the same lasting cut, watching the whole run: at its limit (0.03, picked on seeds 0-2
-# of the runs that fall and of the warm leaderboard) and at a quieter one (0.05; block `step_size_fresh` in
-# RESULTS.md), each given in full so that a run's options say which (`StepSize` judges only the first 40 observations
-# by default, since block `step_size_whole`)
-# and at `StepSize`'s defaults (0.03 over the first 40 observations: `shift40`)
+# The step-size rule's answer, the same lasting cut, under three settings, each given in full so that a run's options
+# say which: watching the whole run at its limit (0.03, picked on seeds 0-2 of the runs that fall and of the warm
+# leaderboard) and at a quieter one (0.05; block `step_size_fresh` in RESULTS.md), and at `StepSize`'s defaults
+# (0.03 over the first 40 observations, since block `step_size_whole`)
 SHIFT_RULES = {"shift": {"limit": 0.03, "until": None}, "shift05": {"limit": 0.05, "until": None},
                "shift40": {"limit": 0.03, "until": 40}}
 SHIFT_GUARDS = {key: shift_guard(rule, lr_factor=GUARD_LR_FACTOR) for key, rule in SHIFT_RULES.items()}

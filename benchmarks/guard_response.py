@@ -21,15 +21,16 @@ Each guarded run's scores go into `benchmarks/guard_response_runs.csv`; `--no-ru
 Writes one block into benchmarks/RESULTS.md unless `--no-record`.
 
 `--response shift` (alone) judges the step-size rule's answer instead (block `shift_response`):
-`RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with `diag/policy_shift`
-measured on every step), on each failure mode's falling runs (their `_shift` variants, run by
+`RolloutGuard(step_size: {limit: 0.03, until: null}, lr_factor: 0.333)` (`failure_modes.SHIFT_LR`, with
+`diag/policy_shift` measured on every step), on each failure mode's falling runs (their `_shift` variants, run by
 `benchmarks/failure_modes.py`) beside the same runs without it and at a third of the rate from the start, and on
 every warm-leaderboard run the rule acts on in `benchmarks/step_size.py`'s reruns of its first 40 steps (into
 `runs/leaderboard_warm_shift/`), beside its recorded score and its score at a third of the rate from the start
 (`leaderboard --warm 300 --lr 0.001`). `--response shift05` does the same at the limit of 0.05 (the `_shift05`
 variants, block `shift05_response`), `--response shift40` at `StepSize`'s defaults (0.03 over the first 40 steps:
-the `_shift40` variants, block `shift40_response`); their options: `failure_modes.SHIFT_GUARDS`. With `--lr 0.001` the runs are the warm leaderboard's at that rate
-(`leaderboard --warm 300 --lr 0.001`), each answered by the cut to a third of it (block `<answer>_response_lr0.001`).
+the `_shift40` variants, block `shift40_response`); their options: `failure_modes.SHIFT_GUARDS`. With `--lr 0.001`
+the runs are the warm leaderboard's at that rate (`leaderboard --warm 300 --lr 0.001`), each answered by the cut to
+a third of it (block `<answer>_response_lr0.001`).
 """
 
 from __future__ import annotations
@@ -283,14 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--losses", nargs="+", default=None, help="only these losses' runs (default: every one)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the warm leaderboard's runs at this learning rate (`leaderboard --warm 300 --lr`; with "
-                             "`--response shift` only): their own folders, CSV rows and block")
+                             "one step-size answer only): their own folders, CSV rows and block")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="tabulate the guarded runs already made")
     parser.add_argument("--no-record", action="store_true", help="print the block only")
     args = parser.parse_args(argv)
     shift = len(args.response) == 1 and args.response[0] in SHIFT_RULES
     if args.lr is not None and not shift:
-        parser.error("--lr goes with --response shift: the gold-likelihood guard was judged at the recipe's rate only")
+        parser.error(f"--lr goes with one step-size answer ({', '.join(SHIFT_RULES)}): the gold-likelihood guard was "
+                     "judged at the recipe's rate only")
     if not args.no_run:
         start = warm_student(args.pair, WARM_STEPS)
         jobs = [(e, answer) for answer in args.response for e in acted_on(args.pair, args.seeds, answer, args.lr)
@@ -370,8 +372,8 @@ cancellation overlap depth repetition --variants {variants} --seeds {seeds}`).
 Runs dated {dates or "–"} (leaderboard). Machine: {machine()}; one thread per run, fp32.
 The guard: `RolloutGuard(step_size: {{{settings}}}, lr_factor: {GUARD_LR_FACTOR:g})` with
 `diagnostics.policy_shift_every: 1` (`StepSize`: the moving mean of 5 steps' `diag/policy_shift` above {limit:g}
-nats, over {span}); when it acts, every learning rate and its schedule's peak are multiplied by {GUARD_LR_FACTOR:g}, and again if
-the shift's moving mean goes back below the limit and then passes it once more. Where it acts on a run without the
+nats, over {span}); when it acts, every learning rate and its schedule's peak are multiplied by
+{GUARD_LR_FACTOR:g}, and again if the shift's moving mean goes back below the limit and then passes it once more. Where it acts on a run without the
 guard: the run's own logs, or `benchmarks.step_size`'s rerun of its first 40 steps, judged at {limit:g}.
 
 The failure modes at the recipe's rate (0.003), at a third of it from the start, and with the guard (600 steps from
@@ -400,6 +402,7 @@ every run of seeds {', '.join(map(str, args.seeds))} the rule acts on (in `bench
 first 40 steps at {args.lr:g}), run again with the guard; "recorded score" is the run's at {args.lr:g} without it:
 
 {leaderboard_table(results) if results else "none."}"""
+
 
 if __name__ == "__main__":
     main()

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{'' if args.limits == list(LIMITS) else ' --limits ' + ' '.join(f'{x:g}' for x in args.limits)}"
                f"{'' if args.groups is None else ' --groups ' + ' '.join(repr(g) for g in args.groups)}"
                f"{'' if args.losses is None else ' --losses ' + ' '.join(args.losses)}"
-               f"{'' if args.root == Path('runs/step_size') else f' --root {args.root}'}`. Date: "
+               f"{'' if args.root == ROOT else f' --root {args.root}'}`. Date: "
                f"{datetime.date.today()}. Machine: {machine()}; one thread per run, fp32.\n"
                f"The first {args.steps} steps of each logged run again, `diag/policy_shift` and `diag/step_gain` on "
                f"every step, no evaluation. Windows of {window(args.steps)} steps; of the warm leaderboard's losses, "
