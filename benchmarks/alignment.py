@@ -337,6 +337,22 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int, min_time: float,
     return results, forward_s
 
 
+def aligned_starts(student, teacher, rollout: Rollout) -> torch.Tensor:
+    """`[B, N]` the teacher position at each completion position where both tokenizations start a token on the same
+    byte (`char_level`'s aligned positions), -1 elsewhere."""
+    aligner = ALIGNERS.build("char_level")
+    aligner.bind(student, teacher, len(student), len(teacher))
+    return aligner.teacher_inputs(rollout).alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+
+
+def aligned_rows(student, teacher, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch rows, teacher positions) `[n]` each: the teacher rows read at the aligned positions (`aligned_starts`),
+    in order."""
+    at = aligned_starts(student, teacher, rollout)
+    batch, pos = (at >= 0).nonzero(as_tuple=True)
+    return batch, at[batch, pos]
+
+
 def floor_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Callable[[], object]:
     """What every projection that carries the teacher's whole distribution into another space must do at least, as
     a function to time: each teacher row an aligned student position reads (`char_level`'s positions: where both
@@ -349,9 +365,8 @@ def floor_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Call
 
     aligner = ALIGNERS.build("char_level")
     aligner.bind(student, teacher, len(student), len(teacher))
-    at = aligner.teacher_inputs(rollout).alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
-    batch, pos = (at >= 0).nonzero(as_tuple=True)
-    t_pos, out = at[batch, pos], torch.empty(len(batch), 258)
+    batch, t_pos = aligned_rows(student, teacher, rollout)
+    out = torch.empty(len(batch), 258)
 
     def run() -> None:
         for lo, hi, probs in exp_blocks(logits, batch, t_pos):
@@ -370,9 +385,7 @@ def write_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Call
     from opd_lightning.aligners.rows import copy_rows_, exp_blocks
     from opd_lightning.aligners.text import target_rows
 
-    aligner = ALIGNERS.build("char_level")
-    aligner.bind(student, teacher, len(student), len(teacher))
-    at = aligner.teacher_inputs(rollout).alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+    at = aligned_starts(student, teacher, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     t_pos, size = at[batch, pos], min(len(student), logits.shape[-1])
     dst, totals = (batch * at.shape[1] + pos).numpy(), torch.empty(len(batch))
