@@ -182,10 +182,16 @@ class MinEdAligner(TextAligner):
                 needs: frozenset[str]) -> TeacherTarget:
         at = self._aligned_positions(inputs.alignment, rollout).masked_fill(~rollout.completion_mask, -1)
         batch, pos = (at >= 0).nonzero(as_tuple=True)
-        # the teacher's top-k at each aligned position, from one exp pass over its rows (a block at a time)
-        top, ids = top_logprobs(teacher_logits, batch, at[batch, pos], min(self.topk, teacher_logits.shape[-1]))
+        # The teacher's top-k at each teacher row read, from one exp pass over its rows (a block at a time). The
+        # student tokens of a span with one teacher token all read that token's row, and the pairs are monotone, so
+        # a row read by several positions comes in one run of them and is read once.
+        t_pos = at[batch, pos]
+        first = torch.ones_like(batch, dtype=torch.bool)  # the first position of each run reading one row
+        first[1:] = (batch[1:] != batch[:-1]) | (t_pos[1:] != t_pos[:-1])
+        inverse = first.cumsum(0) - 1  # [n] each position's row among those read
+        top, ids = top_logprobs(teacher_logits, batch[first], t_pos[first], min(self.topk, teacher_logits.shape[-1]))
         logp = target_rows((*at.shape, self.student_vocab_size), batch, pos)  # [B, N, V_s] zeros off the positions
-        _, kept = topk_to_logits(top, self.nearest_table(ids), self.student_vocab_size,
+        _, kept = topk_to_logits(top[inverse], self.nearest_table(ids)[inverse], self.student_vocab_size,
                                  out=logp.view(-1, self.student_vocab_size), rows=batch * at.shape[1] + pos)
         valid = torch.zeros_like(at, dtype=torch.bool)
         valid[batch, pos] = kept > 0

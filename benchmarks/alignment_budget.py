@@ -13,7 +13,7 @@ random teacher logits:
   (`exp_blocks`, MKL's vector exp) and by glibc's vectorised `expf` (libmvec, AVX-512 where the CPU has it; a C loop
   compiled here with the system's C compiler, skipped where there is none: a second exp, to tell the machine from
   the library), one scatter-sum of exps already in cache into the 258 byte classes (`ColumnSums`, as `char_level`
-  adds them; `byte_spans` and `bpe_subset` add theirs into the student's columns the same way), the top 10 of exps
+  adds them) and into the student's columns (the first level of `byte_spans`; `bpe_subset`'s is alike), the top 10 of exps
   in cache (`block_topk`, as `mined` takes them), and one row of the student's vocabulary size written per aligned
   row into a `[B, N, V_s]` target (the row's logits copied: what `vocab_map`, `byte_spans`, `bpe_subset` and `mined`
   write, without their exps).
@@ -93,7 +93,8 @@ def libmvec_exp_sums() -> Callable | None:
 def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor] | None]]:
     """The timed passes over the aligned teacher rows: (label, function; None where it cannot run here). Each
     function returns what it computed: the rows' sums `[n]`; their exps' sums `[n]`; from the first block of exps,
-    taken again for every block, its byte classes' sums `[c, 258]` or its top-k `([c, k], [c, k])`; or the target's
+    taken again for every block, its byte classes' sums `[c, 258]`, its student columns' sums `[c, V_s + 1]` or its
+    top-k `([c, k], [c, k])`; or the target's
     rows `[B * N, V_s]`."""
     at = aligned_starts(student, teacher, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
@@ -104,7 +105,9 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
     aligner = ALIGNERS.build("char_level")
     aligner.bind(student, teacher, len(student), len(teacher))
     cached = next(exp_blocks(logits, batch, t_pos))[2].clone()  # one block of exps, summed again and again
-    sums = torch.empty(len(cached), 258)
+    spans = ALIGNERS.build("byte_spans")
+    spans.bind(student, teacher, len(student), len(teacher))
+    sums, columns = torch.empty(len(cached), 258), torch.empty(len(cached), len(student) + 1)
     kernel = libmvec_exp_sums()
     cuts = (np.flatnonzero(np.diff(index.numpy()) != 1) + 1).tolist()
     row_runs = [(a, b, int(index[a])) for a, b in zip([0, *cuts], [*cuts, len(index)], strict=True)]
@@ -129,17 +132,22 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
             top = block_topk(cached[: min(len(cached), len(batch) - lo)], TOPK)
         return top
 
-    def scatter() -> torch.Tensor:
-        for lo in range(0, len(batch), len(cached)):
-            n = min(len(cached), len(batch) - lo)
-            aligner.teacher_sums(cached[:n], keep_skipped=True, out=sums[:n])
-        return sums
+    def scatter(column_sums, out: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            for lo in range(0, len(batch), len(cached)):
+                n = min(len(cached), len(batch) - lo)
+                column_sums(cached[:n], keep_skipped=True, out=out[:n])
+            return out
+        return run
 
     return [("one read of each aligned teacher row (a sum, no exp): the memory floor", read),
             ("one exp and sum of each aligned teacher row, PyTorch (MKL)", exp_torch),
             ("one exp and sum of each aligned teacher row, glibc libmvec compiled here",
              None if kernel is None else lambda: kernel(view, index, exps)),
-            ("one scatter-sum of exps in cache into 258 byte classes (`ColumnSums`)", scatter),
+            ("one scatter-sum of exps in cache into 258 byte classes (`ColumnSums`)",
+             scatter(aligner.teacher_sums, sums)),
+            ("one scatter-sum of exps in cache into the student's columns (`byte_spans`' first level)",
+             scatter(spans.root_sums, columns)),
             (f"the top {TOPK} of exps in cache (`block_topk`)", topk),
             ("one student-vocabulary row written per aligned teacher row (its logits copied, no exp)", write)]
 

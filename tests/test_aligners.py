@@ -736,3 +736,34 @@ def test_block_topk_equals_torch_topk(width):
     tied[:, ::7] = 1.0  # many columns share the largest value
     values, ids = block_topk(tied, 5, block=8)
     assert torch.equal(values, torch.topk(tied, 5, -1).values) and bool((tied.gather(1, ids) == 1.0).all())
+
+
+def test_mined_target_is_each_positions_teacher_topk_carried_to_the_nearest_spellings():
+    """At every position with a target, `mined`'s log-probs are the teacher's top-k (float64 softmax of the row its
+    edit-distance path pairs the position with) carried to each token's nearest student spelling, repeats summed,
+    renormalised over the mass kept and floored at `LOG_FLOOR`; every other student id is `LOG_FLOOR`. On a subset
+    pair the student tokens of one teacher token share its row, which is read once for them all."""
+    from opd_lightning.aligners import ALIGNERS
+    from opd_lightning.aligners.rows import LOG_FLOOR
+
+    student, teacher = subset_pair(0.3)
+    aligner = ALIGNERS.build("mined", topk=4)
+    aligner.bind(student, teacher, len(student), len(teacher))
+    ids = student(TEXTS[0] + " " + TEXTS[1], add_special_tokens=False)["input_ids"]
+    rollout = _rollout_after(student, "Once ", [ids[:14], ids[5:19]])
+    inputs = aligner.teacher_inputs(rollout)
+    logits = 4 * torch.randn(2, inputs.completion_length, len(teacher), generator=torch.Generator().manual_seed(7))
+    got = aligner.project(logits, inputs, rollout, frozenset({"teacher_logits"}))
+    paired = aligner._aligned_positions(inputs.alignment, rollout)
+    assert got.mask.any() and torch.equal(got.mask, (paired >= 0) & rollout.completion_mask)
+    rows = [(b, int(paired[b, i])) for b, i in got.mask.nonzero().tolist()]
+    assert len(set(rows)) < len(rows)  # some teacher rows serve several student positions
+    for b, i in got.mask.nonzero().tolist():
+        top = torch.softmax(logits[b, paired[b, i]].double(), -1).topk(4)
+        mass = torch.zeros(len(student), dtype=torch.float64)
+        for p, v in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if aligner.nearest(v) >= 0:
+                mass[aligner.nearest(v)] += p
+        want = (mass / mass.sum()).clamp_min(torch.finfo(torch.float32).tiny).log().clamp_min(LOG_FLOOR)
+        torch.testing.assert_close(got.logits[b, i].double(), want, rtol=0, atol=2e-5)
+    assert torch.equal(got.logits[~got.mask], torch.zeros_like(got.logits[~got.mask]))

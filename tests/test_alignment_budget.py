@@ -45,12 +45,18 @@ def test_each_pass_computes_what_it_is_named_after_over_the_aligned_rows():
     classes = aligner.teacher_classes[: len(teacher)]
     want = torch.zeros(c, 258, dtype=torch.float64).index_add_(1, classes.where(classes >= 0, 257), rows[:c].exp())
     torch.testing.assert_close(steps[labels[3]]().double(), want, rtol=1e-5, atol=1e-9)
-    values, ids = steps[labels[4]]()  # the top 10 of the last block, which is the first block's rows again
+    spans = ALIGNERS.build("byte_spans")
+    spans.bind(student, teacher, len(student), len(teacher))
+    first = spans.lookahead.root_map[: len(teacher)]  # each teacher token's first student token, -1: none
+    want = torch.zeros(c, len(student) + 1, dtype=torch.float64).index_add_(
+        1, first.where(first >= 0, len(student)), rows[:c].exp())
+    torch.testing.assert_close(steps[labels[4]]().double(), want, rtol=1e-5, atol=1e-9)
+    values, ids = steps[labels[5]]()  # the top 10 of the last block, which is the first block's rows again
     n = len(rows) % c or c
     top = rows[:n].exp().topk(ab.TOPK, -1)
     torch.testing.assert_close(values.double(), top.values, rtol=1e-6, atol=0)
     assert torch.equal(ids, top.indices)
-    flat = steps[labels[5]]()  # [B * N, V_s]: the aligned rows' first V_s logits, zeros elsewhere
+    flat = steps[labels[6]]()  # [B * N, V_s]: the aligned rows' first V_s logits, zeros elsewhere
     written = torch.zeros(at.numel(), len(student), dtype=torch.float64)
     written[batch * at.shape[1] + pos] = rows[:, : len(student)]
     assert torch.equal(flat.double(), written)
