@@ -25,6 +25,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "LOG_FLOOR",
     "RUN_ELEMENTS",
+    "WIDE_ROW",
     "block_rows",
     "block_topk",
     "chunk_rows",
@@ -90,6 +91,13 @@ BLOCK_ELEMENTS = 2**22
 # Values per run of rows below which reading (`_row_runs`) or writing (`copy_rows_`) rows run by run costs more in
 # calls than copying them.
 RUN_ELEMENTS = 2**16
+
+# Rows at least this wide are written run by run by `copy_rows_` however short the runs: through one buffer each row
+# is read and written three times more (a gather, the op, an `index_copy_`), which at these widths costs more than a
+# call per row: `byte_spans` writes the SmolLM2/Gemma-3 pair's 49,153-wide rows in runs of 1.7 rows on average on the
+# batch of `benchmarks/alignment.py`, and those of its calls whose runs were shorter than 65,536 values went through
+# the buffer (`benchmarks/RESULTS.md`, run G and after).
+WIDE_ROW = 2**15
 
 
 # An index is read or added by slices where it steps by one for at least this many entries (a student vocabulary
@@ -294,10 +302,9 @@ def copy_rows_(dst: Tensor, dst_rows: np.ndarray, src: Tensor, src_rows: np.ndar
     rows: positions with and without a target interleaved in a small vocabulary), the calls per run cost more than a
     copy, and the rows go through one buffer and one `index_copy_` (on the synthetic pairs of
     `benchmarks/alignment.py`, 2 threads: `vocab_map` 4.9 -> 4.6 and 14.5 -> 13.6 ms per 1,000 tokens, `byte_spans`
-    10.3 -> 9.2 on the 10% pair; on the real pair's 49k-wide rows the buffer made `byte_spans` slower, 1.3 -> 1.4-1.7
-    s)."""
+    10.3 -> 9.2 on the 10% pair). Rows `WIDE_ROW` wide or wider are always written run by run."""
     spans = runs(dst_rows, src_rows)
-    if len(spans) > 1 and len(dst_rows) * dst.shape[1] < RUN_ELEMENTS * len(spans):
+    if len(spans) > 1 and dst.shape[1] < WIDE_ROW and len(dst_rows) * dst.shape[1] < RUN_ELEMENTS * len(spans):
         picked = src.index_select(0, torch.from_numpy(np.ascontiguousarray(src_rows)).to(src.device))
         if op is not None:
             picked = op(picked, out=scratch(len(dst_rows), dst.shape[1], dst.device, dst.dtype, slot="rows_out"))

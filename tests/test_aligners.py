@@ -493,17 +493,20 @@ def test_gather_rows_and_put_rows_equal_advanced_indexing():
     torch.testing.assert_close(out, want)
 
 
+@pytest.mark.parametrize("wide_row", [2**15, 4])
 @pytest.mark.parametrize("run_elements", [0, 2**16])
-def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypatch, run_elements):
+def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypatch, run_elements, wide_row):
     """`softmax_rows`, `exp_blocks` and `gather_columns` read runs of consecutive rows straight from the logits, or
     from a copy where the runs are short and narrow (`RUN_ELEMENTS`: 0 reads every run in place, 2**16 copies these
     13-wide rows), with the same values; `exp_blocks` yields blocks of at most `BLOCK_ELEMENTS` values, in order,
-    filled across runs (`gather_columns` also by stretches of columns); `copy_rows_` writes runs as slices, or short runs through one buffer, with or without an op;
+    filled across runs (`gather_columns` also by stretches of columns); `copy_rows_` writes runs as slices, or short
+    runs of rows narrower than `WIDE_ROW` (4: these rows are not) through one buffer, with or without an op;
     `exp_safe` flags the rows whose sum overflowed or whose logits are all too small for exp without the max."""
     from opd_lightning.aligners import rows
     from opd_lightning.aligners.rows import _row_runs, copy_rows_, exp_blocks, exp_safe, gather_columns, softmax_rows
 
     monkeypatch.setattr(rows, "RUN_ELEMENTS", run_elements)
+    monkeypatch.setattr(rows, "WIDE_ROW", wide_row)
     monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 4 * 13)  # blocks of 4 rows: across the runs of 3, 2 and 1 rows
     base = torch.randn(3, 9, 13, generator=torch.Generator().manual_seed(0))
     values = base[:, 2:]  # sliced like completion logits
@@ -525,7 +528,7 @@ def test_row_helpers_equal_advanced_indexing_on_runs_and_scattered_rows(monkeypa
                                    values[batch, pos][:, columns], msg=name)
     dst, src = torch.zeros(10, 4), torch.randn(6, 4)
     dst_rows, src_rows = np.array([1, 2, 3, 7, 8, 9]), np.array([0, 1, 3, 4, 5, 2])
-    copy_rows_(dst, dst_rows, src, src_rows)  # by runs (RUN_ELEMENTS 0), or through one buffer (these short runs)
+    copy_rows_(dst, dst_rows, src, src_rows)  # by runs (RUN_ELEMENTS 0, WIDE_ROW 4), or through one buffer
     want = torch.zeros(10, 4)
     want[torch.from_numpy(dst_rows)] = src[torch.from_numpy(src_rows)]
     assert torch.equal(dst, want)
