@@ -76,9 +76,11 @@ def libmvec_exp_sums() -> Callable | None:
     (folder / "exp_sums.c").write_text(EXP_SUMS)
     command = [compiler, "-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC",
                "-shared", str(folder / "exp_sums.c"), "-o", str(folder / "exp_sums.so"), "-lmvec", "-lm"]
-    if subprocess.run(command, check=False, capture_output=True).returncode:
+    built = not subprocess.run(command, check=False, capture_output=True).returncode
+    library = ctypes.CDLL(str(folder / "exp_sums.so")) if built else None
+    shutil.rmtree(folder)  # a loaded library stays mapped
+    if library is None:
         return None
-    library = ctypes.CDLL(str(folder / "exp_sums.so"))
     pointer, long = ctypes.c_void_p, ctypes.c_long
 
     def exp_sums(rows: torch.Tensor, index: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
