@@ -12,7 +12,8 @@ random teacher logits:
   aligner: one read (a sum of each row, no exp: the memory floor), one exp and sum of each row by PyTorch
   (`exp_blocks`, MKL's vector exp) and by glibc's vectorised `expf` (libmvec, AVX-512 where the CPU has it; a C loop
   compiled here with the system's C compiler, skipped where there is none: a second exp, to tell the machine from
-  the library), one scatter-sum of exps already in cache into the 258 byte classes (`ColumnSums`, as `char_level`
+  the library), the same exp fused with the scatter into the 258 byte classes in one C loop that never writes the
+  exps out (what a native kernel would make of `char_level`'s pass), one scatter-sum of exps already in cache into the 258 byte classes (`ColumnSums`, as `char_level`
   adds them) and into the student's columns (the first level of `byte_spans`; `bpe_subset`'s is alike), the top 10 of exps
   in cache (`block_topk`, as `mined` takes them), and one row of the student's vocabulary size written per aligned
   row into a `[B, N, V_s]` target (the row's logits copied: what `vocab_map`, `byte_spans`, `bpe_subset` and `mined`
@@ -33,6 +34,7 @@ import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,8 +51,11 @@ DENSE = ("vocab_map", "byte_spans", "bpe_subset", "char_level", "mined")  # the 
 SPEEDUP = 5  # the target: this many times faster than GOLD's alignment
 TOPK = 10  # `mined`'s default top-k
 
-EXP_SUMS = r"""
+LOOPS = r"""
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
 void exp_sums(const float* base, const long* rows, long n, long width, float* totals, int threads) {
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (long i = 0; i < n; i++) {
@@ -61,43 +66,89 @@ void exp_sums(const float* base, const long* rows, long n, long width, float* to
     totals[i] = s;
   }
 }
+
+/* exp of each row, added into its class (four interleaved copies of the classes, summed at the end), one row at a
+   time: the exps of 256 columns at a time in a small buffer, never written out. */
+void exp_class_sums(const float* base, const long* rows, long n, long width, const int* cls, long size,
+                    float* out, int threads) {
+  #pragma omp parallel num_threads(threads)
+  {
+    float* acc = malloc(sizeof(float) * 4 * size);
+    float tmp[256];
+    #pragma omp for schedule(static)
+    for (long i = 0; i < n; i++) {
+      const float* x = base + rows[i] * width;
+      memset(acc, 0, sizeof(float) * 4 * size);
+      for (long j0 = 0; j0 < width; j0 += 256) {
+        long m = width - j0 < 256 ? width - j0 : 256, k = 0;
+        #pragma omp simd
+        for (long q = 0; q < m; q++) tmp[q] = expf(x[j0 + q]);
+        for (; k + 4 <= m; k += 4) {
+          acc[cls[j0 + k]] += tmp[k];
+          acc[size + cls[j0 + k + 1]] += tmp[k + 1];
+          acc[2 * size + cls[j0 + k + 2]] += tmp[k + 2];
+          acc[3 * size + cls[j0 + k + 3]] += tmp[k + 3];
+        }
+        for (; k < m; k++) acc[cls[j0 + k]] += tmp[k];
+      }
+      float* o = out + i * size;
+      for (long c = 0; c < size; c++) o[c] = (acc[c] + acc[size + c]) + (acc[2 * size + c] + acc[3 * size + c]);
+    }
+    free(acc);
+  }
+}
 """
 
 
 @cache
-def libmvec_exp_sums() -> Callable | None:
-    """`exp_sums(rows_view, index, totals)`: Σ_j exp(rows_view[index[i], j]) into `totals[i]` by glibc's vectorised
-    `expf`, compiled here (`-O3 -march=native -ffast-math`, which lets GCC call libmvec; 512-bit vectors preferred),
-    on torch's thread count; None where no C compiler or libmvec is found."""
+def compiled_loops() -> SimpleNamespace | None:
+    """Two C loops compiled here (`-O3 -march=native -ffast-math`, which lets GCC call glibc's vectorised `expf`,
+    libmvec; 512-bit vectors preferred), run on torch's thread count over rows `index` of a `[R, V]` fp32 tensor:
+    `exp_sums(rows, index, totals)`, Σ_j exp(rows[index[i], j]) into `totals[i]`; `exp_class_sums(rows, index,
+    classes, out)`, Σ_j exp(rows[index[i], j]) added into `out[i, classes[j]]` (`classes` int32 `[V]`, each in
+    `0..out.shape[1]`), the exps never written out. None where no C compiler or libmvec is found."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    folder = Path(tempfile.mkdtemp(prefix="exp_sums_"))
-    (folder / "exp_sums.c").write_text(EXP_SUMS)
+    folder = Path(tempfile.mkdtemp(prefix="exp_loops_"))
+    (folder / "loops.c").write_text(LOOPS)
     command = [compiler, "-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC",
-               "-shared", str(folder / "exp_sums.c"), "-o", str(folder / "exp_sums.so"), "-lmvec", "-lm"]
+               "-shared", str(folder / "loops.c"), "-o", str(folder / "loops.so"), "-lmvec", "-lm"]
     built = not subprocess.run(command, check=False, capture_output=True).returncode
-    library = ctypes.CDLL(str(folder / "exp_sums.so")) if built else None
+    library = ctypes.CDLL(str(folder / "loops.so")) if built else None
     shutil.rmtree(folder)  # a loaded library stays mapped
     if library is None:
         return None
-    pointer, long = ctypes.c_void_p, ctypes.c_long
+    pointer, long, threads = ctypes.c_void_p, ctypes.c_long, lambda: ctypes.c_int(torch.get_num_threads())
+
+    def check(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+        assert rows.dtype == out.dtype == torch.float32 and rows.is_contiguous() and out.is_contiguous()
+        assert index.dtype == torch.long and index.is_contiguous() and len(out) == len(index)
 
     def exp_sums(rows: torch.Tensor, index: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
-        assert rows.dtype == totals.dtype == torch.float32 and rows.is_contiguous() and index.dtype == torch.long
+        check(rows, index, totals)
         library.exp_sums(pointer(rows.data_ptr()), pointer(index.data_ptr()), long(len(index)), long(rows.shape[1]),
-                         pointer(totals.data_ptr()), ctypes.c_int(torch.get_num_threads()))
+                         pointer(totals.data_ptr()), threads())
         return totals
 
-    return exp_sums
+    def exp_class_sums(rows: torch.Tensor, index: torch.Tensor, classes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        check(rows, index, out)
+        assert classes.dtype == torch.int32 and len(classes) == rows.shape[1]
+        assert 0 <= int(classes.min()) and int(classes.max()) < out.shape[1]
+        library.exp_class_sums(pointer(rows.data_ptr()), pointer(index.data_ptr()), long(len(index)),
+                               long(rows.shape[1]), pointer(classes.data_ptr()), long(out.shape[1]),
+                               pointer(out.data_ptr()), threads())
+        return out
+
+    return SimpleNamespace(exp_sums=exp_sums, exp_class_sums=exp_class_sums)
 
 
 def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor] | None]]:
     """The timed passes over the aligned teacher rows: (label, function; None where it cannot run here). Each
     function returns what it computed: the rows' sums `[n]`; their exps' sums `[n]`; from the first block of exps,
     taken again for every block, its byte classes' sums `[c, 258]`, its student columns' sums `[c, V_s + 1]` or its
-    top-k `([c, k], [c, k])`; or the target's
-    rows `[B * N, V_s]`."""
+    top-k `([c, k], [c, k])`; every row's byte classes' sums by the fused loop `[n, 258]`; or the target's rows
+    `[B * N, V_s]`."""
     at = aligned_starts(student, teacher, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     t_pos, size = at[batch, pos], min(len(student), logits.shape[-1])
@@ -110,7 +161,10 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
     spans = ALIGNERS.build("byte_spans")
     spans.bind(student, teacher, len(student), len(teacher))
     sums, columns = torch.empty(len(cached), 258), torch.empty(len(cached), len(student) + 1)
-    kernel = libmvec_exp_sums()
+    loops = compiled_loops()
+    classes = aligner.teacher_classes[: logits.shape[-1]]
+    classes = classes.where(classes >= 0, 257).int().contiguous()  # the skipped tokens in the last column
+    fused = torch.empty(len(batch), 258)
     cuts = (np.flatnonzero(np.diff(index.numpy()) != 1) + 1).tolist()
     row_runs = [(a, b, int(index[a])) for a, b in zip([0, *cuts], [*cuts, len(index)], strict=True)]
 
@@ -145,11 +199,13 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
     return [("one read of each aligned teacher row (a sum, no exp): the memory floor", read),
             ("one exp and sum of each aligned teacher row, PyTorch (MKL)", exp_torch),
             ("one exp and sum of each aligned teacher row, glibc libmvec compiled here",
-             None if kernel is None else lambda: kernel(view, index, exps)),
+             None if loops is None else lambda: loops.exp_sums(view, index, exps)),
             ("one scatter-sum of exps in cache into 258 byte classes (`ColumnSums`)",
              scatter(aligner.teacher_sums, sums)),
             ("one scatter-sum of exps in cache into the student's columns (`byte_spans`' first level)",
              scatter(spans.root_sums, columns)),
+            ("exp and scatter-sum into 258 byte classes, one fused C loop compiled here (libmvec's exp)",
+             None if loops is None else lambda: loops.exp_class_sums(view, index, classes, fused)),
             (f"the top {TOPK} of exps in cache (`block_topk`)", topk),
             ("one student-vocabulary row written per aligned teacher row (its logits copied, no exp)", write)]
 
