@@ -309,14 +309,11 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int, min_time: float,
     if pair == "real":
         logits, forward_s = real_teacher_logits(student, teacher, rollout)
     else:  # random teacher logits of the right shape
-        aligner = ALIGNERS.build("byte_spans")
-        aligner.bind(student, teacher, len(student), len(teacher))
-        m = aligner.teacher_inputs(rollout).completion_length
-        logits, forward_s = torch.randn(rows, m, len(teacher), generator=torch.Generator().manual_seed(0)), None
+        logits, forward_s = random_logits(student, teacher, rollout), None
     sizes = HIDDEN.get(pair, (64, 64))
     results = [measure(name, student, teacher, rollout, logits, min_time, sizes) for name in names]
     tokens_n, gold = int(rollout.completion_mask.sum()), []
-    student_probs = torch.softmax(torch.randn(rows, tokens, len(student), generator=torch.Generator().manual_seed(1)), -1)
+    student_probs = student_softmax(student, rollout)
     for side, probs in (("both sides: the baseline", student_probs), ("the teacher's side alone", None)):
         step, note = gold_alignment(student, teacher, rollout, logits, probs)
         seconds, peak_mb = timed(step, min_time)
@@ -337,20 +334,38 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int, min_time: float,
     return results, forward_s
 
 
-def aligned_starts(student, teacher, rollout: Rollout) -> torch.Tensor:
-    """`[B, N]` the teacher position at each completion position where both tokenizations start a token on the same
-    byte (`char_level`'s aligned positions), -1 elsewhere."""
-    aligner = ALIGNERS.build("char_level")
+def bound_aligner(name: str, student, teacher):
+    """The registry's aligner `name`, bound to the pair."""
+    aligner = ALIGNERS.build(name)
     aligner.bind(student, teacher, len(student), len(teacher))
-    return aligner.teacher_inputs(rollout).alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+    return aligner
 
 
-def aligned_rows(student, teacher, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_starts(char_level, rollout: Rollout) -> torch.Tensor:
+    """`[B, N]` the teacher position at each completion position where both tokenizations start a token on the same
+    byte (the aligned positions of `char_level`, a bound `char_level` aligner), -1 elsewhere."""
+    return char_level.teacher_inputs(rollout).alignment.teacher_at_start.masked_fill(~rollout.completion_mask, -1)
+
+
+def aligned_rows(char_level, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch rows, teacher positions) `[n]` each: the teacher rows read at the aligned positions (`aligned_starts`),
     in order."""
-    at = aligned_starts(student, teacher, rollout)
+    at = aligned_starts(char_level, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     return batch, at[batch, pos]
+
+
+def random_logits(student, teacher, rollout: Rollout) -> torch.Tensor:
+    """Random teacher logits `[B, M, V_t]` at the teacher's completion positions for the rollout (seed 0)."""
+    m = bound_aligner("byte_spans", student, teacher).teacher_inputs(rollout).completion_length
+    return torch.randn(len(rollout), m, len(teacher), generator=torch.Generator().manual_seed(0))
+
+
+def student_softmax(student, rollout: Rollout) -> torch.Tensor:
+    """A random student softmax `[B, N, V_s]` (seed 1): what any loss computes, and GOLD's alignment merges on the
+    student's side."""
+    shape = (*rollout.completion_mask.shape, len(student))
+    return torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(1)), -1)
 
 
 def floor_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Callable[[], object]:
@@ -363,9 +378,8 @@ def floor_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Call
     `vocab_map`, which reads only the matched columns, need not."""
     from opd_lightning.aligners.rows import exp_blocks
 
-    aligner = ALIGNERS.build("char_level")
-    aligner.bind(student, teacher, len(student), len(teacher))
-    batch, t_pos = aligned_rows(student, teacher, rollout)
+    aligner = bound_aligner("char_level", student, teacher)
+    batch, t_pos = aligned_rows(aligner, rollout)
     out = torch.empty(len(batch), 258)
 
     def run() -> None:
@@ -385,7 +399,7 @@ def write_step(student, teacher, rollout: Rollout, logits: torch.Tensor) -> Call
     from opd_lightning.aligners.rows import copy_rows_, exp_blocks
     from opd_lightning.aligners.text import target_rows
 
-    at = aligned_starts(student, teacher, rollout)
+    at = aligned_starts(bound_aligner("char_level", student, teacher), rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     t_pos, size = at[batch, pos], min(len(student), logits.shape[-1])
     dst, totals = (batch * at.shape[1] + pos).numpy(), torch.empty(len(batch))

@@ -38,12 +38,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from opd_lightning.aligners import ALIGNERS
 from opd_lightning.aligners.rows import block_topk, copy_rows_, exp_blocks
 from opd_lightning.aligners.text import target_rows
 from opd_lightning.losses import TEACHER_LOGITS
 
-from benchmarks.alignment import aligned_starts, gold_alignment, make_rollout, synthetic_pair, text_bank, timed
+from benchmarks.alignment import (
+    aligned_starts,
+    bound_aligner,
+    gold_alignment,
+    make_rollout,
+    random_logits,
+    student_softmax,
+    synthetic_pair,
+    text_bank,
+    timed,
+)
 from benchmarks.quickstart import machine, record
 from opd_lightning.target import row_view
 
@@ -149,17 +158,14 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
     taken again for every block, its byte classes' sums `[c, 258]`, its student columns' sums `[c, V_s + 1]` or its
     top-k `([c, k], [c, k])`; every row's byte classes' sums by the fused loop `[n, 258]`; or the target's rows
     `[B * N, V_s]`."""
-    at = aligned_starts(student, teacher, rollout)
+    aligner, spans = bound_aligner("char_level", student, teacher), bound_aligner("byte_spans", student, teacher)
+    at = aligned_starts(aligner, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     t_pos, size = at[batch, pos], min(len(student), logits.shape[-1])
     view, per = row_view(logits)
     index = (batch * per + t_pos).contiguous()
     totals, exps = torch.empty(len(batch)), torch.empty(len(batch))
-    aligner = ALIGNERS.build("char_level")
-    aligner.bind(student, teacher, len(student), len(teacher))
     cached = next(exp_blocks(logits, batch, t_pos))[2].clone()  # one block of exps, summed again and again
-    spans = ALIGNERS.build("byte_spans")
-    spans.bind(student, teacher, len(student), len(teacher))
     sums, columns = torch.empty(len(cached), 258), torch.empty(len(cached), len(student) + 1)
     loops = compiled_loops()
     classes = aligner.teacher_classes[: logits.shape[-1]]
@@ -213,8 +219,7 @@ def passes(student, teacher, rollout, logits: torch.Tensor) -> list[tuple[str, C
 def aligner_parts(name: str, student, teacher, rollout, logits: torch.Tensor
                   ) -> tuple[Callable[[], object], Callable[[], object]]:
     """An aligner's `teacher_inputs` and its `project` (on inputs made once), as two functions to time."""
-    aligner = ALIGNERS.build(name)
-    aligner.bind(student, teacher, len(student), len(teacher))
+    aligner = bound_aligner(name, student, teacher)
     inputs = aligner.teacher_inputs(rollout)
     needs = frozenset({TEACHER_LOGITS})
     aligner.project(logits, inputs, rollout, needs)  # warm-up (`mined`'s cache of nearest spellings)
@@ -225,15 +230,11 @@ def run_pair(pair: str, bank: str, rows: int, tokens: int, min_time: float) -> l
     """Rows of the pair's table: (part, ms per 1,000 tokens or None, note); the first is GOLD, the second the budget."""
     student, teacher = synthetic_pair(bank, int(pair.split("_")[1]) / 100)
     rollout = make_rollout(student, bank, rows, tokens)
-    aligner = ALIGNERS.build("byte_spans")
-    aligner.bind(student, teacher, len(student), len(teacher))
-    m = aligner.teacher_inputs(rollout).completion_length
-    logits = torch.randn(rows, m, len(teacher), generator=torch.Generator().manual_seed(0))
+    logits = random_logits(student, teacher, rollout)
     per_1k = 1e6 / int(rollout.completion_mask.sum())  # seconds of the batch -> ms per 1,000 tokens
-    student_probs = torch.softmax(torch.randn(rows, tokens, len(student), generator=torch.Generator().manual_seed(1)),
-                                  -1)
-    gold = timed(gold_alignment(student, teacher, rollout, logits, student_probs)[0], min_time)[0] * per_1k
-    del student_probs
+    gold_step = gold_alignment(student, teacher, rollout, logits, student_softmax(student, rollout))[0]
+    gold = timed(gold_step, min_time)[0] * per_1k
+    del gold_step  # and the student softmax it holds
     table = [{"part": "GOLD (TRL 1.16), both sides: the baseline", "ms": gold},
              {"part": f"the budget: GOLD / {SPEEDUP}", "ms": gold / SPEEDUP}]
     for label, step in passes(student, teacher, rollout, logits):

@@ -35,7 +35,7 @@ def test_each_pass_computes_what_it_is_named_after_over_the_aligned_rows():
     aligner.bind(student, teacher, len(student), len(teacher))
     m = aligner.teacher_inputs(rollout).completion_length
     logits = torch.randn(3, m, len(teacher), generator=torch.Generator().manual_seed(0))
-    at = aligned_starts(student, teacher, rollout)
+    at = aligned_starts(aligner, rollout)
     batch, pos = (at >= 0).nonzero(as_tuple=True)
     rows = logits[batch, at[batch, pos]].double()  # [n, V_t] the aligned teacher rows, in order
     assert 0 < len(rows) < rollout.completion_mask.sum()  # some positions have no shared start
